@@ -1,0 +1,22 @@
+"""lora_jax: LoRA as a pure transform over JAX parameter pytrees.
+
+    config = LoraConfig(rank=16, alpha=32, targets=["c_attn"])
+    adapters = init(config, params, jax.random.key(0))
+    g = apply(model.apply, config)           # g(params, adapters, *args)
+    logits = jax.jit(g)(params, adapters, input_ids)
+"""
+
+from . import lazy, optim, tree
+from .config import LoraConfig
+from .lazy import FallbackError, LoraArray
+from .lora import (Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
+                   trainable_mask, unmerge)
+from .optim import TrainStep, join, labels, make_train_step, masked_optimizer, split
+
+__all__ = [
+    "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep",
+    "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
+    "trainable_mask", "split", "join", "labels", "masked_optimizer", "make_train_step",
+    "lazy", "optim", "tree",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""LoraConfig: what PEFT's LoraConfig says, as a frozen dataclass with a JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import tree
+
+INITS = ("kaiming_uniform", "gaussian")
+BIASES = ("none", "all", "lora_only")
+Pattern = str | tuple[str, ...]
+
+
+def _as_pattern(value: Any, name: str, *, optional: bool) -> Pattern | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValueError(f"LoraConfig.{name} must be a regex string or a non-empty list of names, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which leaves get low-rank adapters, and how they are initialised and scaled.
+
+    Attributes:
+      rank: r, the adapter rank (PEFT `r`).
+      alpha: scale numerator: scale = alpha / rank (alpha / sqrt(rank) with `use_rslora`).
+      targets: regex `re.fullmatch`-ed against '/'-joined paths (or their module prefix), or a
+        list of module names matched as path components (`c_attn`, `query_key_value`).
+      exclude: same form; never targeted even if `targets` selects it.
+      dropout: dropout rate on the LoRA input (training only, with an explicit rng).
+      init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)).
+      use_rslora: rank-stabilised scale alpha / sqrt(rank).
+      rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
+      bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
+      trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
+    """
+
+    rank: int = 8
+    alpha: float = 8.0
+    targets: Pattern = ("c_attn", "query_key_value")
+    exclude: Pattern | None = None
+    dropout: float = 0.0
+    init: str = "kaiming_uniform"
+    use_rslora: bool = False
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    bias: str = "none"
+    trainable: Pattern | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
+        set_("targets", _as_pattern(self.targets, "targets", optional=False))
+        set_("exclude", _as_pattern(self.exclude, "exclude", optional=True))
+        set_("trainable", _as_pattern(self.trainable, "trainable", optional=True))
+        set_("rank_pattern", dict(self.rank_pattern))
+        set_("alpha_pattern", dict(self.alpha_pattern))
+        for name, r in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS}")
+        if self.bias not in BIASES:
+            raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
+
+    def rank_for(self, path: str) -> int:
+        """The rank used at `path` (rank_pattern overrides `rank`)."""
+        return next((v for k, v in self.rank_pattern.items() if tree.matches(k, path)), self.rank)
+
+    def scale_for(self, path: str) -> float:
+        """alpha / r (or alpha / sqrt(r) with rsLoRA) at `path`, after per-path overrides."""
+        alpha = next((v for k, v in self.alpha_pattern.items() if tree.matches(k, path)), self.alpha)
+        r = self.rank_for(path)
+        return float(alpha) / (math.sqrt(r) if self.use_rslora else r)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("targets", "exclude", "trainable"):
+            if isinstance(d[k], tuple):
+                d[k] = list(d[k])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LoraConfig":
+        """Build from a dict; unknown keys are an error naming them."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"LoraConfig JSON must be an object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LoraConfig: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LoraConfig":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"LoraConfig JSON is not valid JSON: {e}") from None
+        return cls.from_dict(d)

@@ -1,0 +1,214 @@
+"""The lazy value W0 + s*A*B, as a quax array, and the rules that keep it factored.
+
+Inside `quax.quaxify`, a `LoraArray` stands where a kernel W0 was. Rules registered here handle
+the primitives a kernel meets on its way to a matmul:
+
+* `dot_general` with W on either side, contracting its input or output dimension, with or
+  without batch dimensions: computes x*W0 + s*((drop(x)*A)*B), never the d x k product;
+* `convert_element_type` (casts W0, A and B), `transpose` of the two matrix dimensions
+  (W^T = W0^T + s*B^T*A^T), slicing and squeezing of leading stack dimensions (layer stacks
+  indexed by a loop), and `jax.checkpoint` (re-quaxifies its body under the same policy);
+* everything else materialises W0 + s*A*B (`Value.default`), or raises under `strict=True`.
+
+W0 is wrapped in `stop_gradient` when the array is built, so no frozen-weight gradient exists.
+Only public APIs: `quax.register`/`quaxify` and `jax.extend` primitives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.extend.core as jexc
+import jax.numpy as jnp
+import quax
+from jax import lax
+from jax.extend.core import primitives as P
+
+ArrayLike = jax.typing.ArrayLike
+
+
+class FallbackError(RuntimeError):
+    """A LoRA-adapted weight met an operation with no factored rule while `strict=True`."""
+
+
+class LoraArray(quax.ArrayValue):
+    """W0 + scale * A @ B over stacks: w [*S, in, out], a [*S, in, r], b [*S, r, out].
+
+    `key` ([*S] typed PRNG keys) enables dropout (rate `dropout`) on the matmul input of the
+    LoRA path; None disables it.
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    key: jax.Array | None
+    scale: float = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    strict: bool = eqx.field(static=True)
+    name: str = eqx.field(static=True)
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def delta(self) -> jax.Array:
+        """scale * A @ B, materialised (the fallback and `merge` use this)."""
+        ab = jnp.einsum("...ir,...ro->...io", self.a, self.b)  # [*S, in, out]
+        return (self.scale * ab).astype(self.w.dtype)
+
+    def materialise(self) -> jax.Array:
+        if self.strict:
+            raise FallbackError(
+                f"LoRA weight {self.name!r} {tuple(self.w.shape)} met an operation with no factored "
+                "rule; pass strict=False to materialise W0 + s*A*B for it"
+            )
+        return self.w + self.delta()
+
+    def map(self, fn, key_fn=None) -> "LoraArray":
+        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b and the dropout keys."""
+        key = None if self.key is None else (key_fn or fn)(self.key)
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key), self, (fn(self.w), fn(self.a), fn(self.b), key),
+                           is_leaf=lambda x: x is None)
+
+
+def _dropout(x: jax.Array, lhs: LoraArray) -> jax.Array:
+    if lhs.key is None or lhs.dropout == 0.0:
+        return x
+    # One key per stacked matrix; a stack that reaches a matmul unsliced shares the first.
+    key = lhs.key.reshape(-1)[0]
+    keep = jax.random.bernoulli(key, 1.0 - lhs.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - lhs.dropout), 0).astype(x.dtype)
+
+
+def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
+    """dot_general(lora, x) or dot_general(x, lora) without forming A @ B; None if unsupported."""
+    (lc, rc), (lb, rb) = dn
+    wc, xc, wb, xb = (lc, rc, lb, rb) if lora_is_lhs else (rc, lc, rb, lb)
+    n = lora.w.ndim
+    stack = tuple(range(n - 2))
+    if len(wc) != 1 or wc[0] < n - 2 or not set(wb) <= set(stack):
+        return None  # contracts both matrix dims, or batches over one: no factored form
+    # Contracting the input dim: x.(A B) = (x.A).B; the output dim: x.(A B)^T = (x.B^T).A^T.
+    first, second, rank_dim = (lora.a, lora.b, n - 2) if wc[0] == n - 2 else (lora.b, lora.a, n - 1)
+    dn_xw = ((xc, wc), (xb, wb))  # canonical: x on the left
+    base = lax.dot_general(x, lora.w, dn_xw, **kwargs)  # [*batch, *x_free, *stack_free, o]
+    kw = {k: v for k, v in kwargs.items() if k != "preferred_element_type"}
+    t = lax.dot_general(_dropout(x, lora), first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
+    nbatch, n_xfree = len(wb), x.ndim - len(xc) - len(xb)
+    stack_free = [d for d in stack if d not in wb]
+    k = len(stack_free)
+    # Contract r with `second`, batching every stack dim of the weight with its place in t.
+    t_batch = tuple(range(nbatch)) + tuple(range(nbatch + n_xfree, nbatch + n_xfree + k))
+    s_batch = tuple(wb) + tuple(stack_free)
+    u = lax.dot_general(t, second.astype(t.dtype), (((t.ndim - 1,), (rank_dim,)), (t_batch, s_batch)), **kw)
+    # u: [*batch, *stack_free, *x_free, o] -> [*batch, *x_free, *stack_free, o] like `base`.
+    perm = (*range(nbatch), *range(nbatch + k, nbatch + k + n_xfree), *range(nbatch, nbatch + k), u.ndim - 1)
+    out = base + (lora.scale * lax.transpose(u, perm)).astype(base.dtype)
+    if lora_is_lhs:
+        # dot_general(w, x) is [*batch, *w_free, *x_free]; we built [*batch, *x_free, *w_free].
+        perm = (*range(nbatch), *range(nbatch + n_xfree, out.ndim), *range(nbatch, nbatch + n_xfree))
+        out = lax.transpose(out, perm)
+    return out
+
+
+def _dot(lhs, rhs, dimension_numbers, kwargs, lora_is_lhs):
+    lora, x = (lhs, rhs) if lora_is_lhs else (rhs, lhs)
+    if isinstance(x, LoraArray):  # W.W' : keep one factored, materialise the other
+        x = x.materialise()
+    out = _factored(lora, x, dimension_numbers, kwargs, lora_is_lhs=lora_is_lhs)
+    if out is None:
+        w = lora.materialise()
+        args = (w, x) if lora_is_lhs else (x, w)
+        return lax.dot_general_p.bind(*args, dimension_numbers=dimension_numbers, **kwargs)
+    return out
+
+
+def _dense(x):
+    # quax hands plain operands to rules as its own dense wrapper; unwrap to a JAX array.
+    return x.materialise() if isinstance(x, quax.ArrayValue) and not isinstance(x, LoraArray) else x
+
+
+@quax.register(P.dot_general_p)
+def _dot_lora_lhs(lhs: LoraArray, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **kwargs):
+    return _dot(lhs, _dense(rhs), dimension_numbers, kwargs, True)
+
+
+@quax.register(P.dot_general_p)
+def _dot_lora_rhs(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, *, dimension_numbers, **kwargs):
+    return _dot(_dense(lhs), rhs, dimension_numbers, kwargs, False)
+
+
+@quax.register(P.dot_general_p, precedence=1)
+def _dot_lora_both(lhs: LoraArray, rhs: LoraArray, *, dimension_numbers, **kwargs):
+    return _dot(lhs, rhs, dimension_numbers, kwargs, True)
+
+
+@quax.register(P.convert_element_type_p)
+def _cast(x: LoraArray, *, new_dtype, **kwargs):
+    # bf16 compute casts the frozen weight; the factors follow so the LoRA path runs in it too.
+    cast = lambda v: lax.convert_element_type(v, new_dtype)
+    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
+
+
+@quax.register(P.transpose_p)
+def _transpose(x: LoraArray, *, permutation):
+    n = x.w.ndim
+    perm = tuple(permutation)
+    if perm[: n - 2] != tuple(range(n - 2)):
+        return lax.transpose(x.materialise(), perm)
+    if perm[n - 2 :] == (n - 2, n - 1):
+        return x
+    sw = lambda v: jnp.swapaxes(v, -1, -2)
+    # (W0 + s A B)^T = W0^T + s B^T A^T
+    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (sw(x.w), sw(x.b), sw(x.a)))
+
+
+def _on_stack_dims(x: LoraArray, dims) -> bool:
+    return all(d < x.w.ndim - 2 for d in dims)
+
+
+@quax.register(P.squeeze_p)
+def _squeeze(x: LoraArray, *, dimensions):
+    if not _on_stack_dims(x, dimensions):
+        return lax.squeeze(x.materialise(), dimensions)
+    return x.map(lambda v: lax.squeeze(v, dimensions))
+
+
+@quax.register(P.slice_p)
+def _slice(x: LoraArray, *, start_indices, limit_indices, strides):
+    n = x.w.ndim
+    full = all(s == 0 and l == d for s, l, d in zip(start_indices[n - 2 :], limit_indices[n - 2 :], x.w.shape[n - 2 :]))
+    if not full or (strides is not None and any(s != 1 for s in strides[n - 2 :])):
+        return lax.slice(x.materialise(), start_indices, limit_indices, strides)
+    k = n - 2  # slice stack dims only; the factors keep their own matrix dims
+
+    def sl(v, extra=()):
+        shape = v.shape
+        st = tuple(start_indices[:k]) + (0,) * (v.ndim - k)
+        lim = tuple(limit_indices[:k]) + tuple(shape[k:])
+        return lax.slice(v, st, lim, None if strides is None else tuple(strides[:k]) + (1,) * (v.ndim - k))
+    return x.map(sl)
+
+
+@quax.register(P.dynamic_slice_p)
+def _dynamic_slice(x: LoraArray, *args: ArrayLike | quax.ArrayValue, slice_sizes):
+    n = x.w.ndim
+    idx = [_dense(i) for i in args]
+    if tuple(slice_sizes[n - 2 :]) != tuple(x.w.shape[n - 2 :]):
+        return lax.dynamic_slice(x.materialise(), idx, slice_sizes)
+    k = n - 2
+
+    def sl(v):
+        starts = list(idx[:k]) + [0] * (v.ndim - k)
+        return lax.dynamic_slice(v, starts, tuple(slice_sizes[:k]) + tuple(v.shape[k:]))
+    return x.map(sl)
+
+
+@quax.register(P.remat_p)
+def _remat(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiated, policy):
+    # Re-trace the checkpointed body with quax inside, under the same remat policy.
+    closed = jexc.ClosedJaxpr(jaxpr, ()) if not isinstance(jaxpr, jexc.ClosedJaxpr) else jaxpr
+    fn = quax.quaxify(jexc.jaxpr_as_fun(closed))
+    args = tuple(_dense(a) for a in args)
+    return jax.checkpoint(fn, prevent_cse=prevent_cse, policy=policy)(*args)

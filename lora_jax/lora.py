@@ -1,0 +1,225 @@
+"""LoRA as a pure transform over parameter pytrees: init, apply (factored or merged), merge.
+
+Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
+files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`.
+A stacked kernel [*S, in, out] (layers under scan) gets factors [*S, in, r] / [*S, r, out].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import quax
+
+from . import tree
+from .config import LoraConfig
+from .lazy import LoraArray
+
+PyTree = Any
+Adapters = dict[str, dict[str, jax.Array]]
+STRATEGIES = ("factored", "merged")
+
+
+def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
+    """Paths of the weight matrices `config` adapts; a clear ValueError when it selects none."""
+    flat = tree.flatten(params)
+    paths = list(flat)
+    selected = tree.select(config.targets, paths)
+    excluded = set(tree.select(config.exclude, paths))
+    found = [p for p in selected if p not in excluded and p.rsplit("/", 1)[-1] in tree.WEIGHT_NAMES]
+    if not found:
+        near = tree.closest(config.targets, paths)
+        raise ValueError(
+            f"LoRA targets {config.targets!r} match no weight in the parameters "
+            f"(exclude={config.exclude!r}); closest existing paths: {near}"
+        )
+    for p in found:
+        shape = getattr(flat[p], "shape", ())
+        if len(shape) < 2:
+            raise ValueError(f"LoRA target {p!r} has shape {tuple(shape)}: not a matrix or a stack of matrices")
+        r = config.rank_for(p)
+        if r > min(shape[-2:]):
+            raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {tuple(shape)}")
+    return found
+
+
+def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp.float32) -> Adapters:
+    """Fresh adapters: A as PEFT initialises it (`config.init`), B = 0, so LoRA starts as identity.
+
+    Args:
+      config: which leaves, which rank.
+      params: the frozen parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+      key: PRNG key for A.
+      dtype: factor dtype (fp32 by default, as PEFT keeps adapters in fp32).
+    Returns:
+      {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}.
+    """
+    flat = tree.flatten(params)
+    out: Adapters = {}
+    for i, p in enumerate(target_paths(config, params)):
+        *stack, d_in, d_out = flat[p].shape
+        r = config.rank_for(p)
+        k = jax.random.fold_in(key, i)
+        if config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
+        else:  # PEFT "gaussian": N(0, 1/r^2)
+            a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
+        out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
+    return out
+
+
+def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> None:
+    """Raise a ValueError naming the path and both shapes when adapters do not fit params."""
+    flat = tree.flatten(params)
+    for p, ab in adapters.items():
+        if p not in flat:
+            raise ValueError(f"adapter for {p!r} has no parameter at that path; closest: {tree.closest(p, list(flat))}")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"adapter at {p!r} must hold exactly lora_A and lora_B, got {sorted(ab)}")
+        w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
+        *stack, d_in, d_out = w if len(w) >= 2 else (None, None)
+        r = a[-1] if len(a) >= 2 else None
+        if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out):
+            raise ValueError(
+                f"adapter at {p!r} does not fit the parameter: weight {tuple(w)}, "
+                f"lora_A {tuple(a)}, lora_B {tuple(b)} (expected [*S, in, r] and [*S, r, out])"
+            )
+
+
+def _dropout_keys(rng: jax.Array | None, i: int, stack: tuple[int, ...]):
+    if rng is None:
+        return None
+    k = jax.random.fold_in(rng, i)
+    return jax.random.split(k, math.prod(stack)).reshape(stack) if stack else k
+
+
+def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
+    """params with each adapted leaf replaced by a LoraArray (W0 under stop_gradient)."""
+    index = {p: i for i, p in enumerate(sorted(adapters))}
+
+    def swap(path, w):
+        if path not in adapters:
+            return w
+        ab = adapters[path]
+        return LoraArray(
+            w=jax.lax.stop_gradient(w), a=ab["lora_A"], b=ab["lora_B"],
+            key=_dropout_keys(rng if config.dropout > 0 else None, index[path], w.shape[:-2]),
+            scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
+        )
+    return tree.map_with_path(swap, params)
+
+
+def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factored",
+          strict: bool = False) -> Callable[..., Any]:
+    """Turn `f(params, *args, **kw)` into `g(params, adapters, *args, lora_rng=None, **kw)`.
+
+    In `g`, each adapted weight W0 acts as W0 + s*A*B. `factored` keeps it lazy: a matmul with
+    it computes x*W0 + s*((x*A)*B) and W0 gets no gradient; other uses materialise the sum
+    (or raise `FallbackError` with `strict=True`). `merged` materialises every adapted weight
+    first, then calls f (the reference; no dropout). `lora_rng` turns on dropout on the LoRA
+    input (training); without it no dropout is applied.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown LoRA strategy {strategy!r}; expected one of {STRATEGIES}")
+
+    @functools.wraps(f)
+    def g(params, adapters, *args, lora_rng=None, **kwargs):
+        check_adapters(config, params, adapters)
+        if strategy == "merged":
+            if lora_rng is not None and config.dropout > 0:
+                raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
+            return f(_merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True), *args, **kwargs)
+        lazy = _lora_arrays(config, params, adapters, lora_rng, strict)
+        return quax.quaxify(f)(lazy, *args, **kwargs)
+
+    return g
+
+
+def _merge(scales, params, adapters, *, sign: float, frozen: bool = False):
+    scales = dict(scales)
+
+    def fold(path, w):
+        if path not in adapters:
+            return w
+        ab = adapters[path]
+        delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], ab["lora_B"]) * scales[path]  # [*S, in, out]
+        w0 = jax.lax.stop_gradient(w) if frozen else w
+        return (w0 + sign * delta).astype(w.dtype)
+    return tree.map_with_path(fold, params)
+
+
+def scales(config: LoraConfig, adapters: Mapping[str, Any]) -> tuple[tuple[str, float], ...]:
+    """((path, s), ...) for every adapter: the hashable per-path scales."""
+    return tuple((p, config.scale_for(p)) for p in sorted(adapters))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
+def _merge_jit(scale_items, params, adapters, sign):
+    return _merge(scale_items, params, adapters, sign=sign)
+
+
+def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
+    """params with W0 + s*A*B folded in (jitted; `params` is donated, do not reuse it)."""
+    check_adapters(config, params, adapters)
+    return _merge_jit(scales(config, adapters), params, adapters, 1.0)
+
+
+def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
+    """Inverse of `merge`: W - s*A*B (jitted; `params` is donated)."""
+    check_adapters(config, params, adapters)
+    return _merge_jit(scales(config, adapters), params, adapters, -1.0)
+
+
+def trainable_mask(config: LoraConfig, params: PyTree) -> PyTree:
+    """Bool tree over params: the leaves that train in full (bias policy + `trainable`)."""
+    targets = target_paths(config, params)
+    modules = {p.rsplit("/", 1)[0] for p in targets}
+
+    def trains(path, _):
+        parent, _, leaf = path.rpartition("/")
+        if config.trainable is not None and tree.matches(config.trainable, path):
+            return True
+        if leaf == "bias":
+            return config.bias == "all" or (config.bias == "lora_only" and parent in modules)
+        return False
+    return tree.map_with_path(trains, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Trainable vs total parameter counts, like PEFT's print_trainable_parameters."""
+
+    trainable: int
+    total: int
+    per_target: dict[str, int]
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        lines = [f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                 f"trainable%: {self.percent:.4f}"]
+        lines += [f"  {name}: {n:,}" for name, n in self.per_target.items()]
+        return "\n".join(lines)
+
+
+def summary(config: LoraConfig, params: PyTree, adapters: Adapters) -> Summary:
+    """Count trainable (adapters + extra trainable leaves) and total (frozen + adapters) params."""
+    extras, _ = tree.partition(params, trainable_mask(config, params))
+    per: dict[str, int] = {}
+    for p, ab in adapters.items():
+        name = p.split("/")[-2] if "/" in p else p  # the module name, e.g. c_attn
+        per[name] = per.get(name, 0) + tree.count(ab)
+    n_extra = tree.count(extras)
+    if n_extra:
+        per["full (bias / trainable)"] = n_extra
+    n_adapters = tree.count(adapters)
+    return Summary(trainable=n_adapters + n_extra, total=tree.count(params) + n_adapters, per_target=per)

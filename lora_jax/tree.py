@@ -1,0 +1,110 @@
+"""Parameter-tree utilities: '/'-joined path names, pattern matching, masks, partition/combine.
+
+Every selection in lora_jax (LoRA targets, excludes, extra trainable leaves, per-path rank and
+alpha overrides) goes through `matches`, so a pattern means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+
+PyTree = Any
+# Leaf names that hold a layer's weight matrix; a module-level pattern (`c_attn`) selects them.
+WEIGHT_NAMES = ("kernel", "weight", "embedding", "w")
+
+
+def _key_str(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+    """'/'-joined name of a `tree_flatten_with_path` key path; NNX `value` wrappers dropped."""
+    parts = [_key_str(k) for k in keypath]
+    if len(parts) > 1 and parts[-1] == "value":  # nnx.Variable state adds a trailing `.value`
+        parts = parts[:-1]
+    return "/".join(parts)
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """{path: leaf} for every array leaf of `tree`, in tree order."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {path_str(kp): leaf for kp, leaf in leaves}
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
+    """`jax.tree.map` whose function also receives the leaf's '/'-joined path."""
+    return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest)
+
+
+def matches(pattern: str | Sequence[str], path: str) -> bool:
+    """Whether `path` is selected by `pattern`.
+
+    A string is a regex that must `re.fullmatch` the whole path or one of its module prefixes
+    (`.*h/\\d+/attn/c_attn` selects `.../c_attn/kernel` and `.../c_attn/bias`). A list of names
+    selects paths that contain any name as a run of '/'-separated components (`c_attn`,
+    `attn/c_attn`) before the leaf name, or as the whole path.
+    """
+    parts = path.split("/")
+    if isinstance(pattern, str):
+        rx = re.compile(pattern)
+        return any(rx.fullmatch("/".join(parts[:i])) for i in range(len(parts), 0, -1))
+    for name in pattern:
+        if name == path:
+            return True
+        sub = name.strip("/").split("/")
+        n = len(sub)
+        if any(parts[i : i + n] == sub for i in range(len(parts) - n)):
+            return True
+    return False
+
+
+def select(pattern: str | Sequence[str] | None, paths: Iterable[str]) -> list[str]:
+    """The paths that `pattern` selects (none for a None pattern)."""
+    if pattern is None:
+        return []
+    return [p for p in paths if matches(pattern, p)]
+
+
+def closest(pattern: str | Sequence[str], paths: Sequence[str], n: int = 5) -> list[str]:
+    """Existing paths and module names nearest to a pattern that matched nothing (for errors)."""
+    words = [pattern] if isinstance(pattern, str) else list(pattern)
+    candidates = sorted(set(paths) | {c for p in paths for c in p.split("/")})
+    found: list[str] = []
+    for w in words:
+        found += difflib.get_close_matches(w, candidates, n=n, cutoff=0.3)
+    return list(dict.fromkeys(found))[:n] or list(paths)[:n]
+
+
+def mask(tree: PyTree, pattern: str | Sequence[str] | None) -> PyTree:
+    """A bool tree: True where `pattern` selects the leaf's path."""
+    return map_with_path(lambda p, _: pattern is not None and matches(pattern, p), tree)
+
+
+def partition(tree: PyTree, mask_tree: PyTree) -> tuple[PyTree, PyTree]:
+    """Split `tree` into (selected, rest); each has None where the other holds the leaf."""
+    sel = jax.tree.map(lambda m, x: x if m else None, mask_tree, tree)
+    rest = jax.tree.map(lambda m, x: None if m else x, mask_tree, tree)
+    return sel, rest
+
+
+def combine(*trees: PyTree) -> PyTree:
+    """Inverse of `partition`: the first non-None leaf at each position."""
+    def first(*xs):
+        for x in xs:
+            if x is not None:
+                return x
+        return None
+    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+
+
+def count(tree: PyTree) -> int:
+    """Number of array elements in a tree (None holes count zero)."""
+    return sum(int(getattr(x, "size", 0)) for x in jax.tree.leaves(tree))
