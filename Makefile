@@ -1,0 +1,20 @@
+# The two commands: `make demo` (the main job on its embedded offline default) and `make test`.
+# Each creates the virtualenv on first use; torch is pinned to the CPU build in the dev extra.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: install demo test
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m train.squad
+
+test: $(STAMP)
+	$(PY) -m pytest -q
