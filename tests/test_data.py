@@ -1,0 +1,269 @@
+"""SQuAD loading/validation, the prompt, truncation around the answer, fixed-shape batches, resume."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import PreTrainedTokenizerFast
+
+from train.data import (
+    SKIP_REASONS,
+    DataPosition,
+    QARecord,
+    batches_per_epoch,
+    bucket_for,
+    bucket_lengths,
+    choose_window,
+    encode,
+    eval_batches,
+    format_prompt,
+    load_split,
+    load_squad_file,
+    pad_id_of,
+    parse_records,
+    train_batches,
+)
+from train.make_assets import train_tokenizer
+from train.world import EOS
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [" ".join(WORDS[i:] + WORDS[:i]) + "." for i in range(len(WORDS))]
+    texts += ["CONTEXT\nQUESTION\nANSWER\nWho is Ada? What is it?"] * 3
+    return PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(texts, 400), eos_token=EOS, pad_token=EOS)
+
+
+def rec(id_, context, question, answer, start=None):
+    start = context.index(answer) if start is None else start
+    return QARecord(id_, context, question, (answer,), (start,))
+
+
+def squad_doc(*qas_by_context):
+    return {"version": "1.1", "data": [{"title": "t", "paragraphs": [
+        {"context": c, "qas": qas} for c, qas in qas_by_context]}]}
+
+
+def qa(id_, question, text, start):
+    return {"id": id_, "question": question, "answers": [{"text": text, "answer_start": start}]}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_squad_file_skips_and_counts_malformed(tmp_path):
+    ctx = "Ada lives in Paris. Bob lives in Rome."
+    doc = squad_doc(
+        (ctx, [
+            qa("ok", "Where does Ada live?", "Paris", 13),
+            qa("fixed", "Where does Bob live?", "Rome", 3),  # wrong start, text elsewhere -> repaired
+            qa("lost", "Where?", "Berlin", 0),
+            {"id": "none", "question": "Who?", "answers": []},
+            qa("blankq", "  ", "Ada", 0),
+            qa("ok", "Duplicate id?", "Ada", 0),
+            {"id": "typed", "question": 3, "answers": []},
+            "not a dict",
+        ]),
+        ("   ", [qa("noctx", "Why?", "x", 0)]),
+    )
+    doc["data"].append({"title": "broken", "paragraphs": "nope"})
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps(doc))
+    res = load_squad_file(path)
+    assert [r.id for r in res.records] == ["ok", "fixed"]
+    assert res.records[1].answer_starts == (ctx.index("Rome"),)
+    assert res.repaired == 1
+    assert res.skipped == {"malformed": 3, "empty_context": 1, "empty_question": 1, "no_answer": 1,
+                           "answer_not_in_context": 1, "duplicate_id": 1}
+    assert set(res.skipped) == set(SKIP_REASONS)
+
+
+def test_flat_json_and_jsonl_hf_style(tmp_path):
+    flat = [{"id": 1, "context": "The sky is blue.", "question": "Colour?",
+             "answers": {"text": ["blue", "Blue"], "answer_start": [11, 0]}},
+            {"id": "2", "context": "X is 5.", "question": "X?", "answers": [{"text": "5", "answer_start": 5}]}]
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    res = load_squad_file(tmp_path / "flat.json")
+    assert res.records[0] == QARecord("1", "The sky is blue.", "Colour?", ("blue",), (11,))
+    assert res.num_skipped == 0  # "Blue" is not in the text: that answer is dropped, the record kept
+    lines = [json.dumps(r) for r in flat] + ["{broken json"]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    res = load_split(tmp_path, "train")
+    assert [r.id for r in res.records] == ["1", "2"] and res.skipped["malformed"] == 1
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("this is not json at all", "not JSON"),
+    (json.dumps({"version": "1.1", "articles": []}), "JSON object with keys"),
+    (json.dumps([1, 2, 3]), "no SQuAD article or record"),
+    (json.dumps(42), "JSON int"),
+    (json.dumps({"data": [{"title": "x", "body": "y"}]}), "no SQuAD article or record"),
+])
+def test_not_squad_shaped_gives_one_clear_error(tmp_path, content, fragment):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=fragment) as err:
+        load_squad_file(path)
+    assert str(path) in str(err.value) and "paragraphs" in str(err.value)  # names the expected layout
+
+
+def test_missing_file_and_all_invalid(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.json"):
+        load_split(tmp_path / "nowhere.json", "train")
+    with pytest.raises(FileNotFoundError, match="validation.json"):
+        load_split(tmp_path, "validation")
+    (tmp_path / "dev-v1.1.json").write_text(json.dumps(squad_doc(("ctx", [qa("a", "q", "zzz", 0)]))))
+    with pytest.raises(ValueError, match="no valid question-answer record"):
+        load_split(tmp_path, "validation")  # found via the dev-v1.1.json alias
+
+
+_text = st.text(alphabet="ab .", max_size=12)
+_answers = st.one_of(
+    st.lists(st.fixed_dictionaries({"text": _text, "answer_start": st.integers(-2, 15)}), max_size=3),
+    st.fixed_dictionaries({"text": st.lists(_text, max_size=3), "answer_start": st.lists(st.integers(0, 9), max_size=3)}),
+    st.none(), st.integers(), st.lists(st.integers(), max_size=2),
+)
+_record = st.one_of(
+    st.fixed_dictionaries({"id": st.one_of(st.sampled_from(["a", "b", "c", ""]), st.integers(0, 3), st.none()),
+                           "context": st.one_of(_text, st.none()), "question": st.one_of(_text, st.just(7)),
+                           "answers": _answers}),
+    st.integers(), st.text(max_size=3), st.none(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_record, max_size=8))
+def test_parser_never_crashes_and_counts_add_up(items):
+    res = parse_records(items)
+    assert len(res.records) + res.num_skipped == len(items)
+    assert len({r.id for r in res.records}) == len(res.records)
+    for r in res.records:
+        assert r.answers and len(r.answers) == len(r.answer_starts)
+        for a, s in zip(r.answers, r.answer_starts):
+            assert r.context[s : s + len(a)] == a
+
+
+# ----------------------------------------------------------------------------- tokenisation
+
+
+def test_prompt_is_the_seeds_format():
+    assert format_prompt("C c.", "Q?") == "CONTEXT\nC c.\n\nQUESTION\nQ?\n\nANSWER\n"
+
+
+def test_train_encoding_targets_answer_and_eos(tok):
+    r = rec("1", "alpha beta gamma delta.", "What is it?", "gamma delta")
+    (ex,) = encode(tok, [r], 64, train=True).examples
+    assert tok.decode(ex.tokens) == format_prompt(r.context, r.question) + "gamma delta" + EOS
+    assert tok.decode(ex.tokens[ex.target_start :]) == "gamma delta" + EOS
+    (full,) = encode(tok, [r], 64, train=True, full_sequence_loss=True).examples
+    assert full.target_start == 1
+    (ev,) = encode(tok, [r], 64, train=False).examples
+    assert np.array_equal(ev.tokens, ex.tokens[: ex.target_start])  # eval prompt = train prefix
+
+
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_truncation_keeps_the_answer(tok, where):
+    filler = " ".join(WORDS * 3)
+    answer = "Ada"
+    context = {"start": f"{answer} {filler}.", "middle": f"{filler} {answer} {filler}.",
+               "end": f"{filler} {answer}."}[where]
+    r = rec("1", context, "Who is Ada?", answer)
+    res = encode(tok, [r], 48, train=True)
+    (ex,) = res.examples
+    assert res.truncated == 1 and ex.truncated and len(ex.tokens) <= 48
+    prompt = tok.decode(ex.tokens[: ex.target_start])
+    assert answer in prompt.split("\n\nQUESTION")[0]
+    (ev,) = encode(tok, [r], 40, train=False).examples
+    assert len(ev.tokens) <= 40 and answer in tok.decode(ev.tokens).split("\n\nQUESTION")[0]
+    (head,) = encode(tok, [r], 40, train=False, window="start").examples
+    assert tok.decode(head.tokens).startswith("CONTEXT\n" + context[:5])
+
+
+def test_too_long_is_counted_not_fatal(tok):
+    r = rec("1", "alpha beta.", " ".join(WORDS * 4) + "?", "beta")
+    res = encode(tok, [r], 16, train=True)
+    assert res.examples == () and res.skipped == {"too_long": 1}
+
+
+@pytest.mark.parametrize("n, budget, span, expected", [
+    (10, 20, (3, 4), (0, 10)),  # fits: keep all
+    (100, 10, (50, 52), (46, 56)),  # centred on the answer
+    (100, 10, (1, 2), (0, 10)),  # near the start: shifted inward
+    (100, 10, (98, 100), (90, 100)),
+    (100, 10, None, (0, 10)),  # no gold: keep the beginning
+    (100, 3, (10, 15), None),  # the answer alone does not fit
+])
+def test_choose_window(n, budget, span, expected):
+    assert choose_window(n, budget, span) == expected
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def _records(n):
+    out = []
+    for i in range(n):
+        ctx = " ".join(WORDS[: 2 + (i * 7) % len(WORDS)]) + f" answer{i}."
+        out.append(rec(f"r{i}", ctx, f"Question {i}?", f"answer{i}"))
+    return out
+
+
+def test_bucketing_gives_fixed_shapes_and_aligned_labels(tok):
+    buckets = bucket_lengths(128, min_len=32)
+    assert buckets == (32, 64, 128) and bucket_for(33, buckets) == 64
+    examples = encode(tok, _records(23), 128, train=True).examples
+    stream = train_batches(examples, batch_size=4, buckets=buckets, pad_id=pad_id_of(tok), seed=0)
+    batches = [next(stream)[1] for _ in range(2 * batches_per_epoch(len(examples), 4))]
+    assert {b["input_ids"].shape for b in batches} <= {(4, t) for t in buckets}
+    for b in batches:
+        assert b["input_ids"].dtype == b["labels"].dtype == b["attention_mask"].dtype == np.int32
+        assert b["loss_mask"].dtype == np.float32
+        real = b["attention_mask"][:, 1:] == 1
+        assert np.array_equal(b["labels"][:, :-1][real], b["input_ids"][:, 1:][real])  # shifted by one
+        for i in range(4):
+            if b["loss_mask"][i].any():
+                target = tok.decode(b["labels"][i][b["loss_mask"][i] == 1])
+                assert target.startswith("answer") and target.endswith(EOS)
+            else:  # filler row of the last, partial batch: no loss, no fully-masked attention row
+                assert b["attention_mask"][i].all()
+    assert sum(b["loss_mask"].any(axis=1).sum() for b in batches) == 2 * len(examples)
+
+
+def test_resume_from_position_yields_the_same_batches(tok):
+    examples = encode(tok, _records(10), 128, train=True).examples
+    kw = dict(batch_size=3, buckets=bucket_lengths(128), pad_id=pad_id_of(tok), seed=7)
+    per_epoch = batches_per_epoch(len(examples), 3)
+    stream = train_batches(examples, **kw)
+    full = [next(stream) for _ in range(3 * per_epoch)]
+    for step in (0, 2, per_epoch, per_epoch + 1, 2 * per_epoch + 3):
+        pos = DataPosition.from_step(step, per_epoch)
+        assert full[step][0] == pos
+        resumed = train_batches(examples, start=pos, **kw)
+        for want_pos, want in full[step:]:
+            got_pos, got = next(resumed)
+            assert got_pos == want_pos
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+    epoch0, epoch1 = full[:per_epoch], full[per_epoch : 2 * per_epoch]
+    assert not all(np.array_equal(a["input_ids"], b["input_ids"]) for (_, a), (_, b) in zip(epoch0, epoch1))
+
+
+def test_eval_batches_left_pad_and_cover_everything(tok):
+    examples = encode(tok, _records(7), 128, train=False).examples
+    batches = list(eval_batches(examples, batch_size=4, buckets=bucket_lengths(128), pad_id=pad_id_of(tok)))
+    ids = [i for b in batches for i, v in zip(b["ids"], b["valid"]) if v]
+    assert sorted(ids) == sorted(e.id for e in examples)
+    by_id = {e.id: e for e in examples}
+    for b in batches:
+        T = b["input_ids"].shape[1]
+        for row, (id_, valid) in enumerate(zip(b["ids"], b["valid"])):
+            if not valid:
+                assert id_ == "" and b["attention_mask"][row].all()
+                continue
+            n = len(by_id[id_].tokens)
+            assert b["attention_mask"][row].tolist() == [0] * (T - n) + [1] * n
+            assert np.array_equal(b["input_ids"][row, T - n :], by_id[id_].tokens)
+            assert b["position_ids"][row, -1] == n - 1 and b["position_ids"][row, T - n] == 0

@@ -1,0 +1,65 @@
+"""The official SQuAD v1.1 EM/F1 on hand-checked examples."""
+
+import pytest
+
+from train.data import QARecord
+from train.metrics import exact_match, f1, normalize_answer, squad_scores
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("The Denver Broncos", "denver broncos"),
+        ("  an   apple, a PEAR!  ", "apple pear"),
+        ("theory of the atom", "theory of atom"),  # "the" inside "theory" survives (\b)
+        ("A.B.C.", "abc"),  # punctuation is deleted, not replaced by a space
+        ("Saint-Denis", "saintdenis"),
+        ("'the' answer", "answer"),  # quotes go first, then the article
+        ("", ""),
+    ],
+)
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_exact_match_ignores_case_punctuation_articles():
+    assert exact_match("the Eiffel Tower.", "Eiffel tower") == 1.0
+    assert exact_match("Eiffel", "Eiffel Tower") == 0.0
+    assert exact_match("", "") == 1.0
+
+
+def test_f1_partial_overlap_by_hand():
+    # pred "cat sat" (2 tokens) vs gold "cat sat on mat" (4): P=1, R=1/2 -> F1=2/3.
+    assert f1("the cat sat", "The cat sat on the mat") == pytest.approx(2 / 3)
+    # bag of tokens: pred "b b" vs gold "b b b": overlap 2, P=1, R=2/3 -> F1=0.8.
+    assert f1("a b b", "b b b") == pytest.approx(0.8)
+    # pred "x y z w" vs gold "y q": overlap 1, P=1/4, R=1/2 -> F1=1/3.
+    assert f1("x y z w", "y q") == pytest.approx(1 / 3)
+
+
+def test_f1_zero_without_overlap_or_when_empty():
+    assert f1("Paris", "London") == 0.0
+    assert f1("", "London") == 0.0
+    assert f1("the", "a") == 0.0  # both normalise to nothing: no overlap -> 0 (official)
+
+
+def _rec(id_, *answers):
+    return QARecord(id=id_, context=" ".join(answers), question="q?", answers=answers,
+                    answer_starts=tuple(0 for _ in answers))
+
+
+def test_squad_scores_max_over_golds_and_missing_predictions():
+    records = [
+        _rec("1", "Denver Broncos", "Broncos"),
+        _rec("2", "Santa Clara, California"),
+        _rec("3", "1990"),
+    ]
+    preds = {"1": "broncos", "2": "Santa Clara", "unknown": "ignored"}  # "3" unanswered -> 0
+    scores = squad_scores(preds, records)
+    # EM: 1 + 0 + 0 over 3. F1: 1 + (P=1, R=2/3 -> 0.8) + 0 over 3.
+    assert scores["exact_match"] == pytest.approx(100 / 3)
+    assert scores["f1"] == pytest.approx(100 * 1.8 / 3)
+
+
+def test_squad_scores_empty():
+    assert squad_scores({}, []) == {"exact_match": 0.0, "f1": 0.0}

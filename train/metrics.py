@@ -1,0 +1,78 @@
+"""The official SQuAD v1.1 evaluation (exact match and token F1), as in `evaluate-v1.1.py`.
+
+Normalise: lowercase, drop every `string.punctuation` character, replace the articles
+a/an/the with a space, collapse whitespace. EM is normalised equality; F1 is the bag-of-tokens
+overlap (0 when nothing overlaps). Each prediction scores the max over its gold answers; the
+dataset score is the mean x 100.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from typing import Iterable, Mapping, Protocol, Sequence
+
+_PUNCT = frozenset(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+class HasAnswers(Protocol):
+    """Anything with an `id` and gold `answers` (e.g. `train.data.QARecord`)."""
+
+    id: str
+    answers: Sequence[str]
+
+
+def normalize_answer(s: str) -> str:
+    """Lowercase, strip punctuation and articles, collapse whitespace (official order)."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in _PUNCT)
+    s = _ARTICLES.sub(" ", s)
+    return " ".join(s.split())
+
+
+def exact_match(prediction: str, ground_truth: str) -> float:
+    """1.0 when the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(ground_truth))
+
+
+def f1(prediction: str, ground_truth: str) -> float:
+    """Token-level F1 of the normalised strings; 0.0 when no token overlaps."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(ground_truth).split()
+    common = Counter(pred_tokens) & Counter(gold_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0.0
+    precision = num_same / len(pred_tokens)
+    recall = num_same / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+def max_over_ground_truths(metric, prediction: str, ground_truths: Iterable[str]) -> float:
+    """The best score of `prediction` against any gold answer (official per-question rule)."""
+    return max(metric(prediction, gt) for gt in ground_truths)
+
+
+def squad_scores(predictions: Mapping[str, str], records: Iterable[HasAnswers]) -> dict[str, float]:
+    """Average EM and F1 (x100) of `predictions` (id -> text) over `records`.
+
+    As in the official script, a record without a prediction scores 0 on both metrics;
+    predictions whose id is not among `records` are ignored.
+
+    Returns:
+        `{"exact_match": float, "f1": float}`, both in [0, 100]; zeros for no records.
+    """
+    em_total = f1_total = 0.0
+    n = 0
+    for rec in records:
+        n += 1
+        if rec.id not in predictions:
+            continue
+        pred = predictions[rec.id]
+        em_total += max_over_ground_truths(exact_match, pred, rec.answers)
+        f1_total += max_over_ground_truths(f1, pred, rec.answers)
+    if n == 0:
+        return {"exact_match": 0.0, "f1": 0.0}
+    return {"exact_match": 100.0 * em_total / n, "f1": 100.0 * f1_total / n}
