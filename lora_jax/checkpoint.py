@@ -1,0 +1,298 @@
+"""Adapter-only checkpoints with orbax: the adapters, the LoRA config and the base model's name.
+
+    save("ckpt/step100", config, adapters, base_model="bigscience/bloom-560m", params=params)
+    ckpt = load("ckpt/step100", params)      # checked against these base params first
+    logits = apply(model.apply, ckpt.config)(update_params(params, ckpt.extras), ckpt.adapters, ids)
+
+A checkpoint directory holds `lora_adapter.json` (format, config, base model name, every saved
+shape) and `arrays/` (orbax). Base weights are never written: only the adapters and, when the
+config trains full leaves (`bias`, `trainable`), those leaves. `load` compares the manifest with
+the base parameters it is given before reading any array, so a wrong base fails with the path
+and both shapes, never with a partial load. Writes go to a temporary directory that is renamed
+into place (`atomic_directory`), so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from . import tree
+from .config import LoraConfig
+from .lora import Adapters, check_adapters, target_paths, trainable_mask
+
+PyTree = Any
+MANIFEST = "lora_adapter.json"
+FORMAT = "lora_jax.adapters"
+VERSION = 1
+
+
+class AdapterCheckpoint(NamedTuple):
+    """What `load` returns: `extras` are the fully trained leaves {path: array} (often empty)."""
+
+    config: LoraConfig
+    adapters: Adapters
+    extras: dict[str, jax.Array]
+    base_model: str | None
+
+
+# ----------------------------------------------------------------------------- file safety
+
+
+def _fsync_tree(root: Path) -> None:
+    # Flush file contents before the rename publishes them: a crash after the rename must not
+    # expose files whose data never reached the disk.
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success it becomes `directory` in one rename.
+
+    On any exception the temporary directory is removed and `directory` is untouched. An
+    existing `directory` is an error unless `overwrite=True`, which replaces it as a whole.
+    """
+    directory = Path(directory).expanduser().absolute()
+    if directory.exists() and not overwrite:
+        raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # Same parent, so the final os.replace is a rename within one filesystem (atomic).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if directory.exists():
+            old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from `path`; a missing or corrupt file raises an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (expected the {what})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: the {what} is not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------- extras
+
+
+def trainable_leaves(config: LoraConfig, params: PyTree) -> dict[str, jax.Array]:
+    """{path: leaf} of the leaves `config` trains in full (bias policy + `trainable`)."""
+    mask = tree.flatten(trainable_mask(config, params))
+    return {p: x for p, x in tree.flatten(params).items() if mask[p]}
+
+
+def update_params(params: PyTree, leaves: Mapping[str, Any]) -> PyTree:
+    """`params` with the leaves at the given paths replaced (trained extras back into a base)."""
+    flat = tree.flatten(params)
+    for p, x in leaves.items():
+        if p not in flat:
+            raise ValueError(f"no parameter at {p!r}; closest: {tree.closest(p, list(flat))}")
+        if tuple(np.shape(x)) != tuple(flat[p].shape):
+            raise ValueError(f"parameter {p!r}: base shape {tuple(flat[p].shape)}, new value {tuple(np.shape(x))}")
+    return tree.map_with_path(lambda p, x: leaves[p] if p in leaves else x, params)
+
+
+def _needs_extras(config: LoraConfig) -> bool:
+    return config.bias != "none" or config.trainable is not None
+
+
+# ----------------------------------------------------------------------------- nesting
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    # orbax names its entries after dict keys; nest on '/' rather than put '/' in a key.
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = v
+    return out
+
+
+def _adapter_leaves(adapters: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    return {f"{p}/{k}": ab[k] for p, ab in adapters.items() for k in ("lora_A", "lora_B")}
+
+
+def _spec(x: Any) -> dict[str, Any]:
+    return {"shape": list(np.shape(x)), "dtype": str(np.dtype(x.dtype))}
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
+         base_model: str | None = None, params: PyTree | None = None, overwrite: bool = False) -> Path:
+    """Write an adapter-only checkpoint (never the base weights).
+
+    Args:
+      directory: created atomically; an existing one needs `overwrite=True`.
+      config: the LoRA config (stored as JSON).
+      adapters: {path: {"lora_A", "lora_B"}}.
+      base_model: the base model's name or path, recorded for whoever loads it.
+      params: the (trained) params; required when `config` trains full leaves, whose values are
+        then saved. Only their shapes are read otherwise (recorded for the load-time check).
+    Returns:
+      the checkpoint directory.
+    """
+    import orbax.checkpoint as ocp
+
+    extras: dict[str, Any] = {}
+    if _needs_extras(config):
+        if params is None:
+            raise ValueError(
+                f"config trains full leaves (bias={config.bias!r}, trainable={config.trainable!r}); "
+                "pass params= so that they are saved with the adapters"
+            )
+        extras = trainable_leaves(config, params)
+    flat = tree.flatten(params) if params is not None else {}
+    if params is not None:
+        check_adapters(config, params, adapters)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "base_model": base_model,
+        "config": json.loads(config.to_json()),
+        "adapters": {
+            p: {"weight": list(flat[p].shape) if p in flat else None,
+                "lora_A": _spec(ab["lora_A"]), "lora_B": _spec(ab["lora_B"])}
+            for p, ab in sorted(adapters.items())
+        },
+        "extras": {p: _spec(x) for p, x in sorted(extras.items())},
+    }
+    arrays = {"adapters": _nest(_adapter_leaves(adapters))}
+    if extras:
+        arrays["extras"] = _nest(extras)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        ckptr = ocp.StandardCheckpointer()
+        try:
+            ckptr.save(tmp / "arrays", arrays)
+            ckptr.wait_until_finished()
+        finally:
+            ckptr.close()
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return Path(directory)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's manifest (config, base model, shapes), validated; no arrays are read."""
+    path = Path(directory) / MANIFEST
+    m = read_json(path, "adapter checkpoint manifest")
+    if m.get("format") != FORMAT or not isinstance(m.get("adapters"), dict):
+        raise ValueError(f"{path}: not a lora_jax adapter checkpoint manifest (format={m.get('format')!r})")
+    if m.get("version", 0) > VERSION:
+        raise ValueError(f"{path}: written by a newer lora_jax (version {m['version']} > {VERSION})")
+    return m
+
+
+def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, params: PyTree) -> None:
+    """Raise naming the path and both shapes when the checkpoint does not fit `params`."""
+    flat = tree.flatten(params)
+    saved = m["adapters"]
+    mismatched = []
+    for p, spec in saved.items():
+        if p not in flat:
+            raise ValueError(f"{directory}: adapter for {p!r} has no base parameter at that path; "
+                             f"closest: {tree.closest(p, list(flat))}")
+        base = tuple(flat[p].shape)
+        *stack, d_in, d_out = base if len(base) >= 2 else (None, None)
+        r = config.rank_for(p)
+        want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
+        got_a, got_b = tuple(spec["lora_A"]["shape"]), tuple(spec["lora_B"]["shape"])
+        trained_on = tuple(spec["weight"]) if spec.get("weight") is not None else None
+        if (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
+            mismatched.append(
+                f"{p!r}: checkpoint weight {trained_on}, lora_A {got_a}, lora_B {got_b}; "
+                f"base parameter {base} (needs lora_A {want_a}, lora_B {want_b})"
+            )
+    if mismatched:
+        raise ValueError(f"{directory}: adapters do not fit the base parameters:\n  " + "\n  ".join(mismatched))
+    try:
+        expected = set(target_paths(config, params))
+    except ValueError as e:
+        raise ValueError(f"{directory}: the saved LoRA config does not fit the base parameters: {e}") from None
+    missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the saved config targets {len(expected)} weights but the checkpoint "
+                         f"holds {len(saved)} adapters; missing: {missing}; not targeted: {unexpected}")
+    for p, spec in m.get("extras", {}).items():
+        if p not in flat or tuple(flat[p].shape) != tuple(spec["shape"]):
+            base = tuple(flat[p].shape) if p in flat else None
+            raise ValueError(f"{directory}: trained leaf {p!r} has shape {tuple(spec['shape'])} in the "
+                             f"checkpoint but {base} in the base parameters")
+
+
+def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None = None) -> AdapterCheckpoint:
+    """Read a checkpoint written by `save`, after checking it fits `params`.
+
+    Args:
+      directory: the checkpoint directory.
+      params: the base parameters (arrays or `jax.ShapeDtypeStruct`s); only shapes are used.
+      base_model: if given, must equal the recorded base model name.
+    Returns:
+      AdapterCheckpoint(config, adapters, extras, base_model).
+    Raises:
+      ValueError naming the path and both shapes when config, structure or shapes do not fit;
+      ValueError naming the file when the checkpoint is truncated or corrupted.
+    """
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    m = read_manifest(directory)
+    try:
+        config = LoraConfig.from_dict(m["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{directory / MANIFEST}: invalid LoRA config: {e}") from None
+    if base_model is not None and m.get("base_model") not in (None, base_model):
+        raise ValueError(f"{directory}: adapters were trained on {m['base_model']!r}, not {base_model!r}")
+    _check_fits(directory, m, config, params)
+
+    sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
+    target = {"adapters": _nest({f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in ("lora_A", "lora_B")})}
+    if m.get("extras"):
+        target["extras"] = _nest({p: sds(s) for p, s in m["extras"].items()})
+    arrays_dir = (directory / "arrays").absolute()
+    if not arrays_dir.is_dir():
+        raise FileNotFoundError(f"{arrays_dir}: missing (the checkpoint's arrays)")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        restored = ckptr.restore(arrays_dir, target)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise ValueError(f"{arrays_dir}: could not read the adapter arrays (truncated or corrupted?): "
+                         f"{type(e).__name__}: {e}") from None
+    finally:
+        ckptr.close()
+    flat = tree.flatten(restored)
+    adapters: Adapters = {p: {k: flat[f"adapters/{p}/{k}"] for k in ("lora_A", "lora_B")} for p in m["adapters"]}
+    extras = {p: flat[f"extras/{p}"] for p in m.get("extras", {})}
+    return AdapterCheckpoint(config, adapters, extras, m.get("base_model"))
