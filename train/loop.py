@@ -1,0 +1,152 @@
+"""The jitted training step: loss on the target tokens only, gradient accumulation with
+`lax.scan`, clipping, non-finite guard, and data parallelism (`jit` + NamedSharding, or `pmap`).
+
+Only the trainable tree ({"adapters", "params": extra trainable leaves}) is differentiated and
+carried by the optimizer; frozen parameters are a read-only argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import lora_jax as lj
+
+PyTree = Any
+PARALLEL = ("jit", "pmap")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static shape of a step: `accum` micro-batches of `micro_batch` rows, per-row `targets`."""
+
+    accum: int
+    micro_batch: int
+    targets: int  # logits are computed at this many positions per row (>= its target tokens)
+    parallel: str = "jit"
+
+
+def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float,
+                   clip: float) -> optax.GradientTransformation:
+    """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped.
+
+    `apply_if_finite` leaves params and state untouched on a non-finite gradient and counts it
+    (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
+    """
+    warmup = min(warmup, steps)
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0 if warmup else lr, lr, max(warmup, 1)),
+         optax.linear_schedule(lr, 0.0, max(steps - warmup, 1))], [warmup])
+    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=weight_decay))
+    return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
+
+
+def target_loss(model, hidden_fn: Callable[..., jax.Array], targets: int) -> Callable[..., tuple]:
+    """`loss(params, adapters, batch, rng) -> (sum of token losses, number of target tokens)`.
+
+    Logits are built only at `targets` positions per row (those with loss_mask = 1 first), in
+    the compute dtype; only the log-sum-exp runs in fp32. No [B, T, V] fp32 tensor exists.
+    """
+    def loss(params, adapters, batch, rng):
+        hidden = hidden_fn(params, adapters, batch["input_ids"], batch["attention_mask"], rng)  # [B, T, D]
+        mask = batch["loss_mask"]
+        if targets < mask.shape[1]:
+            pos = jnp.argsort(-mask, axis=1, stable=True)[:, :targets]  # [B, K]: targets first
+            hidden = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, K, D]
+            labels = jnp.take_along_axis(batch["labels"], pos, axis=1)  # [B, K]
+            mask = jnp.take_along_axis(mask, pos, axis=1)  # [B, K]
+        else:
+            labels = batch["labels"]
+        logits = model.logits(params, hidden)  # [B, K, V]
+        lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, K]
+        gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
+        return jnp.sum((lse - gold) * mask), jnp.sum(mask)
+    return loss
+
+
+def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_name: str | None = None):
+    """step(trainable, frozen, opt_state, batch [accum, micro, T], rng) -> (trainable, opt_state, metrics)."""
+    def objective(trainable, frozen, micro, rng):
+        params, adapters = lj.join(trainable, frozen)
+        return loss_fn(params, adapters, micro, rng)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def step(trainable, frozen, opt_state, batch, rng):
+        def body(carry, xs):
+            g_acc, l_acc, n_acc = carry
+            micro, i = xs
+            (l, n), g = grad_fn(trainable, frozen, micro, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, n_acc + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        (g, l, n), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)),
+                                    (batch, jnp.arange(cfg.accum)))
+        if axis_name is not None:  # pmap: sum over devices before normalising
+            g, l, n = jax.lax.psum((g, l, n), axis_name)
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda x: x / n, g)  # mean over all target tokens of the global batch
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": l / n, "tokens": n, "grad_norm": optax.tree.norm(grads)}
+        return trainable, opt_state, metrics
+
+    return step
+
+
+class Runner:
+    """Places state and batches on the devices and runs the compiled step (jit or pmap)."""
+
+    def __init__(self, loss_fn, tx, cfg: StepConfig, devices=None):
+        if cfg.parallel not in PARALLEL:
+            raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
+        self.cfg, self.tx = cfg, tx
+        self.devices = list(devices or jax.local_devices())
+        n = len(self.devices)
+        if cfg.micro_batch % n:
+            raise ValueError(f"--batch-size {cfg.micro_batch} is not divisible by the {n} local devices")
+        if cfg.parallel == "pmap":
+            step = make_step(loss_fn, tx, cfg, axis_name="data")
+            self._step = jax.pmap(step, axis_name="data", in_axes=(0, None, 0, 0, None), devices=self.devices,
+                                  donate_argnums=(0, 2))
+        else:
+            self.mesh = Mesh(np.asarray(self.devices), ("data",))
+            self._replicated = NamedSharding(self.mesh, P())
+            self._batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, T]
+            self._step = jax.jit(make_step(loss_fn, tx, cfg), donate_argnums=(0, 2))
+
+    def put_state(self, trainable, opt_state):
+        """Device copies of (trainable, opt_state): replicated over the data axis."""
+        if self.cfg.parallel == "pmap":
+            n = len(self.devices)  # pmap shards a leading [n_devices] axis: one replica each
+            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), (trainable, opt_state))
+        return jax.device_put((trainable, opt_state), self._replicated)
+
+    def put_frozen(self, frozen):
+        return frozen if self.cfg.parallel == "pmap" else jax.device_put(frozen, self._replicated)
+
+    def get_state(self, trainable, opt_state):
+        """Host-side (trainable, opt_state) from device state (first replica under pmap)."""
+        if self.cfg.parallel == "pmap":
+            trainable, opt_state = jax.tree.map(lambda x: x[0], (trainable, opt_state))
+        return jax.device_get((trainable, opt_state))
+
+    def step(self, trainable, frozen, opt_state, batch: dict[str, np.ndarray], rng):
+        """One optimizer step on a host batch {k: [accum * micro, T]}."""
+        a, m = self.cfg.accum, self.cfg.micro_batch
+        batch = {k: v.reshape(a, m, *v.shape[1:]) for k, v in batch.items()}  # [accum, micro, T]
+        if self.cfg.parallel == "pmap":
+            n = len(self.devices)
+            # [n, accum, micro / n, T]: each device takes a contiguous slice of every micro-batch
+            batch = {k: np.moveaxis(v.reshape(a, n, m // n, *v.shape[2:]), 1, 0) for k, v in batch.items()}
+            trainable, opt_state, metrics = self._step(trainable, frozen, opt_state, batch, rng)
+            return trainable, opt_state, jax.tree.map(lambda x: x[0], metrics)
+        batch = jax.device_put(batch, self._batch_sharding)
+        return self._step(trainable, frozen, opt_state, batch, rng)

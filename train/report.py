@@ -1,0 +1,93 @@
+"""What a user sees: progress bar, log lines, metrics.jsonl, loss plot, the results table."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def logger(quiet_bar: bool) -> Callable[[str], None]:
+    """A print that does not tear the progress bar."""
+    return print if quiet_bar else tqdm.write
+
+
+def progress(total: int, initial: int, tag: str, *, disable: bool):
+    return tqdm(total=total, initial=initial, desc=f"train {tag}", unit="step", disable=disable, dynamic_ncols=True)
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def loss_plot(metrics: Path, png: Path) -> None:
+    """Training loss against step, one line per run (lora / full)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for run in dict.fromkeys(r["run"] for r in rows):
+        pts = [(r["step"], r["loss"]) for r in rows if r["run"] == run]
+        ax.plot(*zip(*pts), label=run)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], records: Sequence[Any],
+          n_samples: int = 3) -> str:
+    """The final report: EM/F1 per model, trainable parameters, adapter size, wall time, samples."""
+    scores = summary["scores"]
+    names = {"base": "base model", "lora": "LoRA", "full": "full fine-tuning"}
+    lines = [
+        "",
+        f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "
+        f"({summary['model']}, {summary['steps']} steps)",
+        "",
+        "| model | EM | F1 |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {names[k]} | {v['exact_match']:.1f} | {v['f1']:.1f} |" for k, v in scores.items()]
+    lines += [
+        "",
+        f"trainable params: {summary['trainable_params']:,} of {summary['total_params']:,} "
+        f"({summary['trainable_percent']:.3f}%)",
+    ]
+    if "adapter_bytes" in summary:
+        lines.append(f"adapter on disk: {_mib(summary['adapter_bytes'])} (orbax), "
+                     f"{_mib(summary['peft_bytes'])} (PEFT safetensors) -> {summary['adapter_dir']}")
+    if "base" in scores:
+        b, l = scores["base"], scores["lora"]
+        lines.append(f"EM {b['exact_match']:.1f} -> {l['exact_match']:.1f}, F1 {b['f1']:.1f} -> {l['f1']:.1f}")
+    lines.append(f"wall time: {summary['wall_time_s']:.0f} s")
+    by_id = {r.id: r for r in records}
+    ids = [i for i in samples.get("lora", {}) if i in by_id][:n_samples]
+    if ids:
+        lines += ["", "sample predictions:"]
+        for i in ids:
+            r = by_id[i]
+            lines.append(f"  Q: {r.question}")
+            lines.append(f"     gold: {r.answers[0]!r}" + "".join(
+                f" | {k}: {samples[k].get(i, '')!r}" for k in samples))
+    return "\n".join(lines)

@@ -1,0 +1,234 @@
+"""The SQuAD job behind `python -m train.squad`: load, score the base, train, score, save."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import lora_jax as lj
+from lora_jax.models import from_pretrained, load_tokenizer
+
+from . import data, report
+from .evaluate import evaluate
+from .loop import Runner, StepConfig, make_optimizer, target_loss
+from .state import TrainCheckpoints, write_json
+
+
+class NonFiniteError(RuntimeError):
+    """A step produced a non-finite loss or gradient."""
+
+
+def _dtype(name: str | None):
+    return None if name is None else jnp.dtype(name)
+
+
+def load_model(args):
+    """(model, params, tokenizer), with the tokenizer checked against the model's vocabulary."""
+    from .squad import EMBEDDED_MODEL
+
+    name = args.model or EMBEDDED_MODEL
+    accel = jax.default_backend() != "cpu"
+    compute = _dtype(args.compute_dtype) or (jnp.bfloat16 if accel else jnp.float32)
+    model, params = from_pretrained(name, dtype=_dtype(args.dtype), compute_dtype=compute,
+                                    scan_layers=args.scan_layers)
+    tokenizer = load_tokenizer(name)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {name} has no EOS token; the answer format needs one")
+    if len(tokenizer) > model.vocab_size:
+        raise ValueError(f"tokenizer of {name} has {len(tokenizer)} tokens but the model's vocabulary is "
+                         f"{model.vocab_size}: the tokenizer does not fit the model")
+    return model, params, tokenizer
+
+
+def load_data(args, tokenizer, log):
+    from .squad import EMBEDDED_DATA
+
+    source = args.data or EMBEDDED_DATA
+    splits = {}
+    for split in ("train", "validation"):
+        res = data.load_split(source, split)
+        skipped = {k: v for k, v in res.skipped.items() if v}
+        log(f"{split}: {len(res.records)} records from {source}" +
+            (f"; skipped {res.num_skipped} malformed: {skipped}" if res.num_skipped else "") +
+            (f"; repaired {res.repaired} answer starts" if res.repaired else ""))
+        splits[split] = res
+    train_records = splits["train"].records
+    val_records = splits["validation"].records
+    if args.eval_samples:
+        val_records = val_records[: args.eval_samples]
+    enc_train = data.encode(tokenizer, train_records, args.max_len, train=True,
+                            full_sequence_loss=args.full_sequence_loss)
+    enc_val = data.encode(tokenizer, val_records, args.max_len - args.max_new_tokens, train=False)
+    for name, enc in (("train", enc_train), ("validation", enc_val)):
+        if enc.skipped.get("too_long"):
+            log(f"{name}: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
+    if not enc_train.examples:
+        raise ValueError(f"no training example fits --max-len {args.max_len}")
+    return enc_train.examples, enc_val.examples, val_records
+
+
+FUSED_QKV = {"gpt2": "c_attn", "bloom": "query_key_value"}
+
+
+def lora_config(args, model) -> lj.LoraConfig:
+    """The LoRA config from flags; by default the fused QKV of the model's architecture."""
+    targets = args.targets or FUSED_QKV.get(model.config.model_type, "c_attn")
+    targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
+    return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
+                         use_rslora=args.rslora)
+
+
+def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
+    if full_sequence:
+        return max_len
+    most = max(len(e.tokens) - e.target_start for e in examples)
+    return min(max_len, 8 * math.ceil(most / 8))  # a multiple of 8: one shape for every batch
+
+
+def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | None, lr: float,
+          out: Path, tag: str, log) -> tuple[Any, Any, list[dict], bool]:
+    """Train LoRA adapters (or, with lora=None, every parameter).
+
+    Returns (params, adapters, history, finished); finished is False after --stop-after.
+    """
+    key = jax.random.key(args.seed)
+    if lora is not None:
+        adapters = lj.init(lora, params, jax.random.fold_in(key, 1))
+        trainable, frozen = lj.split(lora, params, adapters)
+        g = lj.apply(model.apply, lora)
+
+        def hidden(p, a, ids, mask, rng):
+            return g(p, a, ids, mask, return_hidden=True, lora_rng=rng if lora.dropout > 0 else None)
+        log(str(lj.summary(lora, params, adapters)))
+    else:
+        trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
+
+        def hidden(p, a, ids, mask, rng):
+            return model.apply(p, ids, mask, return_hidden=True)
+    cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size,
+                     targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
+                     parallel=args.parallel)
+    tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip)
+    runner = Runner(target_loss(model, hidden, cfg.targets), tx, cfg)
+    opt_state = tx.init(trainable)
+    ckpt = TrainCheckpoints(out / "checkpoints" / tag)
+    start = 0
+    if args.resume and ckpt.latest_step() is not None:
+        trainable, opt_state, meta = ckpt.restore(trainable, opt_state)
+        start = int(meta["step"])
+        log(f"resumed {tag} from step {start} ({ckpt.directory})")
+    elif args.resume:
+        log(f"--resume: no checkpoint for {tag} under {ckpt.directory}; starting from step 0")
+    trainable_d, opt_d = runner.put_state(trainable, opt_state)
+    frozen_d = runner.put_frozen(frozen)
+
+    rows = args.batch_size * args.grad_accum
+    per_epoch = data.batches_per_epoch(len(examples), rows)
+    stream = data.train_batches(examples, batch_size=rows, buckets=data.bucket_lengths(args.max_len),
+                                pad_id=data.pad_id_of(tokenizer), seed=args.seed,
+                                start=data.DataPosition.from_step(start, per_epoch))
+    history: list[dict] = []
+    metrics_file = (out / "metrics.jsonl").open("a")
+    bar = report.progress(args.steps, start, tag, disable=args.no_progress)
+    skipped = 0
+    t_last, tok_since = time.perf_counter(), 0
+    end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    try:
+        for step in range(start, end):
+            pos, batch = next(stream)
+            rng = jax.random.fold_in(jax.random.fold_in(key, 2), step)
+            new_t, new_o, m = runner.step(trainable_d, frozen_d, opt_d, batch, rng)
+            loss = float(m["loss"])
+            tok_since += int(batch["attention_mask"].sum())
+            if not (math.isfinite(loss) and math.isfinite(float(m["grad_norm"]))):
+                # apply_if_finite left params and optimizer state as they were
+                skipped += 1
+                if not args.skip_nonfinite:
+                    raise NonFiniteError(
+                        f"{tag}: non-finite loss/gradient at step {step + 1} (loss={loss}); the last good "
+                        f"checkpoint is kept in {ckpt.directory} (pass --skip-nonfinite to skip such steps)")
+            trainable_d, opt_d = new_t, new_o
+            done = step + 1
+            if done % args.log_every == 0 or done == args.steps:
+                now = time.perf_counter()
+                rec = {"run": tag, "step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                       "tokens_per_s": tok_since / (now - t_last), "skipped_nonfinite": skipped}
+                history.append(rec)
+                metrics_file.write(report.json_line(rec))
+                metrics_file.flush()
+                t_last, tok_since = now, 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}" if history else "-")
+            if done % args.checkpoint_every == 0 or done == end:
+                t_host, o_host = runner.get_state(trainable_d, opt_d)
+                nxt = data.DataPosition.from_step(done, per_epoch)
+                ckpt.save(done, t_host, o_host, {"epoch": nxt.epoch, "index": nxt.index, "seed": args.seed})
+    finally:
+        bar.close()
+        metrics_file.close()
+        ckpt.close()
+    if skipped:
+        log(f"{tag}: skipped {skipped} steps with a non-finite loss or gradient")
+    t_host, _ = runner.get_state(trainable_d, opt_d)
+    new_params, adapters = lj.join(t_host, frozen) if lora is not None else (t_host["params"], {})
+    return new_params, adapters, history, end == args.steps
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole job; returns the summary it also writes to summary.json."""
+    t0 = time.perf_counter()
+    log = report.logger(args.no_progress)
+    # Everything that can reject the input runs before the output directory is created.
+    model, params, tokenizer = load_model(args)
+    train_ex, val_ex, val_records = load_data(args, tokenizer, log)
+    lora = lora_config(args, model)
+    lj.target_paths(lora, params)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+
+    eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
+                   max_new_tokens=args.max_new_tokens)
+    results: dict[str, dict] = {}
+    samples: dict[str, dict[str, str]] = {}
+    if not args.no_base_eval:
+        log("scoring the base model ...")
+        results["base"], samples["base"] = evaluate(model.apply, params, model, tokenizer, val_ex, val_records, **eval_kw)
+
+    lora_params, adapters, history, finished = train(args, model, params, tokenizer, train_ex, lora=lora,
+                                                     lr=args.lr, out=out, tag="lora", log=log)
+    if not finished:
+        log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
+        return {"stopped": True, "scores": results}
+    g = lj.apply(model.apply, lora)
+    lora_apply = lambda p, *a, **k: g(p, adapters, *a, **k)  # noqa: E731
+    log("scoring the LoRA model ...")
+    results["lora"], samples["lora"] = evaluate(lora_apply, lora_params, model, tokenizer, val_ex, val_records, **eval_kw)
+    if args.full_finetune:
+        full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
+                                             lr=args.full_lr, out=out, tag="full", log=log)
+        history += full_hist
+        log("scoring the fully fine-tuned model ...")
+        results["full"], samples["full"] = evaluate(model.apply, full_params, model, tokenizer, val_ex,
+                                                    val_records, **eval_kw)
+
+    saved = {}  # DEV: adapter export lands with lora_jax.checkpoint / lora_jax.peft
+    summ = lj.summary(lora, lora_params, adapters)
+    summary = {
+        "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
+        "steps": args.steps, "trainable_params": summ.trainable, "total_params": summ.total,
+        "trainable_percent": summ.percent, "scores": results, **saved,
+        "wall_time_s": time.perf_counter() - t0, "eval_questions": len(val_ex),
+    }
+    write_json(out / "summary.json", summary)
+    report.loss_plot(out / "metrics.jsonl", out / "loss.png")
+    print(report.table(summary, samples, val_records))
+    return summary
