@@ -1,0 +1,59 @@
+"""Own Flax GPT-2 and BLOOM with Hugging Face checkpoint loading, export and generation.
+
+    from lora_jax.models import from_pretrained, load_tokenizer, generate
+    model, params = from_pretrained("gpt2", dtype=jnp.bfloat16, scan_layers=False)
+    logits = model.apply(params, input_ids, attention_mask)          # [B, T, V]
+    hidden = model.apply(params, input_ids, return_hidden=True)      # [B, T, D]
+    new_tokens = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32)
+"""
+
+from lora_jax.models.bloom import BloomConfig
+from lora_jax.models.common import (
+    BaseConfig,
+    Cache,
+    CausalLM,
+    Params,
+    is_scanned,
+    stack_layers,
+    unstack_layers,
+)
+from lora_jax.models.generate import generate, sample_logits
+from lora_jax.models.gpt2 import GPT2Config
+from lora_jax.models.hf import (
+    CONFIG_CLASSES,
+    convert_hf_state_dict,
+    from_pretrained,
+    hf_key_to_path,
+    load_config,
+    load_hf_state_dict,
+    load_tokenizer,
+    params_to_hf_state_dict,
+    path_to_hf_key,
+    resolve_pretrained_dir,
+    save_hf_checkpoint,
+)
+
+__all__ = [
+    "BaseConfig",
+    "BloomConfig",
+    "CONFIG_CLASSES",
+    "Cache",
+    "CausalLM",
+    "GPT2Config",
+    "Params",
+    "convert_hf_state_dict",
+    "from_pretrained",
+    "generate",
+    "hf_key_to_path",
+    "is_scanned",
+    "load_config",
+    "load_hf_state_dict",
+    "load_tokenizer",
+    "params_to_hf_state_dict",
+    "path_to_hf_key",
+    "resolve_pretrained_dir",
+    "sample_logits",
+    "save_hf_checkpoint",
+    "stack_layers",
+    "unstack_layers",
+]

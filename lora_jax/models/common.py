@@ -1,0 +1,429 @@
+"""Pieces shared by the GPT-2 and BLOOM models.
+
+* `BaseConfig`: frozen config dataclass (architecture read from a Hugging Face `config.json`,
+  plus runtime options: parameter/compute dtype, scanned or unrolled layers, remat).
+* `attention`: `jax.nn.dot_product_attention`, cuDNN on GPU in bf16/fp16, XLA elsewhere.
+* `attention_inputs`: positions and the causal + padding mask, with or without a KV cache.
+* `run_layers`: the decoder stack, scanned (`transformer/h/...` stacked [L, ...]) or unrolled
+  (`transformer/h/{i}/...`), optionally rematerialised.
+* `CausalLM`: the model object with a pure `apply(params, input_ids, attention_mask, ...)`.
+
+Parameters are plain nested dicts rooted at `transformer`, mirroring Hugging Face module names.
+Every weight matrix is a `kernel` [in, out] used only as the right operand of a matmul, so a LoRA
+transform that intercepts `dot_general` sees it untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+Cache = dict[str, jax.Array]
+
+_MISSING = object()
+
+
+def hf_get(hf: Mapping[str, Any], *names: str, default: Any = _MISSING) -> Any:
+    """First of `names` present in the HF config dict (HF configs use several aliases)."""
+    for name in names:
+        if name in hf and hf[name] is not None:
+            return hf[name]
+    if default is _MISSING:
+        raise ValueError(f"config.json has none of the fields {names}")
+    return default
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BaseConfig:
+    """Architecture (from HF `config.json`) plus runtime options. Frozen and hashable, so it
+    can be a static argument to `jax.jit`."""
+
+    model_type: ClassVar[str] = ""
+    # HF checkpoint layout, used by the key map in `hf.py`.
+    embed_name: ClassVar[str] = ""  # the tied embedding / LM head module
+    embedding_modules: ClassVar[tuple[str, ...]] = ()
+    layernorm_modules: ClassVar[tuple[str, ...]] = ()
+    linear_modules: ClassVar[tuple[str, ...]] = ()
+    hf_transpose_linear: ClassVar[bool] = False  # torch Linear stores (out, in)
+    hf_ignored_keys: ClassVar[str] = r"lm_head\.weight"  # regex; buffers and the tied head
+    hf_architecture: ClassVar[str] = ""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    layer_norm_epsilon: float = 1e-5
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    # Runtime options (not part of the HF config).
+    param_dtype: Any = jnp.float32
+    compute_dtype: Any = None  # None: same as param_dtype
+    scan_layers: bool = False
+    remat: bool = False
+    remat_policy: str | None = None  # a name in jax.checkpoint_policies, e.g. "dots_saveable"
+    attention_impl: str = "auto"  # "auto" (cuDNN on GPU in bf16/fp16, else XLA), "xla", "cudnn"
+    # The original HF config dict, kept for export; excluded from eq/hash.
+    hf_config: Mapping[str, Any] = dataclasses.field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
+
+    def __post_init__(self) -> None:
+        # Normalise dtypes so that configs built with jnp.float32 or "float32" compare equal.
+        object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if self.compute_dtype is not None:
+            object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_heads} heads")
+        if self.attention_impl not in ("auto", "xla", "cudnn"):
+            raise ValueError(f"attention_impl must be auto, xla or cudnn, got {self.attention_impl!r}")
+        if self.remat_policy is not None and not hasattr(jax.checkpoint_policies, self.remat_policy):
+            raise ValueError(f"unknown remat_policy {self.remat_policy!r} (see jax.checkpoint_policies)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """Compute dtype of activations."""
+        return self.compute_dtype if self.compute_dtype is not None else self.param_dtype
+
+    def replace(self, **changes: Any) -> BaseConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> BaseConfig:
+        """Build from a HF `config.json` dict; `overrides` set runtime options or fields."""
+        if hf.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"{cls.__name__} got model_type {hf.get('model_type')!r}")
+        fields = cls._fields_from_hf(hf)
+        fields.update(overrides)
+        return cls(hf_config=copy.deepcopy(dict(hf)), **fields)
+
+    @classmethod
+    def _fields_from_hf(cls, hf: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _hf_fields(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def to_hf(self) -> dict[str, Any]:
+        """A `config.json` dict transformers can load: the original one, with our fields."""
+        out = copy.deepcopy(dict(self.hf_config))
+        out.update(self._hf_fields())
+        out["model_type"] = self.model_type
+        out.setdefault("architectures", [self.hf_architecture])
+        out.update(bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+        if self.pad_token_id is not None:
+            out["pad_token_id"] = self.pad_token_id
+        out["tie_word_embeddings"] = True
+        return out
+
+    def make_module(self, deterministic: bool) -> nn.Module:
+        """The linen module computing hidden states (params rooted below `transformer`)."""
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def dense(cfg: BaseConfig, features: int, name: str) -> nn.Dense:
+    """A Linear/Conv1D: `x @ kernel + bias`, kernel [in, out] (flax Dense is a plain dot_general)."""
+    return nn.Dense(
+        features,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+def layer_norm(cfg: BaseConfig, name: str) -> nn.LayerNorm:
+    # Two-pass variance, as torch does: E[x^2] - E[x]^2 loses digits on large activations.
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        use_fast_variance=False,
+        name=name,
+    )
+
+
+def embed(cfg: BaseConfig, num: int, name: str) -> nn.Embed:
+    # dtype=param_dtype: gather in storage dtype, cast only the gathered rows afterwards
+    # (nn.Embed would otherwise cast the whole table; BLOOM's is 250,880 x D).
+    return nn.Embed(
+        num,
+        cfg.hidden_size,
+        dtype=cfg.param_dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class AttnContext(NamedTuple):
+    """What every layer needs besides its input; arrays only, so it can go through nn.scan."""
+
+    mask: jax.Array | None  # [B, 1, T, S] bool; None = plain causal self-attention (T == S)
+    bias: jax.Array | None  # [B|1, H, 1, S] additive (ALiBi) or None
+    index: jax.Array | None  # int32 scalar: cache slot of the first new token; None = no cache
+
+
+class AttnInputs(NamedTuple):
+    positions: jax.Array  # [B, T] position ids of the new tokens (pads get 0)
+    key_positions: jax.Array  # [B|1, S] position ids of all keys (pads get 0)
+    mask: jax.Array | None  # [B, 1, T, S] bool or None
+    key_mask: jax.Array | None  # [B, S] int32, the new cache mask (None without cache)
+    index: jax.Array | None
+
+
+def attention_inputs(
+    attention_mask: jax.Array | None, cache: Cache | None, batch: int, length: int
+) -> AttnInputs:
+    """Positions and the causal + padding mask for `length` new tokens.
+
+    Position ids count real tokens only (`cumsum(mask) - 1`, pads 0), as HF `generate` does, so
+    a left-padded row gives the same logits as the unpadded one.
+    """
+    if cache is None and attention_mask is None:
+        pos = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, T]
+        return AttnInputs(jnp.broadcast_to(pos, (batch, length)), pos, None, None, None)
+    new = (
+        jnp.ones((batch, length), jnp.int32)
+        if attention_mask is None
+        else attention_mask.astype(jnp.int32)
+    )
+    if cache is None:
+        index, key_mask = jnp.int32(0), new  # [B, S=T]
+    else:
+        index = cache["index"]
+        key_mask = jax.lax.dynamic_update_slice(cache["mask"], new, (0, index))  # [B, S]
+    key_pos = (jnp.cumsum(key_mask, axis=1) - 1) * key_mask  # [B, S]
+    positions = jax.lax.dynamic_slice_in_dim(key_pos, index, length, axis=1)  # [B, T]
+    q_idx = index + jnp.arange(length)[:, None]  # [T, 1] absolute slot of each query
+    k_idx = jnp.arange(key_mask.shape[1])[None, :]  # [1, S]
+    # A query sees earlier real keys, and always itself: a pad query with no real key before it
+    # would otherwise get an all-masked row (NaN in cuDNN).
+    mask = (k_idx <= q_idx) & ((key_mask[:, None, :] > 0) | (k_idx == q_idx))  # [B, T, S]
+    return AttnInputs(
+        positions, key_pos, mask[:, None], key_mask if cache is not None else None,
+        index if cache is not None else None,
+    )
+
+
+def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype) -> str:
+    if cfg.attention_impl != "auto":
+        return cfg.attention_impl
+    cudnn_ok = (
+        jax.default_backend() == "gpu"
+        and dtype in (jnp.bfloat16, jnp.float16)
+        and cfg.head_dim % 8 == 0
+        and cfg.head_dim <= 128
+    )
+    return "cudnn" if cudnn_ok else "xla"
+
+
+def attention(
+    cfg: BaseConfig,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    ctx: AttnContext,
+    scale: float | None = None,
+) -> jax.Array:
+    """Multi-head attention. q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]."""
+    T, S = q.shape[1], k.shape[1]
+    impl = _attention_impl(cfg, q.dtype)
+    bias = ctx.bias
+    if bias is not None and impl == "cudnn":
+        # cuDNN wants the bias in the input dtype with full [T, S] dims (batch/head may be 1).
+        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S)).astype(q.dtype)
+    return jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=ctx.mask, scale=scale,
+        is_causal=ctx.mask is None, implementation=impl,
+    )  # [B, T, H, D]
+
+
+def update_kv(
+    kv: tuple[jax.Array, jax.Array] | None, k: jax.Array, v: jax.Array, index: jax.Array | None
+) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Write new k/v [B, T, H, D] into a layer's cache [B, S, H, D] at `index`; returns the keys
+    and values to attend to and the new layer cache (None without cache)."""
+    if kv is None:
+        return k, v, None
+    ck = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, index, 0, 0))
+    cv = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
+    return ck, cv, (ck, cv)
+
+
+class _Unrolled(nn.Module):
+    """Layers as separate submodules `0 .. L-1` (params `h/{i}/...`)."""
+
+    block: Any
+    config: BaseConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x, kv, ctx):
+        new = []
+        for i in range(self.config.num_layers):
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x, layer_new = self.block(self.config, self.deterministic, name=str(i))(x, layer_kv, ctx)
+            new.append(layer_new)
+        if kv is None:
+            return x, None
+        return x, (jnp.stack([n[0] for n in new]), jnp.stack([n[1] for n in new]))  # [L, B, S, H, D]
+
+
+def run_layers(
+    block: type[nn.Module],
+    cfg: BaseConfig,
+    deterministic: bool,
+    x: jax.Array,
+    kv: tuple[jax.Array, jax.Array] | None,
+    ctx: AttnContext,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """Run the decoder stack as submodule `h` of the calling compact module.
+
+    `block(config, deterministic)` maps `(x, layer_kv, ctx) -> (x, new_layer_kv)`.
+    kv: cache keys/values [L, B, S, H, D] or None.
+    """
+    if cfg.remat:
+        policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
+        # prevent_cse is only needed outside scan (scan already stops CSE across iterations).
+        block = nn.remat(block, policy=policy, prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+        scanned = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast),
+            length=cfg.num_layers,
+        )
+        return scanned(cfg, deterministic, name="h")(x, kv, ctx)
+    return _Unrolled(block, cfg, deterministic, name="h")(x, kv, ctx)
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+def is_scanned(params: Params) -> bool:
+    """Whether the layers are stacked ([L, ...] leaves under `transformer/h`)."""
+    return not all(k.isdigit() for k in params["transformer"]["h"])
+
+
+def stack_layers(params: Params) -> Params:
+    """Unrolled `transformer/h/{i}/...` -> scanned `transformer/h/...` with leaves [L, ...]."""
+    if is_scanned(params):
+        return params
+    h = params["transformer"]["h"]
+    layers = [h[str(i)] for i in range(len(h))]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "transformer": {**params["transformer"], "h": stacked}}
+
+
+def unstack_layers(params: Params) -> Params:
+    """Scanned `transformer/h/...` [L, ...] -> unrolled `transformer/h/{i}/...`."""
+    if not is_scanned(params):
+        return params
+    h = params["transformer"]["h"]
+    num = jax.tree.leaves(h)[0].shape[0]
+    layers = {str(i): jax.tree.map(lambda x, i=i: x[i], h) for i in range(num)}
+    return {**params, "transformer": {**params["transformer"], "h": layers}}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLM:
+    """A decoder-only LM: a config plus pure functions of a param tree.
+
+    `jax.jit(model.apply, static_argnames=("return_hidden", "deterministic"))` when those flags
+    are passed; with the defaults `jax.jit(model.apply)` works as is.
+    """
+
+    config: BaseConfig
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def apply(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
+        """Forward pass.
+
+        Args:
+          params: `{"transformer": ...}` param tree.
+          input_ids: [B, T] int tokens.
+          attention_mask: [B, T] 1 for real tokens, 0 for (left) padding. With a cache it covers
+            the T new tokens only; the cache remembers earlier ones.
+          cache: from `init_cache`; the new tokens are written at `cache["index"]`.
+          return_hidden: return final layer-normed hidden states [B, T, D] instead of logits.
+          deterministic: False enables dropout (needs `rng`); attention dropout is not applied.
+          rng: PRNG key for dropout.
+        Returns:
+          logits [B, T, V] in the compute dtype (or hidden), and the new cache if one was given.
+        """
+        if not deterministic and rng is None:
+            raise ValueError("deterministic=False needs an rng for dropout")
+        rngs = None if deterministic else {"dropout": rng}
+        hidden, new_cache = self.config.make_module(deterministic).apply(
+            {"params": params["transformer"]}, input_ids, attention_mask, cache, rngs=rngs
+        )
+        out = hidden if return_hidden else self.logits(params, hidden)
+        return out if cache is None else (out, new_cache)
+
+    def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
+        """Tied LM head: hidden [..., D] -> logits [..., V] (in hidden's dtype)."""
+        table = params["transformer"][self.config.embed_name]["embedding"]  # [V, D]
+        return jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype))
+
+    def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
+        """Random params (HF-style normal(0.02) init) in the configured layout and dtype."""
+        cfg = self.config if dtype is None else self.config.replace(param_dtype=dtype)
+        ids = jnp.zeros((1, 1), jnp.int32)
+        variables = jax.jit(cfg.make_module(True).init)(key, ids, None, None)
+        return {"transformer": variables["params"]}
+
+    def param_shapes(self) -> Params:
+        """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+    def init_cache(self, batch_size: int, max_length: int) -> Cache:
+        """Empty KV cache: k/v [L, B, S, H, D] in the compute dtype, key mask [B, S], index."""
+        cfg = self.config
+        shape = (cfg.num_layers, batch_size, max_length, cfg.num_heads, cfg.head_dim)
+        return {
+            "k": jnp.zeros(shape, cfg.dtype),
+            "v": jnp.zeros(shape, cfg.dtype),
+            "mask": jnp.zeros((batch_size, max_length), jnp.int32),
+            "index": jnp.int32(0),
+        }

@@ -1,0 +1,152 @@
+"""Jitted KV-cache generation: greedy or sampling (temperature, top-k, top-p), stop at EOS.
+
+    new = generate(model.apply, params, ids, mask, model=model, max_new_tokens=20,
+                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # [B, 20]
+
+`apply_fn` has the signature of `CausalLM.apply`, so a closure applying LoRA adapters works:
+`generate(lambda p, *a, **k: lora_apply(p, adapters, *a, **k), params, ...)`. The prefill and
+the decode loop run in one jit, cached per `apply_fn` object: pass the same function object to
+reuse the compilation.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax.models.common import BaseConfig, CausalLM, Params
+
+
+def sample_logits(
+    logits: jax.Array,
+    rng: jax.Array,
+    *,
+    temperature: float | jax.Array = 0.0,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+    greedy: bool | None = None,
+) -> jax.Array:
+    """Next tokens [B] from logits [B, V]; greedy (argmax) when temperature is 0."""
+    logits = logits.astype(jnp.float32)
+    if greedy is None:
+        greedy = temperature == 0
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    neg_inf = jnp.finfo(jnp.float32).min
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if top_p is not None:
+        srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
+        probs = jax.nn.softmax(srt, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # [B, V]
+        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
+        logits = jnp.where(logits < cutoff, neg_inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("apply_fn", "model", "max_new_tokens", "greedy", "top_k", "use_top_p"),
+)
+def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperature, top_p, eos_ids,
+              pad, *, max_new_tokens, greedy, top_k, use_top_p):
+    # eos_ids [E] and pad are traced: changing them does not recompile.
+    B, T = input_ids.shape
+    N = max_new_tokens
+    sample = functools.partial(
+        sample_logits, temperature=temperature, top_k=top_k,
+        top_p=top_p if use_top_p else None, greedy=greedy,
+    )
+
+    def step_logits(ids, mask, cache):
+        # Hidden states, then the LM head on the last position only: no [B, T, V] logits.
+        hidden, cache = apply_fn(params, ids, mask, cache=cache, return_hidden=True)
+        return model.logits(params, hidden[:, -1]), cache  # [B, V]
+
+    cache = model.init_cache(B, T + N)
+    logits, cache = step_logits(input_ids, attention_mask, cache)  # prefill
+    rng, sub = jax.random.split(rng)
+    tok = sample(logits, sub)  # [B]
+    out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < N) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, cache, done, out, rng = state
+        logits, cache = step_logits(tok[:, None], jnp.ones((B, 1), jnp.int32), cache)
+        rng, sub = jax.random.split(rng)
+        nxt = jnp.where(done, pad, sample(logits, sub))  # [B]; finished rows emit pad
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        return step + 1, nxt, cache, done | jnp.isin(nxt, eos_ids), out, rng
+
+    state = (jnp.int32(1), tok, cache, done, out, rng)
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
+def generate(
+    apply_fn: Callable[..., Any],
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    model: CausalLM | None = None,
+    config: BaseConfig | None = None,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: jax.Array | None = None,
+) -> jax.Array:
+    """Generate `max_new_tokens` after left-padded prompts.
+
+    Args:
+      apply_fn: `(params, input_ids, attention_mask, *, cache, return_hidden) -> (out, cache)`,
+        e.g. `model.apply` or a LoRA closure over it.
+      params: passed to `apply_fn`; the tied LM head is read from it (`model.logits`).
+      input_ids, attention_mask: [B, T] prompts, left-padded (mask 0 on the left).
+      model / config: the model (or its config) for the cache shape and the LM head.
+      eos_token_id: id(s) that end a row (default: config's); None disables stopping.
+      pad_token_id: fills rows after EOS (default: config's pad, else EOS, else 0).
+      temperature: 0 = greedy; > 0 samples (needs `rng`), optionally restricted to the top-k
+        tokens and/or the top-p probability mass.
+    Returns:
+      [B, max_new_tokens] int32 new tokens; after a row's EOS only `pad_token_id`.
+    """
+    if model is None:
+        if config is None:
+            raise ValueError("generate needs model= or config=")
+        model = CausalLM(config)
+    cfg = model.config
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+    eos = () if eos_token_id is None else (
+        (int(eos_token_id),) if isinstance(eos_token_id, int) else tuple(int(e) for e in eos_token_id)
+    )
+    if pad_token_id is None:
+        pad_token_id = next(p for p in (cfg.pad_token_id, *eos, 0) if p is not None)
+    greedy = temperature == 0
+    if not greedy and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng")
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    return _generate(
+        apply_fn, model, params, jnp.asarray(input_ids, jnp.int32),
+        jnp.asarray(attention_mask, jnp.int32),
+        jax.random.key(0) if rng is None else rng,
+        jnp.float32(1.0 if greedy else temperature), jnp.float32(1.0 if top_p is None else top_p),
+        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id),
+        max_new_tokens=int(max_new_tokens), greedy=greedy,
+        top_k=top_k, use_top_p=top_p is not None,
+    )

@@ -1,0 +1,321 @@
+"""Hugging Face checkpoints <-> our param trees.
+
+    model, params = from_pretrained("gpt2")                     # hub id (HF cache) or local dir
+    tok = load_tokenizer("gpt2")
+    state = params_to_hf_state_dict(model.config, params)      # HF names, HF orientation
+    save_hf_checkpoint("out/", model.config, params)           # config.json + model.safetensors
+
+Loading is one pure key map (`hf_key_to_path`), one explicit transpose rule (torch `Linear`
+weights are (out, in): BLOOM; GPT-2's `Conv1D` weights are already (in, out)), and checks that
+fail with a ValueError listing missing tensors, unexpected tensors and wrong shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.models.bloom import BloomConfig
+from lora_jax.models.common import BaseConfig, CausalLM, Params, stack_layers, unstack_layers
+from lora_jax.models.gpt2 import GPT2Config
+
+CONFIG_CLASSES: dict[str, type[BaseConfig]] = {"gpt2": GPT2Config, "bloom": BloomConfig}
+
+# What a snapshot download needs: config, weights (single or sharded), tokenizer files.
+_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+_SAFE_INDEX, _BIN_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def _hub_cache_dir() -> Path:
+    # Read the environment at call time: huggingface_hub freezes its constants at import.
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cached_snapshot(cache_dir: Path, repo_id: str) -> Path | None:
+    """`models--org--name/snapshots/<rev>/` for `refs/main`, else the newest snapshot."""
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snap = repo / "snapshots" / ref.read_text().strip()
+        if snap.is_dir():
+            return snap
+    snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+    return snaps[-1] if snaps else None
+
+
+def resolve_pretrained_dir(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint directory, or a hub id resolved through the Hugging Face cache.
+
+    Downloads (config, weights, tokenizer files) when online; offline (HF_HUB_OFFLINE=1, or no
+    network) it uses an existing `HF_HUB_CACHE/models--org--name/snapshots/<rev>/`.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    repo_id, cache_dir = str(name_or_path), _hub_cache_dir()
+    error: Exception | None = None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id, cache_dir=cache_dir, allow_patterns=_ALLOW_PATTERNS,
+                local_files_only=_offline(),
+            )
+        )
+    except Exception as e:  # no network, missing refs, or huggingface_hub not installed
+        error = e
+    snap = _cached_snapshot(cache_dir, repo_id)
+    if snap is None:
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a directory nor a hub id found in the cache "
+            f"{cache_dir} (download failed: {error})"
+        )
+    return snap
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> BaseConfig:
+    """Config from a `config.json` dict, a file, a checkpoint directory or a hub id.
+
+    Dispatches on `model_type` ("gpt2", "bloom"); anything else raises ValueError.
+    """
+    if isinstance(path_or_dict, Mapping):
+        hf = dict(path_or_dict)
+    else:
+        path = Path(path_or_dict).expanduser()
+        if not path.is_file():
+            path = resolve_pretrained_dir(path_or_dict) / "config.json"
+        hf = json.loads(path.read_text())
+    model_type = hf.get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}"
+        )
+    return CONFIG_CLASSES[model_type].from_hf(hf, **overrides)
+
+
+# ----------------------------------------------------------------------------- key map
+
+
+def hf_key_to_path(config: BaseConfig, key: str) -> tuple[tuple[str, ...], bool] | None:
+    """Map one HF tensor name to (our unrolled param path, transpose?), or None if ignored.
+
+    `h.0.attn.c_attn.weight` and `transformer.h.0.attn.c_attn.weight` both map to
+    `("transformer", "h", "0", "attn", "c_attn", "kernel")`. Unknown names still map to a path;
+    the caller reports it as unexpected because no such param exists.
+    """
+    if re.fullmatch(config.hf_ignored_keys, key):
+        return None
+    parts = key.removeprefix("transformer.").split(".")
+    *module, leaf = parts
+    owner = module[-1] if module else ""
+    transpose = False
+    if owner in config.embedding_modules and leaf == "weight":
+        leaf = "embedding"
+    elif owner in config.layernorm_modules and leaf == "weight":
+        leaf = "scale"
+    elif owner in config.linear_modules and leaf == "weight":
+        leaf, transpose = "kernel", config.hf_transpose_linear
+    return ("transformer", *module, leaf), transpose
+
+
+def path_to_hf_key(config: BaseConfig, path: tuple[str, ...]) -> tuple[str, bool]:
+    """Inverse of `hf_key_to_path` for an unrolled path: (HF name, transpose?)."""
+    *module, leaf = path
+    transpose = leaf == "kernel" and config.hf_transpose_linear
+    leaf = {"embedding": "weight", "scale": "weight", "kernel": "weight"}.get(leaf, leaf)
+    return ".".join([*module, leaf]), transpose
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out: dict[tuple[str, ...], Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
+    out: Params = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray]) -> Params:
+    """HF tensors (numpy) -> unrolled param tree in `config.param_dtype`, fully checked.
+
+    Raises ValueError naming every missing tensor, unexpected tensor and wrong shape.
+    """
+    expected = _flatten(CausalLM(config.replace(scan_layers=False)).param_shapes())
+    found: dict[tuple[str, ...], tuple[str, np.ndarray, bool]] = {}
+    unexpected, bad_shape = [], []
+    for key, value in state.items():
+        mapped = hf_key_to_path(config, key)
+        if mapped is None:
+            continue
+        path, transpose = mapped
+        if path not in expected or path in found:
+            unexpected.append(key)
+            continue
+        value = np.asarray(value)
+        shape = value.shape[::-1] if transpose else value.shape
+        if shape != expected[path].shape:
+            want = expected[path].shape[::-1] if transpose else expected[path].shape
+            bad_shape.append(f"{key}: got {value.shape}, expected {want}")
+            continue
+        found[path] = (key, value, transpose)
+    missing = [path_to_hf_key(config, p)[0] for p in expected if p not in found]
+    head = state.get("lm_head.weight")
+    if head is not None and (emb := found.get(("transformer", config.embed_name, "embedding"))):
+        if not np.array_equal(np.asarray(head), emb[1]):
+            unexpected.append("lm_head.weight (differs from the tied embedding)")
+    if missing or unexpected or bad_shape:
+        lines = [f"checkpoint does not match the {config.model_type} config:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+            if items:
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(sorted(items)))
+        raise ValueError("\n".join(lines))
+    dtype = config.param_dtype
+    return _unflatten(
+        {p: jnp.asarray(v.T if t else v, dtype=dtype) for p, (_, v, t) in found.items()}
+    )
+
+
+def params_to_hf_state_dict(config: BaseConfig, params: Params) -> dict[str, np.ndarray]:
+    """Param tree (scanned or unrolled) -> HF state dict (`transformer.`-prefixed names, torch
+    orientation, param dtype). The tied LM head is left out, as `save_pretrained` does."""
+    flat = _flatten(unstack_layers(params))
+    out = {}
+    for path, value in flat.items():
+        key, transpose = path_to_hf_key(config, path)
+        value = np.asarray(jax.device_get(value))
+        out[key] = np.ascontiguousarray(value.T if transpose else value)
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def load_hf_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory: safetensors (single or sharded) preferred, else
+    `pytorch_model*.bin` via `torch.load(weights_only=True)` (needs torch)."""
+    directory = Path(directory)
+    files: list[Path]
+    if (directory / _SAFE_INDEX).is_file():
+        index = json.loads((directory / _SAFE_INDEX).read_text())
+        files = [directory / f for f in sorted(set(index["weight_map"].values()))]
+    elif (directory / "model.safetensors").is_file():
+        files = [directory / "model.safetensors"]
+    elif (directory / _BIN_INDEX).is_file():
+        index = json.loads((directory / _BIN_INDEX).read_text())
+        files = [directory / f for f in sorted(set(index["weight_map"].values()))]
+    elif (directory / "pytorch_model.bin").is_file():
+        files = [directory / "pytorch_model.bin"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory}")
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            state.update(load_file(f))
+        else:
+            state.update(_load_torch_bin(f))
+    return state
+
+
+def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path.name} needs torch to read; install torch or use safetensors") from e
+    import ml_dtypes
+
+    # weights_only=True: never unpickle arbitrary objects from a downloaded file.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    out = {}
+    for k, t in state.items():
+        if t.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits
+            out[k] = t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        else:
+            out[k] = t.numpy()
+    return out
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+    remat: bool = False,
+    compute_dtype: Any = None,
+    remat_policy: str | None = None,
+    attention_impl: str = "auto",
+) -> tuple[CausalLM, Params]:
+    """Load a GPT-2 / BLOOM checkpoint (local directory or hub id) as `(model, params)`.
+
+    Args:
+      dtype: parameter storage dtype (float32 or bfloat16).
+      scan_layers: stack layers to [L, ...] and run them with `lax.scan` (fast compile).
+      remat: rematerialise each layer in the backward pass, with `remat_policy`.
+      compute_dtype: activation dtype (default: `dtype`); bfloat16 on GPU picks cuDNN attention.
+    """
+    directory = resolve_pretrained_dir(name_or_path)
+    config = load_config(
+        directory / "config.json", param_dtype=dtype, compute_dtype=compute_dtype,
+        scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
+        attention_impl=attention_impl,
+    )
+    params = convert_hf_state_dict(config, load_hf_state_dict(directory))
+    if scan_layers:
+        params = stack_layers(params)
+    return CausalLM(config), params
+
+
+def save_hf_checkpoint(directory: str | os.PathLike, config: BaseConfig, params: Params) -> Path:
+    """Write `config.json` + `model.safetensors` that transformers `from_pretrained` loads."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True))
+    save_file(params_to_hf_state_dict(config, params), directory / "model.safetensors",
+              metadata={"format": "pt"})
+    return directory
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The checkpoint's tokenizer through `transformers.AutoTokenizer` (same resolution)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve_pretrained_dir(name_or_path)))

@@ -1,0 +1,100 @@
+"""Shared pytest fixtures.
+
+Tiny Hugging Face checkpoints (session-scoped, built once per test run, read-only: copy the
+directory before modifying anything in it):
+
+* `tiny_gpt2_dir`: `GPT2LMHeadModel` (2 layers, hidden 32, 4 heads, vocab 320, 64 positions).
+* `tiny_bloom_dir`: `BloomForCausalLM` (2 layers, hidden 48, 6 heads, vocab 320).
+
+Each holds `config.json`, `model.safetensors` (transformers `save_pretrained`) and a tiny
+byte-level BPE tokenizer (loadable with `AutoTokenizer` / `lora_jax.models.load_tokenizer`;
+GPT-2: `<|endoftext|>` = eos = bos = pad; BLOOM: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3).
+Weights are random with std 0.2 (larger than HF's 0.02 init) so that layout mistakes show up
+in logits. Load the PyTorch reference with
+`AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager")`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB = 320
+_CORPUS = [
+    "CONTEXT\nThe quick brown fox jumps over the lazy dog.\n\nQUESTION\nWhat jumps?\n\nANSWER\nfox",
+    "LoRA adapts a frozen model with low-rank updates to its weight matrices.",
+    "JAX transforms pure functions: grad, jit, vmap and scan compose freely.",
+    "Hello world! Tiny tokenizers are enough for tests; numbers 0123456789 too.",
+] * 4
+
+
+def _tiny_tokenizer(specials: list[str], **special_map: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    assert tok.get_vocab_size() <= TINY_VOCAB
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_map)
+
+
+def _randomize(model, std: float = 0.2) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "weight" in name:  # LayerNorm gains around 1
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(std * torch.randn_like(p))
+
+
+def _save(model, tokenizer, path: Path) -> Path:
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """Directory of a tiny random GPT-2 checkpoint (safetensors) + tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = _tiny_tokenizer(
+        ["<|endoftext|>"], eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+    )
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    cfg = GPT2Config(
+        vocab_size=TINY_VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        bos_token_id=eos, eos_token_id=eos,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    _randomize(model)
+    return _save(model, tok, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory) -> Path:
+    """Directory of a tiny random BLOOM checkpoint (safetensors) + tokenizer."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    tok = _tiny_tokenizer(
+        ["<unk>", "<s>", "</s>", "<pad>"], unk_token="<unk>", bos_token="<s>",
+        eos_token="</s>", pad_token="<pad>", padding_side="left",
+    )
+    cfg = BloomConfig(
+        vocab_size=TINY_VOCAB, hidden_size=48, n_layer=2, n_head=6,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )
+    model = BloomForCausalLM(cfg).eval()
+    _randomize(model)
+    return _save(model, tok, tmp_path_factory.mktemp("tiny_bloom"))

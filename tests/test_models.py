@@ -1,0 +1,364 @@
+"""Own GPT-2 / BLOOM vs transformers (PyTorch) on tiny random checkpoints, on CPU.
+
+Run: .venv/bin/pytest tests/test_models.py -q
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from lora_jax.models import (  # noqa: E402
+    BloomConfig,
+    CausalLM,
+    GPT2Config,
+    convert_hf_state_dict,
+    from_pretrained,
+    generate,
+    is_scanned,
+    load_config,
+    load_hf_state_dict,
+    load_tokenizer,
+    params_to_hf_state_dict,
+    sample_logits,
+    save_hf_checkpoint,
+    stack_layers,
+    unstack_layers,
+)
+
+TOL = 1e-4
+PADS = (0, 3, 6)  # left padding per row of the test batch
+T = 10
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_gpt2_dir, tiny_bloom_dir):
+    return {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}
+
+
+@functools.cache
+def hf_model(d: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+
+
+@functools.cache
+def jax_model(d: Path, scan: bool = False):
+    return from_pretrained(d, scan_layers=scan)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def jit_apply(model, params, ids, mask):
+    return model.apply(params, ids, mask)
+
+
+def batch(pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-padded prompts [B, T] (ids avoid the special tokens 0..3) and their mask."""
+    ids = np.random.RandomState(0).randint(4, 320, (len(PADS), T))
+    mask = np.ones_like(ids)
+    for b, p in enumerate(PADS):
+        ids[b, :p], mask[b, :p] = pad_id, 0
+    return ids, mask
+
+
+def hf_logits(d: Path, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(d)(torch.tensor(ids)).logits.numpy()
+
+
+def assert_tree_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_logits_match_transformers(ckpt, arch, scan):
+    d = ckpt[arch]
+    model, params = jax_model(d, scan)
+    assert is_scanned(params) == scan
+    ids, mask = batch(pad_id=0)
+    # Unpadded batch: the whole [B, T, V] against transformers (no mask: the is_causal path;
+    # an all-ones mask for the scanned variant saves a compile).
+    full = np.asarray(jit_apply(model, params, ids, np.ones_like(mask) if scan else None))
+    np.testing.assert_allclose(full, hf_logits(d, ids), atol=TOL, rtol=0)
+    # Left-padded batch: each row's real positions equal transformers on the unpadded row.
+    padded = np.asarray(jit_apply(model, params, ids, mask))
+    assert np.isfinite(padded).all()
+    for b, p in enumerate(PADS):
+        ref = hf_logits(d, ids[b : b + 1, p:])[0]
+        np.testing.assert_allclose(padded[b, p:], ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "arch,scan", [("gpt2", False), ("bloom", False), ("bloom", True)], ids=["gpt2", "bloom", "bloom-scanned"]
+)
+def test_greedy_generation_matches_transformers(ckpt, arch, scan):
+    d = ckpt[arch]
+    model, params = jax_model(d, scan)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    ids, mask = batch(pad_id=pad)
+    with torch.no_grad():
+        ref = hf_model(d).generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=20,
+            do_sample=False, pad_token_id=pad,
+        )[:, T:].numpy()
+    out = generate(model.apply, params, ids, mask, model=model, max_new_tokens=20, pad_token_id=pad)
+    assert out.shape == (len(PADS), 20)
+    np.testing.assert_array_equal(np.asarray(out), ref)
+
+
+def test_kv_cache_chunks_match_full_forward(ckpt):
+    """Prefill in two chunks through the cache = one full forward (padding included)."""
+    model, params = jax_model(ckpt["bloom"])
+    ids, mask = batch(pad_id=3)
+
+    @jax.jit
+    def run(params, ids, mask):
+        hidden = model.apply(params, ids, mask, return_hidden=True)  # [B, T, D]
+        cache = model.init_cache(len(PADS), T + 2)
+        a, cache = model.apply(params, ids[:, :7], mask[:, :7], cache=cache)
+        b, cache = model.apply(params, ids[:, 7:], mask[:, 7:], cache=cache)
+        return hidden, jnp.concatenate([a, b], axis=1), cache["index"]
+
+    hidden, chunked, index = jax.tree.map(np.asarray, run(params, ids, mask))
+    assert index == T and hidden.shape == (len(PADS), T, model.config.hidden_size)
+    full = np.asarray(model.logits(params, hidden))  # [B, T, V]
+    real = mask.astype(bool)
+    np.testing.assert_allclose(full[0], hf_logits(ckpt["bloom"], ids[:1])[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(chunked[real], full[real], atol=TOL, rtol=0)
+
+
+@functools.cache
+def gpt2_greedy(d: Path) -> np.ndarray:
+    """8 greedy tokens of the tiny GPT-2 on the test batch, never stopping."""
+    model, params = jax_model(d)
+    ids, mask = batch(pad_id=0)
+    return np.asarray(generate(model.apply, params, ids, mask, model=model, max_new_tokens=8,
+                               eos_token_id=None, pad_token_id=0))
+
+
+def test_generation_stops_at_eos_and_pads(ckpt):
+    model, params = jax_model(ckpt["gpt2"])
+    ids, mask = batch(pad_id=0)
+    greedy = gpt2_greedy(ckpt["gpt2"])
+    eos = int(greedy[0, 2])  # pretend the third token of row 0 is EOS
+    pad = 1
+    out = np.asarray(generate(model.apply, params, ids, mask, model=model, max_new_tokens=8,
+                              eos_token_id=eos, pad_token_id=pad))
+    for row, ref in zip(out, greedy):
+        hits = np.flatnonzero(ref == eos)
+        stop = hits[0] + 1 if len(hits) else len(ref)
+        np.testing.assert_array_equal(row[:stop], ref[:stop])
+        assert (row[stop:] == pad).all()
+    assert (out[0, 3:] == pad).all()
+
+
+def test_sampling(ckpt):
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 2000))  # [N, V]
+    key = jax.random.key(0)
+    counts = lambda t: np.bincount(np.asarray(t), minlength=4)  # noqa: E731
+    assert set(np.flatnonzero(counts(sample_logits(logits, key, temperature=1.0, top_k=2)))) == {0, 1}
+    assert set(np.flatnonzero(counts(sample_logits(logits, key, temperature=1.0, top_p=0.7)))) == {0, 1}
+    assert set(np.flatnonzero(counts(sample_logits(logits, key, temperature=1.0, top_p=0.4)))) == {0}
+    assert (counts(sample_logits(logits, key, temperature=1.0)) > 0).all()
+    assert (np.asarray(sample_logits(logits, key)) == 0).all()  # temperature 0: greedy
+
+    model, params = jax_model(ckpt["gpt2"])
+    ids, mask = batch(pad_id=0)
+    kw = dict(model=model, max_new_tokens=8, eos_token_id=None)
+    top1 = generate(model.apply, params, ids, mask, temperature=0.7, top_k=1, rng=jax.random.key(1), **kw)
+    np.testing.assert_array_equal(top1, gpt2_greedy(ckpt["gpt2"]))
+    with pytest.raises(ValueError, match="rng"):
+        generate(model.apply, params, ids, mask, temperature=1.0, **kw)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_pytorch_bin_loads_same_params(ckpt, arch, tmp_path):
+    # transformers 5 ignores save_pretrained(safe_serialization=False) and always writes
+    # safetensors, so write the legacy file the way transformers 4 did: torch.save(state_dict).
+    torch.save(hf_model(ckpt[arch]).state_dict(), tmp_path / "pytorch_model.bin")
+    shutil.copy(ckpt[arch] / "config.json", tmp_path / "config.json")
+    _, params = from_pretrained(tmp_path)
+    assert_tree_equal(params, jax_model(ckpt[arch])[1])
+
+
+def test_hub_cache_layout_offline(ckpt, tmp_path, monkeypatch):
+    """A hub id resolves to HF_HUB_CACHE/models--org--name/snapshots/<rev>/ with no network.
+
+    The weights are written with bigscience's key names (no `transformer.` prefix) plus a tied
+    `lm_head.weight`, as published BLOOM checkpoints are."""
+    from safetensors.numpy import save_file
+
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-bloom"
+    snap = repo / "snapshots" / rev
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in ckpt["bloom"].iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, snap / f.name)
+    state = load_hf_state_dict(ckpt["bloom"])
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    state["lm_head.weight"] = state["word_embeddings.weight"]
+    save_file(state, snap / "model.safetensors")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    model, params = from_pretrained("tiny-org/tiny-bloom")
+    assert_tree_equal(params, jax_model(ckpt["bloom"])[1])
+    assert load_config("tiny-org/tiny-bloom") == model.config
+    tok = load_tokenizer("tiny-org/tiny-bloom")
+    assert tok.eos_token_id == model.config.eos_token_id == 2
+    with pytest.raises(FileNotFoundError, match="tiny-org/missing"):
+        from_pretrained("tiny-org/missing")
+
+
+def test_gpt2_keys_without_prefix_and_buffers(ckpt):
+    model, params = jax_model(ckpt["gpt2"])
+    state = {k.removeprefix("transformer."): v for k, v in load_hf_state_dict(ckpt["gpt2"]).items()}
+    tri = np.tril(np.ones((64, 64), bool))[None, None]
+    for i in range(model.config.num_layers):  # old checkpoints carry the causal-mask buffers
+        state[f"h.{i}.attn.bias"], state[f"h.{i}.attn.masked_bias"] = tri, np.float32(-1e4)
+    state["lm_head.weight"] = state["wte.weight"]
+    assert_tree_equal(convert_hf_state_dict(model.config, state), params)
+
+
+def test_clear_errors(ckpt):
+    with pytest.raises(ValueError, match="'llama'"):
+        load_config({"model_type": "llama", "hidden_size": 8})
+    cfg = load_config(ckpt["bloom"])
+    good = load_hf_state_dict(ckpt["bloom"])
+    key = "transformer.h.1.self_attention.query_key_value.weight"
+    missing = {k: v for k, v in good.items() if k != key}
+    with pytest.raises(ValueError, match=r"missing \(1\): " + key.replace(".", r"\.")):
+        convert_hf_state_dict(cfg, missing)
+    with pytest.raises(ValueError, match=r"unexpected \(1\): transformer\.h\.0\.extra\.weight"):
+        convert_hf_state_dict(cfg, {**good, "transformer.h.0.extra.weight": np.zeros(3)})
+    with pytest.raises(ValueError, match=r"unexpected \(1\): transformer\.h\.7\.mlp"):
+        convert_hf_state_dict(cfg, {**good, "transformer.h.7.mlp.dense_h_to_4h.bias": np.zeros(192)})
+    with pytest.raises(ValueError, match=key.replace(".", r"\.") + r": got \(144, 47\), expected \(144, 48\)"):
+        convert_hf_state_dict(cfg, {**good, key: good[key][:, :47]})
+    untied = {**good, "lm_head.weight": good["transformer.word_embeddings.weight"] + 1}
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        convert_hf_state_dict(cfg, untied)
+
+
+# ----------------------------------------------------------------------------- export, layout
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_export_roundtrip_through_transformers(ckpt, arch, tmp_path):
+    d = ckpt[arch]
+    model, params = jax_model(d, True)  # scanned params export as unrolled HF tensors
+    state = params_to_hf_state_dict(model.config, params)
+    ref = {k: v.numpy() for k, v in hf_model(d).state_dict().items() if k in state}
+    assert set(ref) == set(state)
+    for k in ref:
+        np.testing.assert_array_equal(state[k], ref[k], err_msg=k)
+    save_hf_checkpoint(tmp_path, model.config, params)
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = batch(0)[0]
+    with torch.no_grad():
+        np.testing.assert_array_equal(back.eval()(torch.tensor(ids)).logits.numpy(), hf_logits(d, ids))
+    assert load_config(tmp_path) == model.config.replace(scan_layers=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_layouts_and_init(ckpt, arch):
+    model, params = jax_model(ckpt[arch])
+    cfg = model.config
+    shapes = lambda t: jax.tree.map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+    assert shapes(model.param_shapes()) == shapes(params)
+    scanned = stack_layers(params)
+    assert shapes(CausalLM(cfg.replace(scan_layers=True)).param_shapes()) == shapes(scanned)
+    assert_tree_equal(unstack_layers(scanned), params)
+    L, D = cfg.num_layers, cfg.hidden_size
+    if arch == "gpt2":
+        assert scanned["transformer"]["h"]["attn"]["c_attn"]["kernel"].shape == (L, D, 3 * D)
+        assert params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].shape == (D, 3 * D)
+        assert params["transformer"]["wpe"]["embedding"].shape == (64, D)
+    else:
+        qkv = scanned["transformer"]["h"]["self_attention"]["query_key_value"]["kernel"]
+        assert qkv.shape == (L, D, 3 * D)
+        assert params["transformer"]["word_embeddings_layernorm"]["scale"].shape == (D,)
+    # A real (compiled) init once; shapes only for BLOOM.
+    init = functools.partial(model.init_params, dtype=jnp.bfloat16)
+    p16 = (init if arch == "gpt2" else functools.partial(jax.eval_shape, init))(jax.random.key(0))
+    assert shapes(p16) == jax.tree.map(lambda x: (x.shape, jnp.dtype(jnp.bfloat16)), params)
+    assert type(params) is dict and type(params["transformer"]["h"]) is dict
+
+
+def test_bf16_scan_remat_grad(ckpt):
+    """bf16 params + compute, scanned, remat with a policy: close to fp32, differentiable."""
+    d = ckpt["bloom"]
+    model, params = from_pretrained(d, dtype=jnp.bfloat16, scan_layers=True, remat=True,
+                                    remat_policy="dots_saveable")
+    assert model.config.dtype == jnp.bfloat16
+    ids, mask = batch(pad_id=3)
+
+    def loss(p):
+        logits = model.apply(p, ids, mask)
+        assert logits.dtype == jnp.bfloat16
+        return jnp.mean(logits.astype(jnp.float32) ** 2), logits
+
+    grads, logits = jax.jit(jax.grad(loss, has_aux=True))(params)
+    ref = np.asarray(jit_apply(*jax_model(d), ids, mask))
+    real = mask.astype(bool)
+    err = np.abs(np.asarray(logits, np.float32)[real] - ref[real]).max()
+    assert err < 0.05 * np.abs(ref).max()
+    assert all(np.isfinite(np.asarray(g, np.float32)).all() for g in jax.tree.leaves(grads))
+
+
+def test_dropout_needs_rng_and_changes_output(ckpt):
+    model, params = jax_model(ckpt["gpt2"])  # GPT-2 has resid/embd dropout 0.1
+    ids = batch(0)[0]
+    with pytest.raises(ValueError, match="rng"):
+        model.apply(params, ids, deterministic=False)
+    train = jax.jit(functools.partial(model.apply, deterministic=False))(params, ids, rng=jax.random.key(0))
+    assert not np.allclose(train, jit_apply(model, params, ids, None))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_configs_presets_and_hf_round_trip():
+    assert sum(x.size for x in jax.tree.leaves(CausalLM(GPT2Config.preset("gpt2")).param_shapes())) == 124_439_808
+    bloom = CausalLM(BloomConfig.preset("bigscience/bloom-560m"))
+    assert sum(x.size for x in jax.tree.leaves(bloom.param_shapes())) == 559_214_592
+    for name in ("distilgpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+        assert GPT2Config.preset(name).head_dim == 64
+    for name in ("bloom-1b1", "bloom-1b7", "bloom-3b", "bloom-7b1", "bloomz-560m", "bloomz-7b1"):
+        assert BloomConfig.preset(name).vocab_size == 250880
+    # bigscience/bloom-560m's config.json spells the sizes with aliases.
+    hf = {"model_type": "bloom", "n_embed": 1024, "n_layer": 24, "num_attention_heads": 16,
+          "vocab_size": 250880, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3}
+    cfg = load_config(hf)
+    assert cfg == BloomConfig.preset("bloom-560m")
+    assert hash(cfg) == hash(BloomConfig.preset("bloom-560m"))
+    again = load_config(json.loads(json.dumps(cfg.to_hf())))
+    assert again == cfg and again.to_hf()["n_embed"] == 1024
+    assert load_config(hf, param_dtype="bfloat16").param_dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match="remat_policy"):
+        load_config(hf, remat_policy="nope")
