@@ -79,7 +79,9 @@ def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_n
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-    def step(trainable, frozen, opt_state, batch, rng):
+    def step(trainable, frozen, opt_state, batch, rng_data):
+        rng = jax.random.wrap_key_data(rng_data)
+
         def body(carry, xs):
             g_acc, l_acc, n_acc = carry
             micro, i = xs
@@ -101,52 +103,65 @@ def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_n
     return step
 
 
-class Runner:
-    """Places state and batches on the devices and runs the compiled step (jit or pmap)."""
+def _global(x, sharding):
+    """A global array from a host value every process holds whole (each takes its shards)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    def __init__(self, loss_fn, tx, cfg: StepConfig, devices=None):
+
+class Runner:
+    """Places state and batches on the devices and runs the compiled step (jit or pmap).
+
+    Multi-process (after `jax.distributed.initialize`): every process builds the same global
+    host batch and feeds only the rows of its own devices; the state is replicated everywhere.
+    """
+
+    def __init__(self, loss_fn, tx, cfg: StepConfig):
         if cfg.parallel not in PARALLEL:
             raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
         self.cfg, self.tx = cfg, tx
-        self.devices = list(devices or jax.local_devices())
-        n = len(self.devices)
+        n = jax.device_count()
         if cfg.micro_batch % n:
-            raise ValueError(f"--batch-size {cfg.micro_batch} is not divisible by the {n} local devices")
+            raise ValueError(f"--batch-size {cfg.micro_batch} is not divisible by the {n} devices")
         if cfg.parallel == "pmap":
             step = make_step(loss_fn, tx, cfg, axis_name="data")
-            self._step = jax.pmap(step, axis_name="data", in_axes=(0, None, 0, 0, None), devices=self.devices,
-                                  donate_argnums=(0, 2))
+            self._step = jax.pmap(step, axis_name="data", in_axes=(0, None, 0, 0, None), donate_argnums=(0, 2))
         else:
-            self.mesh = Mesh(np.asarray(self.devices), ("data",))
-            self._replicated = NamedSharding(self.mesh, P())
-            self._batch_sharding = NamedSharding(self.mesh, P(None, "data"))  # [accum, micro, T]
+            mesh = Mesh(np.asarray(jax.devices()), ("data",))
+            self._replicated = NamedSharding(mesh, P())
+            self._batch_sharding = NamedSharding(mesh, P(None, "data"))  # [accum, micro, T]
             self._step = jax.jit(make_step(loss_fn, tx, cfg), donate_argnums=(0, 2))
+
+    def _replicate(self, tree):
+        if self.cfg.parallel == "pmap":
+            n = jax.local_device_count()  # pmap shards a leading [local devices] axis: one replica each
+            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)
+        return jax.tree.map(lambda x: _global(x, self._replicated), tree)
 
     def put_state(self, trainable, opt_state):
         """Device copies of (trainable, opt_state): replicated over the data axis."""
-        if self.cfg.parallel == "pmap":
-            n = len(self.devices)  # pmap shards a leading [n_devices] axis: one replica each
-            return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), (trainable, opt_state))
-        return jax.device_put((trainable, opt_state), self._replicated)
+        return self._replicate((trainable, opt_state))
 
     def put_frozen(self, frozen):
-        return frozen if self.cfg.parallel == "pmap" else jax.device_put(frozen, self._replicated)
+        return frozen if self.cfg.parallel == "pmap" else self._replicate(frozen)
 
     def get_state(self, trainable, opt_state):
-        """Host-side (trainable, opt_state) from device state (first replica under pmap)."""
+        """Host-side (trainable, opt_state) from the replicated device state."""
         if self.cfg.parallel == "pmap":
-            trainable, opt_state = jax.tree.map(lambda x: x[0], (trainable, opt_state))
-        return jax.device_get((trainable, opt_state))
+            return jax.tree.map(lambda x: np.asarray(x[0]), (trainable, opt_state))
+        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), (trainable, opt_state))
 
-    def step(self, trainable, frozen, opt_state, batch: dict[str, np.ndarray], rng):
-        """One optimizer step on a host batch {k: [accum * micro, T]}."""
+    def step(self, trainable, frozen, opt_state, batch: dict[str, np.ndarray], rng: np.ndarray):
+        """One optimizer step on the global host batch {k: [accum * micro, T]}; rng: uint32 key data."""
         a, m = self.cfg.accum, self.cfg.micro_batch
         batch = {k: v.reshape(a, m, *v.shape[1:]) for k, v in batch.items()}  # [accum, micro, T]
         if self.cfg.parallel == "pmap":
-            n = len(self.devices)
-            # [n, accum, micro / n, T]: each device takes a contiguous slice of every micro-batch
-            batch = {k: np.moveaxis(v.reshape(a, n, m // n, *v.shape[2:]), 1, 0) for k, v in batch.items()}
+            n, per = jax.local_device_count(), m // jax.device_count()
+            lo = jax.process_index() * n * per  # this process's devices hold rows [lo, lo + n * per)
+            # [n, accum, micro / devices, T]: each device a contiguous slice of every micro-batch
+            batch = {k: np.moveaxis(v[:, lo:lo + n * per].reshape(a, n, per, *v.shape[2:]), 1, 0)
+                     for k, v in batch.items()}
             trainable, opt_state, metrics = self._step(trainable, frozen, opt_state, batch, rng)
             return trainable, opt_state, jax.tree.map(lambda x: x[0], metrics)
-        batch = jax.device_put(batch, self._batch_sharding)
-        return self._step(trainable, frozen, opt_state, batch, rng)
+        batch = {k: _global(v, self._batch_sharding) for k, v in batch.items()}
+        return self._step(trainable, frozen, opt_state, batch, _global(rng, self._replicated))

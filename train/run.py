@@ -135,15 +135,16 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                                 pad_id=data.pad_id_of(tokenizer), seed=args.seed,
                                 start=data.DataPosition.from_step(start, per_epoch))
     history: list[dict] = []
-    metrics_file = (out / "metrics.jsonl").open("a")
-    bar = report.progress(args.steps, start, tag, disable=args.no_progress)
+    primary = jax.process_index() == 0
+    metrics_file = (out / "metrics.jsonl").open("a") if primary else None
+    bar = report.progress(args.steps, start, tag, disable=args.no_progress or not primary)
     skipped = 0
     t_last, tok_since = time.perf_counter(), 0
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     try:
         for step in range(start, end):
             pos, batch = next(stream)
-            rng = jax.random.fold_in(jax.random.fold_in(key, 2), step)
+            rng = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 2), step)))
             new_t, new_o, m = runner.step(trainable_d, frozen_d, opt_d, batch, rng)
             loss = float(m["loss"])
             tok_since += int(batch["attention_mask"].sum())
@@ -161,8 +162,9 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                 rec = {"run": tag, "step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
                        "tokens_per_s": tok_since / (now - t_last), "skipped_nonfinite": skipped}
                 history.append(rec)
-                metrics_file.write(report.json_line(rec))
-                metrics_file.flush()
+                if metrics_file is not None:
+                    metrics_file.write(report.json_line(rec))
+                    metrics_file.flush()
                 t_last, tok_since = now, 0
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}" if history else "-")
@@ -172,7 +174,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                 ckpt.save(done, t_host, o_host, {"epoch": nxt.epoch, "index": nxt.index, "seed": args.seed})
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         ckpt.close()
     if skipped:
         log(f"{tag}: skipped {skipped} steps with a non-finite loss or gradient")
@@ -181,10 +184,24 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     return new_params, adapters, history, end == args.steps
 
 
+def init_distributed(args) -> None:
+    """Join a multi-process run (before any JAX computation) when flags or environment ask."""
+    if not (args.coordinator or args.distributed):
+        return
+    # Cross-process collectives on CPU need gloo; GPU/TPU backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole job; returns the summary it also writes to summary.json."""
     t0 = time.perf_counter()
-    log = report.logger(args.no_progress)
+    init_distributed(args)
+    primary = jax.process_index() == 0  # only process 0 writes logs, metrics and exports
+    log = report.logger(args.no_progress) if primary else (lambda _msg: None)
     # Everything that can reject the input runs before the output directory is created.
     model, params, tokenizer = load_model(args)
     train_ex, val_ex, val_records = load_data(args, tokenizer, log)
@@ -192,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lj.target_paths(lora, params)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume and (out / "metrics.jsonl").exists():
+    if primary and not args.resume and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
     eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
@@ -228,7 +245,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_percent": summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "eval_questions": len(val_ex),
     }
-    write_json(out / "summary.json", summary)
-    report.loss_plot(out / "metrics.jsonl", out / "loss.png")
-    print(report.table(summary, samples, val_records))
+    if primary:
+        write_json(out / "summary.json", summary)
+        report.loss_plot(out / "metrics.jsonl", out / "loss.png")
+        print(report.table(summary, samples, val_records))
     return summary

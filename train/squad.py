@@ -18,6 +18,7 @@ its PEFT export (peft/), and training checkpoints (checkpoints/, for --resume).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                      targets="c_attn,c_fc,mlp/c_proj", max_len=192, eval_samples=200, max_new_tokens=12,
                      full_lr=1e-3),
 }
+
+
+def _env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss/gradient instead of stopping")
     a("--log-every", type=int, default=10, help="metrics.jsonl / progress-bar update interval (steps)")
     a("--no-progress", action="store_true", help="no progress bar (logs only)")
+    a("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+      help="multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
+    a("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"),
+      help="multi-process: number of processes (env JAX_NUM_PROCESSES)")
+    a("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"),
+      help="multi-process: this process's index (env JAX_PROCESS_ID)")
+    a("--distributed", action="store_true",
+      help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)")
     args = p.parse_args(argv)
     preset = PRESETS["embedded" if args.model is None else "hub"]
     for k, v in preset.items():
@@ -89,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.stop_after is not None and args.stop_after <= 0:
         p.error(f"--stop-after must be positive, got {args.stop_after}")
+    if args.coordinator and (args.num_processes is None or args.process_id is None):
+        p.error("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if args.eval_samples < 0:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
