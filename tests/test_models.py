@@ -200,6 +200,13 @@ def test_pytorch_bin_loads_same_params(ckpt, arch, tmp_path):
     assert_tree_equal(params, jax_model(ckpt[arch])[1])
 
 
+def test_sharded_safetensors(ckpt, tmp_path):
+    hf_model(ckpt["gpt2"]).save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    _, params = from_pretrained(tmp_path)
+    assert_tree_equal(params, jax_model(ckpt["gpt2"])[1])
+
+
 def test_hub_cache_layout_offline(ckpt, tmp_path, monkeypatch):
     """A hub id resolves to HF_HUB_CACHE/models--org--name/snapshots/<rev>/ with no network.
 

@@ -126,6 +126,10 @@ class BaseConfig:
         if self.pad_token_id is not None:
             out["pad_token_id"] = self.pad_token_id
         out["tie_word_embeddings"] = True
+        # transformers loads in the config's dtype: say what the exported tensors are.
+        out["dtype"] = str(self.param_dtype)
+        if "torch_dtype" in out:
+            out["torch_dtype"] = str(self.param_dtype)
         return out
 
     def make_module(self, deterministic: bool) -> nn.Module:
@@ -221,14 +225,20 @@ def attention_inputs(
     )
 
 
-def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype) -> str:
+def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: AttnContext) -> str:
+    """cuDNN flash attention where it applies (GPU, bf16/fp16, head dim <= 128 and a multiple
+    of 8, even lengths when there is a bias or mask), else XLA. Cached decoding uses XLA: one
+    query per step is memory-bound, and cuDNN's fused kernels target training shapes."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
+    biased = ctx.bias is not None or ctx.mask is not None
     cudnn_ok = (
         jax.default_backend() == "gpu"
         and dtype in (jnp.bfloat16, jnp.float16)
         and cfg.head_dim % 8 == 0
         and cfg.head_dim <= 128
+        and ctx.index is None
+        and not (biased and (T % 2 or S % 2))
     )
     return "cudnn" if cudnn_ok else "xla"
 
@@ -243,7 +253,7 @@ def attention(
 ) -> jax.Array:
     """Multi-head attention. q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]."""
     T, S = q.shape[1], k.shape[1]
-    impl = _attention_impl(cfg, q.dtype)
+    impl = _attention_impl(cfg, q.dtype, T, S, ctx)
     bias = ctx.bias
     if bias is not None and impl == "cudnn":
         # cuDNN wants the bias in the input dtype with full [T, S] dims (batch/head may be 1).
@@ -275,14 +285,14 @@ class _Unrolled(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv, ctx):
-        new = []
         for i in range(self.config.num_layers):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-            x, layer_new = self.block(self.config, self.deterministic, name=str(i))(x, layer_kv, ctx)
-            new.append(layer_new)
-        if kv is None:
-            return x, None
-        return x, (jnp.stack([n[0] for n in new]), jnp.stack([n[1] for n in new]))  # [L, B, S, H, D]
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])  # [B, S, H, D]
+            x, new = self.block(self.config, self.deterministic, name=str(i))(x, layer_kv, ctx)
+            if kv is not None:
+                # Write back slice by slice (an in-place update for XLA) rather than re-stacking
+                # the whole [L, B, S, H, D] cache every decoding step.
+                kv = (kv[0].at[i].set(new[0]), kv[1].at[i].set(new[1]))
+        return x, kv
 
 
 def run_layers(
@@ -394,6 +404,11 @@ class CausalLM:
         """
         if not deterministic and rng is None:
             raise ValueError("deterministic=False needs an rng for dropout")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            # With a cache the mask covers the new tokens only (not HF's full-length mask).
+            raise ValueError(
+                f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
+            )
         rngs = None if deterministic else {"dropout": rng}
         hidden, new_cache = self.config.make_module(deterministic).apply(
             {"params": params["transformer"]}, input_ids, attention_mask, cache, rngs=rngs
