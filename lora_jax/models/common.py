@@ -178,7 +178,7 @@ def embed(cfg: BaseConfig, num: int, name: str) -> nn.Embed:
 class AttnContext(NamedTuple):
     """What every layer needs besides its input; arrays only, so it can go through nn.scan."""
 
-    mask: jax.Array | None  # [B, 1, T, S] bool; None = plain causal self-attention (T == S)
+    mask: jax.Array | None  # [B, 1, T, S] bool (causal & padding); None = causal only (T == S)
     bias: jax.Array | None  # [B|1, H, 1, S] additive (ALiBi) or None
     index: jax.Array | None  # int32 scalar: cache slot of the first new token; None = no cache
 
@@ -258,9 +258,11 @@ def attention(
     if bias is not None and impl == "cudnn":
         # cuDNN wants the bias in the input dtype with full [T, S] dims (batch/head may be 1).
         bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S)).astype(q.dtype)
+    # Without a cache T == S and the causal flag is exact (the mask, if any, is a subset of it);
+    # it lets cuDNN skip the masked blocks. With a cache the mask alone carries causality.
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=ctx.mask, scale=scale,
-        is_causal=ctx.mask is None, implementation=impl,
+        is_causal=ctx.index is None, implementation=impl,
     )  # [B, T, H, D]
 
 
