@@ -1,0 +1,542 @@
+"""Hugging Face PEFT interop: adapters to and from PEFT's on-disk format, and merged HF export.
+
+    save_peft("out/adapter", config, adapters, model_config=model.config, params=params, dtype="float16")
+    # torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
+    got = load_peft("peft_dir", params, model_config=model.config)    # config, adapters, extras
+    save_merged("out/merged", model.config, params, config, adapters)   # plain HF checkpoint
+
+PEFT layout (GPT-2 and BLOOM alike): `base_model.model.<module>.lora_A.weight` is (r, in) and
+`.lora_B.weight` is (out, r), i.e. our [in, r] / [r, out] factors transposed, whatever the base
+weight's orientation; GPT-2's Conv1D only sets `fan_in_fan_out: true`. Stacked (scanned)
+adapters [L, ...] are written per layer (`transformer.h.{i}...`) and stacked again on import
+when the base is scanned. Fully trained leaves are written the way PEFT writes them: biases
+(`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and whole modules
+(`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`).
+
+Files are read through safetensors (or, for old `adapter_model.bin`, `torch.load(weights_only=
+True)`); a truncated or corrupted file raises a ValueError naming it. Every export is written
+to a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import tree
+from .checkpoint import atomic_directory, read_json, trainable_leaves
+from .config import LoraConfig
+from .lora import Adapters, check_adapters, merge, target_paths
+from .models.common import BaseConfig, CausalLM
+from .models.hf import hf_key_to_path, params_to_hf_state_dict, path_to_hf_key
+
+PyTree = Any
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+BIN_FILE = "adapter_model.bin"
+LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i}/...
+_DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
+           "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+# PEFT options whose adapters are not plain LoRA (or that change the base weights).
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+                "use_qalora", "use_bdlora")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+class PeftAdapter(NamedTuple):
+    """What `load_peft` returns; `extras` are fully trained leaves {path: array} (biases, modules)."""
+
+    config: LoraConfig
+    adapters: Adapters
+    extras: dict[str, jax.Array]
+    base_model_name_or_path: str | None
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}")
+        dtype = _DTYPES[dtype]
+    return np.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------- layer stacks
+
+
+def _stack_dim(path: str, layers_key: str) -> int | None:
+    """Index of the stack component if `path` is a stacked leaf (`.../h/attn/...`), else None."""
+    parts = path.split("/")
+    if layers_key in parts:
+        j = parts.index(layers_key) + 1
+        if j < len(parts) and not parts[j].isdigit():
+            return j
+    return None
+
+
+def _insert_layer(path: str, i: int, layers_key: str) -> str:
+    """`transformer/h/attn/c_attn/kernel`, 3 -> `transformer/h/3/attn/c_attn/kernel`."""
+    j = _stack_dim(path, layers_key)
+    if j is None:
+        raise ValueError(f"{path!r} is stacked ([L, ...]) but has no {layers_key!r} component to unstack into")
+    parts = path.split("/")
+    return "/".join([*parts[:j], str(i), *parts[j:]])
+
+
+def _remove_layer(path: str, layers_key: str) -> tuple[str, int] | None:
+    """`transformer/h/3/attn/...` -> (`transformer/h/attn/...`, 3); None without a layer index."""
+    parts = path.split("/")
+    for j in range(len(parts) - 1):
+        if parts[j] == layers_key and parts[j + 1].isdigit():
+            return "/".join(parts[: j + 1] + parts[j + 2 :]), int(parts[j + 1])
+    return None
+
+
+def _unstack(path: str, x: Any, layers_key: str, stacked: bool) -> list[tuple[str, Any]]:
+    if not stacked:
+        return [(path, x)]
+    return [(_insert_layer(path, i, layers_key), x[i]) for i in range(x.shape[0])]
+
+
+def _module(path: str) -> str:
+    """`transformer/h/0/attn/c_attn/kernel` -> `transformer.h.0.attn.c_attn` (PEFT module name)."""
+    return path.rsplit("/", 1)[0].replace("/", ".")
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def _alpha(config: LoraConfig, path: str) -> float:
+    r = config.rank_for(path)
+    a = config.scale_for(path) * (math.sqrt(r) if config.use_rslora else r)
+    return float(round(a)) if abs(a - round(a)) < 1e-9 else a
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str):
+    """[(unrolled path, A [in, r], B [r, out], r, alpha)] with stacked adapters split per layer."""
+    out = []
+    for p in sorted(adapters):
+        a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])
+        if a.ndim not in (2, 3):
+            raise ValueError(f"adapter {p!r} has lora_A {a.shape}: expected [in, r] or one stack dim [L, in, r]")
+        stacked = a.ndim == 3
+        for (q, ai), (_, bi) in zip(_unstack(p, a, layers_key, stacked), _unstack(p, b, layers_key, stacked)):
+            out.append((q, ai, bi, config.rank_for(p), _alpha(config, p)))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _module_names_of(model_config: BaseConfig) -> frozenset[str]:
+    # Shapes only (jax.eval_shape): no weights are allocated, even for a 560M-parameter config.
+    shapes = CausalLM(model_config.replace(scan_layers=False)).param_shapes()
+    return frozenset(_module(p) for p in tree.flatten(shapes))
+
+
+def _all_modules(params: PyTree | None, model_config: BaseConfig, layers_key: str) -> frozenset[str]:
+    if params is None:
+        return _module_names_of(model_config)
+    names = set()
+    for p, x in tree.flatten(params).items():
+        if _stack_dim(p, layers_key) is None:
+            names.add(_module(p))
+        else:
+            names |= {_module(_insert_layer(p, i, layers_key)) for i in range(x.shape[0])}
+    return frozenset(names)
+
+
+def _target_modules(adapted: list[str], all_modules: frozenset[str]) -> list[str]:
+    """Short names (`c_attn`) when PEFT's suffix match selects exactly `adapted`, else full names."""
+    short = sorted({m.rsplit(".", 1)[-1] for m in adapted})
+    hits = {m for m in all_modules if any(m == s or m.endswith("." + s) for s in short)}
+    return short if hits == set(adapted) else sorted(adapted)
+
+
+def _extras(config, adapters, params, model_config, layers_key) -> tuple[dict[str, np.ndarray], list[str]]:
+    """PEFT keys of the fully trained leaves, and the `modules_to_save` list."""
+    leaves = trainable_leaves(config, params)
+    if not leaves:
+        return {}, []
+    flat = tree.flatten(params)
+    lora_modules = {p.rsplit("/", 1)[0] for p in adapters}
+    # `trainable` leaves go out as whole modules (modules_to_save); the rest are biases.
+    saved = sorted({p.rsplit("/", 1)[0] for p in tree.select(config.trainable, leaves)})
+    for m in saved:
+        if m in lora_modules:
+            raise ValueError(f"{m!r} has a LoRA adapter and is trained in full: PEFT's modules_to_save cannot hold it")
+        if m.rsplit("/", 1)[-1] in model_config.embedding_modules:
+            raise ValueError(f"{m!r} is the tied embedding / LM head: exporting it as modules_to_save would untie it in PEFT")
+    export = {p: flat[p] for p in flat if p.rsplit("/", 1)[0] in saved} | leaves
+    state, modules = {}, set()
+    for p, x in export.items():
+        stacked = _stack_dim(p, layers_key) is not None
+        module = p.rsplit("/", 1)[0]
+        for q, xi in _unstack(p, np.asarray(jax.device_get(x)), layers_key, stacked):
+            key, transpose = path_to_hf_key(model_config, tuple(q.split("/")))
+            if module in lora_modules:  # PEFT wraps the base layer: <module>.base_layer.bias
+                key = key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]
+            state[PREFIX + key] = xi.T if transpose else xi  # torch orientation
+            if module in saved:
+                modules.add(_module(q))
+    return state, sorted(modules)
+
+
+def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig | None = None,
+                    params: PyTree | None = None, dtype: Any = "float32",
+                    layers_key: str = LAYERS_KEY) -> dict[str, np.ndarray]:
+    """The tensors of `adapter_model.safetensors`: PEFT key names, (r, in) / (out, r), in `dtype`.
+
+    `params` (and `model_config`) are needed only when `config` trains full leaves.
+    """
+    dt = _np_dtype(dtype)
+    state: dict[str, np.ndarray] = {}
+    for path, a, b, _, _ in _per_layer(config, adapters, layers_key):
+        module = _module(path)
+        state[f"{PREFIX}{module}.lora_A.weight"] = a.T  # [in, r] -> (r, in)
+        state[f"{PREFIX}{module}.lora_B.weight"] = b.T  # [r, out] -> (out, r)
+    if config.bias != "none" or config.trainable is not None:
+        if params is None or model_config is None:
+            raise ValueError(f"config trains full leaves (bias={config.bias!r}, trainable={config.trainable!r}); "
+                             "pass params= and model_config= to export them")
+        state.update(_extras(config, adapters, params, model_config, layers_key)[0])
+    return {k: np.ascontiguousarray(v.astype(dt)) for k, v in state.items()}
+
+
+def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
+                     params: PyTree | None = None, base_model_name_or_path: str | None = None,
+                     layers_key: str = LAYERS_KEY) -> dict[str, Any]:
+    """The `adapter_config.json` dict that peft's LoraConfig (0.13 ... 0.21) reads."""
+    layers = _per_layer(config, adapters, layers_key)
+    adapted = [_module(p) for p, *_ in layers]
+    rank_pattern = {re.escape(_module(p)): r for p, _, _, r, _ in layers if r != config.rank}
+    alpha_pattern = {re.escape(_module(p)): _num(al) for p, _, _, _, al in layers
+                     if not math.isclose(al, config.alpha, rel_tol=1e-12)}
+    modules = None
+    if config.bias != "none" or config.trainable is not None:
+        if params is None:
+            raise ValueError("config trains full leaves: pass params= to export them")
+        modules = _extras(config, adapters, params, model_config, layers_key)[1] or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or model_config.hf_config.get("_name_or_path") or None,
+        "revision": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": _num(config.alpha),
+        "target_modules": _target_modules(adapted, _all_modules(params, model_config, layers_key)),
+        "exclude_modules": None,
+        "lora_dropout": config.dropout,
+        # Conv1D (GPT-2) stores its weight (in, out); PEFT needs to know to transpose the delta.
+        "fan_in_fan_out": not model_config.hf_transpose_linear,
+        "bias": config.bias,
+        "use_rslora": config.use_rslora,
+        "modules_to_save": modules,
+        "init_lora_weights": True if config.init == "kaiming_uniform" else "gaussian",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
+              model_config: BaseConfig, params: PyTree | None = None, dtype: Any = "float32",
+              base_model_name_or_path: str | None = None, layers_key: str = LAYERS_KEY,
+              overwrite: bool = False) -> Path:
+    """Write a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+
+    Args:
+      directory: written atomically; an existing one needs `overwrite=True`.
+      config, adapters: the LoRA config and factors (stacked ones are written per layer).
+      model_config: the base model's config (orientation, key names, base model name).
+      params: the trained params; needed only when `config` trains full leaves. Without it the
+        module list is computed from `model_config` shapes (no weights allocated).
+      dtype: "float32" / "float16" / "bfloat16" (or a numpy/jax dtype) for the stored tensors.
+    Returns:
+      the directory.
+    """
+    from safetensors.numpy import save_file
+
+    state = peft_state_dict(config, adapters, model_config=model_config, params=params, dtype=dtype,
+                            layers_key=layers_key)
+    cfg = peft_config_dict(config, adapters, model_config=model_config, params=params,
+                           base_model_name_or_path=base_model_name_or_path, layers_key=layers_key)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return Path(directory)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a `.safetensors` file (or a torch `.bin`, read with weights_only=True).
+
+    Raises a ValueError naming the file when it is truncated or corrupted: nothing partial.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        try:
+            return dict(load_file(path))
+        except Exception as e:  # SafetensorError, OSError, ...: the file itself is bad
+            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{path.name} is a torch file; install torch to read it or use safetensors") from e
+    try:
+        # weights_only=True: never unpickle arbitrary objects from a downloaded file.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch weights file (truncated, corrupted or unsafe?): {e}") from None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    return {k: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for k, t in state.items()}
+
+
+# ----------------------------------------------------------------------------- import
+
+
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
+
+
+def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    # peft.utils.other.get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module).
+    for k, v in patterns.items():
+        if re.match(rf"(.*\.)?({k})$", module):
+            return v
+    return default
+
+
+def _check_supported(path: Path, cfg: Mapping[str, Any]) -> None:
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not LoRA")
+    for k in _UNSUPPORTED:
+        if cfg.get(k):
+            raise ValueError(f"{path}: {k}={cfg[k]!r} is not supported (plain LoRA only)")
+    init = cfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weights; convert the adapter "
+                         "to plain LoRA with PEFT first")
+
+
+def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple[str, int | None]:
+    """Our path for a PEFT module name, and its layer index when the base is stacked."""
+    base = module.replace(".", "/")
+    for leaf in tree.WEIGHT_NAMES:
+        if f"{base}/{leaf}" in flat:
+            return f"{base}/{leaf}", None
+    split = _remove_layer(base, layers_key)
+    if split is not None:
+        for leaf in tree.WEIGHT_NAMES:
+            if f"{split[0]}/{leaf}" in flat:
+                return f"{split[0]}/{leaf}", split[1]
+    raise ValueError(f"PEFT module {module!r} has no weight in the base parameters; "
+                     f"closest: {tree.closest(base, list(flat))}")
+
+
+def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
+    """{our path: (A [*S, in, r], B [*S, r, out], r, scale)} from the PEFT tensors."""
+    r0, alpha0, rslora = cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
+    groups: dict[str, dict[int | None, tuple]] = {}
+    for key, x in tensors.items():
+        k = key.removeprefix(PREFIX)
+        m = _LORA_KEY.fullmatch(k)
+        if m is None or m["ab"] != "A":
+            continue
+        module = m["module"]
+        b_key = key[: len(key) - len(k)] + k[: m.start("ab")] + "B" + k[m.end("ab") :]
+        if b_key not in tensors:
+            raise ValueError(f"{path}: {key} has no matching lora_B tensor")
+        a, b = np.asarray(x, np.float32), np.asarray(tensors[b_key], np.float32)
+        r = a.shape[0]
+        if a.ndim != 2 or b.shape[1:] != (r,):
+            raise ValueError(f"{path}: {module}: lora_A {a.shape} and lora_B {b.shape} are not (r, in) / (out, r)")
+        alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, module, alpha0)
+        if r != _peft_pattern(cfg.get("rank_pattern") or {}, module, r0):
+            raise ValueError(f"{path}: {module} has rank {r}, but adapter_config.json says "
+                             f"{_peft_pattern(cfg.get('rank_pattern') or {}, module, r0)}")
+        p, layer = _weight_path(module, flat, layers_key)
+        groups.setdefault(p, {})[layer] = (a.T, b.T, r, alpha / (math.sqrt(r) if rslora else r))  # [in, r], [r, out]
+    out = {}
+    for p, layers in groups.items():
+        if None in layers:
+            a, b, r, s = layers[None]
+            out[p] = (a.astype(dtype), b.astype(dtype), r, s)
+            continue
+        # A stacked base: one rank and one scale for all layers. Zero-padding the rank and
+        # folding each layer's scale into its B keeps every layer's delta exact.
+        n, (d_in, d_out) = flat[p].shape[0], flat[p].shape[-2:]
+        r = max(v[2] for v in layers.values())
+        s = layers[min(layers)][3]
+        A, B = np.zeros((n, d_in, r), np.float32), np.zeros((n, r, d_out), np.float32)
+        for i, (a, b, ri, si) in layers.items():
+            A[i, :, :ri], B[i, :ri, :] = a, b * (si / s)  # layers PEFT left out stay zero
+        out[p] = (A.astype(dtype), B.astype(dtype), r, s)
+    return out
+
+
+def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[str, np.ndarray]:
+    """{our path: value} for the non-LoRA tensors (biases, modules_to_save), in base dtype/layout."""
+    keys = {}
+    for key in tensors:
+        k = key.removeprefix(PREFIX)
+        if ".lora_" in k:
+            if not _LORA_KEY.fullmatch(k):
+                raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (embedding LoRA / DoRA?)")
+            continue
+        if ".original_module." in k:  # PEFT's copy of the untrained base module
+            continue
+        k = re.sub(r"\.modules_to_save(\.default)?\.", ".", k).replace(".base_layer.", ".")
+        keys[k] = key
+    if not keys:
+        return {}
+    if model_config is None:
+        raise ValueError(f"{path}: holds {len(keys)} fully trained tensors (e.g. {sorted(keys)[0]}); "
+                         "pass model_config= to map them")
+    out: dict[str, np.ndarray] = {}
+    for k, key in sorted(keys.items()):
+        mapped = hf_key_to_path(model_config, k)
+        if mapped is None:
+            raise ValueError(f"{path}: tensor {key!r} has no place in the model")
+        parts, transpose = mapped
+        value = np.asarray(tensors[key])
+        value = value.T if transpose else value  # torch (out, in) -> [in, out]
+        p = "/".join(parts)
+        if p in flat:
+            out[p] = value
+            continue
+        split = _remove_layer(p, layers_key)
+        if split is None or split[0] not in flat:
+            raise ValueError(f"{path}: tensor {key!r} maps to {p!r}, which the base parameters lack")
+        stacked, i = split
+        if stacked not in out:  # layers the file does not cover keep their base values
+            out[stacked] = np.array(jax.device_get(flat[stacked]))
+        out[stacked][i] = value
+    for p, v in out.items():
+        if tuple(v.shape) != tuple(flat[p].shape):
+            raise ValueError(f"{path}: trained leaf {p!r} has shape {v.shape}, base parameter {tuple(flat[p].shape)}")
+    return {p: jnp.asarray(v, flat[p].dtype) for p, v in out.items()}
+
+
+def _our_module(name: str, flat: Mapping[str, Any], layers_key: str) -> str:
+    """A PEFT module name as our name pattern; `h.1.mlp` becomes `h/mlp` on a stacked base."""
+    p = name.replace(".", "/")
+    split = _remove_layer(p, layers_key)
+    if tree.select((p,), flat) or split is None:
+        return p
+    return split[0]
+
+
+def _our_targets(cfg, paths: list[str], params, config_kw, layers_key) -> Any:
+    """PEFT target_modules as our names when they select exactly `paths`, else the module paths."""
+    tm = cfg.get("target_modules")
+    if isinstance(tm, (list, tuple)) and tm:
+        names = tuple(t.replace(".", "/") for t in tm)
+        try:
+            if sorted(target_paths(LoraConfig(targets=names, **config_kw), params)) == sorted(paths):
+                return names
+        except ValueError:
+            pass
+    return tuple(sorted(p.rsplit("/", 1)[0] for p in paths))
+
+
+def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: BaseConfig | None = None,
+              dtype: Any = jnp.float32, layers_key: str = LAYERS_KEY) -> PeftAdapter:
+    """Read a PEFT LoRA adapter directory into our config, adapters and trained leaves.
+
+    Args:
+      directory: holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`).
+      params: the base parameters (unrolled or scanned); adapters are laid out to fit them.
+      model_config: needed when the adapter holds fully trained tensors (biases, modules).
+      dtype: dtype of the returned LoRA factors.
+    Returns:
+      PeftAdapter(config, adapters, extras, base_model_name_or_path); put the extras into the
+      params with `checkpoint.update_params(params, extras)`.
+    """
+    directory = Path(directory)
+    cfg_path = directory / CONFIG_FILE
+    cfg = read_json(cfg_path, "PEFT adapter config")
+    _check_supported(cfg_path, cfg)
+    for k in ("r", "lora_alpha"):
+        if k not in cfg:
+            raise ValueError(f"{cfg_path}: missing {k!r}")
+    weights = directory / WEIGHTS_FILE
+    tensors = read_tensors(weights if weights.is_file() or not (directory / BIN_FILE).is_file() else directory / BIN_FILE)
+    flat = tree.flatten(params)
+    factors = _lora_factors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
+    if not factors:
+        raise ValueError(f"{weights}: no lora_A / lora_B tensors")
+    extras = _extra_leaves(weights, tensors, flat, model_config, layers_key)
+
+    rank, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+    alpha_of = lambda r, s: s * (math.sqrt(r) if rslora else r)
+    rank_pattern = {re.escape(p.rsplit("/", 1)[0]): r for p, (_, _, r, _) in factors.items() if r != rank}
+    alpha_pattern = {re.escape(p.rsplit("/", 1)[0]): alpha_of(r, s) for p, (_, _, r, s) in factors.items()
+                     if not math.isclose(alpha_of(r, s), alpha, rel_tol=1e-12)}
+    init = cfg.get("init_lora_weights", True)
+    bias = cfg.get("bias", "none")
+    trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
+    kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
+              init="gaussian" if init == "gaussian" else "kaiming_uniform", rank_pattern=rank_pattern,
+              alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
+    config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw)
+    adapters = {p: {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)} for p, (a, b, _, _) in factors.items()}
+    check_adapters(config, params, adapters)
+    for p, (_, _, r, s) in factors.items():  # the config we built must reproduce PEFT's ranks and scales
+        assert config.rank_for(p) == r and math.isclose(config.scale_for(p), s, rel_tol=1e-9), p
+    return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
+
+
+# ----------------------------------------------------------------------------- merged export
+
+
+def save_merged(directory: str | os.PathLike, model_config: BaseConfig, params: PyTree, config: LoraConfig,
+                adapters: Adapters, *, dtype: Any = None, tokenizer: Any = None,
+                overwrite: bool = False) -> Path:
+    """Fold the adapters into the base and write a Hugging Face checkpoint transformers loads.
+
+    Args:
+      directory: written atomically (`config.json`, `model.safetensors`, the tokenizer if given).
+      model_config: the base model's config; params: the (trained) params, scanned or unrolled.
+      dtype: storage dtype of the weights (default: the params' dtype).
+      tokenizer: anything with `save_pretrained(dir)`, saved alongside.
+    """
+    from safetensors.numpy import save_file
+
+    # merge() donates its params argument: hand it a copy so the caller's params stay valid.
+    merged = merge(config, jax.tree.map(jnp.array, params), adapters)
+    if dtype is not None:
+        merged = jax.tree.map(lambda x: x.astype(_np_dtype(dtype)), merged)
+    state = params_to_hf_state_dict(model_config, merged)
+    hf = model_config.to_hf()
+    name = str(np.dtype(next(iter(state.values())).dtype))
+    for k in [k for k in ("dtype", "torch_dtype") if k in hf] or ["dtype"]:
+        hf[k] = name
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)

@@ -1,0 +1,198 @@
+"""PEFT interop against real torch + peft: export, import, merged export, file safety, size."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lora_jax as lj
+from lora_jax import peft as lp
+from lora_jax.checkpoint import update_params
+from lora_jax.models import BloomConfig, from_pretrained
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 12], [1, 2, 3, 4, 5, 6, 7, 300]], np.int32)
+ATOL = 1e-4
+
+# GPT-2 unrolled with per-module rank/alpha, lora_only biases and a saved module; BLOOM with
+# scanned layers (stacked adapters), rsLoRA and every bias trained.
+CASES = {
+    "gpt2": dict(scan=False, config=lj.LoraConfig(
+        rank=4, alpha=8, targets=["c_attn", "c_proj"], rank_pattern={".*mlp/c_proj": 2},
+        alpha_pattern={".*h/1/attn/c_attn": 16.0}, bias="lora_only", trainable=["ln_f"])),
+    "bloom": dict(scan=True, config=lj.LoraConfig(
+        rank=4, alpha=8, targets=["query_key_value", "dense_4h_to_h"], use_rslora=True, bias="all")),
+}
+
+
+def hf_model(directory):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+
+
+def train(model, params, config, steps=3):
+    """A few real Adam steps on a next-token loss, so B != 0 and the extras move."""
+    g = lj.apply(model.apply, config)
+
+    def loss_fn(params, adapters, ids):
+        logits = g(params, adapters, ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+    ts = lj.make_train_step(loss_fn, optax.adam(1e-2))
+    trainable, frozen = lj.split(config, params, lj.init(config, params, jax.random.key(0)))
+    opt, step = ts.init(trainable), jax.jit(ts.step)
+    for _ in range(steps):
+        trainable, opt, _ = step(trainable, frozen, opt, IDS)
+    return lj.join(trainable, frozen)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def trained(request, tiny_gpt2_dir, tiny_bloom_dir):
+    name = request.param
+    case = CASES[name]
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    model, params = from_pretrained(base_dir, scan_layers=case["scan"])
+    params, adapters = train(model, params, case["config"])
+    assert all(float(jnp.abs(ab["lora_B"]).min(axis=-1).max()) > 0 for ab in adapters.values())
+    logits = np.asarray(lj.apply(model.apply, case["config"])(params, adapters, IDS))
+    return dict(name=name, base_dir=base_dir, model=model, params=params, adapters=adapters,
+                config=case["config"], logits=logits)
+
+
+def test_export_loads_in_peft(trained, tmp_path):
+    t = trained
+    out = lp.save_peft(tmp_path / "adapter", t["config"], t["adapters"], model_config=t["model"].config,
+                       params=t["params"], base_model_name_or_path=str(t["base_dir"]))
+    cfg = json.loads((out / lp.CONFIG_FILE).read_text())
+    assert cfg["fan_in_fan_out"] is (t["name"] == "gpt2")
+    assert cfg["target_modules"] == (["c_attn", "c_proj"] if t["name"] == "gpt2" else ["dense_4h_to_h", "query_key_value"])
+    state = lp.read_tensors(out / lp.WEIGHTS_FILE)
+    d = t["model"].config.hidden_size
+    if t["name"] == "gpt2":
+        assert state["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, d)
+        assert state["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (3 * d, 4)
+        assert state["base_model.model.transformer.h.1.mlp.c_proj.lora_A.weight"].shape == (2, 4 * d)
+        assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in state
+        assert cfg["modules_to_save"] == ["transformer.ln_f"]
+    else:  # stacked [L, ...] adapters come out per layer
+        assert state["base_model.model.transformer.h.1.self_attention.query_key_value.lora_B.weight"].shape == (3 * d, 4)
+        assert "base_model.model.transformer.h.1.mlp.dense_h_to_4h.bias" in state
+    from safetensors import safe_open
+    with safe_open(out / lp.WEIGHTS_FILE, "np") as f:
+        assert f.metadata() == {"format": "pt"}
+
+    pm = peft.PeftModel.from_pretrained(hf_model(t["base_dir"]), str(out)).eval()
+    np.testing.assert_allclose(torch_logits(pm), t["logits"], atol=ATOL, rtol=0)
+    # Sanity: the adapter matters, so the comparison above is not vacuous.
+    assert np.abs(torch_logits(hf_model(t["base_dir"])) - t["logits"]).max() > 100 * ATOL
+
+    # And back: our own export imports to the same adapters and extras.
+    got = lp.load_peft(out, t["params"], model_config=t["model"].config)
+    for p, ab in t["adapters"].items():
+        assert np.isclose(got.config.scale_for(p), t["config"].scale_for(p)), p
+        for k in ab:
+            np.testing.assert_allclose(got.adapters[p][k], ab[k], atol=1e-6, err_msg=p)
+    g = lj.apply(t["model"].apply, got.config)
+    np.testing.assert_allclose(g(update_params(t["params"], got.extras), got.adapters, IDS), t["logits"], atol=ATOL)
+
+
+def test_merged_export_loads_in_transformers(trained, tmp_path):
+    t = trained
+    out = lp.save_merged(tmp_path / "merged", t["model"].config, t["params"], t["config"], t["adapters"])
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    np.testing.assert_allclose(torch_logits(hf_model(out)), t["logits"], atol=ATOL, rtol=0)
+
+
+def _random_peft_model(name, base_dir):
+    """A PEFT model with rank/alpha patterns, random nonzero B, trained biases and saved modules."""
+    targets = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}[name]
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, rank_pattern={targets[1]: 2},
+        alpha_pattern={f"h.1.{'attn' if name == 'gpt2' else 'self_attention'}.{targets[0]}": 32},
+        bias="lora_only", modules_to_save=["ln_f"], task_type="CAUSAL_LM",
+    )
+    pm = peft.get_peft_model(hf_model(base_dir), cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:  # lora_B (zero at init), lora_A, targeted biases, ln_f copy
+                p.add_(0.1 * torch.randn_like(p))
+    return pm.eval()
+
+
+@pytest.mark.parametrize("name,scan", [("gpt2", True), ("bloom", False)])
+def test_peft_made_adapter_imports(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    pm = _random_peft_model(name, base_dir)
+    pm.save_pretrained(tmp_path / "adapter")
+    want = torch_logits(pm)
+
+    model, params = from_pretrained(base_dir, scan_layers=scan)
+    got = lp.load_peft(tmp_path / "adapter", params, model_config=model.config)
+    assert got.config.bias == "lora_only" and got.config.trainable == ("ln_f",)
+    assert sorted(got.extras)[-1] == "transformer/ln_f/scale"
+    logits = lj.apply(model.apply, got.config)(update_params(params, got.extras), got.adapters, IDS)
+    np.testing.assert_allclose(np.asarray(logits), want, atol=ATOL, rtol=0)
+
+
+class _CallsOnLoad:
+    """Unpickling this calls a function: exactly what weights_only=True must refuse."""
+
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code!",))
+
+
+def test_damaged_files_raise_naming_the_file(tmp_path):
+    d = tmp_path / "a"
+    d.mkdir()
+    (d / lp.CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    from safetensors.numpy import save_file
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": np.ones((2, 8), np.float32),
+               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": np.ones((24, 2), np.float32)},
+              d / lp.WEIGHTS_FILE)
+    params = {"transformer": {"h": {"0": {"attn": {"c_attn": {"kernel": np.zeros((8, 24), np.float32)}}}}}}
+    assert lp.load_peft(d, params).config.targets == ("transformer/h/0/attn/c_attn",)
+
+    blob = (d / lp.WEIGHTS_FILE).read_bytes()
+    (d / lp.WEIGHTS_FILE).write_bytes(blob[:-10])
+    with pytest.raises(ValueError, match=f"{d / lp.WEIGHTS_FILE}.*truncated or corrupted"):
+        lp.load_peft(d, params)
+    (d / lp.WEIGHTS_FILE).unlink()
+    # A pickle that is not plain tensors is refused by torch.load(weights_only=True).
+    torch.save({"x": torch.ones(2), "evil": _CallsOnLoad()}, d / lp.BIN_FILE)
+    with pytest.raises(ValueError, match=f"{d / lp.BIN_FILE}"):
+        lp.load_peft(d, params)
+    (d / lp.CONFIG_FILE).write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(ValueError, match=f"{d / lp.CONFIG_FILE}.*not valid JSON"):
+        lp.load_peft(d, params)
+
+
+def test_bloom_560m_export_size(tmp_path):
+    """The seeds' anchor: r=16 on query_key_value, fp16, BLOOM-560m shapes: ~3 MB."""
+    L, d, r = 24, 1024, 16
+    config = lj.LoraConfig(rank=r, alpha=32, dropout=0.05, targets=["query_key_value"])
+    adapters = {"transformer/h/self_attention/query_key_value/kernel": {  # stacked, as under scan
+        "lora_A": np.zeros((L, d, r), np.float32), "lora_B": np.zeros((L, r, 3 * d), np.float32)}}
+    out = lp.save_peft(tmp_path / "a", config, adapters, model_config=BloomConfig.preset("bloom-560m"),
+                       dtype="float16")
+    size = (out / lp.WEIGHTS_FILE).stat().st_size
+    payload = L * (r * d + 3 * d * r) * 2  # A (r, in) + B (out, r) per layer, 2 bytes each
+    assert payload == 3_145_728
+    assert payload < size < 1.1 * payload
+    cfg = json.loads((out / lp.CONFIG_FILE).read_text())
+    assert cfg["target_modules"] == ["query_key_value"] and cfg["r"] == 16 and cfg["lora_alpha"] == 32
+    print(f"BLOOM-560m r=16 qkv fp16 adapter_model.safetensors: {size} bytes")
