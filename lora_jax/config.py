@@ -60,16 +60,24 @@ class LoraConfig:
         set_("targets", _as_pattern(self.targets, "targets", optional=False))
         set_("exclude", _as_pattern(self.exclude, "exclude", optional=True))
         set_("trainable", _as_pattern(self.trainable, "trainable", optional=True))
-        set_("rank_pattern", dict(self.rank_pattern))
-        set_("alpha_pattern", dict(self.alpha_pattern))
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise ValueError(f"LoraConfig.{name} must map patterns (strings) to values, got {value!r}")
+            set_(name, dict(value))
         for name, r in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
                 raise ValueError(f"LoraConfig.{name} must be a positive integer, got {r!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        for name, a in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a):
+                raise ValueError(f"LoraConfig.{name} must be a finite number, got {a!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"LoraConfig.use_rslora must be true or false, got {self.use_rslora!r}")
+        if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS}")
-        if self.bias not in BIASES:
+        if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
 
     def rank_for(self, path: str) -> int:

@@ -38,11 +38,12 @@ def load_model(args):
     compute = _dtype(args.compute_dtype) or (jnp.bfloat16 if accel else jnp.float32)
     model, params = from_pretrained(name, dtype=_dtype(args.dtype), compute_dtype=compute,
                                     scan_layers=args.scan_layers)
-    tokenizer = load_tokenizer(name)
+    tok_name = args.tokenizer or name
+    tokenizer = load_tokenizer(tok_name)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer of {name} has no EOS token; the answer format needs one")
+        raise ValueError(f"tokenizer {tok_name} has no EOS token; the answer format needs one")
     if len(tokenizer) > model.vocab_size:
-        raise ValueError(f"tokenizer of {name} has {len(tokenizer)} tokens but the model's vocabulary is "
+        raise ValueError(f"tokenizer {tok_name} has {len(tokenizer)} tokens but the vocabulary of model {name} is "
                          f"{model.vocab_size}: the tokenizer does not fit the model")
     return model, params, tokenizer
 

@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=None, help="HF model id or local checkpoint dir (default: the embedded world model)")
+    a("--tokenizer", default=None, help="tokenizer id or dir, if not the model's own")
     a("--data", default=None, help="'squad' (HF datasets), a SQuAD JSON/JSONL file or a dir with train/validation "
                                    "files (default: the embedded world QA set)")
     a("--output-dir", default="runs/squad", help="where metrics, adapters and checkpoints go")

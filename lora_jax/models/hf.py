@@ -245,12 +245,20 @@ def load_hf_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory}")
     state: dict[str, np.ndarray] = {}
     for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.numpy import load_file
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint shard listed in the index is missing: {f}")
+        try:
+            if f.suffix == ".safetensors":
+                from safetensors.numpy import load_file
 
-            state.update(load_file(f))
-        else:
-            state.update(_load_torch_bin(f))
+                state.update(load_file(f))
+            else:
+                state.update(_load_torch_bin(f))
+        except (ImportError, FileNotFoundError):
+            raise
+        except Exception as e:  # safetensors / torch raise their own types for damaged files
+            raise ValueError(f"{f}: could not read the checkpoint (truncated or corrupted?): "
+                             f"{type(e).__name__}: {e}") from None
     return state
 
 
