@@ -278,7 +278,8 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     _check_fits(directory, m, config, params)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
-    target = {"adapters": _nest({f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in ("lora_A", "lora_B")})}
+    specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in ("lora_A", "lora_B")}
+    target = {"adapters": _nest(specs)}
     if m.get("extras"):
         target["extras"] = _nest({p: sds(s) for p, s in m["extras"].items()})
     arrays_dir = (directory / "arrays").absolute()

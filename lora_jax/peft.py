@@ -178,7 +178,8 @@ def _extras(config, adapters, params, model_config, layers_key) -> tuple[dict[st
         if m in lora_modules:
             raise ValueError(f"{m!r} has a LoRA adapter and is trained in full: PEFT's modules_to_save cannot hold it")
         if m.rsplit("/", 1)[-1] in model_config.embedding_modules:
-            raise ValueError(f"{m!r} is the tied embedding / LM head: exporting it as modules_to_save would untie it in PEFT")
+            raise ValueError(f"{m!r} is the tied embedding / LM head: exporting it as modules_to_save "
+                             "would untie it in PEFT")
     export = {p: flat[p] for p in flat if p.rsplit("/", 1)[0] in saved} | leaves
     state, modules = {}, set()
     for p, x in export.items():
@@ -358,7 +359,7 @@ def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple
 
 def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
     """{our path: (A [*S, in, r], B [*S, r, out], r, scale)} from the PEFT tensors."""
-    r0, alpha0, rslora = cfg["r"], cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
+    alpha0, rslora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
     groups: dict[str, dict[int | None, tuple]] = {}
     for key, x in tensors.items():
         k = key.removeprefix(PREFIX)
@@ -373,10 +374,8 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
         r = a.shape[0]
         if a.ndim != 2 or b.shape[1:] != (r,):
             raise ValueError(f"{path}: {module}: lora_A {a.shape} and lora_B {b.shape} are not (r, in) / (out, r)")
+        # The rank is the tensors' (rank_pattern only sized them); alpha comes from the config.
         alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, module, alpha0)
-        if r != _peft_pattern(cfg.get("rank_pattern") or {}, module, r0):
-            raise ValueError(f"{path}: {module} has rank {r}, but adapter_config.json says "
-                             f"{_peft_pattern(cfg.get('rank_pattern') or {}, module, r0)}")
         p, layer = _weight_path(module, flat, layers_key)
         groups.setdefault(p, {})[layer] = (a.T, b.T, r, alpha / (math.sqrt(r) if rslora else r))  # [in, r], [r, out]
     out = {}
@@ -483,7 +482,9 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
         if k not in cfg:
             raise ValueError(f"{cfg_path}: missing {k!r}")
     weights = directory / WEIGHTS_FILE
-    tensors = read_tensors(weights if weights.is_file() or not (directory / BIN_FILE).is_file() else directory / BIN_FILE)
+    if not weights.is_file() and (directory / BIN_FILE).is_file():
+        weights = directory / BIN_FILE  # an old PEFT save: torch pickle, read with weights_only=True
+    tensors = read_tensors(weights)
     flat = tree.flatten(params)
     factors = _lora_factors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     if not factors:

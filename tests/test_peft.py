@@ -79,7 +79,8 @@ def test_export_loads_in_peft(trained, tmp_path):
                        params=t["params"], base_model_name_or_path=str(t["base_dir"]))
     cfg = json.loads((out / lp.CONFIG_FILE).read_text())
     assert cfg["fan_in_fan_out"] is (t["name"] == "gpt2")
-    assert cfg["target_modules"] == (["c_attn", "c_proj"] if t["name"] == "gpt2" else ["dense_4h_to_h", "query_key_value"])
+    short = ["c_attn", "c_proj"] if t["name"] == "gpt2" else ["dense_4h_to_h", "query_key_value"]
+    assert cfg["target_modules"] == short
     state = lp.read_tensors(out / lp.WEIGHTS_FILE)
     d = t["model"].config.hidden_size
     if t["name"] == "gpt2":
@@ -89,7 +90,8 @@ def test_export_loads_in_peft(trained, tmp_path):
         assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in state
         assert cfg["modules_to_save"] == ["transformer.ln_f"]
     else:  # stacked [L, ...] adapters come out per layer
-        assert state["base_model.model.transformer.h.1.self_attention.query_key_value.lora_B.weight"].shape == (3 * d, 4)
+        qkv = "base_model.model.transformer.h.1.self_attention.query_key_value"
+        assert state[f"{qkv}.lora_B.weight"].shape == (3 * d, 4)
         assert "base_model.model.transformer.h.1.mlp.dense_h_to_4h.bias" in state
     from safetensors import safe_open
     with safe_open(out / lp.WEIGHTS_FILE, "np") as f:

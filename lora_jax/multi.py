@@ -1,0 +1,325 @@
+"""Several named adapters on one base: switch, disable, combine, and mixed-adapter batches.
+
+    m = multi(model.apply, {"qa": cfg_qa, "chat": cfg_chat})
+    bank = {"qa": adapters_qa, "chat": adapters_chat}               # a pytree: jit passes it
+    m.switch(params, bank, ids, adapter="qa")                        # one adapter (static name)
+    m.switch(params, bank, ids, adapter=None)                        # the base model
+    m.mixed(params, bank, ids, adapter_ids=m.ids(["qa", None, "chat"]))  # per example
+    config, adapters = combine(m_configs, bank, {"qa": 0.7, "chat": 0.3}, how="linear")
+
+A mixed batch keeps one copy of the base weights: each targeted kernel becomes a
+`MultiLoraArray` holding W0, every adapter's factors stacked [*S, N, in, r] (each adapter's
+scale folded into its A, ranks zero-padded, zeros where an adapter does not target the kernel)
+and the example -> adapter indices. Its matmul computes x.W0 + (x_b.A[id_b]).B[id_b] per
+example b, gathering the factors; an index of -1 or N means "no adapter" for that example.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import quax
+from jax import lax
+from jax.extend.core import primitives as P
+
+from . import checkpoint, tree
+from .config import LoraConfig
+from .lora import STRATEGIES, Adapters, apply, check_adapters
+
+PyTree = Any
+ArrayLike = jax.typing.ArrayLike
+COMBINATIONS = ("linear", "cat")
+
+
+class MixedBatchError(RuntimeError):
+    """A per-example (mixed-adapter) weight met an operation that needs one dense weight."""
+
+
+class MultiLoraArray(quax.ArrayValue):
+    """W0 plus, for example b, adapter ids[b]'s delta A.B (scale already folded into A).
+
+    w [*S, in, out]; a [*S, N, in, r]; b [*S, N, r, out]; ids [*S, B] int32 (the batch's
+    indices, repeated over the stack dims so that a scan over layers slices every leaf alike).
+    """
+
+    w: jax.Array
+    a: jax.Array
+    b: jax.Array
+    ids: jax.Array
+    name: str = eqx.field(static=True)
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def materialise(self) -> jax.Array:
+        raise MixedBatchError(
+            f"mixed-adapter weight {self.name!r} {tuple(self.w.shape)} met an operation that needs one "
+            "dense weight; in a mixed batch a targeted kernel may only be the right operand of a matmul "
+            "(x @ W) whose first input dimension is the batch"
+        )
+
+    def map(self, fn: Callable[[jax.Array], jax.Array]) -> "MultiLoraArray":
+        """Apply an op on the leading stack dims to every leaf."""
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.ids), self, (fn(self.w), fn(self.a), fn(self.b), fn(self.ids)))
+
+
+def _dense(x):
+    # quax hands plain operands to rules wrapped; unwrap to a JAX array.
+    return x.materialise() if isinstance(x, quax.ArrayValue) and not isinstance(x, MultiLoraArray) else x
+
+
+@quax.register(P.dot_general_p)
+def _dot_mixed(lhs: ArrayLike | quax.ArrayValue, rhs: MultiLoraArray, *, dimension_numbers, **kwargs):
+    x, m = _dense(lhs), rhs
+    (xc, wc), (xb, wb) = dimension_numbers
+    batch = m.ids.shape[-1]
+    if m.w.ndim != 2 or xb or wb or len(wc) != 1 or 0 in xc or x.shape[0] != batch:
+        return m.materialise()  # raises: no per-example form for this matmul
+    base = lax.dot_general(x, m.w, dimension_numbers, **kwargs)  # [B, *x_free, o]
+    n = m.a.shape[0]
+    valid = (m.ids >= 0) & (m.ids < n)  # [B]; -1 or N: this example runs the base
+    idx = jnp.clip(m.ids, 0, n - 1)
+    a, b = m.a[idx], m.b[idx]  # [B, in, r], [B, r, out]
+    if wc[0] == 1:  # x contracts W's output dim: x.(A B)^T = (x.B^T).A^T
+        a, b = jnp.swapaxes(b, -1, -2), jnp.swapaxes(a, -1, -2)
+    xm = jnp.moveaxis(x, xc[0], -1)  # [B, *x_free, in]; the free dims keep their order
+    t = jnp.einsum("b...i,bir->b...r", xm, a.astype(x.dtype))  # [B, *x_free, r]
+    u = jnp.einsum("b...r,bro->b...o", t, b.astype(x.dtype))  # [B, *x_free, o]
+    u = jnp.where(valid.reshape((batch,) + (1,) * (u.ndim - 1)), u, 0)
+    return base + u.astype(base.dtype)
+
+
+@quax.register(P.dot_general_p)
+def _dot_mixed_lhs(lhs: MultiLoraArray, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **kwargs):
+    return lhs.materialise()  # raises: W on the left has no per-example meaning
+
+
+@quax.register(P.convert_element_type_p)
+def _cast(x: MultiLoraArray, *, new_dtype, **kwargs):
+    # bf16 compute casts the frozen weight; the factors follow (the indices stay integers).
+    cast = lambda v: lax.convert_element_type(v, new_dtype)
+    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
+
+
+def _stack_only(x: MultiLoraArray, dims) -> bool:
+    return all(d < x.w.ndim - 2 for d in dims)
+
+
+@quax.register(P.squeeze_p)
+def _squeeze(x: MultiLoraArray, *, dimensions):
+    if not _stack_only(x, dimensions):
+        return x.materialise()
+    return x.map(lambda v: lax.squeeze(v, dimensions))
+
+
+@quax.register(P.slice_p)
+def _slice(x: MultiLoraArray, *, start_indices, limit_indices, strides):
+    k = x.w.ndim - 2
+    full = all(s == 0 and l == d for s, l, d in zip(start_indices[k:], limit_indices[k:], x.w.shape[k:]))
+    if not full or (strides is not None and any(s != 1 for s in strides[k:])):
+        return x.materialise()
+
+    def sl(v):  # slice the stack dims; every leaf keeps its own trailing dims
+        return lax.slice(v, tuple(start_indices[:k]) + (0,) * (v.ndim - k),
+                         tuple(limit_indices[:k]) + v.shape[k:],
+                         None if strides is None else tuple(strides[:k]) + (1,) * (v.ndim - k))
+    return x.map(sl)
+
+
+@quax.register(P.dynamic_slice_p)
+def _dynamic_slice(x: MultiLoraArray, *args: ArrayLike | quax.ArrayValue, slice_sizes):
+    k = x.w.ndim - 2
+    idx = [_dense(i) for i in args]
+    if tuple(slice_sizes[k:]) != tuple(x.w.shape[k:]):
+        return x.materialise()
+    return x.map(lambda v: lax.dynamic_slice(v, list(idx[:k]) + [0] * (v.ndim - k),
+                                             tuple(slice_sizes[:k]) + v.shape[k:]))
+
+
+# ----------------------------------------------------------------------------- stacking
+
+
+def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Adapters:
+    """Every adapter's factors stacked in `configs` order, per targeted path.
+
+    Returns:
+      {path: {"lora_A": [*S, N, in, r], "lora_B": [*S, N, r, out]}} with each adapter's scale
+      folded into its A, ranks zero-padded to the largest, and zeros for adapters that do not
+      target the path (a zero delta, exactly).
+    """
+    names = list(configs)
+    paths = sorted(set().union(*(bank[n].keys() for n in names)))
+    out: Adapters = {}
+    for p in paths:
+        present = [n for n in names if p in bank[n]]
+        a0, b0 = bank[present[0]][p]["lora_A"], bank[present[0]][p]["lora_B"]
+        *stack_dims, d_in, _ = a0.shape
+        d_out = b0.shape[-1]
+        r = max(bank[n][p]["lora_A"].shape[-1] for n in present)
+        dtype = jnp.result_type(*(bank[n][p][k] for n in present for k in ("lora_A", "lora_B")))
+        As, Bs = [], []
+        for n in names:
+            if p not in bank[n]:
+                As.append(jnp.zeros((*stack_dims, d_in, r), dtype))
+                Bs.append(jnp.zeros((*stack_dims, r, d_out), dtype))
+                continue
+            a, b = bank[n][p]["lora_A"], bank[n][p]["lora_B"]
+            if a.shape[:-1] != a0.shape[:-1] or b.shape[-1] != d_out:
+                raise ValueError(f"adapter {n!r} at {p!r}: lora_A {a.shape} / lora_B {b.shape} do not match "
+                                 f"{present[0]!r}'s {a0.shape} / {b0.shape}: not the same base")
+            pad = r - a.shape[-1]
+            a = jnp.pad(a * configs[n].scale_for(p), [(0, 0)] * (a.ndim - 1) + [(0, pad)])  # [*S, in, r]
+            b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])  # [*S, r, out]
+            As.append(a.astype(dtype))
+            Bs.append(b.astype(dtype))
+        k = len(stack_dims)  # the adapter axis goes after the stack dims: scan slices those first
+        out[p] = {"lora_A": jnp.stack(As, axis=k), "lora_B": jnp.stack(Bs, axis=k)}
+    return out
+
+
+# ----------------------------------------------------------------------------- the transform
+
+
+class MultiLora(NamedTuple):
+    """Pure functions over `(params, bank, *args)`; `bank` is {name: adapters}.
+
+    switch(params, bank, *args, adapter=None|name, lora_rng=None, **kw): one adapter, or the
+      base model for None (make `adapter` static under jit: `static_argnames="adapter"`).
+    mixed(params, bank, *args, adapter_ids, **kw): adapter_ids [B] int, indices into `names`;
+      -1 or len(names) runs that example on the base.
+    """
+
+    names: tuple[str, ...]
+    switch: Callable[..., Any]
+    mixed: Callable[..., Any]
+
+    def ids(self, adapters: Sequence[str | None]) -> np.ndarray:
+        """Per-example adapter names (None: no adapter) -> int32 indices for `mixed`."""
+        unknown = sorted({a for a in adapters if a is not None and a not in self.names})
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown}; known: {list(self.names)}")
+        return np.array([-1 if a is None else self.names.index(a) for a in adapters], np.int32)
+
+
+def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy: str = "factored") -> MultiLora:
+    """Several named adapters over one function `f(params, *args, **kw)`.
+
+    Args:
+      f: the model function (e.g. `model.apply`).
+      configs: {name: LoraConfig}; its order fixes the indices used by `mixed`.
+      strategy: how `switch` applies one adapter ("factored" or "merged"); `mixed` is always factored.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown LoRA strategy {strategy!r}; expected one of {STRATEGIES}")
+    configs = dict(configs)
+    names = tuple(configs)
+    single = {n: apply(f, c, strategy=strategy) for n, c in configs.items()}
+
+    def switch(params, bank, *args, adapter: str | None = None, **kwargs):
+        if adapter is None:
+            kwargs.pop("lora_rng", None)
+            return f(params, *args, **kwargs)
+        if adapter not in single:
+            raise ValueError(f"unknown adapter {adapter!r}; known: {list(names)}")
+        return single[adapter](params, bank[adapter], *args, **kwargs)
+
+    def mixed(params, bank, *args, adapter_ids, **kwargs):
+        trains_full = [n for n, c in configs.items() if c.bias != "none" or c.trainable is not None]
+        if trains_full:
+            raise ValueError(f"adapters {trains_full} train full leaves (bias / trainable), which a mixed "
+                             "batch cannot route per example; use switch with their params")
+        for n in names:
+            check_adapters(configs[n], params, bank[n])
+        ids = jnp.asarray(adapter_ids, jnp.int32)
+        if ids.ndim != 1:
+            raise ValueError(f"adapter_ids must be [batch], got shape {ids.shape}")
+        stacked = stack(configs, bank)
+
+        def swap(path, w):
+            if path not in stacked:
+                return w
+            s = stacked[path]
+            return MultiLoraArray(w=lax.stop_gradient(w), a=s["lora_A"], b=s["lora_B"],
+                                  ids=jnp.broadcast_to(ids, (*w.shape[:-2], ids.shape[0])), name=path)
+        return quax.quaxify(f)(tree.map_with_path(swap, params), *args, **kwargs)
+
+    return MultiLora(names, switch, mixed)
+
+
+# ----------------------------------------------------------------------------- combining
+
+
+def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], weights: Mapping[str, float], *,
+            how: str = "linear") -> tuple[LoraConfig, Adapters]:
+    """One adapter whose delta is exactly sum_n weights[n] * delta_n, by rank concatenation.
+
+    A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...], B = [B_1; B_2; ...], scale 1 (alpha = r).
+      linear: per path, only the adapters that target it (rank = the sum of theirs).
+      cat: PEFT's `add_weighted_adapter(combination_type="cat")` layout: every path gets the
+        rank sum of all adapters' ranks, the present factors first, zeros after.
+    (PEFT's own "linear" sums the factors, A = sum sqrt(w s) A_n, which is not the weighted sum
+    of the deltas; it is not offered.)
+    """
+    if how not in COMBINATIONS:
+        raise ValueError(f"unknown combination {how!r}; expected one of {COMBINATIONS}")
+    names = list(weights)
+    missing = [n for n in names if n not in bank or n not in configs]
+    if not names or missing:
+        raise ValueError(f"cannot combine {names}: unknown adapter(s) {missing}; known: {sorted(bank)}")
+    paths = sorted(set().union(*(bank[n].keys() for n in names)))
+    total = sum(max(ab["lora_A"].shape[-1] for ab in bank[n].values()) for n in names)
+    out: Adapters = {}
+    for p in paths:
+        present = [n for n in names if p in bank[n]]
+        a = jnp.concatenate([bank[n][p]["lora_A"] * (weights[n] * configs[n].scale_for(p)) for n in present], -1)
+        b = jnp.concatenate([bank[n][p]["lora_B"] for n in present], -2)  # a [*S, in, R], b [*S, R, out]
+        if how == "cat":
+            pad = total - a.shape[-1]
+            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+            b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+        out[p] = {"lora_A": a, "lora_B": b}
+    ranks = {p: ab["lora_A"].shape[-1] for p, ab in out.items()}
+    r0 = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
+    module = lambda p: re.escape(p.rsplit("/", 1)[0])
+    config = LoraConfig(
+        rank=r0, alpha=float(r0), targets=tuple(p.rsplit("/", 1)[0] for p in paths),
+        rank_pattern={module(p): r for p, r in ranks.items() if r != r0},
+        alpha_pattern={module(p): float(r) for p, r in ranks.items() if r != r0},
+    )
+    return config, out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class Bank(NamedTuple):
+    """Named adapters loaded for one base: {name: config}, {name: adapters}, {name: extras}."""
+
+    configs: dict[str, LoraConfig]
+    adapters: dict[str, Adapters]
+    extras: dict[str, dict[str, jax.Array]]
+
+
+def load_bank(sources: Mapping[str, str | os.PathLike], params: PyTree, *, model_config: Any = None) -> Bank:
+    """Load named adapters from lora_jax checkpoints or PEFT adapter directories (by content)."""
+    from . import peft
+
+    bank = Bank({}, {}, {})
+    for name, src in sources.items():
+        d = Path(src)
+        if (d / checkpoint.MANIFEST).is_file():
+            got = checkpoint.load(d, params)
+        elif (d / peft.CONFIG_FILE).is_file():
+            got = peft.load_peft(d, params, model_config=model_config)
+        else:
+            raise FileNotFoundError(f"adapter {name!r}: {d} holds neither {checkpoint.MANIFEST} nor {peft.CONFIG_FILE}")
+        bank.configs[name], bank.adapters[name], bank.extras[name] = got.config, got.adapters, got.extras
+    return bank
