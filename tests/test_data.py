@@ -215,6 +215,7 @@ def _records(n):
 def test_bucketing_gives_fixed_shapes_and_aligned_labels(tok):
     buckets = bucket_lengths(128, min_len=32)
     assert buckets == (32, 64, 128) and bucket_for(33, buckets) == 64
+    assert bucket_lengths(256, 64, step=64) == (64, 128, 192, 256) and bucket_lengths(100, 64) == (64, 100)
     examples = encode(tok, _records(23), 128, train=True).examples
     stream = train_batches(examples, batch_size=4, buckets=buckets, pad_id=pad_id_of(tok), seed=0)
     batches = [next(stream)[1] for _ in range(2 * batches_per_epoch(len(examples), 4))]

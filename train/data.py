@@ -445,12 +445,16 @@ def encode(
 # ----------------------------------------------------------------------------- batches
 
 
-def bucket_lengths(max_len: int, min_len: int = 32) -> tuple[int, ...]:
-    """Powers of two from `min_len` below `max_len`, then `max_len`: few shapes, little padding."""
+def bucket_lengths(max_len: int, min_len: int = 32, step: int | None = None) -> tuple[int, ...]:
+    """Padded lengths: `min_len` doubling (or growing by `step`) below `max_len`, then `max_len`.
+
+    Each bucket is one compiled shape per batch size; doubling keeps their number logarithmic,
+    a `step` (e.g. 64) trades a few more compilations for less padding.
+    """
     out, b = [], min_len
     while b < max_len:
         out.append(b)
-        b *= 2
+        b = b + step if step else b * 2
     return tuple(out) + (max_len,)
 
 
