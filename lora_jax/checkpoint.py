@@ -151,6 +151,19 @@ def _spec(x: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- save / load
 
 
+def _checkpointer():
+    """An orbax checkpointer local to this process.
+
+    Adapters are small host arrays that one process writes or reads on its own; orbax's default
+    would wait at a barrier for every process of a multi-process run (`jax.distributed`).
+    """
+    import orbax.checkpoint as ocp
+
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
          base_model: str | None = None, params: PyTree | None = None, overwrite: bool = False) -> Path:
     """Write an adapter-only checkpoint (never the base weights).
@@ -194,7 +207,7 @@ def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *
     if extras:
         arrays["extras"] = _nest(extras)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _checkpointer()
         try:
             ckptr.save(tmp / "arrays", arrays)
             ckptr.wait_until_finished()
@@ -285,7 +298,7 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     arrays_dir = (directory / "arrays").absolute()
     if not arrays_dir.is_dir():
         raise FileNotFoundError(f"{arrays_dir}: missing (the checkpoint's arrays)")
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _checkpointer()
     try:
         restored = ckptr.restore(arrays_dir, target)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -129,19 +130,6 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoint(setup, capsys):
     assert last["step"] == 4 and last["skipped_nonfinite"] == 3
 
 
-def test_two_processes_match_one(setup):
-    model, data, _, tmp = setup
-    common = ["--steps", "3", "--no-base-eval", "--eval-samples", "1", "--eval-batch-size", "1"]
-    one = start(cli_args(model, data, tmp / "p_one", *common))
-    port = 12000 + os.getpid() % 1000
-    dist = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)]
-    procs = [start(cli_args(model, data, tmp / "p_two", *common, *dist(i))) for i in range(2)]
-    for p in [one, *procs]:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    np.testing.assert_allclose(losses(tmp / "p_two"), losses(tmp / "p_one"), rtol=1e-5)
-
-
 # --- bad input: one clear error, non-zero exit, nothing written --------------------------------
 
 
@@ -198,6 +186,19 @@ def test_corrupted_safetensors(tiny_gpt2_dir, tmp_path, capsys):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     data = tiny_squad(tmp_path / "squad.json")
     _fails(cli_args(broken, data, tmp_path / "o"), capsys, "model.safetensors", tmp_path / "o")
+
+
+def test_adapter_made_for_another_base(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
+    from lora_jax import checkpoint
+    from lora_jax.models import from_pretrained
+
+    _, bloom = from_pretrained(tiny_bloom_dir)
+    config = lj.LoraConfig(rank=2, targets=["query_key_value"])
+    checkpoint.save(tmp_path / "bloom_adapter", config, lj.init(config, bloom, jax.random.key(0)),
+                    base_model=str(tiny_bloom_dir), params=bloom)
+    data = tiny_squad(tmp_path / "squad.json")
+    _fails(cli_args(tiny_gpt2_dir, data, tmp_path / "o", "--init-adapter", str(tmp_path / "bloom_adapter")), capsys,
+           "query_key_value", tmp_path / "o")
 
 
 def test_targets_matching_nothing(tiny_gpt2_dir, tmp_path, capsys):

@@ -63,6 +63,16 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert set(summary["scores"]) == {"base", "lora"} and summary["steps"] == 2
     assert len(losses(out)) == 2 and all(np.isfinite(losses(out)))
     assert (out / "loss.png").stat().st_size > 0
+    assert (out / "adapter" / "lora_adapter.json").is_file() and (out / "peft" / "adapter_config.json").is_file()
+    assert summary["peft_bytes"] > 0 and summary["adapter_bytes"] > 0
+
+    # Continue from the exported PEFT adapter: its config (rank 4) replaces the flags (rank 2).
+    again = tmp_path / "again"
+    args = cli_args(tiny_gpt2_dir, data, again, "--steps", "1", "--no-base-eval", "--init-adapter", str(out / "peft"))
+    args[args.index("--rank") + 1] = "2"
+    assert squad.main(args) == 0
+    assert "starting from adapter" in capsys.readouterr().out
+    assert json.loads((again / "adapter" / "lora_adapter.json").read_text())["config"]["rank"] == 4
 
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path):
@@ -94,14 +104,38 @@ def _run_subprocess(args, devices: int):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+PARALLEL_ARGS = ["--steps", "3", "--no-base-eval", "--eval-samples", "1", "--eval-batch-size", "1"]
+
+
+@pytest.fixture(scope="module")
+def one_device_losses(tiny_gpt2_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one_device")
+    data = tiny_squad(tmp / "squad.json")
+    _run_subprocess(cli_args(tiny_gpt2_dir, data, tmp / "one", *PARALLEL_ARGS), devices=1)
+    return losses(tmp / "one")
+
+
 @pytest.mark.parametrize("parallel", ["jit", "pmap"])
-def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel):
+def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel, one_device_losses):
     data = tiny_squad(tmp_path / "squad.json")
-    common = ["--steps", "3", "--no-base-eval", "--eval-samples", "1", "--eval-batch-size", "1"]
-    one, many = tmp_path / "one", tmp_path / parallel
-    _run_subprocess(cli_args(tiny_gpt2_dir, data, one, *common), devices=1)
-    _run_subprocess(cli_args(tiny_gpt2_dir, data, many, *common, "--parallel", parallel), devices=4)
-    np.testing.assert_allclose(losses(many), losses(one), rtol=1e-5)
+    _run_subprocess(cli_args(tiny_gpt2_dir, data, tmp_path / parallel, *PARALLEL_ARGS, "--parallel", parallel),
+                    devices=4)
+    np.testing.assert_allclose(losses(tmp_path / parallel), one_device_losses, rtol=1e-5)
+
+
+def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, one_device_losses):
+    """jax.distributed over 2 processes on 127.0.0.1, same global batch: same loss trajectory."""
+    data = tiny_squad(tmp_path / "squad.json")
+    port = 12000 + os.getpid() % 1000
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "train.squad", *cli_args(tiny_gpt2_dir, data, tmp_path / "two", *PARALLEL_ARGS),
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    np.testing.assert_allclose(losses(tmp_path / "two"), one_device_losses, rtol=1e-5)
 
 
 def test_bad_flags_fail_cleanly(tmp_path, capsys):

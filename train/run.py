@@ -21,6 +21,11 @@ from .loop import Runner, StepConfig, make_optimizer, target_loss
 from .state import TrainCheckpoints, write_json
 
 
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL = ASSETS / "world_model"  # the small GPT-2 that train/pretrain_world.py produced
+EMBEDDED_DATA = ASSETS / "world"  # the generated SQuAD-format QA set (train/make_assets.py)
+
+
 class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss or gradient."""
 
@@ -31,8 +36,6 @@ def _dtype(name: str | None):
 
 def load_model(args):
     """(model, params, tokenizer), with the tokenizer checked against the model's vocabulary."""
-    from .squad import EMBEDDED_MODEL
-
     name = args.model or EMBEDDED_MODEL
     accel = jax.default_backend() != "cpu"
     compute = _dtype(args.compute_dtype) or (jnp.bfloat16 if accel else jnp.float32)
@@ -49,8 +52,6 @@ def load_model(args):
 
 
 def load_data(args, tokenizer, log):
-    from .squad import EMBEDDED_DATA
-
     source = args.data or EMBEDDED_DATA
     splits = {}
     for split in ("train", "validation"):
@@ -86,6 +87,33 @@ def lora_config(args, model) -> lj.LoraConfig:
                          use_rslora=args.rslora)
 
 
+def load_init_adapter(path: str, params, model):
+    """(config, adapters, params with trained extras) from a lora_jax or PEFT adapter directory."""
+    from lora_jax import checkpoint, peft
+
+    d = Path(path)
+    if (d / checkpoint.MANIFEST).is_file():
+        got = checkpoint.load(d, params)
+    elif (d / peft.CONFIG_FILE).is_file():
+        got = peft.load_peft(d, params, model_config=model.config)
+    else:
+        raise FileNotFoundError(f"--init-adapter {d}: neither a lora_jax adapter ({checkpoint.MANIFEST}) "
+                                f"nor a PEFT adapter ({peft.CONFIG_FILE})")
+    return got.config, got.adapters, checkpoint.update_params(params, got.extras) if got.extras else params
+
+
+def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_model: str, dtype: str) -> dict:
+    """The trained adapter twice: orbax (lora_jax) and PEFT format. Returns paths and sizes."""
+    from lora_jax import checkpoint, peft
+
+    a_dir = checkpoint.save(out / "adapter", lora, adapters, base_model=base_model, params=params, overwrite=True)
+    p_dir = peft.save_peft(out / "peft", lora, adapters, model_config=model.config, params=params, dtype=dtype,
+                           base_model_name_or_path=base_model, overwrite=True)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+    return {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir), "peft_dir": str(p_dir),
+            "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
+
+
 def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
     if full_sequence:
         return max_len
@@ -94,14 +122,15 @@ def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
 
 
 def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | None, lr: float,
-          out: Path, tag: str, log) -> tuple[Any, Any, list[dict], bool]:
+          out: Path, tag: str, log, adapters=None) -> tuple[Any, Any, list[dict], bool]:
     """Train LoRA adapters (or, with lora=None, every parameter).
 
     Returns (params, adapters, history, finished); finished is False after --stop-after.
     """
     key = jax.random.key(args.seed)
     if lora is not None:
-        adapters = lj.init(lora, params, jax.random.fold_in(key, 1))
+        if adapters is None:
+            adapters = lj.init(lora, params, jax.random.fold_in(key, 1))
         trainable, frozen = lj.split(lora, params, adapters)
         g = lj.apply(model.apply, lora)
 
@@ -206,8 +235,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Everything that can reject the input runs before the output directory is created.
     model, params, tokenizer = load_model(args)
     train_ex, val_ex, val_records = load_data(args, tokenizer, log)
-    lora = lora_config(args, model)
-    lj.target_paths(lora, params)
+    adapters0 = None
+    if args.init_adapter:
+        lora, adapters0, params = load_init_adapter(args.init_adapter, params, model)
+        log(f"starting from adapter {args.init_adapter} (r={lora.rank}, alpha={lora.alpha}, targets={lora.targets})")
+    else:
+        lora = lora_config(args, model)
+        lj.target_paths(lora, params)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if primary and not args.resume and (out / "metrics.jsonl").exists():
@@ -222,7 +256,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["base"], samples["base"] = evaluate(model.apply, params, model, tokenizer, val_ex, val_records, **eval_kw)
 
     lora_params, adapters, history, finished = train(args, model, params, tokenizer, train_ex, lora=lora,
-                                                     lr=args.lr, out=out, tag="lora", log=log)
+                                                     lr=args.lr, out=out, tag="lora", log=log, adapters=adapters0)
     if not finished:
         log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
         return {"stopped": True, "scores": results}
@@ -238,7 +272,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["full"], samples["full"] = evaluate(model.apply, full_params, model, tokenizer, val_ex,
                                                     val_records, **eval_kw)
 
-    saved = {}  # DEV: adapter export lands with lora_jax.checkpoint / lora_jax.peft
+    base_name = str(args.model or EMBEDDED_MODEL)
+    saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype) if primary else {}
     summ = lj.summary(lora, lora_params, adapters)
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),

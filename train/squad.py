@@ -20,12 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
-
-ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_MODEL = ASSETS / "world_model"
-EMBEDDED_DATA = ASSETS / "world"
 
 # Defaults per setting: the seeds' run for real checkpoints, a CPU-sized run for the embedded one.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -64,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--targets", default=None, help="comma-separated module names or one regex (default: the fused QKV, "
                                       "c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
+    a("--init-adapter", default=None,
+      help="start from an existing adapter (a lora_jax adapter dir or a PEFT adapter dir); its config "
+           "replaces --rank/--alpha/--targets")
+    a("--export-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+      help="dtype of the exported PEFT adapter tensors")
     a("--max-len", type=int, default=None, help="max tokens per example; contexts are cut around the answer")
     a("--full-sequence-loss", action="store_true", help="loss on every token, not only the answer + EOS")
     a("--eval-samples", type=int, default=None, help="validation questions to score (0 = all)")
