@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
@@ -225,6 +226,16 @@ def attention_inputs(
     )
 
 
+@functools.cache
+def _cudnn_capable() -> bool:
+    """cuDNN fused attention needs compute capability >= 8.0 (Ampere); a T4 (7.5) gets XLA."""
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        return cc is None or float(cc) >= 8.0
+    except (TypeError, ValueError):
+        return True
+
+
 def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: AttnContext) -> str:
     """cuDNN flash attention where it applies (GPU, bf16/fp16, head dim <= 128 and a multiple
     of 8, even lengths when there is a bias or mask), else XLA. Cached decoding uses XLA: one
@@ -234,6 +245,7 @@ def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: Attn
     biased = ctx.bias is not None or ctx.mask is not None
     cudnn_ok = (
         jax.default_backend() == "gpu"
+        and _cudnn_capable()
         and dtype in (jnp.bfloat16, jnp.float16)
         and cfg.head_dim % 8 == 0
         and cfg.head_dim <= 128

@@ -78,12 +78,11 @@ def resolve_pretrained_dir(name_or_path: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(
-                repo_id, cache_dir=cache_dir, allow_patterns=_ALLOW_PATTERNS,
-                local_files_only=_offline(),
-            )
-        )
+        fetch = lambda patterns: Path(snapshot_download(  # noqa: E731
+            repo_id, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=_offline()))
+        # Safetensors first; pickled .bin weights only for repos that have nothing else.
+        snap = fetch([p for p in _ALLOW_PATTERNS if p != "*.bin"])
+        return snap if any(snap.glob("*.safetensors")) else fetch(_ALLOW_PATTERNS)
     except Exception as e:  # no network, missing refs, or huggingface_hub not installed
         error = e
     snap = _cached_snapshot(cache_dir, repo_id)
