@@ -80,7 +80,8 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
     if "base" in scores:
         b, l = scores["base"], scores["lora"]
         lines.append(f"EM {b['exact_match']:.1f} -> {l['exact_match']:.1f}, F1 {b['f1']:.1f} -> {l['f1']:.1f}")
-    lines.append(f"wall time: {summary['wall_time_s']:.0f} s")
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("seconds", {}).items())
+    lines.append(f"wall time: {summary['wall_time_s']:.0f} s" + (f" ({parts})" if parts else ""))
     by_id = {r.id: r for r in records}
     ids = [i for i in samples.get("lora", {}) if i in by_id][:n_samples]
     if ids:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -251,26 +252,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    max_new_tokens=args.max_new_tokens)
     results: dict[str, dict] = {}
     samples: dict[str, dict[str, str]] = {}
+    seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def timed(name: str):
+        t = time.perf_counter()
+        yield
+        seconds[name] = round(time.perf_counter() - t, 1)
+
     if not args.no_base_eval:
         log("scoring the base model ...")
-        results["base"], samples["base"] = evaluate(model.apply, params, model, tokenizer, val_ex, val_records, **eval_kw)
-
-    lora_params, adapters, history, finished = train(args, model, params, tokenizer, train_ex, lora=lora,
-                                                     lr=args.lr, out=out, tag="lora", log=log, adapters=adapters0)
+        with timed("eval_base"):
+            results["base"], samples["base"] = evaluate(model.apply, params, model, tokenizer, val_ex, val_records,
+                                                        **eval_kw)
+    with timed("train_lora"):
+        lora_params, adapters, history, finished = train(args, model, params, tokenizer, train_ex, lora=lora,
+                                                         lr=args.lr, out=out, tag="lora", log=log, adapters=adapters0)
     if not finished:
         log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
         return {"stopped": True, "scores": results}
     g = lj.apply(model.apply, lora)
     lora_apply = lambda p, *a, **k: g(p, adapters, *a, **k)  # noqa: E731
     log("scoring the LoRA model ...")
-    results["lora"], samples["lora"] = evaluate(lora_apply, lora_params, model, tokenizer, val_ex, val_records, **eval_kw)
+    with timed("eval_lora"):
+        results["lora"], samples["lora"] = evaluate(lora_apply, lora_params, model, tokenizer, val_ex, val_records,
+                                                    **eval_kw)
     if args.full_finetune:
-        full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
-                                             lr=args.full_lr, out=out, tag="full", log=log)
+        with timed("train_full"):
+            full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
+                                                 lr=args.full_lr, out=out, tag="full", log=log)
         history += full_hist
         log("scoring the fully fine-tuned model ...")
-        results["full"], samples["full"] = evaluate(model.apply, full_params, model, tokenizer, val_ex,
-                                                    val_records, **eval_kw)
+        with timed("eval_full"):
+            results["full"], samples["full"] = evaluate(model.apply, full_params, model, tokenizer, val_ex,
+                                                        val_records, **eval_kw)
 
     base_name = str(args.model or EMBEDDED_MODEL)
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype) if primary else {}
@@ -279,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
         "steps": args.steps, "trainable_params": summ.trainable, "total_params": summ.total,
         "trainable_percent": summ.percent, "scores": results, **saved,
-        "wall_time_s": time.perf_counter() - t0, "eval_questions": len(val_ex),
+        "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
     }
     if primary:
         write_json(out / "summary.json", summary)
