@@ -53,7 +53,7 @@ class LoraArray(quax.ArrayValue):
         return jax.core.ShapedArray(self.w.shape, self.w.dtype)
 
     def delta(self) -> jax.Array:
-        """scale * A @ B, materialised (the fallback and `merge` use this)."""
+        """scale * A @ B, materialised (only the fallback needs it)."""
         ab = jnp.einsum("...ir,...ro->...io", self.a, self.b)  # [*S, in, out]
         return (self.scale * ab).astype(self.w.dtype)
 
@@ -65,9 +65,9 @@ class LoraArray(quax.ArrayValue):
             )
         return self.w + self.delta()
 
-    def map(self, fn, key_fn=None) -> "LoraArray":
-        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b and the dropout keys."""
-        key = None if self.key is None else (key_fn or fn)(self.key)
+    def map(self, fn) -> "LoraArray":
+        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b and the dropout keys [*S]."""
+        key = None if self.key is None else fn(self.key)
         return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key), self, (fn(self.w), fn(self.a), fn(self.b), key),
                            is_leaf=lambda x: x is None)
 
@@ -183,7 +183,7 @@ def _slice(x: LoraArray, *, start_indices, limit_indices, strides):
         return lax.slice(x.materialise(), start_indices, limit_indices, strides)
     k = n - 2  # slice stack dims only; the factors keep their own matrix dims
 
-    def sl(v, extra=()):
+    def sl(v):
         shape = v.shape
         st = tuple(start_indices[:k]) + (0,) * (v.ndim - k)
         lim = tuple(limit_indices[:k]) + tuple(shape[k:])
