@@ -1,5 +1,6 @@
 """The embedded offline world: deterministic, answers are spans, no entity leaks into validation."""
 
+import json
 import re
 
 import pytest
@@ -21,7 +22,20 @@ def test_same_seed_same_bytes_other_seed_other_bytes():
 
 def test_committed_assets_are_what_the_script_generates():
     stale = [p for p, text in asset_files().items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
-    assert not stale, f"regenerate with `python -m train.make_assets`: {stale}"
+    assert not stale, (f"regenerate with `python -m train.make_assets` (and, if the tokenizer changed, retrain "
+                       f"with `python -m train.pretrain_world`): {stale}")
+
+
+def test_committed_model_matches_the_tokenizer():
+    config_path = WORLD_MODEL_DIR / "config.json"
+    if not config_path.is_file():
+        pytest.skip("no pretrained world model committed yet")
+    config = json.loads(config_path.read_text())
+    tok = AutoTokenizer.from_pretrained(str(WORLD_MODEL_DIR))
+    assert config["model_type"] == "gpt2" and config["vocab_size"] == len(tok)
+    assert config["eos_token_id"] == config["bos_token_id"] == tok.eos_token_id
+    assert config["n_positions"] >= 192  # the longest world example is ~130 tokens
+    assert (WORLD_MODEL_DIR / "model.safetensors").stat().st_size < 8e6  # keep the repo small
 
 
 @pytest.mark.parametrize("split, lo, hi", [("train", 2800, 3200), ("validation", 180, 240)])

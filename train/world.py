@@ -351,21 +351,38 @@ def _pet_story(rng: random.Random, p: Person) -> str:
             f"for {p.first}. The {p.species} {p.pet} likes the colour {p.colour}, or so {p.first} says.")
 
 
+def _register(rng: random.Random, pool: Pools) -> str:
+    """A list of names given twice in the same order: its second half is pure copying."""
+    city = rng.choice(pool.cities)
+    names = [f"{rng.choice(pool.first)} {rng.choice(pool.last)}" for _ in range(rng.randint(6, 14))]
+    listing = ", ".join(names)
+    return f"Register of {city}: {listing}. The register of {city} was read aloud: {listing}."
+
+
 def make_corpus(rng: random.Random, pools: list[Pools], n_documents: int) -> list[str]:
-    """Encyclopedia-like documents (not QA format) drawn from the given pools only."""
+    """Encyclopedia-like documents (not QA format) drawn from the given pools only.
+
+    15% of the documents use `pools[0]` (the QA training names), the rest the other pools.
+    A quarter of them are stored twice in a row, as duplicated pages are in web corpora, and
+    some are registers that list the same names twice: the repeats are predictable only by
+    copying from earlier context, which is what makes a small model form induction (copy)
+    heads within a few thousand steps instead of settling for n-gram statistics.
+    """
     docs = []
     for _ in range(n_documents):
-        pool = rng.choice(pools)
+        pool = pools[0] if len(pools) == 1 or rng.random() < 0.15 else rng.choice(pools[1:])
         kind = rng.random()
-        if kind < 0.6:
-            p, f = make_person(rng, pool), make_person(rng, pool)
-            docs.append(_bio(rng, p, f))
+        if kind < 0.15:
+            doc = _register(rng, pool)
+        elif kind < 0.6:
+            doc = _bio(rng, make_person(rng, pool), make_person(rng, pool))
         elif kind < 0.75:
-            docs.append(_city_article(rng, rng.choice(pool.cities), [make_person(rng, pool) for _ in range(rng.randint(2, 5))]))
+            doc = _city_article(rng, rng.choice(pool.cities), [make_person(rng, pool) for _ in range(rng.randint(2, 5))])
         elif kind < 0.87:
-            docs.append(_company_article(rng, rng.choice(pool.companies), make_person(rng, pool), rng.choice(pool.cities)))
+            doc = _company_article(rng, rng.choice(pool.companies), make_person(rng, pool), rng.choice(pool.cities))
         else:
-            docs.append(_pet_story(rng, make_person(rng, pool)))
+            doc = _pet_story(rng, make_person(rng, pool))
+        docs.append(doc + "\n\n" + doc if rng.random() < 0.25 else doc)
     return docs
 
 
@@ -385,7 +402,9 @@ class World:
 _POOL_SIZES = {
     "train": {"first": 300, "last": 300, "cities": 150, "companies": 120, "pets": 150},
     "validation": {"first": 60, "last": 60, "cities": 40, "companies": 30, "pets": 40},
-    "corpus": {"first": 300, "last": 300, "cities": 150, "companies": 120, "pets": 150},
+    # Large, so that most corpus names are rare: predicting a name's second mention then needs
+    # copying it from earlier in the passage, not remembering it (the skill QA needs).
+    "corpus": {"first": 8000, "last": 8000, "cities": 5000, "companies": 4000, "pets": 5000},
 }
 
 
