@@ -16,6 +16,8 @@ Only public APIs: `quax.register`/`quaxify` and `jax.extend` primitives.
 
 from __future__ import annotations
 
+import abc
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -33,7 +35,27 @@ class FallbackError(RuntimeError):
     """A LoRA-adapted weight met an operation with no factored rule while `strict=True`."""
 
 
-class LoraArray(quax.ArrayValue):
+class StackedFactors(quax.ArrayValue):
+    """A frozen kernel w [*S, in, out] and low-rank factors a, b that share its stack dims [*S].
+
+    The rules below slice or squeeze the stack dims (a loop over layers) and cast every leaf
+    alike through `map`; an op on the matrix dims goes to `materialise` (which may raise).
+    `LoraArray` and `multi.MultiLoraArray` both build on this.
+    """
+
+    w: eqx.AbstractVar[jax.Array]
+    a: eqx.AbstractVar[jax.Array]
+    b: eqx.AbstractVar[jax.Array]
+
+    def aval(self):
+        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    @abc.abstractmethod
+    def map(self, fn: Callable[[jax.Array], jax.Array]) -> "StackedFactors":
+        """Apply an op on the leading stack dims to every leaf that has them."""
+
+
+class LoraArray(StackedFactors):
     """W0 + scale * A @ B over stacks: w [*S, in, out], a [*S, in, r], b [*S, r, out].
 
     `key` ([*S] typed PRNG keys) enables dropout (rate `dropout`) on the matmul input of the
@@ -48,9 +70,6 @@ class LoraArray(quax.ArrayValue):
     dropout: float = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
     name: str = eqx.field(static=True)
-
-    def aval(self):
-        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
 
     def delta(self) -> jax.Array:
         """scale * A @ B, materialised (only the fallback needs it)."""
@@ -145,8 +164,9 @@ def _dot_lora_both(lhs: LoraArray, rhs: LoraArray, *, dimension_numbers, **kwarg
 
 
 @quax.register(P.convert_element_type_p)
-def _cast(x: LoraArray, *, new_dtype, **kwargs):
-    # bf16 compute casts the frozen weight; the factors follow so the LoRA path runs in it too.
+def _cast(x: StackedFactors, *, new_dtype, **kwargs):
+    # bf16 compute casts the frozen weight; the factors follow so the LoRA path runs in it too
+    # (other leaves, dropout keys or adapter indices, keep their types).
     cast = lambda v: lax.convert_element_type(v, new_dtype)
     return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
 
@@ -164,19 +184,19 @@ def _transpose(x: LoraArray, *, permutation):
     return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (sw(x.w), sw(x.b), sw(x.a)))
 
 
-def _on_stack_dims(x: LoraArray, dims) -> bool:
+def _on_stack_dims(x: StackedFactors, dims) -> bool:
     return all(d < x.w.ndim - 2 for d in dims)
 
 
 @quax.register(P.squeeze_p)
-def _squeeze(x: LoraArray, *, dimensions):
+def _squeeze(x: StackedFactors, *, dimensions):
     if not _on_stack_dims(x, dimensions):
         return lax.squeeze(x.materialise(), dimensions)
     return x.map(lambda v: lax.squeeze(v, dimensions))
 
 
 @quax.register(P.slice_p)
-def _slice(x: LoraArray, *, start_indices, limit_indices, strides):
+def _slice(x: StackedFactors, *, start_indices, limit_indices, strides):
     n = x.w.ndim
     full = all(s == 0 and l == d for s, l, d in zip(start_indices[n - 2 :], limit_indices[n - 2 :], x.w.shape[n - 2 :]))
     if not full or (strides is not None and any(s != 1 for s in strides[n - 2 :])):
@@ -192,7 +212,7 @@ def _slice(x: LoraArray, *, start_indices, limit_indices, strides):
 
 
 @quax.register(P.dynamic_slice_p)
-def _dynamic_slice(x: LoraArray, *args: ArrayLike | quax.ArrayValue, slice_sizes):
+def _dynamic_slice(x: StackedFactors, *args: ArrayLike | quax.ArrayValue, slice_sizes):
     n = x.w.ndim
     idx = [_dense(i) for i in args]
     if tuple(slice_sizes[n - 2 :]) != tuple(x.w.shape[n - 2 :]):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -30,8 +29,9 @@ import quax
 from jax import lax
 from jax.extend.core import primitives as P
 
-from . import checkpoint, tree
+from . import tree
 from .config import LoraConfig
+from .lazy import StackedFactors
 from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
@@ -43,7 +43,7 @@ class MixedBatchError(RuntimeError):
     """A per-example (mixed-adapter) weight met an operation that needs one dense weight."""
 
 
-class MultiLoraArray(quax.ArrayValue):
+class MultiLoraArray(StackedFactors):
     """W0 plus, for example b, adapter ids[b]'s delta A.B (scale already folded into A).
 
     w [*S, in, out]; a [*S, N, in, r]; b [*S, N, r, out]; ids [*S, B] int32 (the batch's
@@ -55,9 +55,6 @@ class MultiLoraArray(quax.ArrayValue):
     b: jax.Array
     ids: jax.Array
     name: str = eqx.field(static=True)
-
-    def aval(self):
-        return jax.core.ShapedArray(self.w.shape, self.w.dtype)
 
     def materialise(self) -> jax.Array:
         raise MixedBatchError(
@@ -100,48 +97,6 @@ def _dot_mixed(lhs: ArrayLike | quax.ArrayValue, rhs: MultiLoraArray, *, dimensi
 @quax.register(P.dot_general_p)
 def _dot_mixed_lhs(lhs: MultiLoraArray, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **kwargs):
     return lhs.materialise()  # raises: W on the left has no per-example meaning
-
-
-@quax.register(P.convert_element_type_p)
-def _cast(x: MultiLoraArray, *, new_dtype, **kwargs):
-    # bf16 compute casts the frozen weight; the factors follow (the indices stay integers).
-    cast = lambda v: lax.convert_element_type(v, new_dtype)
-    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
-
-
-def _stack_only(x: MultiLoraArray, dims) -> bool:
-    return all(d < x.w.ndim - 2 for d in dims)
-
-
-@quax.register(P.squeeze_p)
-def _squeeze(x: MultiLoraArray, *, dimensions):
-    if not _stack_only(x, dimensions):
-        return x.materialise()
-    return x.map(lambda v: lax.squeeze(v, dimensions))
-
-
-@quax.register(P.slice_p)
-def _slice(x: MultiLoraArray, *, start_indices, limit_indices, strides):
-    k = x.w.ndim - 2
-    full = all(s == 0 and l == d for s, l, d in zip(start_indices[k:], limit_indices[k:], x.w.shape[k:]))
-    if not full or (strides is not None and any(s != 1 for s in strides[k:])):
-        return x.materialise()
-
-    def sl(v):  # slice the stack dims; every leaf keeps its own trailing dims
-        return lax.slice(v, tuple(start_indices[:k]) + (0,) * (v.ndim - k),
-                         tuple(limit_indices[:k]) + v.shape[k:],
-                         None if strides is None else tuple(strides[:k]) + (1,) * (v.ndim - k))
-    return x.map(sl)
-
-
-@quax.register(P.dynamic_slice_p)
-def _dynamic_slice(x: MultiLoraArray, *args: ArrayLike | quax.ArrayValue, slice_sizes):
-    k = x.w.ndim - 2
-    idx = [_dense(i) for i in args]
-    if tuple(slice_sizes[k:]) != tuple(x.w.shape[k:]):
-        return x.materialise()
-    return x.map(lambda v: lax.dynamic_slice(v, list(idx[:k]) + [0] * (v.ndim - k),
-                                             tuple(slice_sizes[:k]) + v.shape[k:]))
 
 
 # ----------------------------------------------------------------------------- stacking
@@ -314,12 +269,9 @@ def load_bank(sources: Mapping[str, str | os.PathLike], params: PyTree, *, model
 
     bank = Bank({}, {}, {})
     for name, src in sources.items():
-        d = Path(src)
-        if (d / checkpoint.MANIFEST).is_file():
-            got = checkpoint.load(d, params)
-        elif (d / peft.CONFIG_FILE).is_file():
-            got = peft.load_peft(d, params, model_config=model_config)
-        else:
-            raise FileNotFoundError(f"adapter {name!r}: {d} holds neither {checkpoint.MANIFEST} nor {peft.CONFIG_FILE}")
+        try:
+            got = peft.load_adapter(src, params, model_config=model_config)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"adapter {name!r}: {e}") from None
         bank.configs[name], bank.adapters[name], bank.extras[name] = got.config, got.adapters, got.extras
     return bank

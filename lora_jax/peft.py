@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import tree
-from .checkpoint import atomic_directory, read_json, trainable_leaves
+from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
+from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lora import Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
-from .models.hf import hf_key_to_path, params_to_hf_state_dict, path_to_hf_key
+from .models.hf import hf_key_to_path, params_to_hf_state_dict, path_to_hf_key, read_tensors, write_hf_files
 
 PyTree = Any
 PREFIX = "base_model.model."
@@ -284,38 +285,6 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
     return Path(directory)
 
 
-# ----------------------------------------------------------------------------- reading files
-
-
-def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a `.safetensors` file (or a torch `.bin`, read with weights_only=True).
-
-    Raises a ValueError naming the file when it is truncated or corrupted: nothing partial.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
-
-        try:
-            return dict(load_file(path))
-        except Exception as e:  # SafetensorError, OSError, ...: the file itself is bad
-            raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"{path.name} is a torch file; install torch to read it or use safetensors") from e
-    try:
-        # weights_only=True: never unpickle arbitrary objects from a downloaded file.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable torch weights file (truncated, corrupted or unsafe?): {e}") from None
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    return {k: (t.float() if t.dtype == torch.bfloat16 else t).numpy() for k, t in state.items()}
-
-
 # ----------------------------------------------------------------------------- import
 
 
@@ -510,6 +479,20 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
 
 
+def load_adapter(directory: str | os.PathLike, params: PyTree, *,
+                 model_config: BaseConfig | None = None) -> PeftAdapter | AdapterCheckpoint:
+    """A lora_jax adapter checkpoint or a PEFT adapter directory, told apart by their files.
+
+    Both results have `config`, `adapters` and `extras` (fully trained leaves, often empty).
+    """
+    d = Path(directory)
+    if (d / MANIFEST).is_file():
+        return checkpoint_load(d, params)
+    if (d / CONFIG_FILE).is_file():
+        return load_peft(d, params, model_config=model_config)
+    raise FileNotFoundError(f"{d}: neither a lora_jax adapter ({MANIFEST}) nor a PEFT adapter ({CONFIG_FILE})")
+
+
 # ----------------------------------------------------------------------------- merged export
 
 
@@ -524,20 +507,13 @@ def save_merged(directory: str | os.PathLike, model_config: BaseConfig, params: 
       dtype: storage dtype of the weights (default: the params' dtype).
       tokenizer: anything with `save_pretrained(dir)`, saved alongside.
     """
-    from safetensors.numpy import save_file
-
     # merge() donates its params argument: hand it a copy so the caller's params stay valid.
     merged = merge(config, jax.tree.map(jnp.array, params), adapters)
     if dtype is not None:
         merged = jax.tree.map(lambda x: x.astype(_np_dtype(dtype)), merged)
     state = params_to_hf_state_dict(model_config, merged)
-    hf = model_config.to_hf()
-    name = str(np.dtype(next(iter(state.values())).dtype))
-    for k in [k for k in ("dtype", "torch_dtype") if k in hf] or ["dtype"]:
-        hf[k] = name
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
+        write_hf_files(tmp, model_config, state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(directory)

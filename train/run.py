@@ -92,14 +92,10 @@ def load_init_adapter(path: str, params, model):
     """(config, adapters, params with trained extras) from a lora_jax or PEFT adapter directory."""
     from lora_jax import checkpoint, peft
 
-    d = Path(path)
-    if (d / checkpoint.MANIFEST).is_file():
-        got = checkpoint.load(d, params)
-    elif (d / peft.CONFIG_FILE).is_file():
-        got = peft.load_peft(d, params, model_config=model.config)
-    else:
-        raise FileNotFoundError(f"--init-adapter {d}: neither a lora_jax adapter ({checkpoint.MANIFEST}) "
-                                f"nor a PEFT adapter ({peft.CONFIG_FILE})")
+    try:
+        got = peft.load_adapter(path, params, model_config=model.config)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--init-adapter {e}") from None
     return got.config, got.adapters, checkpoint.update_params(params, got.extras) if got.extras else params
 
 

@@ -246,19 +246,29 @@ def load_hf_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"checkpoint shard listed in the index is missing: {f}")
-        try:
-            if f.suffix == ".safetensors":
-                from safetensors.numpy import load_file
-
-                state.update(load_file(f))
-            else:
-                state.update(_load_torch_bin(f))
-        except (ImportError, FileNotFoundError):
-            raise
-        except Exception as e:  # safetensors / torch raise their own types for damaged files
-            raise ValueError(f"{f}: could not read the checkpoint (truncated or corrupted?): "
-                             f"{type(e).__name__}: {e}") from None
+        state.update(read_tensors(f))
     return state
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of one `.safetensors` file, or of a torch `.bin` read with `weights_only=True`.
+
+    A truncated or corrupted file raises one ValueError naming it; nothing partial is returned.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return dict(load_file(path))
+        return _load_torch_bin(path)
+    except ImportError:
+        raise
+    except Exception as e:  # safetensors / torch raise their own types for damaged files
+        raise ValueError(f"{path}: could not read the checkpoint (truncated or corrupted?): "
+                         f"{type(e).__name__}: {e}") from None
 
 
 def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
@@ -270,6 +280,8 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
     # weights_only=True: never unpickle arbitrary objects from a downloaded file.
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"expected a dict of tensors, got {type(state).__name__}")
     out = {}
     for k, t in state.items():
         if t.dtype == torch.bfloat16:  # numpy has no bf16; reinterpret the bits
@@ -311,14 +323,24 @@ def from_pretrained(
 
 def save_hf_checkpoint(directory: str | os.PathLike, config: BaseConfig, params: Params) -> Path:
     """Write `config.json` + `model.safetensors` that transformers `from_pretrained` loads."""
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(config.to_hf(), indent=2, sort_keys=True))
-    save_file(params_to_hf_state_dict(config, params), directory / "model.safetensors",
-              metadata={"format": "pt"})
+    write_hf_files(directory, config, params_to_hf_state_dict(config, params))
     return directory
+
+
+def write_hf_files(directory: Path, config: BaseConfig, state: Mapping[str, np.ndarray]) -> None:
+    """`model.safetensors` from an HF state dict and the `config.json` naming its dtype."""
+    from safetensors.numpy import save_file
+
+    hf = config.to_hf()
+    # transformers loads in the config's dtype: name the tensors actually stored.
+    stored = str(np.dtype(next(iter(state.values())).dtype))
+    for k in ("dtype", "torch_dtype"):
+        if k in hf:
+            hf[k] = stored
+    save_file(dict(state), directory / "model.safetensors", metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike):
