@@ -240,8 +240,8 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
         trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
         lora = None
 
-        def hidden(p, a, ids, mask, rng):
-            return model.apply(p, ids, None, return_hidden=True)
+        def logits(p, a, ids, mask, rng, pos):
+            return model.apply(p, ids, None, positions=pos)
     else:
         # The merged strategy cannot apply LoRA dropout; it runs without.
         dropout = spec.lora_dropout if case.strategy == "factored" else 0.0
@@ -252,12 +252,12 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
         trainable, frozen = lj.split(lora, params, adapters)
         g = lj.apply(model.apply, lora, strategy=case.strategy)
 
-        def hidden(p, a, ids, mask, rng):
-            return g(p, a, ids, None, return_hidden=True, lora_rng=rng if dropout > 0 else None)
+        def logits(p, a, ids, mask, rng, pos):
+            return g(p, a, ids, None, positions=pos, lora_rng=rng if dropout > 0 else None)
 
     targets = spec.loss_tokens
     tx = loop.make_optimizer(LR, steps=1000, warmup=10, weight_decay=WEIGHT_DECAY, clip=1.0)
-    step = loop.make_step(loop.target_loss(model, hidden, targets), tx,
+    step = loop.make_step(loop.target_loss(logits, targets), tx,
                           loop.StepConfig(accum=1, micro_batch=spec.batch, targets=targets))
     shape = (1, spec.batch, spec.seq)  # [accum, micro, T]
     if abstract:

@@ -5,6 +5,8 @@ the primitives a kernel meets on its way to a matmul:
 
 * `dot_general` with W on either side, contracting its input or output dimension, with or
   without batch dimensions: computes x*W0 + s*((drop(x)*A)*B), never the d x k product;
+* `gather` of whole rows (an embedding lookup): W0[i] + s*A[i]*B; a tied LM head is a
+  `dot_general` contracting W's output dimension, so an adapted embedding stays factored;
 * `convert_element_type` (casts W0, A and B), `transpose` of the two matrix dimensions
   (W^T = W0^T + s*B^T*A^T), slicing and squeezing of leading stack dimensions (layer stacks
   indexed by a loop), and `jax.checkpoint` (re-quaxifies its body under the same policy);
@@ -161,6 +163,28 @@ def _dot_lora_rhs(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, *, dimension
 @quax.register(P.dot_general_p, precedence=1)
 def _dot_lora_both(lhs: LoraArray, rhs: LoraArray, *, dimension_numbers, **kwargs):
     return _dot(lhs, rhs, dimension_numbers, kwargs, True)
+
+
+@quax.register(P.gather_p)
+def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimension_numbers, slice_sizes,
+            **kwargs):
+    # An embedding lookup, rows of W [V, D]: W0[i] + s * A[i] @ B, as PEFT's Embedding computes
+    # it (no dropout there either). Gathering A instead of W keeps the [V, D] product unbuilt.
+    dn, w = dimension_numbers, operand.w
+    idx = _dense(indices)
+    row_lookup = (
+        w.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+        and not dn.operand_batching_dims and tuple(slice_sizes) == (1, w.shape[1])
+    )
+    if not row_lookup:
+        return lax.gather_p.bind(operand.materialise(), idx, dimension_numbers=dn, slice_sizes=slice_sizes,
+                                 **kwargs)
+    base = lax.gather_p.bind(w, idx, dimension_numbers=dn, slice_sizes=slice_sizes, **kwargs)  # [..., D, ...]
+    r = operand.a.shape[1]
+    rows = lax.gather_p.bind(operand.a, idx, dimension_numbers=dn, slice_sizes=(1, r), **kwargs)  # [..., r, ...]
+    (off,) = dn.offset_dims  # where D (and r for A's rows) sits in the result
+    delta = jnp.moveaxis(jnp.moveaxis(rows, off, -1) @ operand.b.astype(rows.dtype), -1, off)
+    return base + (operand.scale * delta).astype(base.dtype)
 
 
 @quax.register(P.convert_element_type_p)

@@ -9,9 +9,12 @@ PEFT layout (GPT-2 and BLOOM alike): `base_model.model.<module>.lora_A.weight` i
 `.lora_B.weight` is (out, r), i.e. our [in, r] / [r, out] factors transposed, whatever the base
 weight's orientation; GPT-2's Conv1D only sets `fan_in_fan_out: true`. Stacked (scanned)
 adapters [L, ...] are written per layer (`transformer.h.{i}...`) and stacked again on import
-when the base is scanned. Fully trained leaves are written the way PEFT writes them: biases
-(`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and whole modules
-(`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`).
+when the base is scanned. An embedding table's adapter is PEFT's `lora_embedding_A` (r, V) /
+`lora_embedding_B` (D, r); where that table is also the LM head (GPT-2's `wte`, BLOOM's
+`word_embeddings`), lora_jax applies W0 + s*A*B in both places, as PEFT's merged model does,
+and writes `ensure_weight_tying: true`. Fully trained leaves are written the way PEFT writes
+them: biases (`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and
+whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`).
 
 Files are read through safetensors (or, for old `adapter_model.bin`, `torch.load(weights_only=
 True)`); a truncated or corrupted file raises a ValueError naming it. Every export is written
@@ -25,6 +28,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -107,6 +111,16 @@ def _unstack(path: str, x: Any, layers_key: str, stacked: bool) -> list[tuple[st
     if not stacked:
         return [(path, x)]
     return [(_insert_layer(path, i, layers_key), x[i]) for i in range(x.shape[0])]
+
+
+def _is_embedding(path: str) -> bool:
+    """A flax `nn.Embed` table ([V, D], looked up by row), which PEFT adapts as an Embedding."""
+    return path.rsplit("/", 1)[-1] == "embedding"
+
+
+def _ties_head(adapters: Mapping[str, Any], model_config: BaseConfig) -> bool:
+    """Whether an adapter sits on the embedding table that is also the LM head."""
+    return any(_is_embedding(p) and p.split("/")[-2] == model_config.embed_name for p in adapters)
 
 
 def _module(path: str) -> str:
@@ -207,8 +221,11 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
     state: dict[str, np.ndarray] = {}
     for path, a, b, _, _ in _per_layer(config, adapters, layers_key):
         module = _module(path)
-        state[f"{PREFIX}{module}.lora_A.weight"] = a.T  # [in, r] -> (r, in)
-        state[f"{PREFIX}{module}.lora_B.weight"] = b.T  # [r, out] -> (out, r)
+        # Embedding: lora_embedding_A (r, V), lora_embedding_B (D, r), parameters without ".weight".
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(path) else \
+            ("lora_A.weight", "lora_B.weight")
+        state[f"{PREFIX}{module}.{a_key}"] = a.T  # [in, r] -> (r, in)
+        state[f"{PREFIX}{module}.{b_key}"] = b.T  # [r, out] -> (out, r)
     if config.bias != "none" or config.trainable is not None:
         if params is None or model_config is None:
             raise ValueError(f"config trains full leaves (bias={config.bias!r}, trainable={config.trainable!r}); "
@@ -231,7 +248,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         if params is None:
             raise ValueError("config trains full leaves: pass params= to export them")
         modules = _extras(config, adapters, params, model_config, layers_key)[1] or None
-    return {
+    cfg = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path or model_config.hf_config.get("_name_or_path") or None,
@@ -255,6 +272,11 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_dora": False,
         "lora_bias": False,
     }
+    if _ties_head(adapters, model_config):
+        # lora_jax adapts the tied LM head along with the lookup (one weight, W0 + s*A*B
+        # wherever it is used); PEFT's name for asking the same of its unmerged model.
+        cfg["ensure_weight_tying"] = True
+    return cfg
 
 
 def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
@@ -288,7 +310,8 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
 # ----------------------------------------------------------------------------- import
 
 
-_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
+# Linear: <module>.lora_A[.<adapter>].weight; Embedding: <module>.lora_embedding_A[.<adapter>].
+_LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight|embedding_(?P<eab>[AB])(?:\.[^.]+)?)")
 
 
 def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -333,10 +356,11 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
     for key, x in tensors.items():
         k = key.removeprefix(PREFIX)
         m = _LORA_KEY.fullmatch(k)
-        if m is None or m["ab"] != "A":
+        ab = "ab" if m is not None and m["ab"] else "eab"
+        if m is None or m[ab] != "A":
             continue
         module = m["module"]
-        b_key = key[: len(key) - len(k)] + k[: m.start("ab")] + "B" + k[m.end("ab") :]
+        b_key = key[: len(key) - len(k)] + k[: m.start(ab)] + "B" + k[m.end(ab) :]
         if b_key not in tensors:
             raise ValueError(f"{path}: {key} has no matching lora_B tensor")
         a, b = np.asarray(x, np.float32), np.asarray(tensors[b_key], np.float32)
@@ -346,6 +370,9 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
         # The rank is the tensors' (rank_pattern only sized them); alpha comes from the config.
         alpha = _peft_pattern(cfg.get("alpha_pattern") or {}, module, alpha0)
         p, layer = _weight_path(module, flat, layers_key)
+        if (ab == "eab") != _is_embedding(p):
+            kind = "an embedding" if ab == "eab" else "a linear layer"
+            raise ValueError(f"{path}: {key} is {kind}'s LoRA tensor, but {p!r} is not one")
         groups.setdefault(p, {})[layer] = (a.T, b.T, r, alpha / (math.sqrt(r) if rslora else r))  # [in, r], [r, out]
     out = {}
     for p, layers in groups.items():
@@ -372,7 +399,7 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
         k = key.removeprefix(PREFIX)
         if ".lora_" in k:
             if not _LORA_KEY.fullmatch(k):
-                raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (embedding LoRA / DoRA?)")
+                raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (DoRA or another LoRA variant?)")
             continue
         if ".original_module." in k:  # PEFT's copy of the untrained base module
             continue
@@ -459,6 +486,11 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     if not factors:
         raise ValueError(f"{weights}: no lora_A / lora_B tensors")
     extras = _extra_leaves(weights, tensors, flat, model_config, layers_key)
+    tied = [p for p in factors if _is_embedding(p) and (model_config is None or _ties_head({p: 0}, model_config))]
+    if tied and not cfg.get("ensure_weight_tying"):
+        warnings.warn(f"{cfg_path}: the LoRA on {tied[0]!r} also acts in the tied LM head under lora_jax, "
+                      "as in PEFT's merged model; PEFT's unmerged model (ensure_weight_tying=false) applies it "
+                      "to the lookup only, so their logits differ", stacklevel=2)
 
     rank, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     alpha_of = lambda r, s: s * (math.sqrt(r) if rslora else r)

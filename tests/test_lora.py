@@ -65,6 +65,16 @@ class ScanTransformer(nn.Module):
         return nn.Dense(3, name="head")(h)
 
 
+class TiedLM(nn.Module):
+    """An embedding lookup and the same table as the output head (GPT-2 / BLOOM tie them)."""
+
+    @nn.compact
+    def __call__(self, ids):
+        emb = nn.Embed(11, 8, name="wte")
+        h = jnp.tanh(nn.Dense(8, name="c_fc")(emb(ids)))  # [B, T, 8]
+        return emb.attend(h)  # [B, T, 11]
+
+
 class NNXNet(nnx.Module):
     def __init__(self, rngs):
         self.l1 = nnx.Linear(6, 12, rngs=rngs)
@@ -99,10 +109,12 @@ def _nnx(x):
 
 
 X8 = jax.random.normal(jax.random.key(1), (4, 8))
+IDS = jnp.array([[1, 2, 10], [0, 5, 5]])
 CASES = {
     "linen_mlp": lambda: (*_linen(MLP(), X8, ["Dense_0", "Dense_1"]), X8, True),
     "linen_scan_transformer": lambda: (*_linen(ScanTransformer(), jnp.ones((2, 5, 4)), ["c_attn", "c_fc"]),
                                        jax.random.normal(jax.random.key(2), (2, 5, 4)), True),
+    "linen_tied_embedding": lambda: (*_linen(TiedLM(), IDS, ["wte", "c_fc"]), IDS, True),
     "nnx": lambda: (*_nnx(None), jax.random.normal(jax.random.key(3), (4, 6)), True),
     "plain_lhs_rhs": lambda: (plain_fn, {"layer": {"w": jax.random.normal(KEY, (8, 6))}},
                               lj.LoraConfig(rank=2, alpha=2, targets=".*layer"), X8, True),

@@ -198,3 +198,68 @@ def test_bloom_560m_export_size(tmp_path):
     cfg = json.loads((out / lp.CONFIG_FILE).read_text())
     assert cfg["target_modules"] == ["query_key_value"] and cfg["r"] == 16 and cfg["lora_alpha"] == 32
     print(f"BLOOM-560m r=16 qkv fp16 adapter_model.safetensors: {size} bytes")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+    """LoRA on the tied embedding: PEFT's lora_embedding_A/B tensors in and out. lora_jax applies
+    W0 + s*A*B in the lookup and the tied head: PEFT's unmerged model matches it up to the head,
+    its merged model in full; lazy generation and the answer-only loss use the adapted head too."""
+    from lora_jax.models import generate
+    from train.loop import target_loss
+
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
+                                                                  init_lora_weights="gaussian"))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft_made")
+    ids = torch.tensor(IDS, dtype=torch.long)
+    with torch.no_grad():
+        hidden_want = pm.base_model.model.transformer(ids).last_hidden_state.numpy()
+        logits_want = pm.merge_and_unload()(ids).logits.numpy()
+
+    model, params = from_pretrained(base_dir)
+    with pytest.warns(UserWarning, match="tied LM head"):
+        got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
+    path = f"transformer/{emb}/embedding"
+    V, D = model.config.vocab_size, model.config.hidden_size
+    assert got.adapters[path]["lora_A"].shape == (V, 4) and got.adapters[path]["lora_B"].shape == (4, D)
+    g = lj.apply(model.apply, got.config, strict=True)  # strict: the lookup and head stay factored
+    np.testing.assert_allclose(g(params, got.adapters, IDS, return_hidden=True), hidden_want, atol=ATOL, rtol=0)
+    logits = np.asarray(g(params, got.adapters, IDS))
+    np.testing.assert_allclose(logits, logits_want, atol=ATOL, rtol=0)
+    assert np.abs(np.asarray(model.apply(params, IDS)) - logits).max() > 100 * ATOL
+
+    # Our export: PEFT's tensor names (nothing missing on load) and the tying flag.
+    out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    state = lp.read_tensors(out / lp.WEIGHTS_FILE)
+    assert state[f"base_model.model.transformer.{emb}.lora_embedding_A"].shape == (4, V)
+    assert state[f"base_model.model.transformer.{emb}.lora_embedding_B"].shape == (D, 4)
+    assert json.loads((out / lp.CONFIG_FILE).read_text())["ensure_weight_tying"] is True
+    with pytest.warns() as record:
+        back = peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval()
+    assert not [w for w in record if "missing adapter keys" in str(w.message)]
+    with torch.no_grad():
+        hidden_back = back.base_model.model.transformer(ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden_back, hidden_want, atol=ATOL, rtol=0)
+    again = lp.load_peft(out, params, model_config=model.config)  # no warning: it says it ties
+    for k in ("lora_A", "lora_B"):
+        np.testing.assert_allclose(again.adapters[path][k], got.adapters[path][k], atol=1e-6)
+
+    # Generation and the answer-only loss see the adapted head (logits via `positions`).
+    lazy = lambda p, *a, **k: g(p, got.adapters, *a, **k)  # noqa: E731
+    merged = lj.merge(got.config, jax.tree.map(jnp.array, params), got.adapters)
+    kw = dict(model=model, max_new_tokens=4, eos_token_id=None)
+    np.testing.assert_array_equal(generate(lazy, params, IDS, None, **kw), generate(model.apply, merged, IDS, None, **kw))
+    batch = dict(input_ids=IDS, attention_mask=np.ones_like(IDS), labels=np.roll(IDS, -1, axis=1),
+                 loss_mask=np.pad(np.ones((2, 3), np.float32), ((0, 0), (5, 0))))  # the last 3 tokens
+    loss = target_loss(lambda p, a, ids, m, rng, pos: g(p, a, ids, m, positions=pos), targets=3)
+    total, n = loss(params, got.adapters, batch, None)
+    full = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
+    want = -np.take_along_axis(np.asarray(full), batch["labels"][..., None], axis=-1)[:, 5:, 0].sum()
+    assert n == 6 and np.isclose(float(total), float(want), rtol=1e-5)

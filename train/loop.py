@@ -48,23 +48,22 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float,
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 
-def target_loss(model, hidden_fn: Callable[..., jax.Array], targets: int) -> Callable[..., tuple]:
+def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[..., tuple]:
     """`loss(params, adapters, batch, rng) -> (sum of token losses, number of target tokens)`.
 
-    Logits are built only at `targets` positions per row (those with loss_mask = 1 first), in
-    the compute dtype; only the log-sum-exp runs in fp32. No [B, T, V] fp32 tensor exists.
+    `logits_fn(params, adapters, input_ids, attention_mask, rng, positions)` returns logits
+    [B, K, V] at `positions` [B, K] (all T when None), e.g. `CausalLM.apply(..., positions=)`
+    under the LoRA transform, so an adapted tied embedding acts in the head as well. Logits
+    exist only at `targets` positions per row (those with loss_mask = 1 first), in the compute
+    dtype; only the log-sum-exp runs in fp32. No [B, T, V] fp32 tensor exists.
     """
     def loss(params, adapters, batch, rng):
-        hidden = hidden_fn(params, adapters, batch["input_ids"], batch["attention_mask"], rng)  # [B, T, D]
-        mask = batch["loss_mask"]
+        mask, labels, pos = batch["loss_mask"], batch["labels"], None
         if targets < mask.shape[1]:
             pos = jnp.argsort(-mask, axis=1, stable=True)[:, :targets]  # [B, K]: targets first
-            hidden = jnp.take_along_axis(hidden, pos[..., None], axis=1)  # [B, K, D]
-            labels = jnp.take_along_axis(batch["labels"], pos, axis=1)  # [B, K]
+            labels = jnp.take_along_axis(labels, pos, axis=1)  # [B, K]
             mask = jnp.take_along_axis(mask, pos, axis=1)  # [B, K]
-        else:
-            labels = batch["labels"]
-        logits = model.logits(params, hidden)  # [B, K, V]
+        logits = logits_fn(params, adapters, batch["input_ids"], batch["attention_mask"], rng, pos)  # [B, K, V]
         lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, K]
         gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
         return jnp.sum((lse - gold) * mask), jnp.sum(mask)

@@ -131,19 +131,19 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         trainable, frozen = lj.split(lora, params, adapters)
         g = lj.apply(model.apply, lora)
 
-        def hidden(p, a, ids, mask, rng):
-            return g(p, a, ids, mask, return_hidden=True, lora_rng=rng if lora.dropout > 0 else None)
+        def logits(p, a, ids, mask, rng, pos):
+            return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None)
         log(str(lj.summary(lora, params, adapters)))
     else:
         trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
 
-        def hidden(p, a, ids, mask, rng):
-            return model.apply(p, ids, mask, return_hidden=True)
+        def logits(p, a, ids, mask, rng, pos):
+            return model.apply(p, ids, mask, positions=pos)
     cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size,
                      targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
                      parallel=args.parallel)
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip)
-    runner = Runner(target_loss(model, hidden, cfg.targets), tx, cfg)
+    runner = Runner(target_loss(logits, cfg.targets), tx, cfg)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
     start = 0

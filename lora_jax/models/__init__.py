@@ -4,6 +4,7 @@
     model, params = from_pretrained("gpt2", dtype=jnp.bfloat16, scan_layers=False)
     logits = model.apply(params, input_ids, attention_mask)          # [B, T, V]
     hidden = model.apply(params, input_ids, return_hidden=True)      # [B, T, D]
+    answer = model.apply(params, input_ids, positions=pos)           # [B, K, V] at pos [B, K] only
     new_tokens = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32)
 """
 

@@ -399,6 +399,7 @@ class CausalLM:
         *,
         cache: Cache | None = None,
         return_hidden: bool = False,
+        positions: jax.Array | None = None,
         deterministic: bool = True,
         rng: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
@@ -411,6 +412,9 @@ class CausalLM:
             the T new tokens only; the cache remembers earlier ones.
           cache: from `init_cache`; the new tokens are written at `cache["index"]`.
           return_hidden: return final layer-normed hidden states [B, T, D] instead of logits.
+          positions: [B, K] int indices into the T tokens: the output only there ([B, K, V] or
+            [B, K, D]). The LM head then runs on K rows per sequence, not T, and, since it runs
+            inside `apply`, a LoRA wrapper adapts it with the tied embedding.
           deterministic: False enables dropout (needs `rng`); attention dropout is not applied.
           rng: PRNG key for dropout.
         Returns:
@@ -427,6 +431,8 @@ class CausalLM:
         hidden, new_cache = self.config.make_module(deterministic).apply(
             {"params": params["transformer"]}, input_ids, attention_mask, cache, rngs=rngs
         )
+        if positions is not None:
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, D]
         out = hidden if return_hidden else self.logits(params, hidden)
         return out if cache is None else (out, new_cache)
 

@@ -66,9 +66,11 @@ def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperatu
     )
 
     def step_logits(ids, mask, cache):
-        # Hidden states, then the LM head on the last position only: no [B, T, V] logits.
-        hidden, cache = apply_fn(params, ids, mask, cache=cache, return_hidden=True)
-        return model.logits(params, hidden[:, -1]), cache  # [B, V]
+        # The LM head on the last position only: no [B, T, V] logits. It runs inside apply_fn,
+        # so a LoRA adapter on the tied embedding reaches the head too.
+        last = jnp.full((ids.shape[0], 1), ids.shape[1] - 1, jnp.int32)  # [B, 1]
+        logits, cache = apply_fn(params, ids, mask, cache=cache, positions=last)  # [B, 1, V]
+        return logits[:, 0], cache  # [B, V]
 
     cache = model.init_cache(B, T + N)
     logits, cache = step_logits(input_ids, attention_mask, cache)  # prefill
@@ -112,11 +114,11 @@ def generate(
     """Generate `max_new_tokens` after left-padded prompts.
 
     Args:
-      apply_fn: `(params, input_ids, attention_mask, *, cache, return_hidden) -> (out, cache)`,
-        e.g. `model.apply` or a LoRA closure over it.
-      params: passed to `apply_fn`; the tied LM head is read from it (`model.logits`).
+      apply_fn: `(params, input_ids, attention_mask, *, cache, positions) -> (logits, cache)`,
+        e.g. `model.apply` or a LoRA closure over it (`CausalLM.apply` documents `positions`).
+      params: passed to `apply_fn`.
       input_ids, attention_mask: [B, T] prompts, left-padded (mask 0 on the left).
-      model / config: the model (or its config) for the cache shape and the LM head.
+      model / config: the model (or its config) for the cache shape and the special tokens.
       eos_token_id: id(s) that end a row (default: config's); None disables stopping.
       pad_token_id: fills rows after EOS (default: config's pad, else EOS, else 0).
       temperature: 0 = greedy; > 0 samples (needs `rng`), optionally restricted to the top-k
