@@ -11,6 +11,7 @@ from typing import Any
 from . import tree
 
 INITS = ("kaiming_uniform", "gaussian")
+ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
 Pattern = str | tuple[str, ...]
 
@@ -32,8 +33,10 @@ class LoraConfig:
     Attributes:
       rank: r, the adapter rank (PEFT `r`).
       alpha: scale numerator: scale = alpha / rank (alpha / sqrt(rank) with `use_rslora`).
-      targets: regex `re.fullmatch`-ed against '/'-joined paths (or their module prefix), or a
-        list of module names matched as path components (`c_attn`, `query_key_value`).
+      targets: regex `re.fullmatch`-ed against '/'-joined paths (or their module prefix), a
+        list of module names matched as path components (`c_attn`, `query_key_value`), or
+        "all-linear" (PEFT's: every `kernel`/`weight` matrix, stacks included, except an
+        `lm_head`; embedding tables are not linear layers).
       exclude: same form; never targeted even if `targets` selects it.
       dropout: dropout rate on the LoRA input (training only, with an explicit rng).
       init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)).
@@ -58,6 +61,8 @@ class LoraConfig:
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
         set_("targets", _as_pattern(self.targets, "targets", optional=False))
+        if self.targets == (ALL_LINEAR,):  # a one-name list, as a comma-split flag gives it
+            set_("targets", ALL_LINEAR)
         set_("exclude", _as_pattern(self.exclude, "exclude", optional=True))
         set_("trainable", _as_pattern(self.trainable, "trainable", optional=True))
         for name in ("rank_pattern", "alpha_pattern"):

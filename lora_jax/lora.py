@@ -18,19 +18,27 @@ import jax.numpy as jnp
 import quax
 
 from . import tree
-from .config import LoraConfig
+from .config import ALL_LINEAR, LoraConfig
 from .lazy import LoraArray
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
 STRATEGIES = ("factored", "merged")
+LINEAR_NAMES = ("kernel", "weight", "w")  # matrix leaves of linear layers (not `embedding`)
+
+
+def _all_linear(flat: Mapping[str, Any]) -> list[str]:
+    # PEFT's "all-linear": every linear layer but the output head. Embedding tables are not
+    # linear layers; GPT-2's and BLOOM's heads are their tied embeddings, other models' `lm_head`.
+    return [p for p, x in flat.items() if p.rsplit("/", 1)[-1] in LINEAR_NAMES
+            and len(getattr(x, "shape", ())) >= 2 and "lm_head" not in p.split("/")]
 
 
 def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
     """Paths of the weight matrices `config` adapts; a clear ValueError when it selects none."""
     flat = tree.flatten(params)
     paths = list(flat)
-    selected = tree.select(config.targets, paths)
+    selected = _all_linear(flat) if config.targets == ALL_LINEAR else tree.select(config.targets, paths)
     excluded = set(tree.select(config.exclude, paths))
     found = [p for p in selected if p not in excluded and p.rsplit("/", 1)[-1] in tree.WEIGHT_NAMES]
     if not found:

@@ -263,3 +263,23 @@ def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_d
     full = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
     want = -np.take_along_axis(np.asarray(full), batch["labels"][..., None], axis=-1)[:, 5:, 0].sum()
     assert n == 6 and np.isclose(float(total), float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_all_linear_selects_what_peft_selects(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+    """targets="all-linear" adapts the modules PEFT's "all-linear" adapts (every layer matmul, not
+    the tied head), on unrolled and scanned params; PEFT's file (it lists the modules) imports."""
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
+    want = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules() if hasattr(m, "lora_A")
+                  and "default" in m.lora_A)
+    config = lj.LoraConfig(rank=2, alpha=4, targets="all-linear")
+    model, params = from_pretrained(base_dir)
+    got = sorted(p.rsplit("/", 1)[0].replace("/", ".") for p in lj.target_paths(config, params))
+    assert got == want and len(got) == 4 * model.config.num_layers
+    _, scanned = from_pretrained(base_dir, scan_layers=True)
+    assert len(lj.target_paths(config, scanned)) == 4  # one stacked [L, in, out] kernel per matmul
+    assert lj.LoraConfig(targets=["all-linear"]).targets == "all-linear"  # as `--targets all-linear` gives it
+    pm.save_pretrained(tmp_path / "adapter")
+    back = lp.load_peft(tmp_path / "adapter", params, model_config=model.config)
+    assert sorted(back.adapters) == sorted(lj.target_paths(config, params))

@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--rank", type=int, default=None, help="LoRA rank r (default 16)")
     a("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / r (default 32)")
     a("--dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
-    a("--targets", default=None, help="comma-separated module names or one regex (default: the fused QKV, "
-                                      "c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
+    a("--targets", default=None, help="comma-separated module names, one regex, or all-linear (default: the "
+                                      "fused QKV, c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
     a("--init-adapter", default=None,
       help="start from an existing adapter (a lora_jax adapter dir or a PEFT adapter dir); its config "
