@@ -43,7 +43,14 @@ from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lora import Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
-from .models.hf import hf_key_to_path, params_to_hf_state_dict, path_to_hf_key, read_tensors, write_hf_files
+from .models.hf import (
+    hf_key_to_path,
+    params_to_hf_state_dict,
+    path_to_hf_key,
+    read_tensors,
+    resolve_pretrained_dir,
+    write_hf_files,
+)
 
 PyTree = Any
 PREFIX = "base_model.model."
@@ -462,7 +469,8 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     """Read a PEFT LoRA adapter directory into our config, adapters and trained leaves.
 
     Args:
-      directory: holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`).
+      directory: holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`); or a
+        hub id of such a repo (downloaded, or read from the Hugging Face cache offline).
       params: the base parameters (unrolled or scanned); adapters are laid out to fit them.
       model_config: needed when the adapter holds fully trained tensors (biases, modules).
       dtype: dtype of the returned LoRA factors.
@@ -470,7 +478,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
       PeftAdapter(config, adapters, extras, base_model_name_or_path); put the extras into the
       params with `checkpoint.update_params(params, extras)`.
     """
-    directory = Path(directory)
+    directory = resolve_pretrained_dir(directory)
     cfg_path = directory / CONFIG_FILE
     cfg = read_json(cfg_path, "PEFT adapter config")
     _check_supported(cfg_path, cfg)
@@ -513,11 +521,11 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
 
 def load_adapter(directory: str | os.PathLike, params: PyTree, *,
                  model_config: BaseConfig | None = None) -> PeftAdapter | AdapterCheckpoint:
-    """A lora_jax adapter checkpoint or a PEFT adapter directory, told apart by their files.
+    """A lora_jax adapter checkpoint or a PEFT adapter directory (or hub id), told apart by their files.
 
     Both results have `config`, `adapters` and `extras` (fully trained leaves, often empty).
     """
-    d = Path(directory)
+    d = resolve_pretrained_dir(directory)
     if (d / MANIFEST).is_file():
         return checkpoint_load(d, params)
     if (d / CONFIG_FILE).is_file():

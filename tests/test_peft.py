@@ -283,3 +283,24 @@ def test_all_linear_selects_what_peft_selects(name, tiny_gpt2_dir, tiny_bloom_di
     pm.save_pretrained(tmp_path / "adapter")
     back = lp.load_peft(tmp_path / "adapter", params, model_config=model.config)
     assert sorted(back.adapters) == sorted(lj.target_paths(config, params))
+
+
+def test_adapter_by_hub_id_from_the_cache(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """A hub id (PeftModel.from_pretrained(model, "org/adapter")) resolves through the Hugging Face
+    cache layout, offline; a missing one is a FileNotFoundError naming it."""
+    model, params = from_pretrained(tiny_gpt2_dir)
+    config = lj.LoraConfig(rank=2, alpha=4, targets=["c_attn"])
+    adapters = jax.tree.map(lambda x: x + 0.1, lj.init(config, params, jax.random.key(0)))
+    rev = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--some-org--tiny-adapter"
+    lp.save_peft(repo / "snapshots" / rev, config, adapters, model_config=model.config)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for got in (lp.load_peft("some-org/tiny-adapter", params), lp.load_adapter("some-org/tiny-adapter", params)):
+        assert got.config.targets == ("c_attn",)
+        for p, ab in adapters.items():
+            np.testing.assert_allclose(got.adapters[p]["lora_B"], ab["lora_B"], atol=1e-7)
+    with pytest.raises(FileNotFoundError, match="some-org/missing"):
+        lp.load_adapter("some-org/missing", params)

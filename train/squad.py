@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "fused QKV, c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
     a("--init-adapter", default=None,
-      help="start from an existing adapter (a lora_jax adapter dir or a PEFT adapter dir); its config "
+      help="start from an existing adapter (a lora_jax adapter dir, a PEFT adapter dir or its hub id); its config "
            "replaces --rank/--alpha/--targets")
     a("--export-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
       help="dtype of the exported PEFT adapter tensors")
