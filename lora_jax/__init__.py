@@ -9,12 +9,12 @@
 from . import lazy, optim, tree
 from .config import LoraConfig
 from .lazy import FallbackError, LoraArray
-from .lora import (Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
+from .lora import (MAGNITUDE, Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
                    trainable_mask, unmerge)
 from .optim import TrainStep, join, labels, make_train_step, masked_optimizer, split
 
 __all__ = [
-    "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep",
+    "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
     "trainable_mask", "split", "join", "labels", "masked_optimizer", "make_train_step",
     "lazy", "optim", "tree",

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import tree
 from .config import LoraConfig
-from .lora import Adapters, check_adapters, target_paths, trainable_mask
+from .lora import MAGNITUDE, Adapters, adapter_keys, check_adapters, target_paths, trainable_mask
 
 PyTree = Any
 MANIFEST = "lora_adapter.json"
@@ -141,7 +141,7 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _adapter_leaves(adapters: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    return {f"{p}/{k}": ab[k] for p, ab in adapters.items() for k in ("lora_A", "lora_B")}
+    return {f"{p}/{k}": x for p, ab in adapters.items() for k, x in ab.items()}
 
 
 def _spec(x: Any) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *
     Args:
       directory: created atomically; an existing one needs `overwrite=True`.
       config: the LoRA config (stored as JSON).
-      adapters: {path: {"lora_A", "lora_B"}}.
+      adapters: {path: {"lora_A", "lora_B"}} (and DoRA's "lora_magnitude_vector").
       base_model: the base model's name or path, recorded for whoever loads it.
       params: the (trained) params; required when `config` trains full leaves, whose values are
         then saved. Only their shapes are read otherwise (recorded for the load-time check).
@@ -197,8 +197,7 @@ def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *
         "base_model": base_model,
         "config": json.loads(config.to_json()),
         "adapters": {
-            p: {"weight": list(flat[p].shape) if p in flat else None,
-                "lora_A": _spec(ab["lora_A"]), "lora_B": _spec(ab["lora_B"])}
+            p: {"weight": list(flat[p].shape) if p in flat else None, **{k: _spec(x) for k, x in ab.items()}}
             for p, ab in sorted(adapters.items())
         },
         "extras": {p: _spec(x) for p, x in sorted(extras.items())},
@@ -241,9 +240,15 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         *stack, d_in, d_out = base if len(base) >= 2 else (None, None)
         r = config.rank_for(p)
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
-        got_a, got_b = tuple(spec["lora_A"]["shape"]), tuple(spec["lora_B"]["shape"])
+        got_a, got_b = (tuple(spec.get(k, {}).get("shape", ())) for k in ("lora_A", "lora_B"))
         trained_on = tuple(spec["weight"]) if spec.get("weight") is not None else None
-        if (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
+        if set(spec) - {"weight"} != set(adapter_keys(config)):
+            mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config "
+                              f"(use_dora={config.use_dora}) needs {list(adapter_keys(config))}")
+        elif config.use_dora and tuple(spec[MAGNITUDE]["shape"]) != (*stack, d_out):
+            mismatched.append(f"{p!r}: checkpoint {MAGNITUDE} {tuple(spec[MAGNITUDE]['shape'])}; base parameter "
+                              f"{base} (needs {(*stack, d_out)})")
+        elif (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
             mismatched.append(
                 f"{p!r}: checkpoint weight {trained_on}, lora_A {got_a}, lora_B {got_b}; "
                 f"base parameter {base} (needs lora_A {want_a}, lora_B {want_b})"
@@ -291,7 +296,7 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     _check_fits(directory, m, config, params)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
-    specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in ("lora_A", "lora_B")}
+    specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in adapter_keys(config)}
     target = {"adapters": _nest(specs)}
     if m.get("extras"):
         target["extras"] = _nest({p: sds(s) for p, s in m["extras"].items()})
@@ -307,6 +312,6 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     finally:
         ckptr.close()
     flat = tree.flatten(restored)
-    adapters: Adapters = {p: {k: flat[f"adapters/{p}/{k}"] for k in ("lora_A", "lora_B")} for p in m["adapters"]}
+    adapters: Adapters = {p: {k: flat[f"adapters/{p}/{k}"] for k in adapter_keys(config)} for p in m["adapters"]}
     extras = {p: flat[f"extras/{p}"] for p in m.get("extras", {})}
     return AdapterCheckpoint(config, adapters, extras, m.get("base_model"))

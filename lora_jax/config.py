@@ -41,6 +41,8 @@ class LoraConfig:
       dropout: dropout rate on the LoRA input (training only, with an explicit rng).
       init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)).
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
+      use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
+        adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated).
       rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
       bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
@@ -53,6 +55,7 @@ class LoraConfig:
     dropout: float = 0.0
     init: str = "kaiming_uniform"
     use_rslora: bool = False
+    use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     bias: str = "none"
@@ -78,8 +81,9 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.{name} must be a finite number, got {a!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig.use_rslora must be true or false, got {self.use_rslora!r}")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.init, str) or self.init not in INITS:
             raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS}")
         if not isinstance(self.bias, str) or self.bias not in BIASES:

@@ -61,13 +61,15 @@ class LoraArray(StackedFactors):
     """W0 + scale * A @ B over stacks: w [*S, in, out], a [*S, in, r], b [*S, r, out].
 
     `key` ([*S] typed PRNG keys) enables dropout (rate `dropout`) on the matmul input of the
-    LoRA path; None disables it.
+    LoRA path; None disables it. With a DoRA magnitude `m` [*S, out] the value is
+    m * (W0 + s*A*B) / ||W0 + s*A*B|| (norms over `in`, outside the gradient, as in PEFT).
     """
 
     w: jax.Array
     a: jax.Array
     b: jax.Array
     key: jax.Array | None
+    m: jax.Array | None
     scale: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
@@ -84,13 +86,33 @@ class LoraArray(StackedFactors):
                 f"LoRA weight {self.name!r} {tuple(self.w.shape)} met an operation with no factored "
                 "rule; pass strict=False to materialise W0 + s*A*B for it"
             )
-        return self.w + self.delta()
+        w = self.w + self.delta()
+        return w if self.m is None else dora_weight(w, self.m)
+
+    def dora_gain(self) -> jax.Array:
+        """m / ||W0 + s*A*B|| [*S, out] (fp32) without forming the sum: per output column o,
+        ||w_o||^2 + 2s <w_o, (AB)_o> + s^2 b_o^T (A^T A) b_o."""
+        f32 = jnp.float32
+        w, a, b, s = self.w.astype(f32), self.a.astype(f32), self.b.astype(f32), self.scale
+        w2 = jnp.sum(w * w, axis=-2)  # [*S, out]
+        cross = jnp.einsum("...or,...ro->...o", jnp.einsum("...io,...ir->...or", w, a), b)  # [*S, out]
+        ab2 = jnp.einsum("...ro,...rq,...qo->...o", b, jnp.einsum("...ir,...iq->...rq", a, a), b)  # [*S, out]
+        norm = jnp.sqrt(jnp.maximum(w2 + 2 * s * cross + s * s * ab2, 0.0))
+        return self.m.astype(f32) / lax.stop_gradient(norm)
 
     def map(self, fn) -> "LoraArray":
-        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b and the dropout keys [*S]."""
-        key = None if self.key is None else fn(self.key)
-        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key), self, (fn(self.w), fn(self.a), fn(self.b), key),
+        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b, m and the dropout keys [*S]."""
+        opt = lambda v: None if v is None else fn(v)  # noqa: E731
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key, t.m), self,
+                           (fn(self.w), fn(self.a), fn(self.b), opt(self.key), opt(self.m)),
                            is_leaf=lambda x: x is None)
+
+
+def dora_weight(w: jax.Array, m: jax.Array) -> jax.Array:
+    """DoRA's weight from the adapted one, w [*S, in, out] and m [*S, out]: m * w / ||w|| per
+    output column, the norm held constant for the gradient (PEFT, after the DoRA paper, 4.3)."""
+    norm = jnp.linalg.norm(w.astype(jnp.float32), axis=-2, keepdims=True)  # [*S, 1, out]
+    return (w * (m[..., None, :].astype(jnp.float32) / lax.stop_gradient(norm))).astype(w.dtype)
 
 
 def _dropout(x: jax.Array, lhs: LoraArray) -> jax.Array:
@@ -110,12 +132,15 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     stack = tuple(range(n - 2))
     if len(wc) != 1 or wc[0] < n - 2 or not set(wb) <= set(stack):
         return None  # contracts both matrix dims, or batches over one: no factored form
+    if lora.m is not None and (wc[0] != n - 2 or wb):
+        return None  # DoRA's gain is per output column: factored only for x @ W without batch dims
     # Contracting the input dim: x.(A B) = (x.A).B; the output dim: x.(A B)^T = (x.B^T).A^T.
     first, second, rank_dim = (lora.a, lora.b, n - 2) if wc[0] == n - 2 else (lora.b, lora.a, n - 1)
     dn_xw = ((xc, wc), (xb, wb))  # canonical: x on the left
     base = lax.dot_general(x, lora.w, dn_xw, **kwargs)  # [*batch, *x_free, *stack_free, o]
     kw = {k: v for k, v in kwargs.items() if k != "preferred_element_type"}
-    t = lax.dot_general(_dropout(x, lora), first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
+    xd = _dropout(x, lora)
+    t = lax.dot_general(xd, first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
     nbatch, n_xfree = len(wb), x.ndim - len(xc) - len(xb)
     stack_free = [d for d in stack if d not in wb]
     k = len(stack_free)
@@ -125,7 +150,15 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     u = lax.dot_general(t, second.astype(t.dtype), (((t.ndim - 1,), (rank_dim,)), (t_batch, s_batch)), **kw)
     # u: [*batch, *stack_free, *x_free, o] -> [*batch, *x_free, *stack_free, o] like `base`.
     perm = (*range(nbatch), *range(nbatch + k, nbatch + k + n_xfree), *range(nbatch, nbatch + k), u.ndim - 1)
-    out = base + (lora.scale * lax.transpose(u, perm)).astype(base.dtype)
+    lora_out = (lora.scale * lax.transpose(u, perm)).astype(base.dtype)
+    if lora.m is None:
+        out = base + lora_out
+    else:  # out is [*x_free, *S, o] here, so the gain [*S, o] broadcasts from the right
+        g = lora.dora_gain().astype(base.dtype)
+        if xd is x:
+            out = g * (base + lora_out)
+        else:  # PEFT under dropout: x W0 + (g - 1) * drop(x) W0 + g * s * drop(x) A B
+            out = base + (g - 1) * lax.dot_general(xd, lora.w, dn_xw, **kwargs) + g * lora_out
     if lora_is_lhs:
         # dot_general(w, x) is [*batch, *w_free, *x_free]; we built [*batch, *x_free, *w_free].
         perm = (*range(nbatch), *range(nbatch + n_xfree, out.ndim), *range(nbatch, nbatch + n_xfree))
@@ -173,8 +206,9 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
     dn, w = dimension_numbers, operand.w
     idx = _dense(indices)
     row_lookup = (
-        w.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
-        and not dn.operand_batching_dims and tuple(slice_sizes) == (1, w.shape[1])
+        operand.m is None and w.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,)
+        and tuple(dn.start_index_map) == (0,) and not dn.operand_batching_dims
+        and tuple(slice_sizes) == (1, w.shape[1])
     )
     if not row_lookup:
         return lax.gather_p.bind(operand.materialise(), idx, dimension_numbers=dn, slice_sizes=slice_sizes,
@@ -192,14 +226,17 @@ def _cast(x: StackedFactors, *, new_dtype, **kwargs):
     # bf16 compute casts the frozen weight; the factors follow so the LoRA path runs in it too
     # (other leaves, dropout keys or adapter indices, keep their types).
     cast = lambda v: lax.convert_element_type(v, new_dtype)
-    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
+    x = eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
+    if getattr(x, "m", None) is not None:  # a DoRA magnitude follows too
+        x = eqx.tree_at(lambda t: t.m, x, cast(x.m))
+    return x
 
 
 @quax.register(P.transpose_p)
 def _transpose(x: LoraArray, *, permutation):
     n = x.w.ndim
     perm = tuple(permutation)
-    if perm[: n - 2] != tuple(range(n - 2)):
+    if perm[: n - 2] != tuple(range(n - 2)) or x.m is not None:  # DoRA's gain stays on `out`
         return lax.transpose(x.materialise(), perm)
     if perm[n - 2 :] == (n - 2, n - 1):
         return x

@@ -1,8 +1,9 @@
 """LoRA as a pure transform over parameter pytrees: init, apply (factored or merged), merge.
 
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
-files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`.
-A stacked kernel [*S, in, out] (layers under scan) gets factors [*S, in, r] / [*S, r, out].
+files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
+plus `"lora_magnitude_vector": [out]` with DoRA. A stacked kernel [*S, in, out] (layers under
+scan) gets factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]).
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ import quax
 
 from . import tree
 from .config import ALL_LINEAR, LoraConfig
-from .lazy import LoraArray
+from .lazy import LoraArray, dora_weight
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
 STRATEGIES = ("factored", "merged")
 LINEAR_NAMES = ("kernel", "weight", "w")  # matrix leaves of linear layers (not `embedding`)
+MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude, PEFT's name
+
+
+def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
+    """The leaves of each adapter: lora_A, lora_B, and DoRA's magnitude when `use_dora`."""
+    return ("lora_A", "lora_B", MAGNITUDE) if config.use_dora else ("lora_A", "lora_B")
 
 
 def _all_linear(flat: Mapping[str, Any]) -> list[str]:
@@ -54,6 +61,8 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         r = config.rank_for(p)
         if r > min(shape[-2:]):
             raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {tuple(shape)}")
+        if config.use_dora and p.rsplit("/", 1)[-1] not in LINEAR_NAMES:
+            raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
     return found
 
 
@@ -66,11 +75,15 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
       key: PRNG key for A.
       dtype: factor dtype (fp32 by default, as PEFT keeps adapters in fp32).
     Returns:
-      {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}.
+      {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}; with DoRA also
+      "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too).
     """
     flat = tree.flatten(params)
     out: Adapters = {}
     for i, p in enumerate(target_paths(config, params)):
+        if config.use_dora and isinstance(flat[p], jax.ShapeDtypeStruct):
+            raise ValueError(f"DoRA's magnitude starts at the column norms of {p!r}: init needs the weights, "
+                             f"not {type(flat[p]).__name__}")
         *stack, d_in, d_out = flat[p].shape
         r = config.rank_for(p)
         k = jax.random.fold_in(key, i)
@@ -80,6 +93,8 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         else:  # PEFT "gaussian": N(0, 1/r^2)
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
+        if config.use_dora:
+            out[p][MAGNITUDE] = jnp.linalg.norm(flat[p].astype(jnp.float32), axis=-2).astype(dtype)  # [*S, out]
     return out
 
 
@@ -89,15 +104,19 @@ def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, An
     for p, ab in adapters.items():
         if p not in flat:
             raise ValueError(f"adapter for {p!r} has no parameter at that path; closest: {tree.closest(p, list(flat))}")
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"adapter at {p!r} must hold exactly lora_A and lora_B, got {sorted(ab)}")
+        keys = adapter_keys(config)
+        if set(ab) != set(keys):
+            raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
+                             f"(use_dora={config.use_dora}), got {sorted(ab)}")
         w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
         *stack, d_in, d_out = w if len(w) >= 2 else (None, None)
         r = a[-1] if len(a) >= 2 else None
-        if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out):
+        m = tuple(ab[MAGNITUDE].shape) if config.use_dora else (*stack, d_out)
+        if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out):
             raise ValueError(
-                f"adapter at {p!r} does not fit the parameter: weight {tuple(w)}, "
-                f"lora_A {tuple(a)}, lora_B {tuple(b)} (expected [*S, in, r] and [*S, r, out])"
+                f"adapter at {p!r} does not fit the parameter: weight {tuple(w)}, lora_A {tuple(a)}, "
+                f"lora_B {tuple(b)}" + (f", {MAGNITUDE} {m}" if config.use_dora else "") +
+                " (expected [*S, in, r], [*S, r, out]" + (" and [*S, out])" if config.use_dora else ")")
             )
 
 
@@ -119,7 +138,7 @@ def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
         return LoraArray(
             w=jax.lax.stop_gradient(w), a=ab["lora_A"], b=ab["lora_B"],
             key=_dropout_keys(rng if config.dropout > 0 else None, index[path], w.shape[:-2]),
-            scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
+            m=ab.get(MAGNITUDE), scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
         )
     return tree.map_with_path(swap, params)
 
@@ -159,7 +178,8 @@ def _merge(scales, params, adapters, *, sign: float, frozen: bool = False):
         ab = adapters[path]
         delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], ab["lora_B"]) * scales[path]  # [*S, in, out]
         w0 = jax.lax.stop_gradient(w) if frozen else w
-        return (w0 + sign * delta).astype(w.dtype)
+        merged = (w0 + sign * delta).astype(w.dtype)
+        return merged if MAGNITUDE not in ab else dora_weight(merged, ab[MAGNITUDE])
     return tree.map_with_path(fold, params)
 
 
@@ -180,7 +200,11 @@ def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
 
 
 def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
-    """Inverse of `merge`: W - s*A*B (jitted; `params` is donated)."""
+    """Inverse of `merge`: W - s*A*B (jitted; `params` is donated). Not for DoRA."""
+    if config.use_dora:
+        # A DoRA-merged column has norm m: ||W0 + s*A*B||, which undoing it needs, is gone.
+        raise ValueError("unmerge cannot undo a DoRA merge (the merged weight no longer holds "
+                         "||W0 + s*A*B||); keep a copy of the base params instead")
     check_adapters(config, params, adapters)
     return _merge_jit(scales(config, adapters), params, adapters, -1.0)
 

@@ -102,6 +102,14 @@ def _dot_mixed_lhs(lhs: MultiLoraArray, rhs: ArrayLike | quax.ArrayValue, *, dim
 # ----------------------------------------------------------------------------- stacking
 
 
+def _no_dora(configs: Mapping[str, LoraConfig], where: str) -> None:
+    # DoRA's gain depends on each adapter's whole W0 + s*A*B: no per-example stacking or
+    # rank concatenation carries it; `switch` applies such an adapter alone.
+    dora = [n for n, c in configs.items() if c.use_dora]
+    if dora:
+        raise ValueError(f"adapters {dora} use DoRA, which {where} cannot route or sum; use switch")
+
+
 def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Adapters:
     """Every adapter's factors stacked in `configs` order, per targeted path.
 
@@ -187,6 +195,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
         return single[adapter](params, bank[adapter], *args, **kwargs)
 
     def mixed(params, bank, *args, adapter_ids, **kwargs):
+        _no_dora(configs, "a mixed batch")
         trains_full = [n for n, c in configs.items() if c.bias != "none" or c.trainable is not None]
         if trains_full:
             raise ValueError(f"adapters {trains_full} train full leaves (bias / trainable), which a mixed "
@@ -225,6 +234,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
     """
     if how not in COMBINATIONS:
         raise ValueError(f"unknown combination {how!r}; expected one of {COMBINATIONS}")
+    _no_dora({n: configs[n] for n in weights if n in configs}, "combine")
     names = list(weights)
     missing = [n for n in names if n not in bank or n not in configs]
     if not names or missing:

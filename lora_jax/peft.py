@@ -14,7 +14,8 @@ when the base is scanned. An embedding table's adapter is PEFT's `lora_embedding
 `word_embeddings`), lora_jax applies W0 + s*A*B in both places, as PEFT's merged model does,
 and writes `ensure_weight_tying: true`. Fully trained leaves are written the way PEFT writes
 them: biases (`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and
-whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`).
+whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`). DoRA (`use_dora`)
+adds `<module>.lora_magnitude_vector` (out,) per adapted module.
 
 Files are read through safetensors (or, for old `adapter_model.bin`, `torch.load(weights_only=
 True)`); a truncated or corrupted file raises a ValueError naming it. Every export is written
@@ -41,7 +42,7 @@ from . import tree
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
-from .lora import Adapters, check_adapters, merge, target_paths
+from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -61,7 +62,7 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
+_UNSUPPORTED = ("lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
                 "use_qalora", "use_bdlora")
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -148,16 +149,28 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str):
-    """[(unrolled path, A [in, r], B [r, out], r, alpha)] with stacked adapters split per layer."""
+class _Layer(NamedTuple):
+    path: str  # unrolled
+    a: np.ndarray  # [in, r]
+    b: np.ndarray  # [r, out]
+    m: np.ndarray | None  # [out], DoRA
+    rank: int
+    alpha: float
+
+
+def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str) -> list[_Layer]:
+    """One entry per (layer, adapter), stacked adapters split per layer."""
     out = []
     for p in sorted(adapters):
         a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])
+        m = np.asarray(adapters[p][MAGNITUDE]) if MAGNITUDE in adapters[p] else None
         if a.ndim not in (2, 3):
             raise ValueError(f"adapter {p!r} has lora_A {a.shape}: expected [in, r] or one stack dim [L, in, r]")
         stacked = a.ndim == 3
-        for (q, ai), (_, bi) in zip(_unstack(p, a, layers_key, stacked), _unstack(p, b, layers_key, stacked)):
-            out.append((q, ai, bi, config.rank_for(p), _alpha(config, p)))
+        ms = _unstack(p, m, layers_key, stacked) if m is not None else None
+        for i, ((q, ai), (_, bi)) in enumerate(zip(_unstack(p, a, layers_key, stacked),
+                                                   _unstack(p, b, layers_key, stacked))):
+            out.append(_Layer(q, ai, bi, None if ms is None else ms[i][1], config.rank_for(p), _alpha(config, p)))
     return out
 
 
@@ -226,13 +239,15 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
     """
     dt = _np_dtype(dtype)
     state: dict[str, np.ndarray] = {}
-    for path, a, b, _, _ in _per_layer(config, adapters, layers_key):
-        module = _module(path)
+    for layer in _per_layer(config, adapters, layers_key):
+        module = _module(layer.path)
         # Embedding: lora_embedding_A (r, V), lora_embedding_B (D, r), parameters without ".weight".
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(path) else \
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(layer.path) else \
             ("lora_A.weight", "lora_B.weight")
-        state[f"{PREFIX}{module}.{a_key}"] = a.T  # [in, r] -> (r, in)
-        state[f"{PREFIX}{module}.{b_key}"] = b.T  # [r, out] -> (out, r)
+        state[f"{PREFIX}{module}.{a_key}"] = layer.a.T  # [in, r] -> (r, in)
+        state[f"{PREFIX}{module}.{b_key}"] = layer.b.T  # [r, out] -> (out, r)
+        if layer.m is not None:
+            state[f"{PREFIX}{module}.{MAGNITUDE}"] = layer.m  # (out,)
     if config.bias != "none" or config.trainable is not None:
         if params is None or model_config is None:
             raise ValueError(f"config trains full leaves (bias={config.bias!r}, trainable={config.trainable!r}); "
@@ -246,10 +261,10 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
                      layers_key: str = LAYERS_KEY) -> dict[str, Any]:
     """The `adapter_config.json` dict that peft's LoraConfig (0.13 ... 0.21) reads."""
     layers = _per_layer(config, adapters, layers_key)
-    adapted = [_module(p) for p, *_ in layers]
-    rank_pattern = {re.escape(_module(p)): r for p, _, _, r, _ in layers if r != config.rank}
-    alpha_pattern = {re.escape(_module(p)): _num(al) for p, _, _, _, al in layers
-                     if not math.isclose(al, config.alpha, rel_tol=1e-12)}
+    adapted = [_module(x.path) for x in layers]
+    rank_pattern = {re.escape(_module(x.path)): x.rank for x in layers if x.rank != config.rank}
+    alpha_pattern = {re.escape(_module(x.path)): _num(x.alpha) for x in layers
+                     if not math.isclose(x.alpha, config.alpha, rel_tol=1e-12)}
     modules = None
     if config.bias != "none" or config.trainable is not None:
         if params is None:
@@ -276,7 +291,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "use_dora": False,
+        "use_dora": config.use_dora,
         "lora_bias": False,
     }
     if _ties_head(adapters, model_config):
@@ -321,6 +336,9 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
 _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weight|embedding_(?P<eab>[AB])(?:\.[^.]+)?)")
 
 
+_MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
+
+
 def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
     # peft.utils.other.get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", module).
     for k, v in patterns.items():
@@ -357,8 +375,9 @@ def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple
 
 
 def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
-    """{our path: (A [*S, in, r], B [*S, r, out], r, scale)} from the PEFT tensors."""
-    alpha0, rslora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False))
+    """{our path: (A [*S, in, r], B [*S, r, out], r, scale, DoRA m [*S, out] or None)} from the PEFT tensors."""
+    alpha0, rslora, dora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
+    mags = {mm["module"]: key for key in tensors if (mm := _MAGNITUDE_KEY.fullmatch(key.removeprefix(PREFIX)))}
     groups: dict[str, dict[int | None, tuple]] = {}
     for key, x in tensors.items():
         k = key.removeprefix(PREFIX)
@@ -380,12 +399,20 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
         if (ab == "eab") != _is_embedding(p):
             kind = "an embedding" if ab == "eab" else "a linear layer"
             raise ValueError(f"{path}: {key} is {kind}'s LoRA tensor, but {p!r} is not one")
-        groups.setdefault(p, {})[layer] = (a.T, b.T, r, alpha / (math.sqrt(r) if rslora else r))  # [in, r], [r, out]
+        if dora != (module in mags):
+            raise ValueError(f"{path}: {module}: use_dora={dora} in the config but "
+                             f"{'no' if dora else 'a'} lora_magnitude_vector tensor in the file")
+        mag = np.asarray(tensors[mags[module]], np.float32) if dora else None
+        if mag is not None and mag.shape != b.shape[:1]:
+            raise ValueError(f"{path}: {module}: lora_magnitude_vector {mag.shape} does not match lora_B {b.shape}")
+        scale = alpha / (math.sqrt(r) if rslora else r)
+        groups.setdefault(p, {})[layer] = (a.T, b.T, r, scale, mag)  # [in, r], [r, out], [out]
     out = {}
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
     for p, layers in groups.items():
         if None in layers:
-            a, b, r, s = layers[None]
-            out[p] = (a.astype(dtype), b.astype(dtype), r, s)
+            a, b, r, s, mag = layers[None]
+            out[p] = (a.astype(dtype), b.astype(dtype), r, s, cast(mag))
             continue
         # A stacked base: one rank and one scale for all layers. Zero-padding the rank and
         # folding each layer's scale into its B keeps every layer's delta exact.
@@ -393,9 +420,13 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
         r = max(v[2] for v in layers.values())
         s = layers[min(layers)][3]
         A, B = np.zeros((n, d_in, r), np.float32), np.zeros((n, r, d_out), np.float32)
-        for i, (a, b, ri, si) in layers.items():
+        # DoRA: a layer PEFT left out keeps W0, so its magnitude is W0's column norms.
+        M = np.linalg.norm(np.asarray(jax.device_get(flat[p]), np.float32), axis=-2) if dora else None  # [n, out]
+        for i, (a, b, ri, si, mag) in layers.items():
             A[i, :, :ri], B[i, :ri, :] = a, b * (si / s)  # layers PEFT left out stay zero
-        out[p] = (A.astype(dtype), B.astype(dtype), r, s)
+            if dora:
+                M[i] = mag
+        out[p] = (A.astype(dtype), B.astype(dtype), r, s, cast(M))
     return out
 
 
@@ -405,7 +436,7 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
     for key in tensors:
         k = key.removeprefix(PREFIX)
         if ".lora_" in k:
-            if not _LORA_KEY.fullmatch(k):
+            if not (_LORA_KEY.fullmatch(k) or _MAGNITUDE_KEY.fullmatch(k)):
                 raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (DoRA or another LoRA variant?)")
             continue
         if ".original_module." in k:  # PEFT's copy of the untrained base module
@@ -502,19 +533,21 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
 
     rank, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     alpha_of = lambda r, s: s * (math.sqrt(r) if rslora else r)
-    rank_pattern = {re.escape(p.rsplit("/", 1)[0]): r for p, (_, _, r, _) in factors.items() if r != rank}
-    alpha_pattern = {re.escape(p.rsplit("/", 1)[0]): alpha_of(r, s) for p, (_, _, r, s) in factors.items()
+    rank_pattern = {re.escape(p.rsplit("/", 1)[0]): r for p, (_, _, r, _, _) in factors.items() if r != rank}
+    alpha_pattern = {re.escape(p.rsplit("/", 1)[0]): alpha_of(r, s) for p, (_, _, r, s, _) in factors.items()
                      if not math.isclose(alpha_of(r, s), alpha, rel_tol=1e-12)}
     init = cfg.get("init_lora_weights", True)
     bias = cfg.get("bias", "none")
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
+              use_dora=bool(cfg.get("use_dora", False)),
               init="gaussian" if init == "gaussian" else "kaiming_uniform", rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw)
-    adapters = {p: {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)} for p, (a, b, _, _) in factors.items()}
+    adapters = {p: {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)}
+                | ({} if m is None else {MAGNITUDE: jnp.asarray(m)}) for p, (a, b, _, _, m) in factors.items()}
     check_adapters(config, params, adapters)
-    for p, (_, _, r, s) in factors.items():  # the config we built must reproduce PEFT's ranks and scales
+    for p, (_, _, r, s, _) in factors.items():  # the config we built must reproduce PEFT's ranks and scales
         assert config.rank_for(p) == r and math.isclose(config.scale_for(p), s, rel_tol=1e-9), p
     return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
 

@@ -212,7 +212,7 @@ def test_targets_matching_nothing(tiny_gpt2_dir, tmp_path, capsys):
 JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
                        lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
                        max_leaves=8)
-FIELDS = st.sampled_from(["rank", "alpha", "targets", "exclude", "dropout", "init", "use_rslora", "rank_pattern",
+FIELDS = st.sampled_from(["rank", "alpha", "targets", "exclude", "dropout", "init", "use_rslora", "use_dora", "rank_pattern",
                           "alpha_pattern", "bias", "trainable", "bogus"])
 
 

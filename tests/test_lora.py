@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -350,3 +351,45 @@ def test_merge_unmerge():
     np.testing.assert_allclose(MLP().apply(merged, X8), ref, rtol=1e-6, atol=1e-6)
     back = lj.unmerge(config, merged, adapters)
     assert_trees_close(back, params, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["linen_mlp", "linen_scan_transformer", "nnx", "plain_lhs_rhs"])
+def test_dora_factored_equals_merged(case):
+    """DoRA: identity at init (m = ||W0||), factored == merged (values and gradients, the norm
+    held constant in both), merge() folds it in; x @ W stays factored (strict), other uses of
+    the kernel (plain_lhs_rhs transposes it) materialise m * W / ||W||."""
+    f, params, config, x, strict = CASES[case]()
+    config = dataclasses.replace(config, use_dora=True)
+    adapters = lj.init(config, params, jax.random.key(1))
+    assert all(ab[lj.MAGNITUDE].shape == ab["lora_B"].shape[:-2] + ab["lora_B"].shape[-1:] for ab in adapters.values())
+    fac = jax.jit(lj.apply(f, config, strict=strict and case != "plain_lhs_rhs"))
+    np.testing.assert_allclose(fac(params, adapters, x), jax.jit(f)(params, x), rtol=1e-5, atol=1e-5)
+
+    adapters = nudge(adapters)
+    merged = jax.jit(lj.apply(f, config, strategy="merged"))
+    want = merged(params, adapters, x)
+    assert np.abs(want - jax.jit(f)(params, x)).max() > 1e-2
+    np.testing.assert_allclose(fac(params, adapters, x), want, rtol=1e-5, atol=1e-5)
+    loss = lambda g: (lambda a: jnp.sum(g(params, a, x) ** 2))
+    assert_trees_close(jax.grad(loss(fac))(adapters), jax.grad(loss(merged))(adapters), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(f(lj.merge(config, jax.tree.map(jnp.copy, params), adapters), x), want,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_dora_dropout_path_and_limits():
+    """With LoRA dropout DoRA follows PEFT: x W0 + (g - 1) drop(x) W0 + g s drop(x) A B, which is
+    g (x W0 + s x A B) when nothing is dropped; what DoRA refuses, it refuses by name."""
+    f, params, config, x, _ = CASES["linen_mlp"]()
+    config = dataclasses.replace(config, use_dora=True, dropout=1e-7)  # keeps every unit
+    adapters = nudge(lj.init(config, params, jax.random.key(1)))
+    g = jax.jit(lj.apply(f, config, strict=True))
+    np.testing.assert_allclose(g(params, adapters, x, lora_rng=KEY), g(params, adapters, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unmerge cannot undo a DoRA merge"):
+        lj.unmerge(config, params, adapters)
+    tied = TiedLM().init(KEY, IDS)
+    with pytest.raises(ValueError, match="DoRA targets linear layers; 'params/wte/embedding'"):
+        lj.init(lj.LoraConfig(targets=["wte"], rank=2, use_dora=True), tied, KEY)
+    with pytest.raises(ValueError, match="init needs the weights"):
+        lj.init(config, jax.eval_shape(lambda: params), KEY)
+    with pytest.raises(ValueError, match="lora_magnitude_vector"):  # a plain LoRA adapter for a DoRA config
+        g(params, {p: {k: ab[k] for k in ("lora_A", "lora_B")} for p, ab in adapters.items()}, x)

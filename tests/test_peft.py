@@ -304,3 +304,44 @@ def test_adapter_by_hub_id_from_the_cache(tiny_gpt2_dir, tmp_path, monkeypatch):
             np.testing.assert_allclose(got.adapters[p]["lora_B"], ab["lora_B"], atol=1e-7)
     with pytest.raises(FileNotFoundError, match="some-org/missing"):
         lp.load_adapter("some-org/missing", params)
+
+
+@pytest.mark.parametrize("name,scan", [("gpt2", True), ("bloom", False)])
+def test_dora_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+    """A PEFT DoRA adapter (use_dora, lora_magnitude_vector) imports onto unrolled or scanned
+    params with PEFT's logits, factored throughout; our export loads in PEFT with the same logits;
+    the merged checkpoint and an orbax round trip agree."""
+    from lora_jax import checkpoint
+
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    targets = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}[name]
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, rank_pattern={targets[1]: 2}, use_dora=True))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:  # lora_A, lora_B, lora_magnitude_vector
+                p.add_(0.1 * torch.randn_like(p))
+    pm.eval().save_pretrained(tmp_path / "peft_made")
+    want = torch_logits(pm)
+
+    model, params = from_pretrained(base_dir, scan_layers=scan)
+    got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
+    assert got.config.use_dora and all(lj.MAGNITUDE in ab for ab in got.adapters.values())
+    g = lj.apply(model.apply, got.config, strict=True)
+    logits = np.asarray(g(params, got.adapters, IDS))
+    np.testing.assert_allclose(logits, want, atol=ATOL, rtol=0)
+    assert np.abs(np.asarray(model.apply(params, IDS)) - want).max() > 100 * ATOL
+
+    out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    assert json.loads((out / lp.CONFIG_FILE).read_text())["use_dora"] is True
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval()),
+                               want, atol=ATOL, rtol=0)
+    merged = lp.save_merged(tmp_path / "merged", model.config, params, got.config, got.adapters)
+    np.testing.assert_allclose(torch_logits(hf_model(merged)), want, atol=ATOL, rtol=0)
+    ck = checkpoint.load(checkpoint.save(tmp_path / "orbax", got.config, got.adapters, params=params), params)
+    np.testing.assert_allclose(g(params, ck.adapters, IDS), logits, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="use_dora=False in the config but a lora_magnitude_vector"):
+        cfg = json.loads((out / lp.CONFIG_FILE).read_text())
+        (out / lp.CONFIG_FILE).write_text(json.dumps(cfg | {"use_dora": False}))
+        lp.load_peft(out, params, model_config=model.config)

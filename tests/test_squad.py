@@ -54,7 +54,7 @@ def losses(out: Path, run: str = "lora") -> list[float]:
 def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json", malformed=True)
     out = tmp_path / "run"
-    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2")) == 0
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--dora", "--targets", "all-linear")) == 0
     printed = capsys.readouterr().out
     assert "| base model |" in printed and "| LoRA |" in printed and "trainable params" in printed
     # malformed records are skipped and counted, never fatal
@@ -65,6 +65,10 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert (out / "loss.png").stat().st_size > 0
     assert (out / "adapter" / "lora_adapter.json").is_file() and (out / "peft" / "adapter_config.json").is_file()
     assert summary["peft_bytes"] > 0 and summary["adapter_bytes"] > 0
+    manifest = json.loads((out / "adapter" / "lora_adapter.json").read_text())
+    assert manifest["config"]["use_dora"] and manifest["config"]["targets"] == "all-linear"
+    assert len(manifest["adapters"]) == 8  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["use_dora"] is True
 
     # Continue from the exported PEFT adapter: its config (rank 4) replaces the flags (rank 2).
     again = tmp_path / "again"
@@ -72,7 +76,8 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     args[args.index("--rank") + 1] = "2"
     assert squad.main(args) == 0
     assert "starting from adapter" in capsys.readouterr().out
-    assert json.loads((again / "adapter" / "lora_adapter.json").read_text())["config"]["rank"] == 4
+    again_config = json.loads((again / "adapter" / "lora_adapter.json").read_text())["config"]
+    assert again_config["rank"] == 4 and again_config["use_dora"]
 
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path):

@@ -85,7 +85,7 @@ def lora_config(args, model) -> lj.LoraConfig:
     targets = args.targets or FUSED_QKV.get(model.config.model_type, "c_attn")
     targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
-                         use_rslora=args.rslora)
+                         use_rslora=args.rslora, use_dora=args.dora)
 
 
 def load_init_adapter(path: str, params, model):

@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--targets", default=None, help="comma-separated module names, one regex, or all-linear (default: the "
                                       "fused QKV, c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
+    a("--dora", action="store_true", help="DoRA: also train a magnitude per output feature (PEFT use_dora)")
     a("--init-adapter", default=None,
       help="start from an existing adapter (a lora_jax adapter dir, a PEFT adapter dir or its hub id); its config "
            "replaces --rank/--alpha/--targets")
