@@ -40,8 +40,8 @@ class FallbackError(RuntimeError):
 class StackedFactors(quax.ArrayValue):
     """A frozen kernel w [*S, in, out] and low-rank factors a, b that share its stack dims [*S].
 
-    The rules below slice or squeeze the stack dims (a loop over layers) and cast every leaf
-    alike through `map`; an op on the matrix dims goes to `materialise` (which may raise).
+    The rules below slice or squeeze the stack dims (a loop over layers) through `map` and cast
+    the float leaves through `cast`; an op on the matrix dims goes to `materialise` (which may raise).
     `LoraArray` and `multi.MultiLoraArray` both build on this.
     """
 
@@ -51,6 +51,10 @@ class StackedFactors(quax.ArrayValue):
 
     def aval(self):
         return jax.core.ShapedArray(self.w.shape, self.w.dtype)
+
+    def cast(self, fn: Callable[[jax.Array], jax.Array]) -> "StackedFactors":
+        """Apply a dtype cast to the float leaves (not dropout keys or adapter indices)."""
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b), self, (fn(self.w), fn(self.a), fn(self.b)))
 
     @abc.abstractmethod
     def map(self, fn: Callable[[jax.Array], jax.Array]) -> "StackedFactors":
@@ -100,6 +104,10 @@ class LoraArray(StackedFactors):
         norm = jnp.sqrt(jnp.maximum(w2 + 2 * s * cross + s * s * ab2, 0.0))
         return self.m.astype(f32) / lax.stop_gradient(norm)
 
+    def cast(self, fn) -> "LoraArray":
+        out = super().cast(fn)
+        return out if self.m is None else eqx.tree_at(lambda t: t.m, out, fn(self.m))  # DoRA's magnitude too
+
     def map(self, fn) -> "LoraArray":
         """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b, m and the dropout keys [*S]."""
         opt = lambda v: None if v is None else fn(v)  # noqa: E731
@@ -108,11 +116,16 @@ class LoraArray(StackedFactors):
                            is_leaf=lambda x: x is None)
 
 
+def column_norms(w: jax.Array) -> jax.Array:
+    """||w[..., :, o]|| for w [*S, in, out]: [*S, out] in fp32 (DoRA's magnitude at init)."""
+    return jnp.linalg.norm(jnp.asarray(w, jnp.float32), axis=-2)
+
+
 def dora_weight(w: jax.Array, m: jax.Array) -> jax.Array:
     """DoRA's weight from the adapted one, w [*S, in, out] and m [*S, out]: m * w / ||w|| per
     output column, the norm held constant for the gradient (PEFT, after the DoRA paper, 4.3)."""
-    norm = jnp.linalg.norm(w.astype(jnp.float32), axis=-2, keepdims=True)  # [*S, 1, out]
-    return (w * (m[..., None, :].astype(jnp.float32) / lax.stop_gradient(norm))).astype(w.dtype)
+    gain = m.astype(jnp.float32) / lax.stop_gradient(column_norms(w))  # [*S, out]
+    return (w * gain[..., None, :]).astype(w.dtype)
 
 
 def _dropout(x: jax.Array, lhs: LoraArray) -> jax.Array:
@@ -225,11 +238,7 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
 def _cast(x: StackedFactors, *, new_dtype, **kwargs):
     # bf16 compute casts the frozen weight; the factors follow so the LoRA path runs in it too
     # (other leaves, dropout keys or adapter indices, keep their types).
-    cast = lambda v: lax.convert_element_type(v, new_dtype)
-    x = eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (cast(x.w), cast(x.a), cast(x.b)))
-    if getattr(x, "m", None) is not None:  # a DoRA magnitude follows too
-        x = eqx.tree_at(lambda t: t.m, x, cast(x.m))
-    return x
+    return x.cast(lambda v: lax.convert_element_type(v, new_dtype))
 
 
 @quax.register(P.transpose_p)

@@ -20,12 +20,11 @@ import quax
 
 from . import tree
 from .config import ALL_LINEAR, LoraConfig
-from .lazy import LoraArray, dora_weight
+from .lazy import LoraArray, column_norms, dora_weight
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
 STRATEGIES = ("factored", "merged")
-LINEAR_NAMES = ("kernel", "weight", "w")  # matrix leaves of linear layers (not `embedding`)
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude, PEFT's name
 
 
@@ -37,7 +36,7 @@ def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
 def _all_linear(flat: Mapping[str, Any]) -> list[str]:
     # PEFT's "all-linear": every linear layer but the output head. Embedding tables are not
     # linear layers; GPT-2's and BLOOM's heads are their tied embeddings, other models' `lm_head`.
-    return [p for p, x in flat.items() if p.rsplit("/", 1)[-1] in LINEAR_NAMES
+    return [p for p, x in flat.items() if tree.leaf_name(p) in tree.LINEAR_NAMES
             and len(getattr(x, "shape", ())) >= 2 and "lm_head" not in p.split("/")]
 
 
@@ -47,7 +46,7 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
     paths = list(flat)
     selected = _all_linear(flat) if config.targets == ALL_LINEAR else tree.select(config.targets, paths)
     excluded = set(tree.select(config.exclude, paths))
-    found = [p for p in selected if p not in excluded and p.rsplit("/", 1)[-1] in tree.WEIGHT_NAMES]
+    found = [p for p in selected if p not in excluded and tree.leaf_name(p) in tree.WEIGHT_NAMES]
     if not found:
         near = tree.closest(config.targets, paths)
         raise ValueError(
@@ -61,7 +60,7 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         r = config.rank_for(p)
         if r > min(shape[-2:]):
             raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {tuple(shape)}")
-        if config.use_dora and p.rsplit("/", 1)[-1] not in LINEAR_NAMES:
+        if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
     return found
 
@@ -94,17 +93,17 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
         if config.use_dora:
-            out[p][MAGNITUDE] = jnp.linalg.norm(flat[p].astype(jnp.float32), axis=-2).astype(dtype)  # [*S, out]
+            out[p][MAGNITUDE] = column_norms(flat[p]).astype(dtype)  # [*S, out]
     return out
 
 
 def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> None:
     """Raise a ValueError naming the path and both shapes when adapters do not fit params."""
     flat = tree.flatten(params)
+    keys = adapter_keys(config)
     for p, ab in adapters.items():
         if p not in flat:
             raise ValueError(f"adapter for {p!r} has no parameter at that path; closest: {tree.closest(p, list(flat))}")
-        keys = adapter_keys(config)
         if set(ab) != set(keys):
             raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
                              f"(use_dora={config.use_dora}), got {sorted(ab)}")

@@ -42,6 +42,7 @@ from . import tree
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
+from .lazy import column_norms
 from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
 from .models.hf import (
@@ -123,12 +124,12 @@ def _unstack(path: str, x: Any, layers_key: str, stacked: bool) -> list[tuple[st
 
 def _is_embedding(path: str) -> bool:
     """A flax `nn.Embed` table ([V, D], looked up by row), which PEFT adapts as an Embedding."""
-    return path.rsplit("/", 1)[-1] == "embedding"
+    return tree.leaf_name(path) == tree.EMBEDDING_NAME
 
 
-def _ties_head(adapters: Mapping[str, Any], model_config: BaseConfig) -> bool:
-    """Whether an adapter sits on the embedding table that is also the LM head."""
-    return any(_is_embedding(p) and p.split("/")[-2] == model_config.embed_name for p in adapters)
+def _is_tied_head(path: str, model_config: BaseConfig) -> bool:
+    """Whether `path` is the embedding table that is also the LM head."""
+    return _is_embedding(path) and path.split("/")[-2] == model_config.embed_name
 
 
 def _module(path: str) -> str:
@@ -294,7 +295,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_dora": config.use_dora,
         "lora_bias": False,
     }
-    if _ties_head(adapters, model_config):
+    if any(_is_tied_head(p, model_config) for p in adapters):
         # lora_jax adapts the tied LM head along with the lookup (one weight, W0 + s*A*B
         # wherever it is used); PEFT's name for asking the same of its unmerged model.
         cfg["ensure_weight_tying"] = True
@@ -421,7 +422,7 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
         s = layers[min(layers)][3]
         A, B = np.zeros((n, d_in, r), np.float32), np.zeros((n, r, d_out), np.float32)
         # DoRA: a layer PEFT left out keeps W0, so its magnitude is W0's column norms.
-        M = np.linalg.norm(np.asarray(jax.device_get(flat[p]), np.float32), axis=-2) if dora else None  # [n, out]
+        M = np.array(column_norms(flat[p])) if dora else None  # [n, out]
         for i, (a, b, ri, si, mag) in layers.items():
             A[i, :, :ri], B[i, :ri, :] = a, b * (si / s)  # layers PEFT left out stay zero
             if dora:
@@ -525,7 +526,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     if not factors:
         raise ValueError(f"{weights}: no lora_A / lora_B tensors")
     extras = _extra_leaves(weights, tensors, flat, model_config, layers_key)
-    tied = [p for p in factors if _is_embedding(p) and (model_config is None or _ties_head({p: 0}, model_config))]
+    tied = [p for p in factors if _is_embedding(p) and (model_config is None or _is_tied_head(p, model_config))]
     if tied and not cfg.get("ensure_weight_tying"):
         warnings.warn(f"{cfg_path}: the LoRA on {tied[0]!r} also acts in the tied LM head under lora_jax, "
                       "as in PEFT's merged model; PEFT's unmerged model (ensure_weight_tying=false) applies it "

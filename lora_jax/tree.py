@@ -15,7 +15,14 @@ import jax
 
 PyTree = Any
 # Leaf names that hold a layer's weight matrix; a module-level pattern (`c_attn`) selects them.
-WEIGHT_NAMES = ("kernel", "weight", "embedding", "w")
+LINEAR_NAMES = ("kernel", "weight", "w")  # a linear layer's matrix
+EMBEDDING_NAME = "embedding"  # a flax `nn.Embed` table [V, D], looked up by row
+WEIGHT_NAMES = (*LINEAR_NAMES, EMBEDDING_NAME)
+
+
+def leaf_name(path: str) -> str:
+    """The last component of a '/'-joined path (`kernel`, `bias`, `embedding`)."""
+    return path.rsplit("/", 1)[-1]
 
 
 def _key_str(key: Any) -> str:
