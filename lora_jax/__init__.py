@@ -6,7 +6,7 @@
     logits = jax.jit(g)(params, adapters, input_ids)
 """
 
-from . import lazy, optim, tree
+from . import lazy, optim, quant, tree
 from .config import LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (MAGNITUDE, Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
@@ -17,6 +17,6 @@ __all__ = [
     "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
     "trainable_mask", "split", "join", "labels", "masked_optimizer", "make_train_step",
-    "lazy", "optim", "tree",
+    "lazy", "optim", "quant", "tree",
 ]
 __version__ = "0.1.0"

@@ -13,6 +13,8 @@ the primitives a kernel meets on its way to a matmul:
 * everything else materialises W0 + s*A*B (`Value.default`), or raises under `strict=True`.
 
 W0 is wrapped in `stop_gradient` when the array is built, so no frozen-weight gradient exists.
+W0 may itself be a quax value (`quant.QuantizedArray`, 4-bit): the rules reach it through `lift`,
+so it stays quantized through stack slicing and casts and dequantizes inside its own matmul rule.
 Only public APIs: `quax.register`/`quaxify` and `jax.extend` primitives.
 """
 
@@ -37,15 +39,48 @@ class FallbackError(RuntimeError):
     """A LoRA-adapted weight met an operation with no factored rule while `strict=True`."""
 
 
-class StackedFactors(quax.ArrayValue):
-    """A frozen kernel w [*S, in, out] and low-rank factors a, b that share its stack dims [*S].
+def dense(x: Any) -> Any:
+    """x as a JAX array: a quax value (a quantized W0, quax's wrapper of a plain operand) is
+    materialised; anything else is returned as is."""
+    return x.materialise() if isinstance(x, quax.ArrayValue) else x
 
-    The rules below slice or squeeze the stack dims (a loop over layers) through `map` and cast
-    the float leaves through `cast`; an op on the matrix dims goes to `materialise` (which may raise).
-    `LoraArray` and `multi.MultiLoraArray` both build on this.
+
+def lift(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` that also accepts quax values (a quantized W0 inside a LoraArray), through their rules."""
+    def run(*args, **kwargs):
+        if any(isinstance(a, quax.ArrayValue) for a in args):
+            return quax.quaxify(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
+def run_on(f: Callable[..., Any], params: Any) -> Callable[..., Any]:
+    """f, run through quax when `params` holds quax values (quantized weights), else as is."""
+    values = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quax.ArrayValue))
+    return quax.quaxify(f) if any(isinstance(x, quax.ArrayValue) for x in values) else f
+
+
+class Stacked(quax.ArrayValue):
+    """An array value [*S, in, out]: a stack [*S] of matrices (layers under scan) in some form.
+
+    The rules below slice or squeeze the stack dims (a loop over layers) through `map`; an op
+    on the matrix dims goes to `materialise` (which may raise). `LoraArray`,
+    `multi.MultiLoraArray` and `quant.QuantizedArray` build on this.
     """
 
-    w: eqx.AbstractVar[jax.Array]
+    @abc.abstractmethod
+    def map(self, fn: Callable[[jax.Array], jax.Array]) -> "Stacked":
+        """Apply an op on the leading stack dims to every leaf that has them."""
+
+
+class StackedFactors(Stacked):
+    """A frozen kernel w [*S, in, out] and low-rank factors a, b that share its stack dims [*S].
+
+    w may itself be a quax value (a `quant.QuantizedArray`): it is then used through `lift`.
+    Casts go to the float leaves through `cast`.
+    """
+
+    w: eqx.AbstractVar[Any]
     a: eqx.AbstractVar[jax.Array]
     b: eqx.AbstractVar[jax.Array]
 
@@ -54,11 +89,7 @@ class StackedFactors(quax.ArrayValue):
 
     def cast(self, fn: Callable[[jax.Array], jax.Array]) -> "StackedFactors":
         """Apply a dtype cast to the float leaves (not dropout keys or adapter indices)."""
-        return eqx.tree_at(lambda t: (t.w, t.a, t.b), self, (fn(self.w), fn(self.a), fn(self.b)))
-
-    @abc.abstractmethod
-    def map(self, fn: Callable[[jax.Array], jax.Array]) -> "StackedFactors":
-        """Apply an op on the leading stack dims to every leaf that has them."""
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b), self, (lift(fn)(self.w), fn(self.a), fn(self.b)))
 
 
 class LoraArray(StackedFactors):
@@ -69,7 +100,7 @@ class LoraArray(StackedFactors):
     m * (W0 + s*A*B) / ||W0 + s*A*B|| (norms over `in`, outside the gradient, as in PEFT).
     """
 
-    w: jax.Array
+    w: Any  # a jax.Array, or a quax value such as quant.QuantizedArray
     a: jax.Array
     b: jax.Array
     key: jax.Array | None
@@ -90,14 +121,14 @@ class LoraArray(StackedFactors):
                 f"LoRA weight {self.name!r} {tuple(self.w.shape)} met an operation with no factored "
                 "rule; pass strict=False to materialise W0 + s*A*B for it"
             )
-        w = self.w + self.delta()
+        w = dense(self.w) + self.delta()
         return w if self.m is None else dora_weight(w, self.m)
 
     def dora_gain(self) -> jax.Array:
         """m / ||W0 + s*A*B|| [*S, out] (fp32) without forming the sum: per output column o,
         ||w_o||^2 + 2s <w_o, (AB)_o> + s^2 b_o^T (A^T A) b_o."""
         f32 = jnp.float32
-        w, a, b, s = self.w.astype(f32), self.a.astype(f32), self.b.astype(f32), self.scale
+        w, a, b, s = dense(self.w).astype(f32), self.a.astype(f32), self.b.astype(f32), self.scale
         w2 = jnp.sum(w * w, axis=-2)  # [*S, out]
         cross = jnp.einsum("...or,...ro->...o", jnp.einsum("...io,...ir->...or", w, a), b)  # [*S, out]
         ab2 = jnp.einsum("...ro,...rq,...qo->...o", b, jnp.einsum("...ir,...iq->...rq", a, a), b)  # [*S, out]
@@ -112,7 +143,7 @@ class LoraArray(StackedFactors):
         """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b, m and the dropout keys [*S]."""
         opt = lambda v: None if v is None else fn(v)  # noqa: E731
         return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key, t.m), self,
-                           (fn(self.w), fn(self.a), fn(self.b), opt(self.key), opt(self.m)),
+                           (lift(fn)(self.w), fn(self.a), fn(self.b), opt(self.key), opt(self.m)),
                            is_leaf=lambda x: x is None)
 
 
@@ -150,7 +181,7 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     # Contracting the input dim: x.(A B) = (x.A).B; the output dim: x.(A B)^T = (x.B^T).A^T.
     first, second, rank_dim = (lora.a, lora.b, n - 2) if wc[0] == n - 2 else (lora.b, lora.a, n - 1)
     dn_xw = ((xc, wc), (xb, wb))  # canonical: x on the left
-    base = lax.dot_general(x, lora.w, dn_xw, **kwargs)  # [*batch, *x_free, *stack_free, o]
+    base = lift(lax.dot_general)(x, lora.w, dn_xw, **kwargs)  # [*batch, *x_free, *stack_free, o]
     kw = {k: v for k, v in kwargs.items() if k != "preferred_element_type"}
     xd = _dropout(x, lora)
     t = lax.dot_general(xd, first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
@@ -171,7 +202,7 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
         if xd is x:
             out = g * (base + lora_out)
         else:  # PEFT under dropout: x W0 + (g - 1) * drop(x) W0 + g * s * drop(x) A B
-            out = base + (g - 1) * lax.dot_general(xd, lora.w, dn_xw, **kwargs) + g * lora_out
+            out = base + (g - 1) * lift(lax.dot_general)(xd, lora.w, dn_xw, **kwargs) + g * lora_out
     if lora_is_lhs:
         # dot_general(w, x) is [*batch, *w_free, *x_free]; we built [*batch, *x_free, *w_free].
         perm = (*range(nbatch), *range(nbatch + n_xfree, out.ndim), *range(nbatch, nbatch + n_xfree))
@@ -193,7 +224,7 @@ def _dot(lhs, rhs, dimension_numbers, kwargs, lora_is_lhs):
 
 def _dense(x):
     # quax hands plain operands to rules as its own dense wrapper; unwrap to a JAX array.
-    return x.materialise() if isinstance(x, quax.ArrayValue) and not isinstance(x, LoraArray) else x
+    return dense(x) if not isinstance(x, LoraArray) else x
 
 
 @quax.register(P.dot_general_p)
@@ -219,8 +250,9 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
     dn, w = dimension_numbers, operand.w
     idx = _dense(indices)
     row_lookup = (
-        operand.m is None and w.ndim == 2 and tuple(dn.collapsed_slice_dims) == (0,)
-        and tuple(dn.start_index_map) == (0,) and not dn.operand_batching_dims
+        operand.m is None and not isinstance(w, quax.ArrayValue) and w.ndim == 2
+        and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+        and not dn.operand_batching_dims
         and tuple(slice_sizes) == (1, w.shape[1])
     )
     if not row_lookup:
@@ -251,24 +283,24 @@ def _transpose(x: LoraArray, *, permutation):
         return x
     sw = lambda v: jnp.swapaxes(v, -1, -2)
     # (W0 + s A B)^T = W0^T + s B^T A^T
-    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (sw(x.w), sw(x.b), sw(x.a)))
+    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (lift(sw)(x.w), sw(x.b), sw(x.a)))
 
 
-def _on_stack_dims(x: StackedFactors, dims) -> bool:
-    return all(d < x.w.ndim - 2 for d in dims)
+def _on_stack_dims(x: Stacked, dims) -> bool:
+    return all(d < x.ndim - 2 for d in dims)
 
 
 @quax.register(P.squeeze_p)
-def _squeeze(x: StackedFactors, *, dimensions):
+def _squeeze(x: Stacked, *, dimensions):
     if not _on_stack_dims(x, dimensions):
         return lax.squeeze(x.materialise(), dimensions)
     return x.map(lambda v: lax.squeeze(v, dimensions))
 
 
 @quax.register(P.slice_p)
-def _slice(x: StackedFactors, *, start_indices, limit_indices, strides):
-    n = x.w.ndim
-    full = all(s == 0 and l == d for s, l, d in zip(start_indices[n - 2 :], limit_indices[n - 2 :], x.w.shape[n - 2 :]))
+def _slice(x: Stacked, *, start_indices, limit_indices, strides):
+    n = x.ndim
+    full = all(s == 0 and l == d for s, l, d in zip(start_indices[n - 2 :], limit_indices[n - 2 :], x.shape[n - 2 :]))
     if not full or (strides is not None and any(s != 1 for s in strides[n - 2 :])):
         return lax.slice(x.materialise(), start_indices, limit_indices, strides)
     k = n - 2  # slice stack dims only; the factors keep their own matrix dims
@@ -282,10 +314,10 @@ def _slice(x: StackedFactors, *, start_indices, limit_indices, strides):
 
 
 @quax.register(P.dynamic_slice_p)
-def _dynamic_slice(x: StackedFactors, *args: ArrayLike | quax.ArrayValue, slice_sizes):
-    n = x.w.ndim
+def _dynamic_slice(x: Stacked, *args: ArrayLike | quax.ArrayValue, slice_sizes):
+    n = x.ndim
     idx = [_dense(i) for i in args]
-    if tuple(slice_sizes[n - 2 :]) != tuple(x.w.shape[n - 2 :]):
+    if tuple(slice_sizes[n - 2 :]) != tuple(x.shape[n - 2 :]):
         return lax.dynamic_slice(x.materialise(), idx, slice_sizes)
     k = n - 2
 

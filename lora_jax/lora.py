@@ -20,7 +20,7 @@ import quax
 
 from . import tree
 from .config import ALL_LINEAR, LoraConfig
-from .lazy import LoraArray, column_norms, dora_weight
+from .lazy import LoraArray, column_norms, dense, dora_weight, run_on
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
@@ -33,18 +33,11 @@ def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     return ("lora_A", "lora_B", MAGNITUDE) if config.use_dora else ("lora_A", "lora_B")
 
 
-def _all_linear(flat: Mapping[str, Any]) -> list[str]:
-    # PEFT's "all-linear": every linear layer but the output head. Embedding tables are not
-    # linear layers; GPT-2's and BLOOM's heads are their tied embeddings, other models' `lm_head`.
-    return [p for p, x in flat.items() if tree.leaf_name(p) in tree.LINEAR_NAMES
-            and len(getattr(x, "shape", ())) >= 2 and "lm_head" not in p.split("/")]
-
-
 def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
     """Paths of the weight matrices `config` adapts; a clear ValueError when it selects none."""
     flat = tree.flatten(params)
     paths = list(flat)
-    selected = _all_linear(flat) if config.targets == ALL_LINEAR else tree.select(config.targets, paths)
+    selected = tree.linear_paths(flat) if config.targets == ALL_LINEAR else tree.select(config.targets, paths)
     excluded = set(tree.select(config.exclude, paths))
     found = [p for p in selected if p not in excluded and tree.leaf_name(p) in tree.WEIGHT_NAMES]
     if not found:
@@ -93,7 +86,7 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
         if config.use_dora:
-            out[p][MAGNITUDE] = column_norms(flat[p]).astype(dtype)  # [*S, out]
+            out[p][MAGNITUDE] = column_norms(dense(flat[p])).astype(dtype)  # [*S, out]
     return out
 
 
@@ -161,7 +154,8 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
         if strategy == "merged":
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
-            return f(_merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True), *args, **kwargs)
+            merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True)
+            return run_on(f, merged)(merged, *args, **kwargs)
         lazy = _lora_arrays(config, params, adapters, lora_rng, strict)
         return quax.quaxify(f)(lazy, *args, **kwargs)
 
@@ -174,7 +168,7 @@ def _merge(scales, params, adapters, *, sign: float, frozen: bool = False):
     def fold(path, w):
         if path not in adapters:
             return w
-        ab = adapters[path]
+        ab, w = adapters[path], dense(w)  # a quantized W0 (apply's merged strategy) merges into its dense dtype
         delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], ab["lora_B"]) * scales[path]  # [*S, in, out]
         w0 = jax.lax.stop_gradient(w) if frozen else w
         merged = (w0 + sign * delta).astype(w.dtype)
@@ -193,8 +187,12 @@ def _merge_jit(scale_items, params, adapters, sign):
 
 
 def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
-    """params with W0 + s*A*B folded in (jitted; `params` is donated, do not reuse it)."""
+    """params with W0 + s*A*B folded in (jitted; `params` is donated, do not reuse it). An NF4
+    weight (`quant.QuantizedArray`) that is adapted comes back dense, in its compute dtype."""
     check_adapters(config, params, adapters)
+    # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
+    # buffer is the dense one the merged weight can reuse.
+    params = tree.map_with_path(lambda p, w: dense(w) if p in adapters else w, params)
     return _merge_jit(scales(config, adapters), params, adapters, 1.0)
 
 

@@ -31,7 +31,7 @@ from jax.extend.core import primitives as P
 
 from . import tree
 from .config import LoraConfig
-from .lazy import StackedFactors
+from .lazy import StackedFactors, dense, lift, run_on
 from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
@@ -50,7 +50,7 @@ class MultiLoraArray(StackedFactors):
     indices, repeated over the stack dims so that a scan over layers slices every leaf alike).
     """
 
-    w: jax.Array
+    w: Any  # a jax.Array, or a quax value such as quant.QuantizedArray
     a: jax.Array
     b: jax.Array
     ids: jax.Array
@@ -65,12 +65,13 @@ class MultiLoraArray(StackedFactors):
 
     def map(self, fn: Callable[[jax.Array], jax.Array]) -> "MultiLoraArray":
         """Apply an op on the leading stack dims to every leaf."""
-        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.ids), self, (fn(self.w), fn(self.a), fn(self.b), fn(self.ids)))
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.ids), self,
+                           (lift(fn)(self.w), fn(self.a), fn(self.b), fn(self.ids)))
 
 
 def _dense(x):
     # quax hands plain operands to rules wrapped; unwrap to a JAX array.
-    return x.materialise() if isinstance(x, quax.ArrayValue) and not isinstance(x, MultiLoraArray) else x
+    return dense(x) if not isinstance(x, MultiLoraArray) else x
 
 
 @quax.register(P.dot_general_p)
@@ -80,7 +81,7 @@ def _dot_mixed(lhs: ArrayLike | quax.ArrayValue, rhs: MultiLoraArray, *, dimensi
     batch = m.ids.shape[-1]
     if m.w.ndim != 2 or xb or wb or len(wc) != 1 or 0 in xc or x.shape[0] != batch:
         return m.materialise()  # raises: no per-example form for this matmul
-    base = lax.dot_general(x, m.w, dimension_numbers, **kwargs)  # [B, *x_free, o]
+    base = lift(lax.dot_general)(x, m.w, dimension_numbers, **kwargs)  # [B, *x_free, o]
     n = m.a.shape[0]
     valid = (m.ids >= 0) & (m.ids < n)  # [B]; -1 or N: this example runs the base
     idx = jnp.clip(m.ids, 0, n - 1)
@@ -189,7 +190,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
     def switch(params, bank, *args, adapter: str | None = None, **kwargs):
         if adapter is None:
             kwargs.pop("lora_rng", None)
-            return f(params, *args, **kwargs)
+            return run_on(f, params)(params, *args, **kwargs)
         if adapter not in single:
             raise ValueError(f"unknown adapter {adapter!r}; known: {list(names)}")
         return single[adapter](params, bank[adapter], *args, **kwargs)

@@ -42,7 +42,7 @@ from . import tree
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
-from .lazy import column_norms
+from .lazy import column_norms, dense
 from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
 from .models.hf import (
@@ -583,6 +583,7 @@ def save_merged(directory: str | os.PathLike, model_config: BaseConfig, params: 
     """
     # merge() donates its params argument: hand it a copy so the caller's params stay valid.
     merged = merge(config, jax.tree.map(jnp.array, params), adapters)
+    merged = tree.map_with_path(lambda _, x: dense(x), merged)  # quantized weights not adapted: dequantized
     if dtype is not None:
         merged = jax.tree.map(lambda x: x.astype(_np_dtype(dtype)), merged)
     state = params_to_hf_state_dict(model_config, merged)

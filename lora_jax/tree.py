@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import quax
 
 PyTree = Any
 # Leaf names that hold a layer's weight matrix; a module-level pattern (`c_attn`) selects them.
@@ -40,15 +41,28 @@ def path_str(keypath: Sequence[Any]) -> str:
     return "/".join(parts)
 
 
+def is_value(x: Any) -> bool:
+    """quax array values (a quantized weight) are one leaf here, not their inner arrays."""
+    return isinstance(x, quax.ArrayValue)
+
+
 def flatten(tree: PyTree) -> dict[str, Any]:
     """{path: leaf} for every array leaf of `tree`, in tree order."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_value)
     return {path_str(kp): leaf for kp, leaf in leaves}
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
     """`jax.tree.map` whose function also receives the leaf's '/'-joined path."""
-    return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest)
+    return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest, is_leaf=is_value)
+
+
+def linear_paths(flat: dict[str, Any]) -> list[str]:
+    """PEFT's "all-linear": every linear matrix (stacks included) but the output head. Embedding
+    tables are not linear layers; GPT-2's and BLOOM's heads are their tied embeddings, other
+    models' an `lm_head`."""
+    return [p for p, x in flat.items() if leaf_name(p) in LINEAR_NAMES
+            and len(getattr(x, "shape", ())) >= 2 and "lm_head" not in p.split("/")]
 
 
 def matches(pattern: str | Sequence[str], path: str) -> bool:
@@ -114,4 +128,4 @@ def combine(*trees: PyTree) -> PyTree:
 
 def count(tree: PyTree) -> int:
     """Number of array elements in a tree (None holes count zero)."""
-    return sum(int(getattr(x, "size", 0)) for x in jax.tree.leaves(tree))
+    return sum(int(getattr(x, "size", 0)) for x in jax.tree.leaves(tree, is_leaf=is_value))

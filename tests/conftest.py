@@ -5,6 +5,7 @@ directory before modifying anything in it):
 
 * `tiny_gpt2_dir`: `GPT2LMHeadModel` (2 layers, hidden 32, 4 heads, vocab 320, 64 positions).
 * `tiny_bloom_dir`: `BloomForCausalLM` (2 layers, hidden 48, 6 heads, vocab 320).
+* `wide_dirs`: {"gpt2", "bloom"}, the same with hidden 64 (BLOOM 4 heads), for bitsandbytes.
 
 Each holds `config.json`, `model.safetensors` (transformers `save_pretrained`) and a tiny
 byte-level BPE tokenizer (loadable with `AutoTokenizer` / `lora_jax.models.load_tokenizer`;
@@ -12,6 +13,8 @@ GPT-2: `<|endoftext|>` = eos = bos = pad; BLOOM: `<unk>`=0, `<s>`=1, `</s>`=2, `
 Weights are random with std 0.2 (larger than HF's 0.02 init) so that layout mistakes show up
 in logits. Load the PyTorch reference with
 `AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager")`.
+
+`nudge_torch(model, seed)` makes a fresh PEFT adapter nonzero (noise on its trainable parameters).
 """
 
 from __future__ import annotations
@@ -63,9 +66,7 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2_dir(tmp_path_factory) -> Path:
-    """Directory of a tiny random GPT-2 checkpoint (safetensors) + tokenizer."""
+def _gpt2_checkpoint(path: Path, hidden: int) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tok = _tiny_tokenizer(
@@ -74,17 +75,15 @@ def tiny_gpt2_dir(tmp_path_factory) -> Path:
     )
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
     cfg = GPT2Config(
-        vocab_size=TINY_VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+        vocab_size=TINY_VOCAB, n_positions=64, n_embd=hidden, n_layer=2, n_head=4,
         bos_token_id=eos, eos_token_id=eos,
     )
     model = GPT2LMHeadModel(cfg).eval()
     _randomize(model)
-    return _save(model, tok, tmp_path_factory.mktemp("tiny_gpt2"))
+    return _save(model, tok, path)
 
 
-@pytest.fixture(scope="session")
-def tiny_bloom_dir(tmp_path_factory) -> Path:
-    """Directory of a tiny random BLOOM checkpoint (safetensors) + tokenizer."""
+def _bloom_checkpoint(path: Path, hidden: int, heads: int) -> Path:
     from transformers import BloomConfig, BloomForCausalLM
 
     tok = _tiny_tokenizer(
@@ -92,9 +91,45 @@ def tiny_bloom_dir(tmp_path_factory) -> Path:
         eos_token="</s>", pad_token="<pad>", padding_side="left",
     )
     cfg = BloomConfig(
-        vocab_size=TINY_VOCAB, hidden_size=48, n_layer=2, n_head=6,
+        vocab_size=TINY_VOCAB, hidden_size=hidden, n_layer=2, n_head=heads,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )
     model = BloomForCausalLM(cfg).eval()
     _randomize(model)
-    return _save(model, tok, tmp_path_factory.mktemp("tiny_bloom"))
+    return _save(model, tok, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """Directory of a tiny random GPT-2 checkpoint (safetensors) + tokenizer."""
+    return _gpt2_checkpoint(tmp_path_factory.mktemp("tiny_gpt2"), hidden=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bloom_dir(tmp_path_factory) -> Path:
+    """Directory of a tiny random BLOOM checkpoint (safetensors) + tokenizer."""
+    return _bloom_checkpoint(tmp_path_factory.mktemp("tiny_bloom"), hidden=48, heads=6)
+
+
+@pytest.fixture(scope="session")
+def wide_dirs(tmp_path_factory) -> dict[str, Path]:
+    """{"gpt2", "bloom"}: the tiny checkpoints with hidden 64, so every weight row is a multiple
+    of 64 wide (the shapes on which bitsandbytes' CPU 4-bit kernels are right)."""
+    return {"gpt2": _gpt2_checkpoint(tmp_path_factory.mktemp("wide_gpt2"), hidden=64),
+            "bloom": _bloom_checkpoint(tmp_path_factory.mktemp("wide_bloom"), hidden=64, heads=4)}
+
+
+@pytest.fixture
+def nudge_torch():
+    """`nudge(model, seed)`: add 0.1 * N(0, 1) to every trainable torch parameter (so a fresh
+    PEFT adapter's lora_B is nonzero); returns the model in eval mode."""
+    def nudge(model, seed: int):
+        import torch
+
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.1 * torch.randn_like(p))
+        return model.eval()
+    return nudge

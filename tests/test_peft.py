@@ -119,7 +119,7 @@ def test_merged_export_loads_in_transformers(trained, tmp_path):
     np.testing.assert_allclose(torch_logits(hf_model(out)), t["logits"], atol=ATOL, rtol=0)
 
 
-def _random_peft_model(name, base_dir):
+def _random_peft_model(name, base_dir, nudge):
     """A PEFT model with rank/alpha patterns, random nonzero B, trained biases and saved modules."""
     targets = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}[name]
     cfg = peft.LoraConfig(
@@ -127,19 +127,14 @@ def _random_peft_model(name, base_dir):
         alpha_pattern={f"h.1.{'attn' if name == 'gpt2' else 'self_attention'}.{targets[0]}": 32},
         bias="lora_only", modules_to_save=["ln_f"], task_type="CAUSAL_LM",
     )
-    pm = peft.get_peft_model(hf_model(base_dir), cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if p.requires_grad:  # lora_B (zero at init), lora_A, targeted biases, ln_f copy
-                p.add_(0.1 * torch.randn_like(p))
-    return pm.eval()
+    # lora_B (zero at init), lora_A, targeted biases, the ln_f copy: all nonzero and moved
+    return nudge(peft.get_peft_model(hf_model(base_dir), cfg), seed=1)
 
 
 @pytest.mark.parametrize("name,scan", [("gpt2", True), ("bloom", False)])
-def test_peft_made_adapter_imports(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+def test_peft_made_adapter_imports(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
-    pm = _random_peft_model(name, base_dir)
+    pm = _random_peft_model(name, base_dir, nudge_torch)
     pm.save_pretrained(tmp_path / "adapter")
     want = torch_logits(pm)
 
@@ -201,7 +196,7 @@ def test_bloom_560m_export_size(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
-def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     """LoRA on the tied embedding: PEFT's lora_embedding_A/B tensors in and out. lora_jax applies
     W0 + s*A*B in the lookup and the tied head: PEFT's unmerged model matches it up to the head,
     its merged model in full; lazy generation and the answer-only loss use the adapted head too."""
@@ -212,12 +207,7 @@ def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_d
     emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
     pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
                                                                   init_lora_weights="gaussian"))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    pm.eval().save_pretrained(tmp_path / "peft_made")
+    nudge_torch(pm, seed=2).save_pretrained(tmp_path / "peft_made")
     ids = torch.tensor(IDS, dtype=torch.long)
     with torch.no_grad():
         hidden_want = pm.base_model.model.transformer(ids).last_hidden_state.numpy()
@@ -307,7 +297,7 @@ def test_adapter_by_hub_id_from_the_cache(tiny_gpt2_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name,scan", [("gpt2", True), ("bloom", False)])
-def test_dora_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+def test_dora_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     """A PEFT DoRA adapter (use_dora, lora_magnitude_vector) imports onto unrolled or scanned
     params with PEFT's logits, factored throughout; our export loads in PEFT with the same logits;
     the merged checkpoint and an orbax round trip agree."""
@@ -317,12 +307,7 @@ def test_dora_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, 
     targets = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}[name]
     pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, rank_pattern={targets[1]: 2}, use_dora=True))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:  # lora_A, lora_B, lora_magnitude_vector
-                p.add_(0.1 * torch.randn_like(p))
-    pm.eval().save_pretrained(tmp_path / "peft_made")
+    nudge_torch(pm, seed=3).save_pretrained(tmp_path / "peft_made")  # lora_A, lora_B, lora_magnitude_vector
     want = torch_logits(pm)
 
     model, params = from_pretrained(base_dir, scan_layers=scan)

@@ -1,0 +1,221 @@
+"""4-bit NormalFloat frozen weights (QLoRA), stored as bitsandbytes stores them.
+
+    qparams = quant.quantize(params)                 # every linear kernel -> NF4 (embeddings stay)
+    g = lj.apply(model.apply, config)                # LoRA on top, as with dense params
+    logits = jax.jit(g)(qparams, adapters, ids)
+    base_logits = jax.jit(quant.apply(model.apply))(qparams, ids)   # no adapters
+
+A quantized kernel [*S, in, out] is a `QuantizedArray`: the matrix in a torch Linear's (out, in)
+order, flattened, cut in blocks of `block_size` values, each block scaled by its absmax and
+rounded to the nearest of the 16 NF4 levels (QLoRA, Dettmers et al. 2023), two 4-bit codes per
+byte (first in the high nibble). Codes and fp32 absmax equal bitsandbytes' `quantize_4bit(W,
+blocksize, quant_type="nf4")` of the same weight, so 4.5 bits per weight instead of 16 or 32.
+
+Inside `quax.quaxify` (which `lj.apply` runs) a matmul with it dequantizes the weight to the
+compute dtype right where the matmul runs, and the backward pass dequantizes again rather than
+keeping a dense copy alive between the passes (bitsandbytes' 4-bit matmul saves the quantized
+state the same way); slices of a layer stack stay quantized; a cast only changes the compute
+dtype. Anything else uses the dense weight (`materialise`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import quax
+from jax import lax
+from jax.extend.core import primitives as P
+
+from . import tree
+from .config import ALL_LINEAR
+from .lazy import Stacked, dense
+
+PyTree = Any
+ArrayLike = jax.typing.ArrayLike
+
+# The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (bitsandbytes).
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+], np.float32)
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+
+
+class QuantizedArray(Stacked):
+    """An NF4 weight [*S, in, out]: codes [*S, ceil(in*out / block) * block / 2] uint8 and
+    absmax [*S, ceil(in*out / block)] fp32; `dtype` is the dtype it dequantizes to."""
+
+    codes: jax.Array
+    absmax: jax.Array
+    matrix: tuple[int, int] = eqx.field(static=True)  # (in, out)
+    dtype_: Any = eqx.field(static=True)
+    block_size: int = eqx.field(static=True)
+
+    def aval(self):
+        return jax.core.ShapedArray((*self.codes.shape[:-1], *self.matrix), self.dtype_)
+
+    def materialise(self) -> jax.Array:
+        return dequantize_nf4(self.codes, self.absmax, self.matrix, self.block_size, self.dtype_)
+
+    def map(self, fn) -> "QuantizedArray":
+        return eqx.tree_at(lambda t: (t.codes, t.absmax), self, (fn(self.codes), fn(self.absmax)))
+
+    def astype(self, dtype: Any) -> "QuantizedArray":
+        """The same codes, dequantizing to `dtype`."""
+        return QuantizedArray(self.codes, self.absmax, self.matrix, jnp.dtype(dtype), self.block_size)
+
+
+def quantize_nf4(w: jax.Array, block_size: int = 64) -> tuple[jax.Array, jax.Array]:
+    """(codes, absmax) of w [*S, in, out]; see the module docstring for the layout."""
+    *stack, d_in, d_out = w.shape
+    n = d_in * d_out
+    n_blocks = -(-n // block_size)
+    flat = jnp.swapaxes(w, -1, -2).astype(jnp.float32).reshape(*stack, n)  # torch (out, in), row-major
+    flat = jnp.pad(flat, [(0, 0)] * len(stack) + [(0, n_blocks * block_size - n)])
+    blocks = flat.reshape(*stack, n_blocks, block_size)  # [*S, nb, block]
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [*S, nb]
+    normed = blocks / jnp.where(absmax == 0, 1.0, absmax)[..., None]
+    mids = jnp.asarray((NF4[1:] + NF4[:-1]) / 2)  # nearest level: count the midpoints below
+    idx = jnp.searchsorted(mids, normed.reshape(-1), side="left").astype(jnp.uint8)
+    idx = idx.reshape(*stack, n_blocks * block_size // 2, 2)  # [*S, bytes, 2]
+    return (idx[..., 0] << 4) | idx[..., 1], absmax
+
+
+def dequantize_nf4(codes: jax.Array, absmax: jax.Array, matrix: tuple[int, int], block_size: int,
+                   dtype: Any) -> jax.Array:
+    """The weight [*S, in, out] in `dtype` from NF4 codes and block absmax."""
+    d_in, d_out = matrix
+    *stack, n_bytes = codes.shape
+    idx = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(*stack, n_bytes * 2)  # [*S, nb * block]
+    levels = jnp.asarray(NF4)[idx].reshape(*stack, -1, block_size)  # [*S, nb, block]
+    vals = (levels * lax.stop_gradient(absmax)[..., None]).reshape(*stack, -1)[..., : d_in * d_out]
+    return jnp.swapaxes(vals.reshape(*stack, d_out, d_in), -1, -2).astype(dtype)  # [*S, in, out]
+
+
+def _is_float(x: Any) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and not isinstance(x, quax.ArrayValue)
+
+
+def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclude: str | Sequence[str] | None = None,
+             block_size: int = 64, dtype: Any = None) -> PyTree:
+    """params with the selected weight matrices as NF4 `QuantizedArray`s (the rest untouched).
+
+    Args:
+      params: a parameter tree.
+      targets: "all-linear" (every linear kernel / weight, stacks included, but an `lm_head`:
+        what bitsandbytes quantizes in a transformers model) or a pattern as in LoraConfig, of
+        which the linear weights (`kernel`, `weight`, `w`) are taken; biases, norms and embedding
+        tables stay as they are.
+      exclude: leaves never quantized (same pattern forms).
+      block_size: values per absmax (bitsandbytes' `blocksize`; QLoRA uses 64).
+      dtype: the compute dtype they dequantize to (default: each weight's own dtype).
+    Returns:
+      The new tree. Use it through `lj.apply(f, config)` or `quant.apply(f)`.
+    """
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"quantize: block_size {block_size!r} is not one of {BLOCK_SIZES}")
+    flat = tree.flatten(params)
+    chosen = tree.linear_paths(flat) if targets == ALL_LINEAR else tree.select(targets, list(flat))
+    excluded = set(tree.select(exclude, list(flat)))
+    chosen = [p for p in chosen if p not in excluded and tree.leaf_name(p) in tree.LINEAR_NAMES]
+    if not chosen:
+        raise ValueError(f"quantize: targets {targets!r} (exclude={exclude!r}) select no weight; "
+                         f"closest paths: {tree.closest(targets, list(flat))}")
+    for p in chosen:
+        x = flat[p]
+        if isinstance(x, QuantizedArray):
+            raise ValueError(f"quantize: {p!r} is already quantized")
+        if not _is_float(x) or x.ndim < 2:
+            raise ValueError(f"quantize: {p!r} ({getattr(x, 'dtype', type(x).__name__)}, shape "
+                             f"{tuple(getattr(x, 'shape', ()))}) is not a float matrix or a stack of matrices")
+    quant = jax.jit(quantize_nf4, static_argnums=1)
+    chosen_set = set(chosen)
+
+    def q(path, x):
+        if path not in chosen_set:
+            return x
+        codes, absmax = quant(x, block_size)
+        return QuantizedArray(codes, absmax, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype), block_size)
+    return tree.map_with_path(q, params)
+
+
+def dequantize(params: PyTree) -> PyTree:
+    """params with every QuantizedArray replaced by its dense weight (its compute dtype)."""
+    return tree.map_with_path(lambda _, x: dense(x) if isinstance(x, QuantizedArray) else x, params)
+
+
+def apply(f):
+    """`f(params, *args)` that runs on params holding QuantizedArrays (a no-op wrap otherwise)."""
+    return quax.quaxify(f)
+
+
+def nbytes(params: PyTree) -> int:
+    """Bytes the tree holds in memory (codes and absmax for quantized leaves)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params) if hasattr(x, "dtype"))
+
+
+# ------------------------------------------------------------------------------------- rules
+
+
+def _qdot(lhs, rhs, dimension_numbers, kwargs):
+    """dot_general with a quantized operand, dequantized where the matmul runs, in both passes.
+
+    Each dequantization reads the other operand (the activation forward, the cotangent
+    backward), so XLA cannot hoist every layer's dense weight to the start of a pass (measured:
+    it does, for unrolled layers, even through `lax.optimization_barrier`, which the CPU
+    compiler drops); the custom VJP saves the codes, not a dense weight, for the backward pass.
+    """
+    def dot(lhs, rhs):
+        return lax.dot_general_p.bind(dense(lhs), dense(rhs), dimension_numbers=dimension_numbers, **kwargs)
+
+    def tie(q, t):
+        # Make the dequantization read t (flip no bit unless t holds a NaN, when the result is
+        # NaN anyway), so XLA cannot schedule it before t exists and hold every layer's dense weight.
+        if not isinstance(q, QuantizedArray) or isinstance(t, QuantizedArray):
+            return q
+        first = jnp.ravel(t)[0]
+        return eqx.tree_at(lambda u: u.codes, q, q.codes ^ (first != first).astype(q.codes.dtype))
+
+    @jax.custom_vjp
+    def qdot(lhs, rhs):
+        return dot(tie(lhs, rhs), tie(rhs, lhs))
+
+    def fwd(lhs, rhs):
+        return qdot(lhs, rhs), (lhs, rhs)
+
+    def bwd(res, g):
+        lhs, rhs = res
+        return jax.vjp(dot, tie(lhs, g), tie(rhs, g))[1](g)  # float0 for the codes, zeros for the absmax
+
+    qdot.defvjp(fwd, bwd)
+    return qdot(lhs, rhs)
+
+
+# Below the LoRA rules (precedence 0): a LoraArray meeting a QuantizedArray operand keeps its rule.
+@quax.register(P.dot_general_p, precedence=-1)
+def _dot_q_lhs(lhs: QuantizedArray, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **kwargs):
+    return _qdot(lhs, rhs, dimension_numbers, kwargs)
+
+
+@quax.register(P.dot_general_p, precedence=-1)
+def _dot_q_rhs(lhs: ArrayLike | quax.ArrayValue, rhs: QuantizedArray, *, dimension_numbers, **kwargs):
+    return _qdot(lhs, rhs, dimension_numbers, kwargs)
+
+
+@quax.register(P.dot_general_p, precedence=-1)
+def _dot_q_both(lhs: QuantizedArray, rhs: QuantizedArray, *, dimension_numbers, **kwargs):
+    return _qdot(lhs, rhs, dimension_numbers, kwargs)
+
+
+@quax.register(P.convert_element_type_p)
+def _cast_q(x: QuantizedArray, *, new_dtype, **kwargs):
+    if not jnp.issubdtype(new_dtype, jnp.floating):
+        return lax.convert_element_type(x.materialise(), new_dtype)
+    return x.astype(new_dtype)
