@@ -60,6 +60,8 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
     """The final report: EM/F1 per model, trainable parameters, adapter size, wall time, samples."""
     scores = summary["scores"]
     names = {"base": "base model", "lora": "LoRA", "full": "full fine-tuning"}
+    if summary.get("quantize"):  # QLoRA: the base weights the scores come from are quantized
+        names |= {"base": f"base model ({summary['quantize']})", "lora": f"QLoRA ({summary['quantize']})"}
     lines = [
         "",
         f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "

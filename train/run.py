@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lora_jax as lj
+from lora_jax import quant
 from lora_jax.models import from_pretrained, load_tokenizer
 
 from . import data, report
@@ -239,6 +240,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lora = lora_config(args, model)
         lj.target_paths(lora, params)
+    base_apply = model.apply
+    if args.quantize:
+        dense_bytes = quant.nbytes(params)
+        params = quant.quantize(params, block_size=args.quant_block_size)
+        base_apply = quant.apply(model.apply)
+        log(f"{args.quantize}: frozen params {dense_bytes / 2**20:.2f} MiB -> "
+            f"{quant.nbytes(params) / 2**20:.2f} MiB")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if primary and not args.resume and (out / "metrics.jsonl").exists():
@@ -259,7 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_base_eval:
         log("scoring the base model ...")
         with timed("eval_base"):
-            results["base"], samples["base"] = evaluate(model.apply, params, model, tokenizer, val_ex, val_records,
+            results["base"], samples["base"] = evaluate(base_apply, params, model, tokenizer, val_ex, val_records,
                                                         **eval_kw)
     with timed("train_lora"):
         lora_params, adapters, history, finished = train(args, model, params, tokenizer, train_ex, lora=lora,
@@ -288,8 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summ = lj.summary(lora, lora_params, adapters)
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
-        "steps": args.steps, "trainable_params": summ.trainable, "total_params": summ.total,
-        "trainable_percent": summ.percent, "scores": results, **saved,
+        "steps": args.steps, "quantize": args.quantize, "trainable_params": summ.trainable,
+        "total_params": summ.total, "trainable_percent": summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
     }
     if primary:

@@ -5,6 +5,7 @@ generated SQuAD-format QA set whose validation entities never occur in training)
 
     python -m train.squad                       # ~5 min on 2 CPU cores; prints the EM/F1 table
     python -m train.squad --full-finetune       # adds a full fine-tuning baseline row
+    python -m train.squad --quantize nf4        # QLoRA: the frozen linear weights in 4-bit NF4
 
 Online, the seeds' run (BLOOM-560m, r=16, alpha=32, dropout 0.05, fused QKV, 100 steps,
 batch 4 x accumulation 4, lr 1e-3, warmup 100):
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--compute-dtype", choices=("float32", "bfloat16"), default=None,
       help="activation dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     a("--scan-layers", action="store_true", help="run layers with lax.scan (faster compile, slower step)")
+    a("--quantize", choices=("nf4",), default=None,
+      help="QLoRA: hold the frozen linear weights in 4-bit NF4 (bitsandbytes' layout) while LoRA trains")
+    a("--quant-block-size", type=int, default=64, help="weights per NF4 absmax block (bitsandbytes blocksize)")
     a("--seed", type=int, default=0, help="seed for adapters, data order and dropout")
     a("--checkpoint-every", type=int, default=100, help="save a training checkpoint every N steps")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -111,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.quantize and args.full_finetune:
+        p.error("--full-finetune trains the weights that --quantize freezes in 4 bits; use one or the other")
     return args
 
 
