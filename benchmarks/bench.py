@@ -23,7 +23,9 @@ Cases (`--cases`): `lora` (factored), `lora-merged`, `full` (full fine-tuning), 
 covers only the last `--answer-tokens` tokens of each row. lora_jax builds logits only there
 (`train.loop.target_loss`); PEFT can only mask labels with -100, so transformers still builds
 the full [B, T, V] logits and upcasts them to fp32 in its loss — that difference is the point
-of the case, not an unfairness in the setup.
+of the case, not an unfairness in the setup. Run only when named: QLoRA, the frozen linear
+weights in 4-bit NF4 (`qlora`: `lora_jax.quant`; `peft-qlora`: transformers' bitsandbytes
+4-bit model under PEFT, eager and without gradient checkpointing, as `peft`).
 
 FLOPs per token (MFU): LoRA 4*N + attention, full fine-tuning 6*N + attention, where N counts
 the layer matmul weights plus the LM head (the head only at loss positions in SQuAD-shaped
@@ -51,6 +53,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -76,6 +79,7 @@ class Case:
     strategy: str | None = None  # lora_jax.apply strategy
     compile: bool = False  # torch.compile (PEFT)
     squad: bool = False  # loss on the last answer tokens only
+    nf4: bool = False  # frozen linear weights in 4-bit NF4 (QLoRA)
 
 
 CASES: dict[str, Case] = {
@@ -87,7 +91,10 @@ CASES: dict[str, Case] = {
     "squad-lora": Case("jax", "lora", "factored", squad=True),
     "squad-peft": Case("peft", "lora", squad=True),
     "squad-peft-compile": Case("peft", "lora", compile=True, squad=True),
+    "qlora": Case("jax", "lora", "factored", nf4=True),
+    "peft-qlora": Case("peft", "lora", nf4=True),
 }
+DEFAULT_CASES = [c for c, case in CASES.items() if not case.nf4]  # the issue's cases; QLoRA on request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +231,7 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
     import jax.numpy as jnp
 
     import lora_jax as lj
+    from lora_jax import quant
     from lora_jax.models import CausalLM
     from train import loop
 
@@ -234,6 +242,8 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
     model = CausalLM(cfg)
     key = jax.random.key(0)
     params = model.param_shapes() if abstract else model.init_params(key)
+    if case.nf4:
+        params = jax.eval_shape(quant.quantize, params) if abstract else quant.quantize(params)
     # Rows are unpadded, so the mask is left out: the model then uses causal attention, the
     # cuDNN fast path (peft_anchor.py passes no attention mask either).
     if full:
@@ -353,11 +363,24 @@ def run_peft_case(spec: Spec) -> dict[str, Any]:
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model_config(spec)
-    model = AutoModelForCausalLM.from_config(hf_config(cfg)).to(dtype).to(dev)  # random init, train mode
+    model = AutoModelForCausalLM.from_config(hf_config(cfg))  # random init, train mode
+    if case.nf4:  # bitsandbytes quantizes while loading: go through a checkpoint
+        from transformers import BitsAndBytesConfig
+
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qc, dtype=dtype, device_map=dev,
+                                                         attn_implementation=hf_config(cfg)._attn_implementation)
+        model.train()
+    else:
+        model = model.to(dtype).to(dev)
     lcfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
                            target_modules=[FUSED_QKV[cfg.model_type]], task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lcfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    # a 4-bit parameter's numel() counts packed bytes; its quant_state knows the real shape
+    n_params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+                   for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR,
                             weight_decay=WEIGHT_DECAY, fused=cuda)
@@ -446,7 +469,7 @@ def skip_reason(spec: Spec, on_cpu_smoke: bool) -> str | None:
 
 def environment(argv: Sequence[str]) -> dict[str, Any]:
     """Versions, date and the exact command (no device query: the parent keeps off the GPU)."""
-    names = ["jax", "jaxlib", "flax", "optax", "quax", "torch", "transformers", "peft"]
+    names = ["jax", "jaxlib", "flax", "optax", "quax", "torch", "transformers", "peft", "bitsandbytes"]
     versions = {}
     for n in names:
         try:
@@ -465,7 +488,8 @@ def _fmt(x: Any, spec: str) -> str:
 def ratios(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
     """(model, numerator case, denominator case, tokens/s ratio) for the comparisons that matter."""
     pairs = [("lora", "full"), ("lora", "peft"), ("lora", "peft-compile"), ("lora-merged", "lora"),
-             ("squad-lora", "squad-peft"), ("squad-lora", "squad-peft-compile")]
+             ("squad-lora", "squad-peft"), ("squad-lora", "squad-peft-compile"), ("qlora", "peft-qlora"),
+             ("qlora", "lora")]
     tok = {(r["model"], r["case"]): r.get("tokens_per_s") for r in rows}
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -548,8 +572,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt2", "bloom-560m"],
                    help="GPT-2 / BLOOM preset names (default: gpt2 bloom-560m)")
-    p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), metavar="CASE",
-                   help=f"cases to run (default: all): {', '.join(CASES)}")
+    opt_in = ", ".join(c for c in CASES if c not in DEFAULT_CASES)
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES), metavar="CASE",
+                   help=f"cases to run: {', '.join(CASES)} (default: all but {opt_in})")
     p.add_argument("--steps", type=int, help="timed steps per case (default 20; smoke 2)")
     p.add_argument("--warmup", type=int, help="untimed steps after compiling (default 3; smoke 1)")
     p.add_argument("--batch", type=int, help="rows per step (default: 16; smoke 2)")

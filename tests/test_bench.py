@@ -47,7 +47,8 @@ def _check_row(row: dict) -> None:
 
 def test_smoke_runs_every_case(tmp_path):
     out = tmp_path / "smoke.jsonl"
-    lines = _run_bench("--smoke", "--isolate", "none", "--peak-tflops", "0.01", "--out", str(out))
+    lines = _run_bench("--smoke", "--isolate", "none", "--peak-tflops", "0.01", "--out", str(out),
+                       "--cases", *bench.CASES)
     env, rows = lines[0], lines[1:]
     assert env["env"] and env["versions"]["jax"] and env["command"].startswith("python -m benchmarks.bench")
     assert {(r["model"], r["case"]) for r in rows} == {(m, c) for m in MODELS for c in bench.CASES}
