@@ -143,7 +143,8 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
     it computes x*W0 + s*((x*A)*B) and W0 gets no gradient; other uses materialise the sum
     (or raise `FallbackError` with `strict=True`). `merged` materialises every adapted weight
     first, then calls f (the reference; no dropout). `lora_rng` turns on dropout on the LoRA
-    input (training); without it no dropout is applied.
+    input (training); without it no dropout is applied. `params` may hold 4-bit weights from
+    `quant.quantize` (QLoRA): adapted or not, they dequantize inside their own matmuls.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown LoRA strategy {strategy!r}; expected one of {STRATEGIES}")
