@@ -10,6 +10,9 @@ order, flattened, cut in blocks of `block_size` values, each block scaled by its
 rounded to the nearest of the 16 NF4 levels (QLoRA, Dettmers et al. 2023), two 4-bit codes per
 byte (first in the high nibble). Codes and fp32 absmax equal bitsandbytes' `quantize_4bit(W,
 blocksize, quant_type="nf4")` of the same weight, so 4.5 bits per weight instead of 16 or 32.
+With `double_quant=True` (QLoRA's double quantization, bitsandbytes' `compress_statistics`)
+the absmax are stored too: minus their mean, in blocks of 256, as 8-bit codes of bitsandbytes'
+dynamic map with an fp32 scale per block, 4.127 bits per weight in all.
 
 Inside `quax.quaxify` (which `lj.apply` runs) a matmul with it dequantizes the weight to the
 compute dtype right where the matmul runs, and the backward pass dequantizes again rather than
@@ -20,6 +23,7 @@ dtype. Anything else uses the dense weight (`materialise`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,10 +54,14 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes acc
 
 class QuantizedArray(Stacked):
     """An NF4 weight [*S, in, out]: codes [*S, ceil(in*out / block) * block / 2] uint8 and
-    absmax [*S, ceil(in*out / block)] fp32; `dtype` is the dtype it dequantizes to."""
+    absmax [*S, nb = ceil(in*out / block)], fp32, or with double quantization uint8 codes of
+    DYNAMIC with absmax2 [*S, ceil(nb / 256)] fp32 and offset [*S] fp32. `dtype_` is the dtype
+    it dequantizes to."""
 
     codes: jax.Array
     absmax: jax.Array
+    absmax2: jax.Array | None
+    offset: jax.Array | None
     matrix: tuple[int, int] = eqx.field(static=True)  # (in, out)
     dtype_: Any = eqx.field(static=True)
     block_size: int = eqx.field(static=True)
@@ -61,15 +69,67 @@ class QuantizedArray(Stacked):
     def aval(self):
         return jax.core.ShapedArray((*self.codes.shape[:-1], *self.matrix), self.dtype_)
 
+    def scales(self) -> jax.Array:
+        """The fp32 absmax [*S, nb] (dequantized first under double quantization)."""
+        if self.absmax2 is None:
+            return self.absmax
+        return dequantize_absmax(self.absmax, self.absmax2, self.offset)
+
     def materialise(self) -> jax.Array:
-        return dequantize_nf4(self.codes, self.absmax, self.matrix, self.block_size, self.dtype_)
+        return dequantize_nf4(self.codes, self.scales(), self.matrix, self.block_size, self.dtype_)
 
     def map(self, fn) -> "QuantizedArray":
-        return eqx.tree_at(lambda t: (t.codes, t.absmax), self, (fn(self.codes), fn(self.absmax)))
+        opt = lambda v: None if v is None else fn(v)  # noqa: E731
+        return eqx.tree_at(lambda t: (t.codes, t.absmax, t.absmax2, t.offset), self,
+                           (fn(self.codes), fn(self.absmax), opt(self.absmax2), opt(self.offset)),
+                           is_leaf=lambda x: x is None)
 
     def astype(self, dtype: Any) -> "QuantizedArray":
         """The same codes, dequantizing to `dtype`."""
-        return QuantizedArray(self.codes, self.absmax, self.matrix, jnp.dtype(dtype), self.block_size)
+        return dataclasses.replace(self, dtype_=jnp.dtype(dtype))
+
+
+def dynamic_map() -> np.ndarray:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`): 256 sorted fp32 values
+    in [-1, 1], a sign, a decimal exponent 10^-6..10^0 and a linear fraction in (0.1, 1)."""
+    def linspace(n):  # torch.linspace's float32 arithmetic, from both ends
+        start, end = np.float32(0.1), np.float32(1.0)
+        step = (end - start) / np.float32(n - 1)
+        i = np.arange(n)
+        return np.where(i < n // 2, start + step * i, end - step * (n - 1 - i)).astype(np.float32)
+    parts = [np.float32([0.0, 1.0])]
+    for e in range(7):
+        b = linspace(2**e + 1)
+        means = (b[:-1] + b[1:]) / np.float32(2)
+        scale = np.float32(10.0 ** (e - 6))
+        parts += [scale * means, -scale * means]
+    return np.sort(np.concatenate(parts).astype(np.float32))
+
+
+DYNAMIC = dynamic_map()
+ABSMAX_BLOCK = 256  # absmax per second-level block, as bitsandbytes' nested quantization
+
+
+def quantize_absmax(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Double quantization of absmax [*S, nb]: (codes uint8 [*S, nb], absmax2 [*S, nb2], offset
+    [*S]); the codes pick the nearest DYNAMIC value of (absmax - offset) / absmax2 per block."""
+    *stack, nb = absmax.shape
+    offset = jnp.mean(absmax, axis=-1)  # [*S]
+    centred = absmax - offset[..., None]
+    nb2 = -(-nb // ABSMAX_BLOCK)
+    blocks = jnp.pad(centred, [(0, 0)] * len(stack) + [(0, nb2 * ABSMAX_BLOCK - nb)])
+    blocks = blocks.reshape(*stack, nb2, ABSMAX_BLOCK)  # [*S, nb2, 256]
+    absmax2 = jnp.max(jnp.abs(blocks), axis=-1)  # [*S, nb2]
+    normed = (blocks / jnp.where(absmax2 == 0, 1.0, absmax2)[..., None]).reshape(*stack, -1)[..., :nb]
+    mids = jnp.asarray((DYNAMIC[1:] + DYNAMIC[:-1]) / 2)
+    return jnp.searchsorted(mids, normed, side="left").astype(jnp.uint8), absmax2, offset
+
+
+def dequantize_absmax(codes: jax.Array, absmax2: jax.Array, offset: jax.Array) -> jax.Array:
+    """The fp32 absmax [*S, nb] back from `quantize_absmax`'s output."""
+    nb = codes.shape[-1]
+    scale = jnp.repeat(absmax2, ABSMAX_BLOCK, axis=-1)[..., :nb]  # [*S, nb]
+    return jnp.asarray(DYNAMIC)[codes] * scale + offset[..., None]
 
 
 def quantize_nf4(w: jax.Array, block_size: int = 64) -> tuple[jax.Array, jax.Array]:
@@ -104,7 +164,7 @@ def _is_float(x: Any) -> bool:
 
 
 def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclude: str | Sequence[str] | None = None,
-             block_size: int = 64, dtype: Any = None) -> PyTree:
+             block_size: int = 64, double_quant: bool = False, dtype: Any = None) -> PyTree:
     """params with the selected weight matrices as NF4 `QuantizedArray`s (the rest untouched).
 
     Args:
@@ -115,6 +175,7 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
         tables stay as they are.
       exclude: leaves never quantized (same pattern forms).
       block_size: values per absmax (bitsandbytes' `blocksize`; QLoRA uses 64).
+      double_quant: store the absmax in 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
       dtype: the compute dtype they dequantize to (default: each weight's own dtype).
     Returns:
       The new tree. Use it through `lj.apply(f, config)` or `quant.apply(f)`.
@@ -142,7 +203,11 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
         if path not in chosen_set:
             return x
         codes, absmax = quant(x, block_size)
-        return QuantizedArray(codes, absmax, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype), block_size)
+        absmax2 = offset = None
+        if double_quant:
+            absmax, absmax2, offset = jax.jit(quantize_absmax)(absmax)
+        return QuantizedArray(codes, absmax, absmax2, offset, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype),
+                              block_size)
     return tree.map_with_path(q, params)
 
 
@@ -157,7 +222,7 @@ def apply(f):
 
 
 def nbytes(params: PyTree) -> int:
-    """Bytes the tree holds in memory (codes and absmax for quantized leaves)."""
+    """Bytes the tree holds in memory (codes and scales for quantized leaves)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(params) if hasattr(x, "dtype"))
 
 

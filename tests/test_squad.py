@@ -74,15 +74,16 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     # this time on an NF4 base (QLoRA), scored before and after.
     again = tmp_path / "again"
     args = cli_args(tiny_gpt2_dir, data, again, "--steps", "1", "--init-adapter", str(out / "peft"),
-                    "--quantize", "nf4")
+                    "--quantize", "nf4", "--double-quant")
     args[args.index("--rank") + 1] = "2"
     assert squad.main(args) == 0
     printed = capsys.readouterr().out
-    assert "starting from adapter" in printed and "nf4: frozen params" in printed and "| QLoRA (nf4) |" in printed
+    assert "starting from adapter" in printed and "nf4 + double quant: frozen params" in printed
+    assert "| QLoRA (nf4 + double quant) |" in printed
     again_config = json.loads((again / "adapter" / "lora_adapter.json").read_text())["config"]
     assert again_config["rank"] == 4 and again_config["use_dora"]
     again_summary = json.loads((again / "summary.json").read_text())
-    assert again_summary["quantize"] == "nf4" and set(again_summary["scores"]) == {"base", "lora"}
+    assert again_summary["quantize"] == "nf4 + double quant" and set(again_summary["scores"]) == {"base", "lora"}
 
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path):
@@ -156,6 +157,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         squad.main(["--quantize", "nf4", "--full-finetune", "--output-dir", str(tmp_path / "x")])
     assert "--full-finetune trains the weights that --quantize freezes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        squad.main(["--double-quant", "--output-dir", str(tmp_path / "x")])
+    assert "--double-quant quantizes the scales of --quantize nf4" in capsys.readouterr().err
     assert squad.main(["--quantize", "nf4", "--quant-block-size", "48", "--output-dir", str(tmp_path / "x")]) == 1
     assert "block_size 48 is not one of (32, 64" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

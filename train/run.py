@@ -240,13 +240,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lora = lora_config(args, model)
         lj.target_paths(lora, params)
-    base_apply = model.apply
+    base_apply, scheme = model.apply, None
     if args.quantize:
+        scheme = args.quantize + (" + double quant" if args.double_quant else "")
         dense_bytes = quant.nbytes(params)
-        params = quant.quantize(params, block_size=args.quant_block_size)
+        params = quant.quantize(params, block_size=args.quant_block_size, double_quant=args.double_quant)
         base_apply = quant.apply(model.apply)
-        log(f"{args.quantize}: frozen params {dense_bytes / 2**20:.2f} MiB -> "
-            f"{quant.nbytes(params) / 2**20:.2f} MiB")
+        log(f"{scheme}: frozen params {dense_bytes / 2**20:.2f} MiB -> {quant.nbytes(params) / 2**20:.2f} MiB")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if primary and not args.resume and (out / "metrics.jsonl").exists():
@@ -296,8 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summ = lj.summary(lora, lora_params, adapters)
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
-        "steps": args.steps, "quantize": args.quantize, "trainable_params": summ.trainable,
-        "total_params": summ.total, "trainable_percent": summ.percent, "scores": results, **saved,
+        "steps": args.steps, "quantize": scheme, "trainable_params": summ.trainable, "total_params": summ.total,
+        "trainable_percent": summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
     }
     if primary:

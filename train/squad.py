@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--quantize", choices=("nf4",), default=None,
       help="QLoRA: hold the frozen linear weights in 4-bit NF4 (bitsandbytes' layout) while LoRA trains")
     a("--quant-block-size", type=int, default=64, help="weights per NF4 absmax block (bitsandbytes blocksize)")
+    a("--double-quant", action="store_true",
+      help="with --quantize: store the NF4 absmax in 8 bits too (QLoRA's double quantization)")
     a("--seed", type=int, default=0, help="seed for adapters, data order and dropout")
     a("--checkpoint-every", type=int, default=100, help="save a training checkpoint every N steps")
     a("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -115,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.double_quant and not args.quantize:
+        p.error("--double-quant quantizes the scales of --quantize nf4; pass --quantize nf4 with it")
     if args.quantize and args.full_finetune:
         p.error("--full-finetune trains the weights that --quantize freezes in 4 bits; use one or the other")
     return args
