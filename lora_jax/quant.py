@@ -237,6 +237,9 @@ def _qdot(lhs, rhs, dimension_numbers, kwargs):
     it does, for unrolled layers, even through `lax.optimization_barrier`, which the CPU
     compiler drops); the custom VJP saves the codes, not a dense weight, for the backward pass.
     """
+    # The other operand may come as quax's wrapper of a plain array: unwrap it once, here.
+    lhs, rhs = (x if isinstance(x, QuantizedArray) else dense(x) for x in (lhs, rhs))
+
     def dot(lhs, rhs):
         return lax.dot_general_p.bind(dense(lhs), dense(rhs), dimension_numbers=dimension_numbers, **kwargs)
 
