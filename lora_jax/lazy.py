@@ -32,6 +32,8 @@ import quax
 from jax import lax
 from jax.extend.core import primitives as P
 
+from . import tree
+
 ArrayLike = jax.typing.ArrayLike
 
 
@@ -42,22 +44,17 @@ class FallbackError(RuntimeError):
 def dense(x: Any) -> Any:
     """x as a JAX array: a quax value (a quantized W0, quax's wrapper of a plain operand) is
     materialised; anything else is returned as is."""
-    return x.materialise() if isinstance(x, quax.ArrayValue) else x
+    return x.materialise() if tree.is_value(x) else x
 
 
 def lift(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """`fn` that also accepts quax values (a quantized W0 inside a LoraArray), through their rules."""
+    """`fn` run through quax when its arguments hold quax values (a quantized W0, in a LoraArray
+    or in a params tree), so their rules apply; called as is otherwise."""
     def run(*args, **kwargs):
-        if any(isinstance(a, quax.ArrayValue) for a in args):
+        if any(tree.is_value(x) for x in jax.tree.leaves(args, is_leaf=tree.is_value)):
             return quax.quaxify(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
     return run
-
-
-def run_on(f: Callable[..., Any], params: Any) -> Callable[..., Any]:
-    """f, run through quax when `params` holds quax values (quantized weights), else as is."""
-    values = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, quax.ArrayValue))
-    return quax.quaxify(f) if any(isinstance(x, quax.ArrayValue) for x in values) else f
 
 
 class Stacked(quax.ArrayValue):
@@ -250,7 +247,7 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
     dn, w = dimension_numbers, operand.w
     idx = _dense(indices)
     row_lookup = (
-        operand.m is None and not isinstance(w, quax.ArrayValue) and w.ndim == 2
+        operand.m is None and not tree.is_value(w) and w.ndim == 2
         and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
         and not dn.operand_batching_dims
         and tuple(slice_sizes) == (1, w.shape[1])

@@ -20,7 +20,7 @@ import quax
 
 from . import tree
 from .config import ALL_LINEAR, LoraConfig
-from .lazy import LoraArray, column_norms, dense, dora_weight, run_on
+from .lazy import LoraArray, column_norms, dense, dora_weight, lift
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
@@ -156,7 +156,7 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
             merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True)
-            return run_on(f, merged)(merged, *args, **kwargs)
+            return lift(f)(merged, *args, **kwargs)
         lazy = _lora_arrays(config, params, adapters, lora_rng, strict)
         return quax.quaxify(f)(lazy, *args, **kwargs)
 

@@ -31,7 +31,7 @@ from jax.extend.core import primitives as P
 
 from . import tree
 from .config import LoraConfig
-from .lazy import StackedFactors, dense, lift, run_on
+from .lazy import StackedFactors, dense, lift
 from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
@@ -190,7 +190,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
     def switch(params, bank, *args, adapter: str | None = None, **kwargs):
         if adapter is None:
             kwargs.pop("lora_rng", None)
-            return run_on(f, params)(params, *args, **kwargs)
+            return lift(f)(params, *args, **kwargs)
         if adapter not in single:
             raise ValueError(f"unknown adapter {adapter!r}; known: {list(names)}")
         return single[adapter](params, bank[adapter], *args, **kwargs)

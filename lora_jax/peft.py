@@ -582,8 +582,8 @@ def save_merged(directory: str | os.PathLike, model_config: BaseConfig, params: 
       tokenizer: anything with `save_pretrained(dir)`, saved alongside.
     """
     # merge() donates its params argument: hand it a copy so the caller's params stay valid.
-    merged = merge(config, jax.tree.map(jnp.array, params), adapters)
-    merged = tree.map_with_path(lambda _, x: dense(x), merged)  # quantized weights not adapted: dequantized
+    # NF4 weights are written dequantized, adapted or not.
+    merged = merge(config, tree.map_with_path(lambda _, x: jnp.array(dense(x)), params), adapters)
     if dtype is not None:
         merged = jax.tree.map(lambda x: x.astype(_np_dtype(dtype)), merged)
     state = params_to_hf_state_dict(model_config, merged)

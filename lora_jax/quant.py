@@ -37,7 +37,7 @@ from jax.extend.core import primitives as P
 
 from . import tree
 from .config import ALL_LINEAR
-from .lazy import Stacked, dense
+from .lazy import Stacked, dense, lift
 
 PyTree = Any
 ArrayLike = jax.typing.ArrayLike
@@ -160,7 +160,7 @@ def dequantize_nf4(codes: jax.Array, absmax: jax.Array, matrix: tuple[int, int],
 
 
 def _is_float(x: Any) -> bool:
-    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and not isinstance(x, quax.ArrayValue)
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and not tree.is_value(x)
 
 
 def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclude: str | Sequence[str] | None = None,
@@ -218,7 +218,7 @@ def dequantize(params: PyTree) -> PyTree:
 
 def apply(f):
     """`f(params, *args)` that runs on params holding QuantizedArrays (a no-op wrap otherwise)."""
-    return quax.quaxify(f)
+    return lift(f)
 
 
 def nbytes(params: PyTree) -> int:
