@@ -11,12 +11,13 @@ from .config import LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (MAGNITUDE, Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
                    trainable_mask, unmerge)
-from .optim import TrainStep, join, labels, make_train_step, masked_optimizer, split
+from .optim import TrainStep, join, labels, loraplus, make_train_step, masked_optimizer, split
+from .residual import init_residual, to_plain
 
 __all__ = [
     "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
-    "trainable_mask", "split", "join", "labels", "masked_optimizer", "make_train_step",
-    "lazy", "optim", "quant", "tree",
+    "trainable_mask", "init_residual", "to_plain", "split", "join", "labels", "masked_optimizer",
+    "make_train_step", "loraplus", "lazy", "optim", "quant", "tree",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -294,6 +295,10 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     if base_model is not None and m.get("base_model") not in (None, base_model):
         raise ValueError(f"{directory}: adapters were trained on {m['base_model']!r}, not {base_model!r}")
     _check_fits(directory, m, config, params)
+    if config.changes_base:
+        warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that "
+                      "lora_jax.init_residual makes from the base (same config and key), not on the base itself; "
+                      "save lora_jax.to_plain's result to use them on the base", stacklevel=2)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
     specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in adapter_keys(config)}

@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import tree
 
-INITS = ("kaiming_uniform", "gaussian")
+INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")  # and "pissa_niter_<n>"
+PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
 Pattern = str | tuple[str, ...]
@@ -39,7 +41,10 @@ class LoraConfig:
         `lm_head`; embedding tables are not linear layers).
       exclude: same form; never targeted even if `targets` selects it.
       dropout: dropout rate on the LoRA input (training only, with an explicit rng).
-      init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)).
+      init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)),
+        B = 0; or one that moves part of W0 into the adapter (`lora.init_residual`): `pissa` (the r
+        principal singular directions), `pissa_niter_<n>` (the same by a randomized SVD with n
+        power iterations), `olora` (the first r columns of W0's QR decomposition).
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
       use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
         adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated).
@@ -84,10 +89,17 @@ class LoraConfig:
         for name in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.init, str) or self.init not in INITS:
-            raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS}")
+        if not isinstance(self.init, str) or not (self.init in INITS or PISSA_NITER.fullmatch(self.init)):
+            raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS} "
+                             "or 'pissa_niter_<n>'")
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
+
+    @property
+    def changes_base(self) -> bool:
+        """Whether `init` takes part of W0 into the adapter (PiSSA, OLoRA): the adapters then act on
+        the residual weights `lora.init_residual` returns, not on the original ones."""
+        return self.init not in ("kaiming_uniform", "gaussian")
 
     def rank_for(self, path: str) -> int:
         """The rank used at `path` (rank_pattern overrides `rank`)."""

@@ -70,6 +70,9 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
       {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}; with DoRA also
       "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too).
     """
+    if config.changes_base:
+        raise ValueError(f"init={config.init!r} takes part of W0 into the adapter and changes the base weights: "
+                         "use lora_jax.init_residual(config, params, key) -> (params, adapters)")
     flat = tree.flatten(params)
     out: Adapters = {}
     for i, p in enumerate(target_paths(config, params)):

@@ -111,6 +111,14 @@ def _no_dora(configs: Mapping[str, LoraConfig], where: str) -> None:
         raise ValueError(f"adapters {dora} use DoRA, which {where} cannot route or sum; use switch")
 
 
+def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
+    # A PiSSA / OLoRA adapter acts on its own residual weights; one shared base holds none of them.
+    residual = {n: c.init for n, c in configs.items() if c.changes_base}
+    if residual:
+        raise ValueError(f"adapters {residual} act on residual base weights of their own, which {where} over "
+                         "one shared base cannot hold; convert them with lora_jax.to_plain first")
+
+
 def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Adapters:
     """Every adapter's factors stacked in `configs` order, per targeted path.
 
@@ -184,6 +192,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown LoRA strategy {strategy!r}; expected one of {STRATEGIES}")
     configs = dict(configs)
+    _plain_only(configs, "multi")
     names = tuple(configs)
     single = {n: apply(f, c, strategy=strategy) for n, c in configs.items()}
 
@@ -236,6 +245,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
     if how not in COMBINATIONS:
         raise ValueError(f"unknown combination {how!r}; expected one of {COMBINATIONS}")
     _no_dora({n: configs[n] for n in weights if n in configs}, "combine")
+    _plain_only({n: configs[n] for n in weights if n in configs}, "combine")
     names = list(weights)
     missing = [n for n in names if n not in bank or n not in configs]
     if not names or missing:

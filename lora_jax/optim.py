@@ -15,6 +15,7 @@ gradient of masked leaves through, it does not freeze them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -75,3 +76,37 @@ def make_train_step(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransfo
         return optax.apply_updates(trainable, updates), opt_state, loss
 
     return TrainStep(init=tx.init, step=step)
+
+
+def loraplus_labels(trainable: PyTree) -> PyTree:
+    """LoRA+ groups for a trainable tree (`split`'s, or any tree of `init` adapters):
+    "embedding" for the factors of an adapted embedding table, "B" for lora_B and every 1-D
+    leaf (DoRA magnitudes, biases), "A" for the rest (lora_A, fully trained matrices); PEFT's."""
+    def group(path, x):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        leaf = names[-1] if names else None
+        if leaf in ("lora_A", "lora_B") and len(names) > 1 and tree.leaf_name(str(names[-2])) == tree.EMBEDDING_NAME:
+            return "embedding"
+        return "B" if leaf == "lora_B" or getattr(x, "ndim", 0) == 1 else "A"
+    return jax.tree_util.tree_map_with_path(group, trainable)
+
+
+def loraplus(make_tx: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation], lr: optax.ScalarOrSchedule,
+             ratio: float = 16.0, *, embedding_lr: float = 1e-6) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024; PEFT's `create_loraplus_optimizer`): lora_B learns `ratio` times
+    faster than lora_A.
+
+    Args:
+      make_tx: builds the optimizer for one learning rate, e.g. `lambda lr: optax.adamw(lr)`.
+      lr: learning rate (or optax schedule) of lora_A and fully trained matrices.
+      ratio: lr_B / lr_A (the paper suggests 16 with Adam; PEFT's `loraplus_lr_ratio`); lora_B and
+        1-D trained leaves (DoRA magnitudes, biases) get lr * ratio.
+      embedding_lr: the rate of LoRA factors on embedding tables (PEFT's `loraplus_lr_embedding`).
+    Returns:
+      one optax transformation over the trainable tree (groups from `loraplus_labels`).
+    """
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"loraplus: ratio must be a positive number, got {ratio!r}")
+    lr_b = (lambda count: ratio * lr(count)) if callable(lr) else lr * ratio
+    return optax.multi_transform({"A": make_tx(lr), "B": make_tx(lr_b), "embedding": make_tx(embedding_lr)},
+                                 loraplus_labels)

@@ -45,6 +45,7 @@ from .config import LoraConfig
 from .lazy import column_norms, dense
 from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
+from .residual import check_plain
 from .models.hf import (
     hf_key_to_path,
     params_to_hf_state_dict,
@@ -161,6 +162,7 @@ class _Layer(NamedTuple):
 
 def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str) -> list[_Layer]:
     """One entry per (layer, adapter), stacked adapters split per layer."""
+    check_plain(config, "PEFT export")  # a PEFT reader puts the adapters on the stock base weights
     out = []
     for p in sorted(adapters):
         a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])

@@ -275,6 +275,38 @@ def test_masked_optimizer_on_the_whole_tree():
     assert all(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates["adapters"]))
 
 
+def test_loraplus_rates_per_group():
+    """LoRA+ groups as PEFT's create_loraplus_optimizer: lora_B and 1-D leaves (DoRA magnitude,
+    biases) at ratio * lr, lora_A and fully trained matrices at lr, the factors of an adapted
+    embedding at embedding_lr; a schedule is scaled step by step."""
+    rate = lambda u: -float(u.reshape(-1)[0])  # noqa: E731  (SGD on all-ones gradients)
+    sched = optax.linear_schedule(0.1, 0.0, 10)
+    tx = lj.loraplus(optax.sgd, sched, ratio=4.0, embedding_lr=1e-6)
+
+    params = MLP().init(KEY, X8)
+    config = lj.LoraConfig(rank=2, targets=["Dense_0"], use_dora=True, trainable=["Dense_1"])
+    trainable, _ = lj.split(config, params, lj.init(config, params, KEY))
+    state = tx.init(trainable)
+    ones = jax.tree.map(jnp.ones_like, trainable)
+    for lr in (0.1, 0.09):
+        updates, state = tx.update(ones, state, trainable)
+        a = updates["adapters"]["params/Dense_0/kernel"]
+        assert rate(a["lora_A"]) == pytest.approx(lr) and rate(a["lora_B"]) == pytest.approx(4 * lr)
+        assert rate(a[lj.MAGNITUDE]) == pytest.approx(4 * lr)
+        dense_1 = updates["params"]["params"]["Dense_1"]
+        assert rate(dense_1["kernel"]) == pytest.approx(lr) and rate(dense_1["bias"]) == pytest.approx(4 * lr)
+
+    params = TiedLM().init(KEY, IDS)
+    config = lj.LoraConfig(rank=2, targets=["wte", "c_fc"])
+    adapters = lj.init(config, params, KEY)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, adapters), tx.init(adapters), adapters)  # adapters alone
+    emb = updates["params/wte/embedding"]
+    assert rate(emb["lora_A"]) == pytest.approx(1e-6) and rate(emb["lora_B"]) == pytest.approx(1e-6)
+    assert rate(updates["params/c_fc/kernel"]["lora_B"]) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="ratio must be a positive number, got 0"):
+        lj.loraplus(optax.sgd, 0.1, ratio=0)
+
+
 def test_summary_counts():
     params = MLP().init(KEY, X8)
     config = lj.LoraConfig(rank=2, targets=["Dense_0", "Dense_1"], bias="all")

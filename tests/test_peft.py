@@ -330,3 +330,47 @@ def test_dora_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, 
         cfg = json.loads((out / lp.CONFIG_FILE).read_text())
         (out / lp.CONFIG_FILE).write_text(json.dumps(cfg | {"use_dora": False}))
         lp.load_peft(out, params, model_config=model.config)
+
+
+@pytest.mark.parametrize("name,init,scan,dora", [("gpt2", "pissa", True, False), ("bloom", "pissa", False, True),
+                                                 ("bloom", "olora", True, False)])
+def test_residual_inits_match_peft(name, init, scan, dora, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+    """PiSSA / OLoRA as PEFT makes them (init_lora_weights=...): the same residual model (PEFT's
+    base with the adapter disabled), the same initial delta s*B*A per module and DoRA magnitude;
+    trained adapters, through to_plain, load in PEFT on the stock base with our logits on the
+    residual weights. (OLoRA only on BLOOM: PEFT's OLoRA ignores GPT-2's fan_in_fan_out.)"""
+    import dataclasses
+
+    from peft.utils import get_peft_model_state_dict
+
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    targets = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}[name]
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init, use_dora=dora)).eval()
+    with torch.no_grad(), pm.disable_adapter():
+        peft_residual = pm(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    peft_init = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(pm).items()}
+
+    model, params = from_pretrained(base_dir, scan_layers=scan)
+    config = lj.LoraConfig(rank=4, alpha=8, targets=targets, init=init, use_dora=dora)
+    params_res, a0 = lj.init_residual(config, params, jax.random.key(0))
+    # Two fp32 SVDs (torch's LAPACK, XLA's) agree on the top-r subspace to ~eps * sigma_1 / gap: one
+    # BLOOM layer here has sigma_4 - sigma_5 = 0.012, and its residual weights differ by 7e-5.
+    np.testing.assert_allclose(model.apply(params_res, IDS), peft_residual, atol=5 * ATOL, rtol=0)
+    ours = lp.peft_state_dict(dataclasses.replace(config, init="kaiming_uniform"), a0, model_config=model.config)
+    assert set(ours) == set(peft_init)
+    for k in (k for k in ours if ".lora_A." in k):
+        b = k.replace(".lora_A.", ".lora_B.")  # each factor is unique only up to signs: compare B*A
+        np.testing.assert_allclose(ours[b] @ ours[k], peft_init[b] @ peft_init[k], atol=1e-4, err_msg=k)
+    for k in (k for k in ours if lj.MAGNITUDE in k):
+        np.testing.assert_allclose(ours[k], peft_init[k], rtol=1e-5, err_msg=k)
+
+    trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), a0)
+    want = np.asarray(lj.apply(model.apply, config, strict=True)(params_res, trained, IDS))
+    plain_config, plain = lj.to_plain(config, trained, a0)
+    out = lp.save_peft(tmp_path / "plain", plain_config, plain, model_config=model.config)
+    cfg = json.loads((out / lp.CONFIG_FILE).read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["init_lora_weights"] is True
+    got = torch_logits(peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval())
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    assert np.abs(got - np.asarray(model.apply(params, IDS))).max() > 100 * ATOL
