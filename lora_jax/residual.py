@@ -97,12 +97,14 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
         *stack, d_in, d_out = w0.shape
         w = jnp.asarray(w0, jnp.float32).reshape(-1, d_in, d_out)  # [prod(S), in, out]
         keys = jax.random.split(jax.random.fold_in(key, i), w.shape[0])
-        a, b = jax.vmap(lambda m, k: _factors(config, m, k, r, scale))(w, keys)  # [n, in, r], [n, r, out]
-        res = (w - scale * (a @ b)).astype(w0.dtype)
+        with jax.default_matmul_precision("highest"):  # W_res must cancel s*A0*B0 in fp32, not TF32 / bf16
+            a, b = jax.vmap(lambda m, k: _factors(config, m, k, r, scale))(w, keys)  # [n, in, r], [n, r, out]
+            delta = scale * (a @ b)  # [n, in, out]
+        res = (w - delta).astype(w0.dtype)
         adapters[p] = {"lora_A": a.reshape(*stack, d_in, r).astype(dtype),
                        "lora_B": b.reshape(*stack, r, d_out).astype(dtype)}
         if config.use_dora:  # PEFT: the norm of the (cast) residual base plus the initial delta
-            w_init = res.astype(jnp.float32) + scale * (a @ b)
+            w_init = res.astype(jnp.float32) + delta
             adapters[p][MAGNITUDE] = column_norms(w_init).reshape(*stack, d_out).astype(dtype)
         residual[p] = res.reshape(w0.shape)
     return tree.map_with_path(lambda p, x: residual.get(p, x), params), adapters

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
+import lora_jax as lj
+from lora_jax import peft as lp
+from lora_jax.models import from_pretrained
 from train import squad
 from train.state import TrainCheckpoints
 
@@ -86,11 +91,16 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert again_summary["quantize"] == "nf4 + double quant" and set(again_summary["scores"]) == {"base", "lora"}
 
 
-def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path):
+def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
+    """Resuming gives the adapters of an uninterrupted run, here with PiSSA and LoRA+ (the
+    residual weights are rebuilt on resume); the saved adapters are plain LoRA [trained | PiSSA
+    start] of rank 2r on the original weights."""
     data = tiny_squad(tmp_path / "squad.json")
-    common = ["--steps", "4", "--no-base-eval", "--checkpoint-every", "2", "--dropout", "0.1"]
+    common = ["--steps", "4", "--no-base-eval", "--checkpoint-every", "2", "--dropout", "0.1", "--init", "pissa",
+              "--loraplus-ratio", "4"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert squad.main(cli_args(tiny_gpt2_dir, data, straight, *common)) == 0
+    assert "| LoRA (pissa, LoRA+ x4) |" in capsys.readouterr().out
     assert squad.main(cli_args(tiny_gpt2_dir, data, split, *common, "--stop-after", "2")) == 0
     assert not (split / "summary.json").exists()
     assert squad.main(cli_args(tiny_gpt2_dir, data, split, *common, "--resume")) == 0
@@ -106,6 +116,18 @@ def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert losses(straight) == losses(split)
+
+    peft_cfg = json.loads((straight / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["r"] == 8 and peft_cfg["lora_alpha"] == 16 and peft_cfg["init_lora_weights"] is True
+    _, params = from_pretrained(tiny_gpt2_dir)
+    saved = lp.load_adapter(straight / "adapter", params)
+    assert saved.config.rank == 8 and saved.config.init == "kaiming_uniform"
+    pissa = dataclasses.replace(saved.config, rank=4, alpha=8.0, init="pissa")
+    _, start = lj.init_residual(pissa, params, jax.random.fold_in(jax.random.key(0), 1))  # the CLI's key for seed 0
+    for p, ab in saved.adapters.items():
+        np.testing.assert_allclose(ab["lora_A"][..., 4:], start[p]["lora_A"], atol=1e-6)
+        np.testing.assert_allclose(ab["lora_B"][..., 4:, :], -start[p]["lora_B"], atol=1e-6)
+        assert not np.allclose(ab["lora_B"][..., :4, :], start[p]["lora_B"])
 
 
 def _run_subprocess(args, devices: int):
@@ -160,6 +182,12 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit):
         squad.main(["--double-quant", "--output-dir", str(tmp_path / "x")])
     assert "--double-quant quantizes the scales of --quantize nf4" in capsys.readouterr().err
+    for flags, msg in [(["--init", "svd"], "--init: unknown init 'svd'"),
+                       (["--init", "olora", "--init-adapter", "x"], "--init makes fresh adapters"),
+                       (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number")]:
+        with pytest.raises(SystemExit):
+            squad.main([*flags, "--output-dir", str(tmp_path / "x")])
+        assert msg in capsys.readouterr().err
     assert squad.main(["--quantize", "nf4", "--quant-block-size", "48", "--output-dir", str(tmp_path / "x")]) == 1
     assert "block_size 48 is not one of (32, 64" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

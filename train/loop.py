@@ -33,9 +33,10 @@ class StepConfig:
     parallel: str = "jit"
 
 
-def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float,
-                   clip: float) -> optax.GradientTransformation:
-    """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped.
+def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, clip: float,
+                   loraplus_ratio: float | None = None) -> optax.GradientTransformation:
+    """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped;
+    with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule).
 
     `apply_if_finite` leaves params and state untouched on a non-finite gradient and counts it
     (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
@@ -44,7 +45,9 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float,
     sched = optax.join_schedules(
         [optax.linear_schedule(0.0 if warmup else lr, lr, max(warmup, 1)),
          optax.linear_schedule(lr, 0.0, max(steps - warmup, 1))], [warmup])
-    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=weight_decay))
+    adamw = lambda rate: optax.adamw(rate, weight_decay=weight_decay)  # noqa: E731
+    opt = adamw(sched) if loraplus_ratio is None else lj.loraplus(adamw, sched, loraplus_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(clip), opt)
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 

@@ -59,9 +59,13 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
           n_samples: int = 3) -> str:
     """The final report: EM/F1 per model, trainable parameters, adapter size, wall time, samples."""
     scores = summary["scores"]
-    names = {"base": "base model", "lora": "LoRA", "full": "full fine-tuning"}
-    if summary.get("quantize"):  # QLoRA: the base weights the scores come from are quantized
-        names |= {"base": f"base model ({summary['quantize']})", "lora": f"QLoRA ({summary['quantize']})"}
+    quantized = summary.get("quantize")  # QLoRA: the base weights the scores come from are quantized
+    tags = [quantized, summary.get("init") if summary.get("init") not in (None, "kaiming_uniform") else None,
+            summary.get("loraplus_ratio") and f"LoRA+ x{summary['loraplus_ratio']:g}"]
+    tags = [t for t in tags if t]
+    lora = ("QLoRA" if quantized else "LoRA") + (f" ({', '.join(tags)})" if tags else "")  # e.g. "LoRA (pissa)"
+    names = {"base": f"base model ({quantized})" if quantized else "base model", "lora": lora,
+             "full": "full fine-tuning"}
     lines = [
         "",
         f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "

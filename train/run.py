@@ -86,7 +86,7 @@ def lora_config(args, model) -> lj.LoraConfig:
     targets = args.targets or FUSED_QKV.get(model.config.model_type, "c_attn")
     targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
-                         use_rslora=args.rslora, use_dora=args.dora)
+                         use_rslora=args.rslora, use_dora=args.dora, init=args.init)
 
 
 def load_init_adapter(path: str, params, model):
@@ -100,10 +100,16 @@ def load_init_adapter(path: str, params, model):
     return got.config, got.adapters, checkpoint.update_params(params, got.extras) if got.extras else params
 
 
-def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_model: str, dtype: str) -> dict:
-    """The trained adapter twice: orbax (lora_jax) and PEFT format. Returns paths and sizes."""
+def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_model: str, dtype: str,
+                 initial=None) -> dict:
+    """The trained adapter twice: orbax (lora_jax) and PEFT format. Returns paths and sizes.
+
+    Adapters trained on PiSSA / OLoRA residual weights are saved as plain LoRA on the original
+    weights (`to_plain`, rank 2r), given `initial`, the adapters they started from."""
     from lora_jax import checkpoint, peft
 
+    if lora.changes_base:
+        lora, adapters = lj.to_plain(lora, adapters, initial)
     a_dir = checkpoint.save(out / "adapter", lora, adapters, base_model=base_model, params=params, overwrite=True)
     p_dir = peft.save_peft(out / "peft", lora, adapters, model_config=model.config, params=params, dtype=dtype,
                            base_model_name_or_path=base_model, overwrite=True)
@@ -143,7 +149,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size,
                      targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
                      parallel=args.parallel)
-    tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip)
+    tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+                        loraplus_ratio=args.loraplus_ratio if lora is not None else None)
     runner = Runner(target_loss(logits, cfg.targets), tx, cfg)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
@@ -240,11 +247,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lora = lora_config(args, model)
         lj.target_paths(lora, params)
+    train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA's residual of it
+    if lora.changes_base and args.init_adapter:
+        raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
+                         "weights this run cannot rebuild; save them with lora_jax.to_plain first")
+    if lora.changes_base:
+        train_params, adapters0 = lj.init_residual(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
+        log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
+            "residual weights")
     base_apply, scheme = model.apply, None
     if args.quantize:
         scheme = args.quantize + (" + double quant" if args.double_quant else "")
         dense_bytes = quant.nbytes(params)
-        params = quant.quantize(params, block_size=args.quant_block_size, double_quant=args.double_quant)
+        q = lambda p: quant.quantize(p, block_size=args.quant_block_size, double_quant=args.double_quant)  # noqa: E731
+        params_q = q(params)
+        train_params = params_q if train_params is params else q(train_params)
+        params = params_q
         base_apply = quant.apply(model.apply)
         log(f"{scheme}: frozen params {dense_bytes / 2**20:.2f} MiB -> {quant.nbytes(params) / 2**20:.2f} MiB")
     out = Path(args.output_dir)
@@ -270,7 +288,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["base"], samples["base"] = evaluate(base_apply, params, model, tokenizer, val_ex, val_records,
                                                         **eval_kw)
     with timed("train_lora"):
-        lora_params, adapters, history, finished = train(args, model, params, tokenizer, train_ex, lora=lora,
+        lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_ex, lora=lora,
                                                          lr=args.lr, out=out, tag="lora", log=log, adapters=adapters0)
     if not finished:
         log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
@@ -292,11 +310,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         val_records, **eval_kw)
 
     base_name = str(args.model or EMBEDDED_MODEL)
-    saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype) if primary else {}
+    saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
+                         initial=adapters0) if primary else {}
     summ = lj.summary(lora, lora_params, adapters)
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
-        "steps": args.steps, "quantize": scheme, "trainable_params": summ.trainable, "total_params": summ.total,
+        "steps": args.steps, "quantize": scheme, "init": lora.init,
+        "loraplus_ratio": args.loraplus_ratio, "trainable_params": summ.trainable, "total_params": summ.total,
         "trainable_percent": summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
     }

@@ -19,7 +19,9 @@ its PEFT export (peft/), and training checkpoints (checkpoints/, for --resume).
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
 from typing import Any
 
@@ -61,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "fused QKV, c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
     a("--dora", action="store_true", help="DoRA: also train a magnitude per output feature (PEFT use_dora)")
+    a("--init", default="kaiming_uniform",
+      help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, or pissa / pissa_niter_<n> / olora, "
+           "which start the adapter from the weights' principal part and train on the residual; the saved "
+           "adapters are converted to plain LoRA of rank 2r on the original weights")
+    a("--loraplus-ratio", type=float, default=None,
+      help="LoRA+: lora_B's learning rate is this many times --lr (e.g. 16)")
     a("--init-adapter", default=None,
       help="start from an existing adapter (a lora_jax adapter dir, a PEFT adapter dir or its hub id); its config "
            "replaces --rank/--alpha/--targets")
@@ -117,6 +125,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not re.fullmatch(r"kaiming_uniform|gaussian|pissa|pissa_niter_\d+|olora", args.init):
+        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, pissa, pissa_niter_<n> "
+                "or olora")
+    if args.init != "kaiming_uniform" and args.init_adapter:
+        p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
+    if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
+        p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
     if args.double_quant and not args.quantize:
         p.error("--double-quant quantizes the scales of --quantize nf4; pass --quantize nf4 with it")
     if args.quantize and args.full_finetune:
