@@ -92,15 +92,15 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
 
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
-    """Resuming gives the adapters of an uninterrupted run, here with PiSSA and LoRA+ (the
-    residual weights are rebuilt on resume); the saved adapters are plain LoRA [trained | PiSSA
-    start] of rank 2r on the original weights."""
+    """Resuming gives the adapters of an uninterrupted run, here with PiSSA and LoRA+ on an NF4
+    base (the residual weights are rebuilt and quantized on resume); the saved adapters are plain
+    LoRA [trained | PiSSA start] of rank 2r on the original weights."""
     data = tiny_squad(tmp_path / "squad.json")
     common = ["--steps", "4", "--no-base-eval", "--checkpoint-every", "2", "--dropout", "0.1", "--init", "pissa",
-              "--loraplus-ratio", "4"]
+              "--loraplus-ratio", "4", "--quantize", "nf4"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert squad.main(cli_args(tiny_gpt2_dir, data, straight, *common)) == 0
-    assert "| LoRA (pissa, LoRA+ x4) |" in capsys.readouterr().out
+    assert "| QLoRA (nf4, pissa, LoRA+ x4) |" in capsys.readouterr().out
     assert squad.main(cli_args(tiny_gpt2_dir, data, split, *common, "--stop-after", "2")) == 0
     assert not (split / "summary.json").exists()
     assert squad.main(cli_args(tiny_gpt2_dir, data, split, *common, "--resume")) == 0
