@@ -11,7 +11,8 @@ from typing import Any
 
 from . import tree
 
-INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")  # and "pissa_niter_<n>"
+PLAIN_INITS = ("kaiming_uniform", "gaussian")  # A random, B = 0: the base weights stay as they are
+INITS = (*PLAIN_INITS, "pissa", "olora")  # and "pissa_niter_<n>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
@@ -99,7 +100,7 @@ class LoraConfig:
     def changes_base(self) -> bool:
         """Whether `init` takes part of W0 into the adapter (PiSSA, OLoRA): the adapters then act on
         the residual weights `lora.init_residual` returns, not on the original ones."""
-        return self.init not in ("kaiming_uniform", "gaussian")
+        return self.init not in PLAIN_INITS
 
     def rank_for(self, path: str) -> int:
         """The rank used at `path` (rank_pattern overrides `rank`)."""

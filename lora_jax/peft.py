@@ -45,7 +45,6 @@ from .config import LoraConfig
 from .lazy import column_norms, dense
 from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
 from .models.common import BaseConfig, CausalLM
-from .residual import check_plain
 from .models.hf import (
     hf_key_to_path,
     params_to_hf_state_dict,
@@ -54,6 +53,7 @@ from .models.hf import (
     resolve_pretrained_dir,
     write_hf_files,
 )
+from .residual import check_plain
 
 PyTree = Any
 PREFIX = "base_model.model."

@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import tree
 from .config import PISSA_NITER, LoraConfig
@@ -131,6 +130,9 @@ def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple
         diff = sorted(set(adapters) ^ set(initial))
         raise ValueError(f"to_plain: adapters and initial adapters differ in their paths, e.g. {diff[:3]}")
     for p in adapters:
+        if set(adapters[p]) != set(adapter_keys(config)) or not {"lora_A", "lora_B"} <= set(initial[p]):
+            raise ValueError(f"to_plain: adapter at {p!r} holds {sorted(adapters[p])} (initial: {sorted(initial[p])}), "
+                             f"expected {list(adapter_keys(config))}")
         for k in ("lora_A", "lora_B"):
             got, want = tuple(adapters[p][k].shape), tuple(initial[p][k].shape)
             if got != want:
@@ -145,9 +147,7 @@ def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple
         a0, b0 = initial[p]["lora_A"], initial[p]["lora_B"]
         out[p] = {"lora_A": jnp.concatenate([ab["lora_A"], a0.astype(ab["lora_A"].dtype)], axis=-1),  # [*S, in, 2r]
                   "lora_B": jnp.concatenate([ab["lora_B"], -b0.astype(ab["lora_B"].dtype)], axis=-2)}  # [*S, 2r, out]
-        out[p].update({k: v for k, v in ab.items() if k not in ("lora_A", "lora_B")})
-        if set(out[p]) != set(adapter_keys(config)):
-            raise ValueError(f"to_plain: adapter at {p!r} holds {sorted(ab)}, expected {list(adapter_keys(config))}")
+        out[p].update({k: v for k, v in ab.items() if k not in ("lora_A", "lora_B")})  # DoRA's magnitude
         assert math.isclose(plain.scale_for(p), config.scale_for(p), rel_tol=1e-9), p
     return plain, out
 
