@@ -9,7 +9,9 @@ decomposition; the base keeps the residual W_res = W0 - s*A0*B0, so the model is
 step 0. Factors and residuals are PEFT's (`init_lora_weights="pissa" | "pissa_niter_<n>" |
 "olora"`), in our [in, r] / [r, out] layout. Trained adapters act on W_res: `to_plain` writes
 them as a rank-2r LoRA on the original W0 (PEFT's `path_initial_model_for_weight_conversion`),
-the form PEFT, `peft.load_adapter` and every stock base model take.
+the form PEFT, `peft.load_adapter` and every stock base model take. An adapted embedding table
+gets the same treatment (its lookup and a tied head both see W_res + s*A*B); PEFT instead gives
+its Embedding layers the plain init under these options, a difference `to_plain` makes moot.
 """
 
 from __future__ import annotations

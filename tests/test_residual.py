@@ -33,14 +33,16 @@ def _nudge(adapters, scale=0.05):
     return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("init,scan,dora,rslora", [("pissa", False, False, False), ("pissa_niter_2", True, False, True),
-                                                   ("olora", False, True, False), ("pissa", True, True, True)])
-def test_residual_model_starts_as_the_base_and_converts_to_plain_lora(init, scan, dora, rslora):
+@pytest.mark.parametrize("init,scan,dora,rslora,targets", [
+    ("pissa", False, False, False, ["wte", "c_attn", "c_fc"]), ("pissa_niter_2", True, False, True, "all-linear"),
+    ("olora", False, True, False, "all-linear"), ("pissa", True, True, True, "all-linear")])
+def test_residual_model_starts_as_the_base_and_converts_to_plain_lora(init, scan, dora, rslora, targets):
     """At init, residual weights + adapters compute the base model; after the adapters move,
     to_plain's rank-2r LoRA on the original weights computes what the trained adapters compute
-    on the residual, with every scale kept (rank_pattern / alpha_pattern / rsLoRA included)."""
+    on the residual, with every scale kept (rank_pattern / alpha_pattern / rsLoRA included).
+    A tied embedding (wte) takes the residual in its lookup and in the LM head alike."""
     model, params = _gpt2(scan)
-    config = lj.LoraConfig(rank=4, alpha=8, targets="all-linear", init=init, use_dora=dora, use_rslora=rslora,
+    config = lj.LoraConfig(rank=4, alpha=8, targets=targets, init=init, use_dora=dora, use_rslora=rslora,
                            rank_pattern={".*c_fc": 2}, alpha_pattern={".*attn/c_attn": 3.0})
     params_res, a0 = lj.init_residual(config, params, jax.random.key(1))
     ref = model.apply(params, IDS)
@@ -49,7 +51,8 @@ def test_residual_model_starts_as_the_base_and_converts_to_plain_lora(init, scan
     assert float(jnp.abs(model.apply(params_res, IDS) - ref).max()) > 1e-2  # the residual alone is another model
     for p in a0:  # only targeted leaves change, and they change
         assert not np.allclose(lj.tree.flatten(params_res)[p], lj.tree.flatten(params)[p])
-    assert lj.tree.flatten(params_res)["transformer/wte/embedding"] is lj.tree.flatten(params)["transformer/wte/embedding"]
+    wpe = "transformer/wpe/embedding"  # not targeted: the same array
+    assert lj.tree.flatten(params_res)[wpe] is lj.tree.flatten(params)[wpe]
 
     trained = _nudge(a0)
     plain_config, plain = lj.to_plain(config, trained, a0)
@@ -129,7 +132,8 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="transformer/h/0/attn/c_attn/kernel.* before quant.quantize"):
         lj.init_residual(pissa, q, jax.random.key(0))
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    with pytest.raises(ValueError, match="factors of 'transformer/h/0/attn/c_attn/kernel' from its float values, got ShapeDtypeStruct"):
+    with pytest.raises(ValueError, match="factors of 'transformer/h/0/attn/c_attn/kernel' from its float values, "
+                                         "got ShapeDtypeStruct"):
         lj.init_residual(pissa, shapes, jax.random.key(0))
 
     res, a0 = lj.init_residual(pissa, params, jax.random.key(0))
