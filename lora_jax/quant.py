@@ -12,7 +12,8 @@ byte (first in the high nibble). Codes and fp32 absmax equal bitsandbytes' `quan
 blocksize, quant_type="nf4")` of the same weight, so 4.5 bits per weight instead of 16 or 32.
 With `double_quant=True` (QLoRA's double quantization, bitsandbytes' `compress_statistics`)
 the absmax are stored too: minus their mean, in blocks of 256, as 8-bit codes of bitsandbytes'
-dynamic map with an fp32 scale per block, 4.127 bits per weight in all.
+dynamic map with an fp32 scale per block, 4.127 bits per weight in all. `from_bnb` takes the
+same bytes from a checkpoint transformers saved from a bitsandbytes 4-bit model.
 
 Inside `quax.quaxify` (which `lj.apply` runs) a matmul with it dequantizes the weight to the
 compute dtype right where the matmul runs, and the backward pass dequantizes again rather than
@@ -24,7 +25,8 @@ dtype. Anything else uses the dense weight (`materialise`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -209,6 +211,48 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
         return QuantizedArray(codes, absmax, absmax2, offset, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype),
                               block_size)
     return tree.map_with_path(q, params)
+
+
+BNB_STATE = ".quant_state.bitsandbytes__"  # + quant type: the JSON blob transformers saves per 4-bit weight
+
+
+def from_bnb(state: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
+    """A state dict as transformers saves a bitsandbytes 4-bit model (`load_in_4bit` then
+    `save_pretrained`), with each quantized `<module>.weight` as one `QuantizedArray` [in, out].
+
+    bitsandbytes stores `<w>` (packed codes), `<w>.absmax`, `<w>.quant_map`,
+    `<w>.quant_state.bitsandbytes__nf4` (JSON: shape (out, in), blocksize, dtype, nested offset)
+    and, under double quantization, `<w>.nested_absmax` / `<w>.nested_quant_map`: our layout, so
+    the bytes are taken as they are. Other tensors pass through. `dtype`: the compute dtype
+    (default: the dtype the weights were quantized from).
+    """
+    out = dict(state)
+    for key in [k for k in state if BNB_STATE in k]:
+        name, kind = key.split(BNB_STATE)
+        meta = json.loads(bytes(np.asarray(out.pop(key), np.uint8)).decode())
+        parts = {s: out.pop(name + s, None) for s in (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map")}
+        if kind != "nf4" or meta.get("quant_type") != "nf4" or not np.array_equal(parts[".quant_map"], NF4):
+            raise ValueError(f"{name}: bitsandbytes quant type {kind!r} with its code map; only nf4 is supported")
+        nested = parts[".nested_absmax"] is not None
+        if nested and not np.array_equal(parts[".nested_quant_map"], DYNAMIC):
+            raise ValueError(f"{name}: the nested absmax use a code map other than bitsandbytes' dynamic map")
+        if name not in out or parts[".absmax"] is None:
+            raise ValueError(f"{name}: a 4-bit quant state without its codes or absmax")
+        d_out, d_in = meta["shape"]
+        block = int(meta["blocksize"])
+        n_bytes = -(-d_in * d_out // block) * block // 2  # codes padded to whole blocks, as quantize_nf4 makes them
+        codes = np.asarray(out.pop(name), np.uint8).reshape(-1)
+        if codes.size != (d_in * d_out + 1) // 2 or parts[".absmax"].size != -(-d_in * d_out // block):
+            raise ValueError(f"{name}: {codes.size} code bytes and {parts['.absmax'].size} absmax do not fit shape "
+                             f"{meta['shape']} in blocks of {block}")
+        absmax, absmax2, offset = jnp.asarray(parts[".absmax"]), None, None
+        if nested:
+            absmax2 = jnp.asarray(parts[".nested_absmax"], jnp.float32)
+            offset = jnp.asarray(meta["nested_offset"], jnp.float32)
+        codes = jnp.asarray(np.pad(codes, (0, n_bytes - codes.size)))
+        out[name] = QuantizedArray(codes, absmax, absmax2, offset, (d_in, d_out), jnp.dtype(dtype or meta["dtype"]),
+                                   block)
+    return out
 
 
 def dequantize(params: PyTree) -> PyTree:

@@ -1,6 +1,7 @@
 """QLoRA against the reference implementations: NF4 codes, absmax and double quantization equal
 bitsandbytes'; quantize() of a checkpoint equals transformers' 4-bit loading; adapters move both
-ways between the NF4 base here and PEFT with transformers' logits."""
+ways between the NF4 base here and PEFT with transformers' logits; checkpoints transformers saved
+in 4 bits load as they are (library and CLI)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,63 @@ def test_qlora_matches_bitsandbytes_and_peft(name, scan, wide_dirs, tmp_path, nu
     # absmax) only lets us check it to a few percent of what the adapter changes.
     on_4bit = peft.PeftModel.from_pretrained(_bnb_model(base_dir), str(out)).eval()
     assert np.abs(_logits(on_4bit) - ours).max() < 0.05 * np.abs(want_base - ours).max()
+
+
+def _save_4bit(base_dir, out, *, quant_type="nf4", double=False):
+    """What `save_pretrained` writes for transformers' bitsandbytes 4-bit model of `base_dir`."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
+                            bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, device_map="cpu").save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("name,scan,double", [("gpt2", False, True), ("bloom", True, False)])
+def test_transformers_4bit_checkpoint_loads(name, scan, double, wide_dirs, tmp_path):
+    """A checkpoint saved from transformers' bitsandbytes 4-bit model loads with its NF4 bytes as
+    they are: the codes quantize() makes from the fp32 checkpoint, the same absmax (or, double-
+    quantized, the same scales), the same logits, with and without LoRA; an fp4 one is refused."""
+    base_dir = wide_dirs[name]
+    model, loaded = from_pretrained(_save_4bit(base_dir, tmp_path / "nf4", double=double), scan_layers=scan)
+    _, params = from_pretrained(base_dir, scan_layers=scan)
+    ref = quant.quantize(params, double_quant=double)
+    got, want = lj.tree.flatten(loaded), lj.tree.flatten(ref)
+    assert got.keys() == want.keys()
+    quantized = [p for p, x in want.items() if isinstance(x, quant.QuantizedArray)]
+    assert quantized and all(isinstance(got[p], quant.QuantizedArray) for p in quantized)
+    for p in quantized:
+        a, b = got[p], want[p]
+        assert a.shape == b.shape and a.block_size == 64 and (a.absmax2 is not None) == double, p
+        np.testing.assert_array_equal(a.codes, b.codes, err_msg=p)
+        np.testing.assert_allclose(a.scales(), b.scales(), rtol=1e-5, err_msg=p)
+    run = quant.apply(model.apply)
+    np.testing.assert_allclose(run(loaded, IDS), run(ref, IDS), atol=ATOL, rtol=0)
+
+    config = lj.LoraConfig(rank=4, alpha=8, targets="all-linear")
+    adapters = jax.tree.map(lambda x: x + 0.05, lj.init(config, loaded, jax.random.key(0)))
+    g = lj.apply(model.apply, config)
+    np.testing.assert_allclose(g(loaded, adapters, IDS), g(ref, adapters, IDS), atol=ATOL, rtol=0)
+
+    if name == "gpt2":
+        with pytest.raises(ValueError, match=r"transformer\.h\.0\..*weight: bitsandbytes quant type 'fp4'"):
+            from_pretrained(_save_4bit(base_dir, tmp_path / "fp4", quant_type="fp4"))
+
+
+def test_squad_cli_on_a_4bit_checkpoint(wide_dirs, tmp_path, capsys):
+    """`python -m train.squad --model <4-bit checkpoint>` scores and trains QLoRA on the NF4
+    weights as saved; flags that need full-precision weights are refused before any output."""
+    from test_squad import cli_args, tiny_squad
+    from train import squad
+
+    nf4 = _save_4bit(wide_dirs["gpt2"], tmp_path / "nf4")
+    data = tiny_squad(tmp_path / "squad.json")
+    extra = ["--steps", "1", "--tokenizer", str(wide_dirs["gpt2"])]
+    assert squad.main(cli_args(nf4, data, tmp_path / "run", *extra)) == 0
+    printed = capsys.readouterr().out
+    assert "| base model (nf4 checkpoint) |" in printed and "| QLoRA (nf4 checkpoint) |" in printed
+    assert (tmp_path / "run" / "peft" / "adapter_config.json").is_file()
+    for flag in (["--init", "pissa"], ["--full-finetune"], ["--quantize", "nf4"]):
+        assert squad.main(cli_args(nf4, data, tmp_path / "bad", *extra, *flag)) == 1
+        assert f"already 4-bit NF4, which {' '.join(flag)} cannot take" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()

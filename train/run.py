@@ -247,6 +247,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lora = lora_config(args, model)
         lj.target_paths(lora, params)
+    # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
+    prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
+    conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
+                                 (f"--quantize {args.quantize}", args.quantize),
+                                 (f"--init {lora.init}", lora.changes_base)) if on]
+    if prequantized and conflicts:
+        raise ValueError(f"--model {args.model}: its linear weights are already 4-bit NF4, which "
+                         f"{', '.join(conflicts)} cannot take (they need the full-precision weights)")
     train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA's residual of it
     if lora.changes_base and args.init_adapter:
         raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
@@ -256,6 +264,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
             "residual weights")
     base_apply, scheme = model.apply, None
+    if prequantized:
+        scheme, base_apply = "nf4 checkpoint", quant.apply(model.apply)
+        log(f"{scheme}: frozen params {quant.nbytes(params) / 2**20:.2f} MiB")
     if args.quantize:
         scheme = args.quantize + (" + double quant" if args.double_quant else "")
         dense_bytes = quant.nbytes(params)

@@ -26,6 +26,7 @@ import numpy as np
 from lora_jax.models.bloom import BloomConfig
 from lora_jax.models.common import BaseConfig, CausalLM, Params, stack_layers, unstack_layers
 from lora_jax.models.gpt2 import GPT2Config
+from lora_jax.quant import BNB_STATE, QuantizedArray, from_bnb
 
 CONFIG_CLASSES: dict[str, type[BaseConfig]] = {"gpt2": GPT2Config, "bloom": BloomConfig}
 
@@ -186,7 +187,10 @@ def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray]) -
         if path not in expected or path in found:
             unexpected.append(key)
             continue
-        value = np.asarray(value)
+        if isinstance(value, QuantizedArray):  # already [in, out] (bitsandbytes keeps torch's order inside)
+            transpose = False
+        else:
+            value = np.asarray(value)
         shape = value.shape[::-1] if transpose else value.shape
         if shape != expected[path].shape:
             want = expected[path].shape[::-1] if transpose else expected[path].shape
@@ -206,7 +210,8 @@ def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray]) -
         raise ValueError("\n".join(lines))
     dtype = config.param_dtype
     return _unflatten(
-        {p: jnp.asarray(v.T if t else v, dtype=dtype) for p, (_, v, t) in found.items()}
+        {p: v.astype(dtype) if isinstance(v, QuantizedArray) else jnp.asarray(v.T if t else v, dtype=dtype)
+         for p, (_, v, t) in found.items()}
     )
 
 
@@ -308,6 +313,9 @@ def from_pretrained(
       scan_layers: stack layers to [L, ...] and run them with `lax.scan` (fast compile).
       remat: rematerialise each layer in the backward pass, with `remat_policy`.
       compute_dtype: activation dtype (default: `dtype`); bfloat16 on GPU picks cuDNN attention.
+
+    A checkpoint saved from a bitsandbytes 4-bit (NF4) model loads with its linear weights as
+    `quant.QuantizedArray`s, the bytes unchanged: run it through `lj.apply` or `quant.apply`.
     """
     directory = resolve_pretrained_dir(name_or_path)
     config = load_config(
@@ -315,7 +323,10 @@ def from_pretrained(
         scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
         attention_impl=attention_impl,
     )
-    params = convert_hf_state_dict(config, load_hf_state_dict(directory))
+    state = load_hf_state_dict(directory)
+    if any(BNB_STATE in k for k in state):  # saved by transformers from a bitsandbytes 4-bit model
+        state = from_bnb(state)
+    params = convert_hf_state_dict(config, state)
     if scan_layers:
         params = stack_layers(params)
     return CausalLM(config), params
