@@ -241,7 +241,7 @@ def from_bnb(state: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
         d_out, d_in = meta["shape"]
         block = int(meta["blocksize"])
         n_bytes = -(-d_in * d_out // block) * block // 2  # codes padded to whole blocks, as quantize_nf4 makes them
-        codes = np.asarray(out.pop(name), np.uint8).reshape(-1)
+        codes = np.ascontiguousarray(out.pop(name)).reshape(-1).view(np.uint8)  # the bytes, whatever quant_storage
         if codes.size != (d_in * d_out + 1) // 2 or parts[".absmax"].size != -(-d_in * d_out // block):
             raise ValueError(f"{name}: {codes.size} code bytes and {parts['.absmax'].size} absmax do not fit shape "
                              f"{meta['shape']} in blocks of {block}")

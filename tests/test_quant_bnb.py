@@ -166,23 +166,25 @@ def test_qlora_matches_bitsandbytes_and_peft(name, scan, wide_dirs, tmp_path, nu
     assert np.abs(_logits(on_4bit) - ours).max() < 0.05 * np.abs(want_base - ours).max()
 
 
-def _save_4bit(base_dir, out, *, quant_type="nf4", double=False):
+def _save_4bit(base_dir, out, *, quant_type="nf4", double=False, storage="uint8"):
     """What `save_pretrained` writes for transformers' bitsandbytes 4-bit model of `base_dir`."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
-                            bnb_4bit_compute_dtype=torch.float32)
+                            bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=getattr(torch, storage))
     AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=qc, device_map="cpu").save_pretrained(out)
     return out
 
 
-@pytest.mark.parametrize("name,scan,double", [("gpt2", False, True), ("bloom", True, False)])
-def test_transformers_4bit_checkpoint_loads(name, scan, double, wide_dirs, tmp_path):
+@pytest.mark.parametrize("name,scan,double,storage", [("gpt2", False, True, "uint8"), ("bloom", True, False, "bfloat16")])
+def test_transformers_4bit_checkpoint_loads(name, scan, double, storage, wide_dirs, tmp_path):
     """A checkpoint saved from transformers' bitsandbytes 4-bit model loads with its NF4 bytes as
-    they are: the codes quantize() makes from the fp32 checkpoint, the same absmax (or, double-
-    quantized, the same scales), the same logits, with and without LoRA; an fp4 one is refused."""
+    they are (packed in uint8 or, bnb_4bit_quant_storage, bf16 tensors): the codes quantize()
+    makes from the fp32 checkpoint, the same absmax (or, double-quantized, the same scales), the
+    same logits, with and without LoRA; an fp4 one is refused."""
     base_dir = wide_dirs[name]
-    model, loaded = from_pretrained(_save_4bit(base_dir, tmp_path / "nf4", double=double), scan_layers=scan)
+    nf4 = _save_4bit(base_dir, tmp_path / "nf4", double=double, storage=storage)
+    model, loaded = from_pretrained(nf4, scan_layers=scan)
     _, params = from_pretrained(base_dir, scan_layers=scan)
     ref = quant.quantize(params, double_quant=double)
     got, want = lj.tree.flatten(loaded), lj.tree.flatten(ref)
