@@ -176,6 +176,10 @@ def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray]) -
 
     Raises ValueError naming every missing tensor, unexpected tensor and wrong shape.
     """
+    int8 = sorted(k for k in state if k.endswith(".SCB"))
+    if int8:
+        raise ValueError(f"checkpoint holds bitsandbytes 8-bit (LLM.int8) weights, e.g. {int8[0]}; only full-precision "
+                         "and 4-bit NF4 checkpoints load")
     expected = _flatten(CausalLM(config.replace(scan_layers=False)).param_shapes())
     found: dict[tuple[str, ...], tuple[str, np.ndarray, bool]] = {}
     unexpected, bad_shape = [], []
