@@ -83,12 +83,11 @@ def loraplus_labels(trainable: PyTree) -> PyTree:
     "embedding" for the factors of an adapted embedding table, "B" for lora_B and every 1-D
     leaf (DoRA magnitudes, biases), "A" for the rest (lora_A, fully trained matrices); PEFT's."""
     def group(path, x):
-        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        leaf = names[-1] if names else None
-        if leaf in ("lora_A", "lora_B") and len(names) > 1 and tree.leaf_name(str(names[-2])) == tree.EMBEDDING_NAME:
+        *_, parent, leaf = ("", *path.split("/"))  # ".../wte/embedding/lora_A": the adapted leaf, then the factor
+        if leaf in ("lora_A", "lora_B") and parent == tree.EMBEDDING_NAME:
             return "embedding"
         return "B" if leaf == "lora_B" or getattr(x, "ndim", 0) == 1 else "A"
-    return jax.tree_util.tree_map_with_path(group, trainable)
+    return tree.map_with_path(group, trainable)
 
 
 def loraplus(make_tx: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation], lr: optax.ScalarOrSchedule,

@@ -45,9 +45,8 @@ def _pissa_lowrank(w: jax.Array, key: jax.Array, r: int, scale: float, niter: in
     for _ in range(niter):
         q = jnp.linalg.qr(w.T @ q)[0]  # [out, r]
         q = jnp.linalg.qr(w @ q)[0]  # [in, r]
-    u, sv, vh = jnp.linalg.svd(q.T @ w, full_matrices=False)  # [r, r], [r], [r, out]
-    root = jnp.sqrt(sv / scale)
-    return (q @ u) * root, root[:, None] * vh
+    a, b = _pissa(q.T @ w, r, scale)  # the exact SVD of w projected on the range: [r, r], [r, out]
+    return q @ a, b
 
 
 def _olora(w: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
