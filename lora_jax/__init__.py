@@ -6,7 +6,7 @@
     logits = jax.jit(g)(params, adapters, input_ids)
 """
 
-from . import lazy, optim, quant, tree
+from . import lazy, optim, quant, sharding, tree
 from .config import LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (MAGNITUDE, Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
@@ -18,6 +18,6 @@ __all__ = [
     "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
     "trainable_mask", "init_residual", "to_plain", "split", "join", "labels", "masked_optimizer",
-    "make_train_step", "loraplus", "lazy", "optim", "quant", "tree",
+    "make_train_step", "loraplus", "lazy", "optim", "quant", "sharding", "tree",
 ]
 __version__ = "0.1.0"

@@ -141,34 +141,51 @@ PARALLEL_ARGS = ["--steps", "3", "--no-base-eval", "--eval-samples", "1", "--eva
 
 
 @pytest.fixture(scope="module")
-def one_device_losses(tiny_gpt2_dir, tmp_path_factory):
+def one_device(tiny_gpt2_dir, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("one_device")
     data = tiny_squad(tmp / "squad.json")
     _run_subprocess(cli_args(tiny_gpt2_dir, data, tmp / "one", *PARALLEL_ARGS), devices=1)
-    return losses(tmp / "one")
+    return tmp / "one"
 
 
-@pytest.mark.parametrize("parallel", ["jit", "pmap"])
-def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel, one_device_losses):
+@pytest.fixture(scope="module")
+def one_device_losses(one_device):
+    return losses(one_device)
+
+
+@pytest.mark.parametrize("parallel", ["jit", "pmap", "fsdp"])
+def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel, one_device, one_device_losses):
     data = tiny_squad(tmp_path / "squad.json")
     _run_subprocess(cli_args(tiny_gpt2_dir, data, tmp_path / parallel, *PARALLEL_ARGS, "--parallel", parallel),
                     devices=4)
     np.testing.assert_allclose(losses(tmp_path / parallel), one_device_losses, rtol=1e-5)
+    preds = json.loads((tmp_path / parallel / "predictions_lora.json").read_text())
+    assert len(preds) == 1 and preds == json.loads((one_device / "predictions_lora.json").read_text())
+    summary = json.loads((tmp_path / parallel / "summary.json").read_text())
+    assert summary["parallel"] == parallel
 
 
-def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, one_device_losses):
-    """jax.distributed over 2 processes on 127.0.0.1, same global batch: same loss trajectory."""
+@pytest.mark.parametrize("parallel, port", [("jit", 12000), ("fsdp", 13000)])
+def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, parallel, port, one_device, one_device_losses):
+    """jax.distributed over 2 processes on 127.0.0.1 (2 devices each under fsdp: the state is split
+    over both processes), same global batch: same loss trajectory and answers."""
     data = tiny_squad(tmp_path / "squad.json")
-    port = 12000 + os.getpid() % 1000
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    port += os.getpid() % 1000
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={2 if parallel == 'fsdp' else 1}"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "train.squad", *cli_args(tiny_gpt2_dir, data, tmp_path / "two", *PARALLEL_ARGS),
-         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+         "--parallel", parallel, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for p in procs:
-        _, err = p.communicate(timeout=600)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), one_device_losses, rtol=1e-5)
+    preds = json.loads((tmp_path / "two" / "predictions_lora.json").read_text())
+    assert preds == json.loads((one_device / "predictions_lora.json").read_text())
+    if parallel == "fsdp":
+        assert "lora: fsdp over 4 devices" in outs[0][0]
 
 
 def test_bad_flags_fail_cleanly(tmp_path, capsys):

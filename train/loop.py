@@ -1,5 +1,7 @@
 """The jitted training step: loss on the target tokens only, gradient accumulation with
-`lax.scan`, clipping, non-finite guard, and data parallelism (`jit` + NamedSharding, or `pmap`).
+`lax.scan`, clipping, non-finite guard, and data parallelism: `jit` with the batch sharded and
+the state replicated, `pmap`, or `fsdp` (the batch, the frozen weights, the trainable leaves and
+the optimizer state all sharded over the devices).
 
 Only the trainable tree ({"adapters", "params": extra trainable leaves}) is differentiated and
 carried by the optimizer; frozen parameters are a read-only argument.
@@ -15,12 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import lora_jax as lj
+from lora_jax import sharding
 
 PyTree = Any
-PARALLEL = ("jit", "pmap")
+PARALLEL = ("jit", "pmap", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +109,35 @@ def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_n
     return step
 
 
-def _global(x, sharding):
+def _global(x, where: NamedSharding):
     """A global array from a host value every process holds whole (each takes its shards)."""
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.make_array_from_callback(x.shape, where, lambda idx: x[idx])
+
+
+def data_mesh() -> Mesh:
+    """Every device of every process on one `data` axis (Auto: XLA propagates the shardings)."""
+    return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def put_fsdp(tree: PyTree, mesh: Mesh | None = None) -> PyTree:
+    """`tree` (host values every process holds whole) as global arrays sharded by `sharding.fsdp`."""
+    mesh = mesh or data_mesh()
+    return jax.tree.map(_global, tree, sharding.fsdp(tree, mesh))
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))  # every process gets it whole
 
 
 class Runner:
-    """Places state and batches on the devices and runs the compiled step (jit or pmap).
+    """Places state and batches on the devices and runs the compiled step (jit, pmap or fsdp).
 
     Multi-process (after `jax.distributed.initialize`): every process builds the same global
-    host batch and feeds only the rows of its own devices; the state is replicated everywhere.
+    host batch and feeds only the rows of its own devices; the state is replicated everywhere
+    (jit, pmap) or split over all devices (fsdp).
     """
 
     def __init__(self, loss_fn, tx, cfg: StepConfig):
@@ -129,29 +151,35 @@ class Runner:
             step = make_step(loss_fn, tx, cfg, axis_name="data")
             self._step = jax.pmap(step, axis_name="data", in_axes=(0, None, 0, 0, None), donate_argnums=(0, 2))
         else:
-            mesh = Mesh(np.asarray(jax.devices()), ("data",))
-            self._replicated = NamedSharding(mesh, P())
-            self._batch_sharding = NamedSharding(mesh, P(None, "data"))  # [accum, micro, T]
-            self._step = jax.jit(make_step(loss_fn, tx, cfg), donate_argnums=(0, 2))
+            self._mesh = data_mesh()
+            self._replicated = NamedSharding(self._mesh, P())
+            self._batch_sharding = NamedSharding(self._mesh, P(None, "data"))  # [accum, micro, T]
+            self._make = make_step(loss_fn, tx, cfg)
+            self._step = jax.jit(self._make, donate_argnums=(0, 2)) if cfg.parallel == "jit" else None
 
-    def _replicate(self, tree):
+    def _place(self, tree):
         if self.cfg.parallel == "pmap":
             n = jax.local_device_count()  # pmap shards a leading [local devices] axis: one replica each
             return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)
+        if self.cfg.parallel == "fsdp":
+            return put_fsdp(tree, self._mesh)
         return jax.tree.map(lambda x: _global(x, self._replicated), tree)
 
     def put_state(self, trainable, opt_state):
-        """Device copies of (trainable, opt_state): replicated over the data axis."""
-        return self._replicate((trainable, opt_state))
+        """Device copies of (trainable, opt_state): replicated over the data axis, or split (fsdp)."""
+        if self.cfg.parallel == "fsdp":  # the step returns its state sharded as it came in
+            out = (sharding.fsdp(trainable, self._mesh), sharding.fsdp(opt_state, self._mesh), self._replicated)
+            self._step = jax.jit(self._make, donate_argnums=(0, 2), out_shardings=out)
+        return self._place((trainable, opt_state))
 
     def put_frozen(self, frozen):
-        return frozen if self.cfg.parallel == "pmap" else self._replicate(frozen)
+        return frozen if self.cfg.parallel == "pmap" else self._place(frozen)
 
     def get_state(self, trainable, opt_state):
-        """Host-side (trainable, opt_state) from the replicated device state."""
+        """Host-side (trainable, opt_state), whole on every process, from the device state."""
         if self.cfg.parallel == "pmap":
             return jax.tree.map(lambda x: np.asarray(x[0]), (trainable, opt_state))
-        return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), (trainable, opt_state))
+        return jax.tree.map(_host, (trainable, opt_state))
 
     def step(self, trainable, frozen, opt_state, batch: dict[str, np.ndarray], rng: np.ndarray):
         """One optimizer step on the global host batch {k: [accum * micro, T]}; rng: uint32 key data."""
@@ -165,5 +193,7 @@ class Runner:
                      for k, v in batch.items()}
             trainable, opt_state, metrics = self._step(trainable, frozen, opt_state, batch, rng)
             return trainable, opt_state, jax.tree.map(lambda x: x[0], metrics)
+        if self._step is None:
+            raise RuntimeError("Runner.put_state must place the state before the first fsdp step")
         batch = {k: _global(v, self._batch_sharding) for k, v in batch.items()}
         return self._step(trainable, frozen, opt_state, batch, _global(rng, self._replicated))

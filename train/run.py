@@ -19,7 +19,7 @@ from lora_jax.models import from_pretrained, load_tokenizer
 
 from . import data, report
 from .evaluate import evaluate
-from .loop import Runner, StepConfig, make_optimizer, target_loss
+from .loop import Runner, StepConfig, make_optimizer, put_fsdp, target_loss
 from .state import TrainCheckpoints, write_json
 
 
@@ -163,6 +163,11 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         log(f"--resume: no checkpoint for {tag} under {ckpt.directory}; starting from step 0")
     trainable_d, opt_d = runner.put_state(trainable, opt_state)
     frozen_d = runner.put_frozen(frozen)
+    if args.parallel == "fsdp":
+        held = lj.sharding.bytes_per_device((trainable_d, opt_d, frozen_d))
+        whole = sum(np.asarray(x).nbytes for x in jax.tree.leaves((trainable, opt_state, frozen)))
+        log(f"{tag}: fsdp over {jax.device_count()} devices: {held / 2**20:.2f} MiB of weights and optimizer "
+            f"state per device ({whole / 2**20:.2f} MiB in all)")
 
     rows = args.batch_size * args.grad_accum
     per_epoch = data.batches_per_epoch(len(examples), rows)
@@ -217,6 +222,12 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     t_host, _ = runner.get_state(trainable_d, opt_d)
     new_params, adapters = lj.join(t_host, frozen) if lora is not None else (t_host["params"], {})
     return new_params, adapters, history, end == args.steps
+
+
+def for_eval(args, params):
+    """The params to score: under --parallel fsdp split over the devices as in training, since a
+    model that needs FSDP to train does not fit one device to generate either."""
+    return put_fsdp(params) if args.parallel == "fsdp" else params
 
 
 def init_distributed(args) -> None:
@@ -296,8 +307,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_base_eval:
         log("scoring the base model ...")
         with timed("eval_base"):
-            results["base"], samples["base"] = evaluate(base_apply, params, model, tokenizer, val_ex, val_records,
-                                                        **eval_kw)
+            results["base"], samples["base"] = evaluate(base_apply, for_eval(args, params), model, tokenizer,
+                                                        val_ex, val_records, **eval_kw)
     with timed("train_lora"):
         lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_ex, lora=lora,
                                                          lr=args.lr, out=out, tag="lora", log=log, adapters=adapters0)
@@ -308,8 +319,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lora_apply = lambda p, *a, **k: g(p, adapters, *a, **k)  # noqa: E731
     log("scoring the LoRA model ...")
     with timed("eval_lora"):
-        results["lora"], samples["lora"] = evaluate(lora_apply, lora_params, model, tokenizer, val_ex, val_records,
-                                                    **eval_kw)
+        results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, lora_params), model, tokenizer,
+                                                    val_ex, val_records, **eval_kw)
     if args.full_finetune:
         with timed("train_full"):
             full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
@@ -317,8 +328,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history += full_hist
         log("scoring the fully fine-tuned model ...")
         with timed("eval_full"):
-            results["full"], samples["full"] = evaluate(model.apply, full_params, model, tokenizer, val_ex,
-                                                        val_records, **eval_kw)
+            results["full"], samples["full"] = evaluate(model.apply, for_eval(args, full_params), model,
+                                                        tokenizer, val_ex, val_records, **eval_kw)
 
     base_name = str(args.model or EMBEDDED_MODEL)
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
@@ -326,12 +337,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summ = lj.summary(lora, lora_params, adapters)
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
-        "steps": args.steps, "quantize": scheme, "init": lora.init,
+        "steps": args.steps, "parallel": args.parallel, "quantize": scheme, "init": lora.init,
         "loraplus_ratio": args.loraplus_ratio, "trainable_params": summ.trainable, "total_params": summ.total,
         "trainable_percent": summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
     }
     if primary:
+        for name, preds in samples.items():  # {id: answer}: the official evaluate-v1.1.py input
+            write_json(out / f"predictions_{name}.json", preds)
         write_json(out / "summary.json", summary)
         report.loss_plot(out / "metrics.jsonl", out / "loss.png")
         print(report.table(summary, samples, val_records))

@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--no-base-eval", action="store_true", help="skip scoring the base model")
     a("--full-finetune", action="store_true", help="also train a full fine-tuning baseline and score it")
     a("--full-lr", type=float, default=None, help="peak learning rate of the full fine-tuning baseline")
-    a("--parallel", choices=("jit", "pmap"), default="jit", help="data parallelism over local devices")
+    a("--parallel", choices=("jit", "pmap", "fsdp"), default="jit",
+      help="data parallelism over all devices: jit (state replicated), pmap, or fsdp (frozen weights, "
+           "trainable leaves and optimizer state split over the devices too, for models one device cannot hold)")
     a("--dtype", choices=("float32", "bfloat16"), default="float32", help="frozen parameter dtype")
     a("--compute-dtype", choices=("float32", "bfloat16"), default=None,
       help="activation dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
