@@ -16,6 +16,7 @@ example b, gathering the factors; an index of -1 or N means "no adapter" for tha
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -29,14 +30,15 @@ import quax
 from jax import lax
 from jax.extend.core import primitives as P
 
-from . import tree
+from . import merging, tree
 from .config import LoraConfig
 from .lazy import StackedFactors, dense, lift
 from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
 ArrayLike = jax.typing.ArrayLike
-COMBINATIONS = ("linear", "cat")
+COMBINATIONS = ("linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd",
+                "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
 class MixedBatchError(RuntimeError):
@@ -232,15 +234,26 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
 
 
 def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], weights: Mapping[str, float], *,
-            how: str = "linear") -> tuple[LoraConfig, Adapters]:
-    """One adapter whose delta is exactly sum_n weights[n] * delta_n, by rank concatenation.
+            how: str = "linear", rank: int | None = None, density: float | None = None,
+            majority_sign: str = "total", clamp: float | None = None,
+            key: jax.Array | None = None) -> tuple[LoraConfig, Adapters]:
+    """One adapter from several, weighted: PEFT's `add_weighted_adapter`, scale 1 (alpha = r).
 
-    A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...], B = [B_1; B_2; ...], scale 1 (alpha = r).
-      linear: per path, only the adapters that target it (rank = the sum of theirs).
-      cat: PEFT's `add_weighted_adapter(combination_type="cat")` layout: every path gets the
-        rank sum of all adapters' ranks, the present factors first, zeros after.
-    (PEFT's own "linear" sums the factors, A = sum sqrt(w s) A_n, which is not the weighted sum
-    of the deltas; it is not offered.)
+    how:
+      linear: exactly sum_n weights[n] * delta_n, by rank concatenation: per path
+        A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...], B = [B_1; B_2; ...] over the adapters present there.
+      cat: the same sum in PEFT's `cat` layout: every path gets the sum of all adapters' ranks,
+        the present factors first, zeros after.
+      svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd: the deltas
+        s_n A_n B_n merged by task arithmetic / TIES / DARE / magnitude pruning
+        (`lora_jax.merging`), then truncated to `rank` by SVD (default: the largest rank among
+        the adapters), optionally clipped at the `clamp` quantile (PEFT `svd_clamp`).
+      ties, dare_linear, dare_ties, magnitude_prune: PEFT's merges of the factors themselves
+        (A with weights sign(w s) sqrt|w s|, B with sqrt|w s|); the adapters present at a path
+        must share its rank. A cheap approximation of the weighted delta sum.
+    density: the fraction kept by TIES / DARE / magnitude pruning; majority_sign: `total` or
+    `frequency` (TIES); key: DARE's random pruning. (PEFT's own `linear` sums the factors,
+    A = sum sqrt(w s) A_n, which is not the weighted sum of the deltas; it is not offered.)
     """
     if how not in COMBINATIONS:
         raise ValueError(f"unknown combination {how!r}; expected one of {COMBINATIONS}")
@@ -250,18 +263,22 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
     missing = [n for n in names if n not in bank or n not in configs]
     if not names or missing:
         raise ValueError(f"cannot combine {names}: unknown adapter(s) {missing}; known: {sorted(bank)}")
+    kind = how.removesuffix("_svd") if how.endswith("_svd") else ("linear" if how == "svd" else how)
+    _check_merge_args(how, kind, rank, density, majority_sign, clamp, key)
     paths = sorted(set().union(*(bank[n].keys() for n in names)))
-    total = sum(max(ab["lora_A"].shape[-1] for ab in bank[n].values()) for n in names)
+    ranks_of = {n: max(ab["lora_A"].shape[-1] for ab in bank[n].values()) for n in names}
     out: Adapters = {}
-    for p in paths:
+    for i, p in enumerate(paths):
         present = [n for n in names if p in bank[n]]
-        a = jnp.concatenate([bank[n][p]["lora_A"] * (weights[n] * configs[n].scale_for(p)) for n in present], -1)
-        b = jnp.concatenate([bank[n][p]["lora_B"] for n in present], -2)  # a [*S, in, R], b [*S, R, out]
-        if how == "cat":
-            pad = total - a.shape[-1]
-            a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-            b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
-        out[p] = {"lora_A": a, "lora_B": b}
+        sub = None if key is None else jax.random.fold_in(key, i)
+        if how in ("linear", "cat"):
+            out[p] = _concatenated(configs, bank, weights, present, p, sum(ranks_of.values()) if how == "cat" else 0)
+        elif how.endswith("svd"):
+            out[p] = _svd(configs, bank, weights, present, p, rank or max(ranks_of.values()), kind,
+                          dict(density=density, majority_sign=majority_sign, key=sub), clamp)
+        else:
+            out[p] = _factor_merge(configs, bank, weights, present, p, kind,
+                                   dict(density=density, majority_sign=majority_sign), sub)
     ranks = {p: ab["lora_A"].shape[-1] for p, ab in out.items()}
     r0 = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank
     module = lambda p: re.escape(p.rsplit("/", 1)[0])
@@ -271,6 +288,62 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
         alpha_pattern={module(p): float(r) for p, r in ranks.items() if r != r0},
     )
     return config, out
+
+
+def _check_merge_args(how, kind, rank, density, majority_sign, clamp, key) -> None:
+    if rank is not None and not how.endswith("svd"):
+        raise ValueError(f"rank={rank} sets the SVD rank; combination {how!r} does no SVD")
+    if rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    pruned = kind in merging.MERGES and kind != "linear"
+    if pruned and (density is None or not 0 <= density <= 1 or (kind.startswith("dare") and density == 0)):
+        raise ValueError(f"combination {how!r} needs density in {'(0' if kind.startswith('dare') else '[0'}, 1] "
+                         f"(the fraction of entries kept), got {density!r}")
+    if not pruned and density is not None:
+        raise ValueError(f"density={density} prunes; combination {how!r} does not")
+    if majority_sign not in merging.SIGN_METHODS:
+        raise ValueError(f"majority_sign must be one of {merging.SIGN_METHODS}, got {majority_sign!r}")
+    if clamp is not None and (not how.endswith("svd") or not 0 <= clamp <= 1):
+        raise ValueError(f"clamp={clamp} is a quantile in [0, 1] of an SVD combination, not for {how!r}")
+    if kind.startswith("dare") and key is None:
+        raise ValueError(f"combination {how!r} prunes at random: pass key=jax.random.key(...)")
+
+
+def _concatenated(configs, bank, weights, present, p, total: int) -> dict[str, jax.Array]:
+    a = jnp.concatenate([bank[n][p]["lora_A"] * (weights[n] * configs[n].scale_for(p)) for n in present], -1)
+    b = jnp.concatenate([bank[n][p]["lora_B"] for n in present], -2)  # a [*S, in, R], b [*S, R, out]
+    pad = max(total - a.shape[-1], 0)  # cat: zeros up to the sum of every adapter's rank
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+    b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+    return {"lora_A": a, "lora_B": b}
+
+
+def _svd(configs, bank, weights, present, p, rank: int, kind: str, kw, clamp) -> dict[str, jax.Array]:
+    hi = jax.lax.Precision.HIGHEST
+    deltas = jnp.stack([configs[n].scale_for(p) * jnp.matmul(bank[n][p]["lora_A"].astype(jnp.float32),
+                                                             bank[n][p]["lora_B"].astype(jnp.float32), precision=hi)
+                        for n in present])  # [N, *S, in, out]
+    if rank > min(deltas.shape[-2:]):
+        raise ValueError(f"SVD rank {rank} exceeds the {deltas.shape[-2]} x {deltas.shape[-1]} delta of {p!r}; "
+                         "pass a smaller rank=")
+    merged = merging.merge(kind, deltas, jnp.asarray([weights[n] for n in present], jnp.float32), **kw)
+    a, b = merging.truncated_svd(merged, rank, clamp)
+    dtype = bank[present[0]][p]["lora_A"].dtype
+    return {"lora_A": a.astype(dtype), "lora_B": b.astype(dtype)}
+
+
+def _factor_merge(configs, bank, weights, present, p, kind: str, kw, key) -> dict[str, jax.Array]:
+    ranks = {n: bank[n][p]["lora_A"].shape[-1] for n in present}
+    if len(set(ranks.values())) > 1:
+        raise ValueError(f"combination {kind!r} merges the factors themselves, which needs one rank per path; "
+                         f"{p!r} has ranks {ranks} (use an SVD combination)")
+    ws = [weights[n] * configs[n].scale_for(p) for n in present]
+    w_a = jnp.asarray([math.copysign(math.sqrt(abs(w)), w) for w in ws], jnp.float32)  # the sign on A only
+    w_b = jnp.asarray([math.sqrt(abs(w)) for w in ws], jnp.float32)
+    ka, kb = (None, None) if key is None else jax.random.split(key)
+    a = merging.merge(kind, jnp.stack([bank[n][p]["lora_A"] for n in present]), w_a, key=ka, **kw)
+    b = merging.merge(kind, jnp.stack([bank[n][p]["lora_B"] for n in present]), w_b, key=kb, **kw)
+    return {"lora_A": a, "lora_B": b}
 
 
 # ----------------------------------------------------------------------------- loading

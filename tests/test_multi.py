@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
@@ -108,8 +109,101 @@ def test_combine_is_the_weighted_sum_of_deltas(setup, how):
         assert ranks["transformer/h/0/attn/c_attn/kernel"] == 6 and ranks["transformer/h/0/mlp/c_fc/kernel"] == 2
 
 
-def test_cat_matches_peft_add_weighted_adapter(tmp_path, tiny_gpt2_dir):
-    torch = pytest.importorskip("torch")
+def test_svd_combination_is_the_best_rank_r_fit_per_layer(setup):
+    """At a rank no smaller than the summed ranks, `svd` is the exact weighted sum; below it, the
+    truncated SVD of that sum (Eckart-Young: the residual is the dropped singular values); a
+    stacked (scanned) bank gives each layer what it gives unrolled."""
+    _, params, bank, _ = setup
+    weights = {"a": 0.7, "b": -0.4, "c": 1.5}
+    exact_cfg, exact = multi.combine(CONFIGS, bank, weights, how="linear")
+    want = _delta(exact_cfg, params, exact)
+    config, combined = multi.combine(CONFIGS, bank, weights, how="svd", rank=6)  # 4 + 2 at c_attn
+    got = _delta(config, params, combined)
+    for p in want:
+        np.testing.assert_allclose(got[p], want[p], atol=1e-5, err_msg=p)
+    config, low = multi.combine(CONFIGS, bank, weights, how="svd", rank=2)
+    assert config.rank == 2 and config.scale_for("x") == 1.0 and not config.rank_pattern
+    got = _delta(config, params, low)
+    for p in low:
+        s = np.linalg.svd(want[p], compute_uv=False)
+        assert np.isclose(np.linalg.norm(got[p] - want[p]), np.sqrt(np.sum(s[2:] ** 2)), rtol=1e-4, atol=1e-5), p
+    _, low_stacked = multi.combine(CONFIGS, {n: stacked(ab) for n, ab in bank.items()}, weights, how="svd", rank=2)
+    for q, ab in low_stacked.items():
+        for i in range(2):
+            p = q.replace("/h/", f"/h/{i}/")
+            np.testing.assert_allclose(ab["lora_A"][i] @ ab["lora_B"][i], low[p]["lora_A"] @ low[p]["lora_B"],
+                                       atol=1e-5, err_msg=p)
+
+
+def test_pruning_and_sign_election():
+    from lora_jax import merging
+
+    x = jnp.asarray(RNG.normal(size=(3, 2, 8, 8)), jnp.float32)  # [N, L, m, n]
+    kept = np.asarray(merging.magnitude_prune_each(x, 0.25))
+    for n in range(3):
+        for layer in range(2):  # each layer's matrix keeps its own top 16 of 64
+            nz = kept[n, layer] != 0
+            assert nz.sum() == 16
+            assert np.abs(x[n, layer])[nz].min() >= np.abs(x[n, layer])[~nz].max()
+    big = jnp.ones((1, 200, 200))
+    dropped = np.asarray(merging.random_prune_each(big, 0.3, jax.random.key(0)))
+    assert set(np.unique(dropped)) <= {0.0, np.float32(1 / 0.3)} and abs((dropped != 0).mean() - 0.3) < 0.01
+    assert np.array_equal(dropped, merging.random_prune_each(big, 0.3, jax.random.key(0)))
+    assert not np.array_equal(dropped, merging.random_prune_each(big, 0.3, jax.random.key(1)))
+    # TIES by hand: entry 0 [1, 3, -1] elects + either way; entry 1 [5, -1, -1] elects + by total, - by count
+    t = jnp.asarray([[[1.0, 5.0]], [[3.0, -1.0]], [[-1.0, -1.0]]])  # [N=3, 1, 2]
+    w = jnp.asarray([1.0, 2.0, 0.5])
+    np.testing.assert_allclose(merging.merge("ties", t, w, density=1.0), [[(1 + 6) / 2, 5.0]])
+    np.testing.assert_allclose(merging.merge("ties", t, w, density=1.0, majority_sign="frequency"),
+                               [[(1 + 6) / 2, (-2 - 0.5) / 2]])
+    np.testing.assert_allclose(merging.merge("linear", t, w), [[1 + 6 - 0.5, 5 - 2 - 0.5]])
+
+
+def test_combination_errors(setup):
+    _, _, bank, _ = setup
+    w = {"a": 0.5, "b": 0.5}
+    bad = [
+        (dict(how="ties"), r"'ties' needs density in \[0, 1\]"),
+        (dict(how="dare_linear", density=0.0, key=jax.random.key(0)), r"needs density in \(0, 1\]"),
+        (dict(how="dare_ties_svd", density=0.5), "pass key="),
+        (dict(how="linear", rank=2), "does no SVD"),
+        (dict(how="svd", density=0.5), "does not"),
+        (dict(how="svd", rank=0), "positive integer"),
+        (dict(how="ties", density=0.5, majority_sign="mean"), "majority_sign must be one of"),
+        (dict(how="ties", density=0.5, clamp=0.9), "clamp"),
+        (dict(how="ties", density=0.5), r"one rank per path; 'transformer/h/0/attn/c_attn/kernel' has ranks"),
+        (dict(how="svd", rank=17), r"SVD rank 17 exceeds the 16 x 48 delta of 'transformer/h/0/attn/c_attn"),
+        (dict(how="average"), "unknown combination 'average'"),
+    ]
+    for kw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            multi.combine(CONFIGS, bank, w, **kw)
+
+
+# (combination, our kwargs, PEFT kwargs, adapters): PEFT's add_weighted_adapter on the same adapters
+PEFT_COMBINATIONS = [
+    ("cat", {}, {}, "ab"),
+    ("svd", {}, {}, "ab"),
+    ("svd", {"rank": 3}, {"svd_rank": 3}, "ab"),
+    ("ties_svd", {"density": 0.5}, {"density": 0.5}, "ab"),
+    ("magnitude_prune_svd", {"density": 0.3}, {"density": 0.3}, "ab"),
+    ("ties", {"density": 0.5, "majority_sign": "frequency"}, {"density": 0.5, "majority_sign_method": "frequency"},
+     "ac"),
+    ("magnitude_prune", {"density": 0.4}, {"density": 0.4}, "ac"),
+    ("dare_ties", {"density": 1.0, "key": jax.random.key(0)}, {"density": 1.0}, "ac"),  # 1: nothing dropped
+]
+
+
+def _peft_deltas(sd: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """{module: scale * B @ A} of a PEFT state dict (torch orientation)."""
+    mods = {k.rsplit(".lora_A", 1)[0] for k in sd if ".lora_A" in k}
+    return {m: scale * sd[f"{m}.lora_B.weight"].astype(np.float64) @ sd[f"{m}.lora_A.weight"] for m in mods}
+
+
+def test_combinations_match_peft_add_weighted_adapter(tmp_path, tiny_gpt2_dir):
+    """Every combination PEFT offers but its `linear`, against PEFT on the same adapters: the same
+    factors, or for the SVD ones the same delta (singular vectors are defined up to sign)."""
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
@@ -118,7 +212,8 @@ def test_cat_matches_peft_add_weighted_adapter(tmp_path, tiny_gpt2_dir):
 
     model, params = from_pretrained(tiny_gpt2_dir)
     shapes = jax.eval_shape(lambda: params)
-    configs = {"a": CONFIGS["a"], "b": lj.LoraConfig(rank=2, alpha=4, targets=["c_attn", "c_fc"])}
+    configs = {"a": CONFIGS["a"], "b": lj.LoraConfig(rank=2, alpha=4, targets=["c_attn", "c_fc"]),
+               "c": lj.LoraConfig(rank=4, alpha=2, targets=["c_attn", "c_fc"])}
     bank = {n: jax.tree.map(lambda s: jnp.asarray(RNG.normal(0, 0.5, s.shape), s.dtype),
                             jax.eval_shape(lambda c=c: lj.init(c, shapes, jax.random.key(0))))
             for n, c in configs.items()}
@@ -126,15 +221,27 @@ def test_cat_matches_peft_add_weighted_adapter(tmp_path, tiny_gpt2_dir):
         lp.save_peft(tmp_path / n, configs[n], bank[n], model_config=model.config, params=params)
     base = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir, attn_implementation="eager")
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "a"), adapter_name="a")
-    pm.load_adapter(str(tmp_path / "b"), adapter_name="b")
-    pm.add_weighted_adapter(["a", "b"], [0.7, -0.4], "ab", combination_type="cat")
-    config, combined = multi.combine(configs, bank, {"a": 0.7, "b": -0.4}, how="cat")
-    ours = lp.peft_state_dict(config, combined)
-    theirs = {k.replace(".ab.", "."): v.detach().numpy() for k, v in pm.state_dict().items() if ".ab." in k}
-    assert sorted(ours) == sorted(theirs)
-    for k in ours:
-        np.testing.assert_allclose(ours[k], theirs[k], atol=1e-6, err_msg=k)
-    assert pm.peft_config["ab"].r == config.rank == 6
+    for n in "bc":
+        pm.load_adapter(str(tmp_path / n), adapter_name=n)
+    weights = {"a": 0.7, "b": -0.4, "c": 1.3}
+    for i, (how, ours_kw, peft_kw, names) in enumerate(PEFT_COMBINATIONS):
+        w = {n: weights[n] for n in names}
+        with pytest.warns(UserWarning, match="density") if ours_kw.get("density") == 1.0 else contextlib.nullcontext():
+            pm.add_weighted_adapter(list(w), list(w.values()), f"m{i}", combination_type=how, **peft_kw)
+        config, combined = multi.combine(configs, bank, w, how=how, **ours_kw)
+        ours = lp.peft_state_dict(config, combined)
+        theirs = {k.replace(f".m{i}.", "."): v.detach().numpy() for k, v in pm.state_dict().items()
+                  if f".m{i}." in k}
+        assert sorted(ours) == sorted(theirs), how
+        assert pm.peft_config[f"m{i}"].r == config.rank and config.alpha == config.rank, how
+        if how.endswith("svd"):
+            d_ours, d_theirs = _peft_deltas(ours, 1.0), _peft_deltas(theirs, 1.0)
+            for m in d_ours:
+                np.testing.assert_allclose(d_ours[m], d_theirs[m], atol=2e-5, err_msg=f"{how} {m}")
+        else:
+            for k in ours:
+                np.testing.assert_allclose(ours[k], theirs[k], atol=1e-6, err_msg=f"{how} {k}")
+    assert pm.peft_config["m0"].r == 6 and pm.peft_config["m1"].r == 4 and pm.peft_config["m2"].r == 3
 
 
 def test_load_bank_reads_both_formats(setup, tmp_path):
