@@ -165,6 +165,15 @@ def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel, one
     assert summary["parallel"] == parallel
 
 
+def test_remat_gives_the_same_losses(tiny_gpt2_dir, tmp_path, one_device_losses):
+    """--remat recomputes the layers in the backward pass: the same numbers, less activation memory."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "remat"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, *PARALLEL_ARGS, "--remat", "--remat-policy",
+                               "dots_with_no_batch_dims_saveable")) == 0
+    np.testing.assert_allclose(losses(out), one_device_losses, rtol=1e-5)
+
+
 @pytest.mark.parametrize("parallel, port", [("jit", 12000), ("fsdp", 13000)])
 def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, parallel, port, one_device, one_device_losses):
     """jax.distributed over 2 processes on 127.0.0.1 (2 devices each under fsdp: the state is split
@@ -201,10 +210,13 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert "--double-quant quantizes the scales of --quantize nf4" in capsys.readouterr().err
     for flags, msg in [(["--init", "svd"], "--init: unknown init 'svd'"),
                        (["--init", "olora", "--init-adapter", "x"], "--init makes fresh adapters"),
-                       (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number")]:
+                       (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number"),
+                       (["--remat-policy", "everything_saveable"], "pass --remat with it")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
     assert squad.main(["--quantize", "nf4", "--quant-block-size", "48", "--output-dir", str(tmp_path / "x")]) == 1
     assert "block_size 48 is not one of (32, 64" in capsys.readouterr().err
+    assert squad.main(["--remat", "--remat-policy", "most", "--output-dir", str(tmp_path / "x")]) == 1
+    assert "unknown remat_policy 'most'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

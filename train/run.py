@@ -42,7 +42,7 @@ def load_model(args):
     accel = jax.default_backend() != "cpu"
     compute = _dtype(args.compute_dtype) or (jnp.bfloat16 if accel else jnp.float32)
     model, params = from_pretrained(name, dtype=_dtype(args.dtype), compute_dtype=compute,
-                                    scan_layers=args.scan_layers)
+                                    scan_layers=args.scan_layers, remat=args.remat, remat_policy=args.remat_policy)
     tok_name = args.tokenizer or name
     tokenizer = load_tokenizer(tok_name)
     if tokenizer.eos_token_id is None:

@@ -89,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--compute-dtype", choices=("float32", "bfloat16"), default=None,
       help="activation dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     a("--scan-layers", action="store_true", help="run layers with lax.scan (faster compile, slower step)")
+    a("--remat", action="store_true",
+      help="gradient checkpointing: recompute each layer's activations in the backward pass (less memory)")
+    a("--remat-policy", default=None,
+      help="with --remat: what to keep, a name in jax.checkpoint_policies (e.g. dots_with_no_batch_dims_saveable)")
     a("--quantize", choices=("nf4",), default=None,
       help="QLoRA: hold the frozen linear weights in 4-bit NF4 (bitsandbytes' layout) while LoRA trains")
     a("--quant-block-size", type=int, default=64, help="weights per NF4 absmax block (bitsandbytes blocksize)")
@@ -134,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
     if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
         p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
+    if args.remat_policy and not args.remat:
+        p.error("--remat-policy says what --remat keeps; pass --remat with it")
     if args.double_quant and not args.quantize:
         p.error("--double-quant quantizes the scales of --quantize nf4; pass --quantize nf4 with it")
     if args.quantize and args.full_finetune:
