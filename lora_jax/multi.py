@@ -1,4 +1,4 @@
-"""Several named adapters on one base: switch, disable, combine, and mixed-adapter batches.
+"""Several named adapters on one base: switch, disable, combine, hot-swap, and mixed-adapter batches.
 
     m = multi(model.apply, {"qa": cfg_qa, "chat": cfg_chat})
     bank = {"qa": adapters_qa, "chat": adapters_chat}               # a pytree: jit passes it
@@ -6,6 +6,7 @@
     m.switch(params, bank, ids, adapter=None)                        # the base model
     m.mixed(params, bank, ids, adapter_ids=m.ids(["qa", None, "chat"]))  # per example
     config, adapters = combine(m_configs, bank, {"qa": 0.7, "chat": 0.3}, how="linear")
+    config, same_shape = hotswappable(m_configs, bank)    # one jit(lj.apply(f, config)) runs each
 
 A mixed batch keeps one copy of the base weights: each targeted kernel becomes a
 `MultiLoraArray` holding W0, every adapter's factors stacked [*S, N, in, r] (each adapter's
@@ -157,6 +158,40 @@ def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Ad
         k = len(stack_dims)  # the adapter axis goes after the stack dims: scan slices those first
         out[p] = {"lora_A": jnp.stack(As, axis=k), "lora_B": jnp.stack(Bs, axis=k)}
     return out
+
+
+def hotswappable(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], *,
+                 rank: int | None = None) -> tuple[LoraConfig, dict[str, Adapters]]:
+    """Every adapter in one shape, so one compiled function serves them all (PEFT's
+    `prepare_model_for_compiled_hotswap` + `hotswap_adapter`, by construction).
+
+    Returns (config, {name: adapters}): the union of the targeted paths at rank `rank` (default:
+    the largest among the adapters), each adapter's scale folded into its A, zeros where it has
+    no factors; config has scale 1 and no dropout (inference). `jax.jit(lj.apply(f, config))`
+    then runs any of them without recompiling: swapping adapters is passing other arrays.
+    Trained biases / modules (bias, trainable) stay in the params passed alongside.
+    """
+    configs = dict(configs)
+    _no_dora(configs, "hotswappable")
+    _plain_only(configs, "hotswappable")
+    missing = [n for n in configs if n not in bank]
+    if not configs or missing:
+        raise ValueError(f"hotswappable needs adapters for every config; missing {missing}")
+    stacked = stack(configs, bank)
+    largest = max(ab["lora_A"].shape[-1] for ab in stacked.values())
+    rank = largest if rank is None else rank
+    if not isinstance(rank, int) or rank < largest:
+        raise ValueError(f"rank={rank!r} is below the largest adapter rank {largest}: zero padding cannot shrink "
+                         "an adapter (multi.combine(..., how='svd', rank=...) truncates one)")
+    out: dict[str, Adapters] = {n: {} for n in configs}
+    for p, ab in stacked.items():
+        k = ab["lora_A"].ndim - 3  # the adapter axis, after the stack dims: a [*S, N, in, r]
+        a = jnp.pad(ab["lora_A"], [(0, 0)] * (k + 2) + [(0, rank - ab["lora_A"].shape[-1])])
+        b = jnp.pad(ab["lora_B"], [(0, 0)] * (k + 1) + [(0, rank - ab["lora_B"].shape[-2]), (0, 0)])
+        for i, n in enumerate(configs):
+            out[n][p] = {"lora_A": jnp.take(a, i, axis=k), "lora_B": jnp.take(b, i, axis=k)}
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(p.rsplit("/", 1)[0] for p in sorted(stacked)))
+    return config, out
 
 
 # ----------------------------------------------------------------------------- the transform

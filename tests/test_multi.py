@@ -76,6 +76,32 @@ def test_mixed_batch_equals_each_example_with_its_adapter(setup, scan):
         np.testing.assert_allclose(out[i], ref[n][i], atol=1e-5, err_msg=f"example {i} ({n})")
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_hotswappable_adapters_share_one_compile(setup, scan):
+    """Adapters of different ranks, scales and targets, made one shape: one trace, one compile,
+    each adapter's own output (the scanned base too); a larger rank pads, a smaller one is refused."""
+    model, params, bank, ref = setup
+    if scan:
+        model = CausalLM(model.config.replace(scan_layers=True))
+        params = stack_layers(params)
+        bank = {n: stacked(ab) for n, ab in bank.items()}
+    config, same = multi.hotswappable(CONFIGS, bank, rank=5)
+    assert config.rank == 5 and config.scale_for("x") == 1.0
+    shapes = {n: jax.tree.map(jnp.shape, ab) for n, ab in same.items()}
+    assert shapes["a"] == shapes["b"] == shapes["c"] and len(same["a"]) == (3 if scan else 6)
+    traces = []
+
+    def f(p, a, x):
+        traces.append(1)
+        return lj.apply(model.apply, config)(p, a, x)
+    g = jax.jit(f)
+    for n in ["a", "b", "c", "a"]:
+        np.testing.assert_allclose(g(params, same[n], IDS), ref[n], atol=1e-5, err_msg=n)
+    assert len(traces) == 1
+    with pytest.raises(ValueError, match="rank=3 is below the largest adapter rank 4"):
+        multi.hotswappable(CONFIGS, bank, rank=3)
+
+
 def test_mixed_batch_refuses_other_uses(setup):
     model, params, bank, _ = setup
     m = multi.multi(lambda p, x: x @ p["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"].T, CONFIGS)
