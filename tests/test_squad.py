@@ -90,6 +90,19 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     again_summary = json.loads((again / "summary.json").read_text())
     assert again_summary["quantize"] == "nf4 + double quant" and set(again_summary["scores"]) == {"base", "lora"}
 
+    # --eval-only scores the saved adapters as they are, from either format: the trained run's answers.
+    trained = json.loads((out / "predictions_lora.json").read_text())
+    for fmt in ("adapter", "peft"):
+        scored = tmp_path / f"scored_{fmt}"
+        assert squad.main(cli_args(tiny_gpt2_dir, data, scored, "--eval-only", "--no-base-eval",
+                                   "--init-adapter", str(out / fmt))) == 0
+        printed = capsys.readouterr().out
+        assert f"| adapter {out / fmt} |" in printed and "evaluation only" in printed and "adapter params" in printed
+        assert json.loads((scored / "predictions_lora.json").read_text()) == trained
+        s = json.loads((scored / "summary.json").read_text())
+        assert s["eval_only"] and s["steps"] == 0 and s["scores"]["lora"] == summary["scores"]["lora"]
+        assert not (scored / "metrics.jsonl").exists() and not (scored / "adapter").exists()
+
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
     """Resuming gives the adapters of an uninterrupted run, here with PiSSA and LoRA+ on an NF4
@@ -211,7 +224,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     for flags, msg in [(["--init", "svd"], "--init: unknown init 'svd'"),
                        (["--init", "olora", "--init-adapter", "x"], "--init makes fresh adapters"),
                        (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number"),
-                       (["--remat-policy", "everything_saveable"], "pass --remat with it")]:
+                       (["--remat-policy", "everything_saveable"], "pass --remat with it"),
+                       (["--eval-only", "--full-finetune", "--resume"], "takes no --full-finetune, --resume"),
+                       (["--eval-only", "--no-base-eval"], "takes no --no-base-eval without --init-adapter")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err

@@ -64,32 +64,34 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
             summary.get("loraplus_ratio") and f"LoRA+ x{summary['loraplus_ratio']:g}"]
     tags = [t for t in tags if t]
     lora = ("QLoRA" if quantized else "LoRA") + (f" ({', '.join(tags)})" if tags else "")  # e.g. "LoRA (pissa)"
+    if summary.get("eval_only"):
+        lora = f"adapter {summary['adapter']}"
     names = {"base": f"base model ({quantized})" if quantized else "base model", "lora": lora,
              "full": "full fine-tuning"}
     lines = [
         "",
         f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "
-        f"({summary['model']}, {summary['steps']} steps)",
+        f"({summary['model']}, " + ("evaluation only" if summary.get("eval_only") else f"{summary['steps']} steps")
+        + ")",
         "",
         "| model | EM | F1 |",
         "|---|---|---|",
     ]
     lines += [f"| {names[k]} | {v['exact_match']:.1f} | {v['f1']:.1f} |" for k, v in scores.items()]
-    lines += [
-        "",
-        f"trainable params: {summary['trainable_params']:,} of {summary['total_params']:,} "
-        f"({summary['trainable_percent']:.3f}%)",
-    ]
+    if summary.get("trainable_params") is not None:
+        lines += ["", f"{'adapter' if summary.get('eval_only') else 'trainable'} params: "
+                      f"{summary['trainable_params']:,} of {summary['total_params']:,} "
+                      f"({summary['trainable_percent']:.3f}%)"]
     if "adapter_bytes" in summary:
         lines.append(f"adapter on disk: {_mib(summary['adapter_bytes'])} (orbax), "
                      f"{_mib(summary['peft_bytes'])} (PEFT safetensors) -> {summary['adapter_dir']}")
-    if "base" in scores:
+    if "base" in scores and "lora" in scores:
         b, l = scores["base"], scores["lora"]
         lines.append(f"EM {b['exact_match']:.1f} -> {l['exact_match']:.1f}, F1 {b['f1']:.1f} -> {l['f1']:.1f}")
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("seconds", {}).items())
     lines.append(f"wall time: {summary['wall_time_s']:.0f} s" + (f" ({parts})" if parts else ""))
     by_id = {r.id: r for r in records}
-    ids = [i for i in samples.get("lora", {}) if i in by_id][:n_samples]
+    ids = [i for i in next(iter(samples.values()), {}) if i in by_id][:n_samples]
     if ids:
         lines += ["", "sample predictions:"]
         for i in ids:

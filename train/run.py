@@ -289,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{scheme}: frozen params {dense_bytes / 2**20:.2f} MiB -> {quant.nbytes(params) / 2**20:.2f} MiB")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if primary and not args.resume and (out / "metrics.jsonl").exists():
+    if primary and not args.resume and not args.eval_only and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
     eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
@@ -309,18 +309,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with timed("eval_base"):
             results["base"], samples["base"] = evaluate(base_apply, for_eval(args, params), model, tokenizer,
                                                         val_ex, val_records, **eval_kw)
-    with timed("train_lora"):
-        lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_ex, lora=lora,
-                                                         lr=args.lr, out=out, tag="lora", log=log, adapters=adapters0)
-    if not finished:
-        log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
-        return {"stopped": True, "scores": results}
-    g = lj.apply(model.apply, lora)
-    lora_apply = lambda p, *a, **k: g(p, adapters, *a, **k)  # noqa: E731
-    log("scoring the LoRA model ...")
-    with timed("eval_lora"):
-        results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, lora_params), model, tokenizer,
-                                                    val_ex, val_records, **eval_kw)
+    if args.eval_only:  # score --init-adapter's adapter as it is (if one was given)
+        lora_params, adapters = train_params, adapters0
+    else:
+        with timed("train_lora"):
+            lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_ex,
+                                                             lora=lora, lr=args.lr, out=out, tag="lora", log=log,
+                                                             adapters=adapters0)
+        if not finished:
+            log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
+            return {"stopped": True, "scores": results}
+    if adapters is not None:
+        g = lj.apply(model.apply, lora)
+        lora_apply = lambda p, *a, **k: g(p, adapters, *a, **k)  # noqa: E731
+        log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
+        with timed("eval_lora"):
+            results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, lora_params), model, tokenizer,
+                                                        val_ex, val_records, **eval_kw)
     if args.full_finetune:
         with timed("train_full"):
             full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
@@ -333,19 +338,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base_name = str(args.model or EMBEDDED_MODEL)
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
-                         initial=adapters0) if primary else {}
-    summ = lj.summary(lora, lora_params, adapters)
+                         initial=adapters0) if primary and not args.eval_only else {}
+    summ = lj.summary(lora, lora_params, adapters) if adapters is not None else None
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
-        "steps": args.steps, "parallel": args.parallel, "quantize": scheme, "init": lora.init,
-        "loraplus_ratio": args.loraplus_ratio, "trainable_params": summ.trainable, "total_params": summ.total,
-        "trainable_percent": summ.percent, "scores": results, **saved,
+        "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
+        "parallel": args.parallel, "quantize": scheme, "init": lora.init, "loraplus_ratio": args.loraplus_ratio,
+        "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
+        "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
     }
     if primary:
         for name, preds in samples.items():  # {id: answer}: the official evaluate-v1.1.py input
             write_json(out / f"predictions_{name}.json", preds)
         write_json(out / "summary.json", summary)
-        report.loss_plot(out / "metrics.jsonl", out / "loss.png")
+        if not args.eval_only:
+            report.loss_plot(out / "metrics.jsonl", out / "loss.png")
         print(report.table(summary, samples, val_records))
     return summary

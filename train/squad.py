@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     a("--max-new-tokens", type=int, default=None, help="greedy tokens generated per answer")
     a("--no-base-eval", action="store_true", help="skip scoring the base model")
+    a("--eval-only", action="store_true",
+      help="no training: score the base model and, with --init-adapter, that adapter (a lora_jax or PEFT adapter)")
     a("--full-finetune", action="store_true", help="also train a full fine-tuning baseline and score it")
     a("--full-lr", type=float, default=None, help="peak learning rate of the full fine-tuning baseline")
     a("--parallel", choices=("jit", "pmap", "fsdp"), default="jit",
@@ -138,6 +140,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
     if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
         p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
+    if args.eval_only:
+        clash = [f for f, on in (("--full-finetune", args.full_finetune), ("--resume", args.resume),
+                                 ("--stop-after", args.stop_after is not None),
+                                 (f"--init {args.init}", args.init != "kaiming_uniform"),
+                                 ("--no-base-eval without --init-adapter", args.no_base_eval and not args.init_adapter))
+                 if on]
+        if clash:
+            p.error(f"--eval-only trains nothing, so it takes no {', '.join(clash)}")
     if args.remat_policy and not args.remat:
         p.error("--remat-policy says what --remat keeps; pass --remat with it")
     if args.double_quant and not args.quantize:
