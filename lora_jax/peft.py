@@ -15,7 +15,8 @@ when the base is scanned. An embedding table's adapter is PEFT's `lora_embedding
 and writes `ensure_weight_tying: true`. Fully trained leaves are written the way PEFT writes
 them: biases (`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and
 whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`). DoRA (`use_dora`)
-adds `<module>.lora_magnitude_vector` (out,) per adapted module.
+adds `<module>.lora_magnitude_vector` (out,) per adapted module. A `SequenceClassifier`'s adapter
+is PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`).
 
 Files are read through safetensors (or, for old `adapter_model.bin`, `torch.load(weights_only=
 True)`); a truncated or corrupted file raises a ValueError naming it. Every export is written
@@ -44,7 +45,7 @@ from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lazy import column_norms, dense
 from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
-from .models.common import BaseConfig, CausalLM
+from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
     params_to_hf_state_dict,
@@ -259,10 +260,25 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
     return {k: np.ascontiguousarray(v.astype(dt)) for k, v in state.items()}
 
 
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+
+
+def _task_type(adapters: Adapters, params: PyTree | None, task_type: str | None) -> str:
+    """PEFT's task: SEQ_CLS for a sequence classifier (params or adapters with a `score` head)."""
+    if task_type is None:
+        classifier = (isinstance(params, Mapping) and SCORE in params) or any(p.startswith(SCORE + "/")
+                                                                                for p in adapters)
+        return "SEQ_CLS" if classifier else "CAUSAL_LM"
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    return task_type
+
+
 def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
                      params: PyTree | None = None, base_model_name_or_path: str | None = None,
-                     layers_key: str = LAYERS_KEY) -> dict[str, Any]:
-    """The `adapter_config.json` dict that peft's LoraConfig (0.13 ... 0.21) reads."""
+                     layers_key: str = LAYERS_KEY, task_type: str | None = None) -> dict[str, Any]:
+    """The `adapter_config.json` dict that peft's LoraConfig (0.13 ... 0.21) reads; `task_type`
+    defaults to SEQ_CLS for a `SequenceClassifier`'s params, else CAUSAL_LM."""
     layers = _per_layer(config, adapters, layers_key)
     adapted = [_module(x.path) for x in layers]
     rank_pattern = {re.escape(_module(x.path)): x.rank for x in layers if x.rank != config.rank}
@@ -275,7 +291,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         modules = _extras(config, adapters, params, model_config, layers_key)[1] or None
     cfg = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": _task_type(adapters, params, task_type),
         "base_model_name_or_path": base_model_name_or_path or model_config.hf_config.get("_name_or_path") or None,
         "revision": None,
         "inference_mode": True,
@@ -307,7 +323,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
 def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
               model_config: BaseConfig, params: PyTree | None = None, dtype: Any = "float32",
               base_model_name_or_path: str | None = None, layers_key: str = LAYERS_KEY,
-              overwrite: bool = False) -> Path:
+              task_type: str | None = None, overwrite: bool = False) -> Path:
     """Write a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
 
     Args:
@@ -317,6 +333,9 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
       params: the trained params; needed only when `config` trains full leaves. Without it the
         module list is computed from `model_config` shapes (no weights allocated).
       dtype: "float32" / "float16" / "bfloat16" (or a numpy/jax dtype) for the stored tensors.
+      task_type: PEFT's task, CAUSAL_LM or SEQ_CLS (default: SEQ_CLS when `params` or `adapters`
+        have a `score` head, as a `SequenceClassifier`'s do). PEFT's SEQ_CLS model trains
+        `score` in full: export it with `LoraConfig(trainable="score")`.
     Returns:
       the directory.
     """
@@ -325,7 +344,8 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
     state = peft_state_dict(config, adapters, model_config=model_config, params=params, dtype=dtype,
                             layers_key=layers_key)
     cfg = peft_config_dict(config, adapters, model_config=model_config, params=params,
-                           base_model_name_or_path=base_model_name_or_path, layers_key=layers_key)
+                           base_model_name_or_path=base_model_name_or_path, layers_key=layers_key,
+                           task_type=task_type)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))

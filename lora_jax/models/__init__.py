@@ -6,6 +6,8 @@
     hidden = model.apply(params, input_ids, return_hidden=True)      # [B, T, D]
     answer = model.apply(params, input_ids, positions=pos)           # [B, K, V] at pos [B, K] only
     new_tokens = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32)
+    clf, params = classifier_from_pretrained("gpt2", num_labels=3)
+    class_logits = clf.apply(params, input_ids, attention_mask)      # [B, 3]
 """
 
 from lora_jax.models.bloom import BloomConfig
@@ -14,6 +16,7 @@ from lora_jax.models.common import (
     Cache,
     CausalLM,
     Params,
+    SequenceClassifier,
     is_scanned,
     stack_layers,
     unstack_layers,
@@ -22,6 +25,7 @@ from lora_jax.models.generate import generate, sample_logits
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.models.hf import (
     CONFIG_CLASSES,
+    classifier_from_pretrained,
     convert_hf_state_dict,
     from_pretrained,
     hf_key_to_path,
@@ -42,6 +46,8 @@ __all__ = [
     "CausalLM",
     "GPT2Config",
     "Params",
+    "SequenceClassifier",
+    "classifier_from_pretrained",
     "convert_hf_state_dict",
     "from_pretrained",
     "generate",

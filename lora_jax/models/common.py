@@ -7,6 +7,7 @@
 * `run_layers`: the decoder stack, scanned (`transformer/h/...` stacked [L, ...]) or unrolled
   (`transformer/h/{i}/...`), optionally rematerialised.
 * `CausalLM`: the model object with a pure `apply(params, input_ids, attention_mask, ...)`.
+* `SequenceClassifier`: the same decoder with HF's `score` head on each row's last real token.
 
 Parameters are plain nested dicts rooted at `transformer`, mirroring Hugging Face module names.
 Every weight matrix is a `kernel` [in, out] used only as the right operand of a matmul, so a LoRA
@@ -55,6 +56,7 @@ class BaseConfig:
     hf_transpose_linear: ClassVar[bool] = False  # torch Linear stores (out, in)
     hf_ignored_keys: ClassVar[str] = r"lm_head\.weight"  # regex; buffers and the tied head
     hf_architecture: ClassVar[str] = ""
+    hf_classifier_architecture: ClassVar[str] = ""  # the same body with a `score` head
 
     vocab_size: int
     hidden_size: int
@@ -462,3 +464,68 @@ class CausalLM:
             "mask": jnp.zeros((batch_size, max_length), jnp.int32),
             "index": jnp.int32(0),
         }
+
+
+SCORE = "score"  # HF's sequence-classification head: Linear(hidden, num_labels, bias=False)
+
+
+def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad_token_id: int | None) -> jax.Array:
+    """[B] index of each row's last real token: the last 1 of `attention_mask`; without a mask,
+    the last token that is not `pad_token_id` (HF's pooling); without either, the last position."""
+    if attention_mask is not None:
+        real = attention_mask.astype(jnp.int32)
+    elif pad_token_id is not None:
+        real = (input_ids != pad_token_id).astype(jnp.int32)
+    else:
+        real = jnp.ones(input_ids.shape, jnp.int32)
+    return jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)  # [B]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceClassifier:
+    """A decoder with Hugging Face's sequence-classification head (`GPT2ForSequenceClassification`,
+    `BloomForSequenceClassification`): logits = h_last @ score, where h_last is the final hidden
+    state of each row's last real token and `score/kernel` [D, num_labels] has no bias.
+
+    Params: `{"transformer": ..., "score": {"kernel": [D, num_labels]}}`; PEFT's SEQ_CLS task trains
+    `score` in full (`LoraConfig(trainable="score")`).
+    """
+
+    config: BaseConfig
+    num_labels: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {self.num_labels!r}")
+
+    def apply(
+        self,
+        params: Params,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        deterministic: bool = True,
+        rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Class logits [B, num_labels] in the compute dtype; the decoder runs as in `CausalLM.apply`
+        (left or right padding), and only the pooled row reaches the head."""
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)  # [B]
+        hidden = CausalLM(self.config).apply(params, input_ids, attention_mask, return_hidden=True,
+                                             positions=last[:, None], deterministic=deterministic, rng=rng)
+        kernel = params[SCORE]["kernel"]  # [D, num_labels]
+        return jnp.einsum("bd,dl->bl", hidden[:, 0], kernel.astype(hidden.dtype))
+
+    def init_head(self, key: jax.Array, dtype: Any = None) -> Params:
+        """A new `{"score": {"kernel"}}` drawn from N(0, 0.02), as transformers initialises it."""
+        dtype = self.config.param_dtype if dtype is None else dtype
+        kernel = 0.02 * jax.random.normal(key, (self.config.hidden_size, self.num_labels), jnp.float32)
+        return {SCORE: {"kernel": kernel.astype(dtype)}}
+
+    def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
+        """Random decoder params (`CausalLM.init_params`) plus a new head."""
+        body_key, head_key = jax.random.split(key)
+        return CausalLM(self.config).init_params(body_key, dtype) | self.init_head(head_key, dtype)
+
+    def param_shapes(self) -> Params:
+        """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))

@@ -1,6 +1,7 @@
 """Hugging Face checkpoints <-> our param trees.
 
     model, params = from_pretrained("gpt2")                     # hub id (HF cache) or local dir
+    clf, params = classifier_from_pretrained("gpt2", num_labels=3)   # + a `score` head (new or loaded)
     tok = load_tokenizer("gpt2")
     state = params_to_hf_state_dict(model.config, params)      # HF names, HF orientation
     save_hf_checkpoint("out/", model.config, params)           # config.json + model.safetensors
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.bloom import BloomConfig
-from lora_jax.models.common import BaseConfig, CausalLM, Params, stack_layers, unstack_layers
+from lora_jax.models.common import SCORE, BaseConfig, CausalLM, Params, SequenceClassifier, stack_layers, unstack_layers
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.quant import BNB_STATE, QuantizedArray, from_bnb
 
@@ -130,6 +131,8 @@ def hf_key_to_path(config: BaseConfig, key: str) -> tuple[tuple[str, ...], bool]
     """
     if re.fullmatch(config.hf_ignored_keys, key):
         return None
+    if key == f"{SCORE}.weight":  # the classification head: a torch Linear in every architecture
+        return (SCORE, "kernel"), True
     parts = key.removeprefix("transformer.").split(".")
     *module, leaf = parts
     owner = module[-1] if module else ""
@@ -146,7 +149,7 @@ def hf_key_to_path(config: BaseConfig, key: str) -> tuple[tuple[str, ...], bool]
 def path_to_hf_key(config: BaseConfig, path: tuple[str, ...]) -> tuple[str, bool]:
     """Inverse of `hf_key_to_path` for an unrolled path: (HF name, transpose?)."""
     *module, leaf = path
-    transpose = leaf == "kernel" and config.hf_transpose_linear
+    transpose = leaf == "kernel" and (config.hf_transpose_linear or module == [SCORE])
     leaf = {"embedding": "weight", "scale": "weight", "kernel": "weight"}.get(leaf, leaf)
     return ".".join([*module, leaf]), transpose
 
@@ -171,8 +174,10 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
     return out
 
 
-def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray]) -> Params:
-    """HF tensors (numpy) -> unrolled param tree in `config.param_dtype`, fully checked.
+def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray], *,
+                          num_labels: int | None = None) -> Params:
+    """HF tensors (numpy) -> unrolled param tree in `config.param_dtype`, fully checked; with
+    `num_labels`, a sequence classifier's (`score.weight` included).
 
     Raises ValueError naming every missing tensor, unexpected tensor and wrong shape.
     """
@@ -180,7 +185,9 @@ def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray]) -
     if int8:
         raise ValueError(f"checkpoint holds bitsandbytes 8-bit (LLM.int8) weights, e.g. {int8[0]}; only full-precision "
                          "and 4-bit NF4 checkpoints load")
-    expected = _flatten(CausalLM(config.replace(scan_layers=False)).param_shapes())
+    body = config.replace(scan_layers=False)
+    model = CausalLM(body) if num_labels is None else SequenceClassifier(body, num_labels)
+    expected = _flatten(model.param_shapes())
     found: dict[tuple[str, ...], tuple[str, np.ndarray, bool]] = {}
     unexpected, bad_shape = [], []
     for key, value in state.items():
@@ -321,19 +328,61 @@ def from_pretrained(
     A checkpoint saved from a bitsandbytes 4-bit (NF4) model loads with its linear weights as
     `quant.QuantizedArray`s, the bytes unchanged: run it through `lj.apply` or `quant.apply`.
     """
+    config, state = _read_checkpoint(name_or_path, param_dtype=dtype, compute_dtype=compute_dtype,
+                                     scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
+                                     attention_impl=attention_impl)
+    if f"{SCORE}.weight" in state:
+        raise ValueError(f"{name_or_path} is a sequence classifier (it has {SCORE}.weight): load it with "
+                         "classifier_from_pretrained")
+    params = convert_hf_state_dict(config, state)
+    return CausalLM(config), stack_layers(params) if scan_layers else params
+
+
+def _read_checkpoint(name_or_path: str | os.PathLike, **overrides: Any) -> tuple[BaseConfig, dict[str, Any]]:
     directory = resolve_pretrained_dir(name_or_path)
-    config = load_config(
-        directory / "config.json", param_dtype=dtype, compute_dtype=compute_dtype,
-        scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
-        attention_impl=attention_impl,
-    )
+    config = load_config(directory / "config.json", **overrides)
     state = load_hf_state_dict(directory)
     if any(BNB_STATE in k for k in state):  # saved by transformers from a bitsandbytes 4-bit model
         state = from_bnb(state)
-    params = convert_hf_state_dict(config, state)
-    if scan_layers:
-        params = stack_layers(params)
-    return CausalLM(config), params
+    return config, state
+
+
+def classifier_from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    key: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+    remat: bool = False,
+    compute_dtype: Any = None,
+    remat_policy: str | None = None,
+    attention_impl: str = "auto",
+) -> tuple[SequenceClassifier, Params]:
+    """A GPT-2 / BLOOM sequence classifier, as `AutoModelForSequenceClassification.from_pretrained`.
+
+    A checkpoint with a `score.weight` (saved from `*ForSequenceClassification`) loads it, and
+    `num_labels` (if given) must match it; any other checkpoint gets a new head of `num_labels`
+    classes (default: the config's `id2label` count, else 2) drawn with `key` (default key 0).
+    The other arguments are `from_pretrained`'s.
+    """
+    config, state = _read_checkpoint(name_or_path, param_dtype=dtype, compute_dtype=compute_dtype,
+                                     scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
+                                     attention_impl=attention_impl)
+    score = state.get(f"{SCORE}.weight")
+    if isinstance(score, QuantizedArray):
+        raise ValueError(f"{name_or_path}: {SCORE}.weight is stored in 4 bits; only a full-precision head loads")
+    if score is not None:  # (num_labels, hidden), torch orientation
+        if num_labels is not None and num_labels != score.shape[0]:
+            raise ValueError(f"{name_or_path}: {SCORE}.weight {tuple(score.shape)} holds {score.shape[0]} labels, "
+                             f"not num_labels={num_labels}")
+        model = SequenceClassifier(config, int(score.shape[0]))
+        params = convert_hf_state_dict(config, state, num_labels=model.num_labels)
+    else:
+        model = SequenceClassifier(config, num_labels or len(config.hf_config.get("id2label") or {}) or 2)
+        params = convert_hf_state_dict(config, state)
+        params |= model.init_head(jax.random.key(0) if key is None else key)
+    return model, stack_layers(params) if scan_layers else params
 
 
 def save_hf_checkpoint(directory: str | os.PathLike, config: BaseConfig, params: Params) -> Path:
@@ -349,6 +398,12 @@ def write_hf_files(directory: Path, config: BaseConfig, state: Mapping[str, np.n
     from safetensors.numpy import save_file
 
     hf = config.to_hf()
+    score = state.get(f"{SCORE}.weight")
+    if score is not None:  # a sequence classifier: its architecture and one label name per class
+        hf["architectures"] = [config.hf_classifier_architecture]
+        if len(hf.get("id2label") or {}) != score.shape[0]:
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}
     # transformers loads in the config's dtype: name the tensors actually stored.
     stored = str(np.dtype(next(iter(state.values())).dtype))
     for k in ("dtype", "torch_dtype"):
