@@ -146,6 +146,24 @@ def test_peft_made_adapter_imports(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tm
     np.testing.assert_allclose(np.asarray(logits), want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_peft_layers_to_transform_and_exclude_modules_import(scan, tiny_gpt2_dir, tmp_path, nudge_torch):
+    """PEFT adapters that skip layers (`layers_to_transform`) or modules (`exclude_modules`) load as
+    what their tensors cover; on a scanned base the skipped layers get zero factors."""
+    pm = nudge_torch(peft.get_peft_model(hf_model(tiny_gpt2_dir), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], layers_to_transform=[1], layers_pattern="h",
+        exclude_modules=["h.1.attn.c_proj"])), seed=2)
+    pm.save_pretrained(tmp_path / "adapter")
+    model, params = from_pretrained(tiny_gpt2_dir, scan_layers=scan)
+    got = lp.load_peft(tmp_path / "adapter", params, model_config=model.config)
+    layer = "" if scan else "1/"
+    assert sorted(got.adapters) == [f"transformer/h/{layer}attn/c_attn/kernel", f"transformer/h/{layer}mlp/c_proj/kernel"]
+    if scan:
+        assert not np.any(got.adapters["transformer/h/attn/c_attn/kernel"]["lora_A"][0])
+    logits = lj.apply(model.apply, got.config)(params, got.adapters, IDS)
+    np.testing.assert_allclose(np.asarray(logits), torch_logits(pm), atol=ATOL, rtol=0)
+
+
 class _CallsOnLoad:
     """Unpickling this calls a function: exactly what weights_only=True must refuse."""
 
