@@ -12,12 +12,13 @@ from .lazy import FallbackError, LoraArray
 from .lora import (MAGNITUDE, Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
                    trainable_mask, unmerge)
 from .optim import TrainStep, join, labels, loraplus, make_train_step, masked_optimizer, split
+from .loftq import init_loftq
 from .residual import init_residual, to_plain
 
 __all__ = [
     "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
-    "trainable_mask", "init_residual", "to_plain", "split", "join", "labels", "masked_optimizer",
+    "trainable_mask", "init_residual", "init_loftq", "to_plain", "split", "join", "labels", "masked_optimizer",
     "make_train_step", "loraplus", "lazy", "optim", "quant", "sharding", "tree",
 ]
 __version__ = "0.1.0"

@@ -31,7 +31,7 @@ from .lora import MAGNITUDE, Adapters, adapter_keys, init, target_paths
 PyTree = Any
 
 
-def _pissa(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
+def svd_factors(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
     """w [in, out] fp32 -> A [in, r], B [r, out] with s*A*B = w's rank-r truncated SVD."""
     u, sv, vh = jnp.linalg.svd(w, full_matrices=False)  # [in, k], [k], [k, out]
     root = jnp.sqrt(sv[:r] / scale)
@@ -39,13 +39,13 @@ def _pissa(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
 
 
 def _pissa_lowrank(w: jax.Array, key: jax.Array, r: int, scale: float, niter: int) -> tuple[jax.Array, jax.Array]:
-    """`_pissa` through a randomized SVD, as torch.svd_lowrank(q=r, niter) computes it: a range
+    """`svd_factors` through a randomized SVD, as torch.svd_lowrank(q=r, niter) computes it: a range
     finder with `niter` power iterations (Halko et al. 2011, alg. 4.4), then an exact SVD of r rows."""
     q = jnp.linalg.qr(w @ jax.random.normal(key, (w.shape[1], r), w.dtype))[0]  # [in, r]
     for _ in range(niter):
         q = jnp.linalg.qr(w.T @ q)[0]  # [out, r]
         q = jnp.linalg.qr(w @ q)[0]  # [in, r]
-    a, b = _pissa(q.T @ w, r, scale)  # the exact SVD of w projected on the range: [r, r], [r, out]
+    a, b = svd_factors(q.T @ w, r, scale)  # the exact SVD of w projected on the range: [r, r], [r, out]
     return q @ a, b
 
 
@@ -61,7 +61,7 @@ def _factors(config: LoraConfig, w: jax.Array, key: jax.Array, r: int, scale: fl
     niter = PISSA_NITER.fullmatch(config.init)
     if niter:
         return _pissa_lowrank(w, key, r, scale, int(niter.group(1)))
-    return _pissa(w, r, scale) if config.init == "pissa" else _olora(w, r)
+    return svd_factors(w, r, scale) if config.init == "pissa" else _olora(w, r)
 
 
 def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,

@@ -143,6 +143,27 @@ def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
         assert not np.allclose(ab["lora_B"][..., :4, :], start[p]["lora_B"])
 
 
+def test_loftq_run_saves_its_base_and_reloads(tiny_gpt2_dir, tmp_path, capsys):
+    """--init loftq trains QLoRA from LoftQ's base and factors, saves that base next to the adapters
+    (their PEFT config names it), and the saved pair scores the same answers when loaded back."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "loftq"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--init", "loftq", "--loftq-iter", "2",
+                               "--quantize", "nf4", "--no-base-eval")) == 0
+    printed = capsys.readouterr().out
+    assert "init loftq (2 iterations)" in printed and "| QLoRA (nf4, loftq) |" in printed
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["base_model_name_or_path"] == str(out / "loftq_base") and peft_cfg["init_lora_weights"] is True
+    assert (out / "loftq_base" / "model.safetensors").is_file() and (out / "loftq_base" / "tokenizer.json").is_file()
+    again = tmp_path / "again"
+    assert squad.main(cli_args(out / "loftq_base", data, again, "--eval-only", "--no-base-eval", "--quantize", "nf4",
+                               "--init-adapter", str(out / "peft"))) == 0
+    assert json.loads((again / "predictions_lora.json").read_text()) == \
+        json.loads((out / "predictions_lora.json").read_text())
+    assert json.loads((again / "summary.json").read_text())["scores"] == json.loads(
+        (out / "summary.json").read_text())["scores"]
+
+
 def _run_subprocess(args, devices: int):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     res = subprocess.run([sys.executable, "-m", "train.squad", *args], cwd=ROOT, env=env, capture_output=True,
@@ -226,7 +247,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number"),
                        (["--remat-policy", "everything_saveable"], "pass --remat with it"),
                        (["--eval-only", "--full-finetune", "--resume"], "takes no --full-finetune, --resume"),
-                       (["--eval-only", "--no-base-eval"], "takes no --no-base-eval without --init-adapter")]:
+                       (["--eval-only", "--no-base-eval"], "takes no --no-base-eval without --init-adapter"),
+                       (["--init", "loftq"], "pass --quantize nf4 with it"),
+                       (["--loftq-iter", "3"], "a positive count for --init loftq")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err

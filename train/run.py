@@ -86,7 +86,8 @@ def lora_config(args, model) -> lj.LoraConfig:
     targets = args.targets or FUSED_QKV.get(model.config.model_type, "c_attn")
     targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
-                         use_rslora=args.rslora, use_dora=args.dora, init=args.init)
+                         use_rslora=args.rslora, use_dora=args.dora,
+                         init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
 
 
 def load_init_adapter(path: str, params, model):
@@ -116,6 +117,18 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
     size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     return {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir), "peft_dir": str(p_dir),
             "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
+
+
+def save_loftq_base(directory: Path, model, qparams, tokenizer) -> str:
+    """The LoftQ base as a checkpoint of its dequantized weights (loaded in 4 bits, by bitsandbytes or
+    `--quantize nf4`, it gives back the same codes); returns its path for the adapters' configs."""
+    from lora_jax.checkpoint import atomic_directory
+    from lora_jax.models.hf import params_to_hf_state_dict, write_hf_files
+
+    with atomic_directory(directory, overwrite=True) as tmp:
+        write_hf_files(tmp, model.config, params_to_hf_state_dict(model.config, quant.dequantize(qparams)))
+        tokenizer.save_pretrained(tmp)
+    return str(directory)
 
 
 def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
@@ -282,7 +295,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         scheme = args.quantize + (" + double quant" if args.double_quant else "")
         dense_bytes = quant.nbytes(params)
         q = lambda p: quant.quantize(p, block_size=args.quant_block_size, double_quant=args.double_quant)  # noqa: E731
-        params_q = q(params)
+        if args.init == "loftq":  # the base and the adapters together: every linear weight NF4, as q() gives it
+            params_q, adapters0 = lj.init_loftq(lora, params, iters=args.loftq_iter or 1,
+                                                block_size=args.quant_block_size, double_quant=args.double_quant)
+            log(f"init loftq ({args.loftq_iter or 1} iterations): the NF4 codes and the adapters fit the "
+                "full-precision weights together")
+        else:
+            params_q = q(params)
         train_params = params_q if train_params is params else q(train_params)
         params = params_q
         base_apply = quant.apply(model.apply)
@@ -337,13 +356,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                         tokenizer, val_ex, val_records, **eval_kw)
 
     base_name = str(args.model or EMBEDDED_MODEL)
+    if args.init == "loftq" and primary:  # its adapters belong with its base: PEFT's LoftQ workflow
+        base_name = save_loftq_base(out / "loftq_base", model, params, tokenizer)
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
                          initial=adapters0) if primary and not args.eval_only else {}
     summ = lj.summary(lora, lora_params, adapters) if adapters is not None else None
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
-        "parallel": args.parallel, "quantize": scheme, "init": lora.init, "loraplus_ratio": args.loraplus_ratio,
+        "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
+        "loraplus_ratio": args.loraplus_ratio,
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),

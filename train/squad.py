@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--init", default="kaiming_uniform",
       help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, or pissa / pissa_niter_<n> / olora, "
            "which start the adapter from the weights' principal part and train on the residual; the saved "
-           "adapters are converted to plain LoRA of rank 2r on the original weights")
+           "adapters are converted to plain LoRA of rank 2r on the original weights; or, with --quantize nf4, "
+           "loftq: the 4-bit base and the adapters chosen together (the base is saved to loftq_base/)")
+    a("--loftq-iter", type=int, default=None, help="with --init loftq: alternations of quantization and SVD "
+                                                   "(PEFT loftq_iter; default 1)")
     a("--loraplus-ratio", type=float, default=None,
       help="LoRA+: lora_B's learning rate is this many times --lr (e.g. 16)")
     a("--init-adapter", default=None,
@@ -133,9 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not re.fullmatch(r"kaiming_uniform|gaussian|pissa|pissa_niter_\d+|olora", args.init):
-        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, pissa, pissa_niter_<n> "
-                "or olora")
+    if not re.fullmatch(r"kaiming_uniform|gaussian|pissa|pissa_niter_\d+|olora|loftq", args.init):
+        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, pissa, pissa_niter_<n>, "
+                "olora or loftq")
+    if args.init == "loftq" and not args.quantize:
+        p.error("--init loftq chooses the 4-bit base and the adapters together: pass --quantize nf4 with it")
+    if args.loftq_iter is not None and (args.init != "loftq" or args.loftq_iter <= 0):
+        p.error(f"--loftq-iter {args.loftq_iter}: a positive count for --init loftq")
     if args.init != "kaiming_uniform" and args.init_adapter:
         p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
     if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
