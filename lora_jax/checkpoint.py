@@ -59,6 +59,17 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _default_modes(root: Path) -> None:
+    # mkdtemp makes the directory 0700 (and some writers their files 0600); what lands should carry
+    # the modes any new file gets under the user's umask, like a plain save_pretrained directory.
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(dirpath, name), 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory; on success it becomes `directory` in one rename.
@@ -76,6 +87,7 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
     try:
         yield tmp
+        _default_modes(tmp)
         _fsync_tree(tmp)
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"

@@ -116,6 +116,28 @@ def test_crash_mid_write_leaves_old_checkpoint(tmp_path, monkeypatch):
     assert_same(ck.load(tmp_path / "c", params).adapters, adapters)
 
 
+def test_written_directories_get_the_umask_modes(tmp_path):
+    """An atomic write lands with the modes a plain save gets (not mkdtemp's 0700 / 0600)."""
+    from lora_jax import peft as lp
+    from lora_jax.models import GPT2Config
+
+    params = make_params()
+    config = lj.LoraConfig(rank=2, targets=["c_attn"])
+    adapters = trained(config, params)
+    old = os.umask(0o027)
+    try:
+        for d in (ck.save(tmp_path / "c", config, adapters),
+                  lp.save_peft(tmp_path / "p", config, adapters, params=params,
+                               model_config=GPT2Config(vocab_size=16, hidden_size=8, num_layers=2, num_heads=2,
+                                                       intermediate_size=32, max_position_embeddings=8))):
+            for dirpath, _, files in os.walk(d):
+                assert os.stat(dirpath).st_mode & 0o777 == 0o750, dirpath
+                for f in files:
+                    assert os.stat(os.path.join(dirpath, f)).st_mode & 0o777 == 0o640, f
+    finally:
+        os.umask(old)
+
+
 def test_corrupted_checkpoint_names_the_file(tmp_path):
     params = make_params()
     config = lj.LoraConfig(rank=2, targets=["c_attn"])
