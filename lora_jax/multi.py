@@ -298,7 +298,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
     missing = [n for n in names if n not in bank or n not in configs]
     if not names or missing:
         raise ValueError(f"cannot combine {names}: unknown adapter(s) {missing}; known: {sorted(bank)}")
-    kind = how.removesuffix("_svd") if how.endswith("_svd") else ("linear" if how == "svd" else how)
+    kind = "linear" if how == "svd" else how.removesuffix("_svd")  # the merge rule, before any SVD
     _check_merge_args(how, kind, rank, density, majority_sign, clamp, key)
     paths = sorted(set().union(*(bank[n].keys() for n in names)))
     ranks_of = {n: max(ab["lora_A"].shape[-1] for ab in bank[n].values()) for n in names}

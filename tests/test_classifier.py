@@ -140,6 +140,12 @@ def test_lora_classifier_is_peft_seq_cls_both_ways(clf_dirs, tmp_path, arch, tar
     lp.save_peft(tmp_path / "peft", config, adapters, model_config=clf.config, params=tuned)
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["score"]
+    lora_only = lj.LoraConfig(rank=4, alpha=8, targets=[target])  # no params: say the task
+    assert lp.peft_config_dict(lora_only, adapters, model_config=clf.config)["task_type"] == "CAUSAL_LM"
+    assert lp.peft_config_dict(lora_only, adapters, model_config=clf.config, task_type="SEQ_CLS")["task_type"] == \
+        "SEQ_CLS"
+    with pytest.raises(ValueError, match="task_type must be one of"):
+        lp.peft_config_dict(lora_only, adapters, model_config=clf.config, task_type="TOKEN_CLS")
     base = AutoModelForSequenceClassification.from_pretrained(clf_dirs[arch], attn_implementation="eager")
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     np.testing.assert_allclose(_torch_logits(pm, ids, mask), ours, atol=5e-5)

@@ -298,7 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.init == "loftq":  # the base and the adapters together: every linear weight NF4, as q() gives it
             params_q, adapters0 = lj.init_loftq(lora, params, iters=args.loftq_iter or 1,
                                                 block_size=args.quant_block_size, double_quant=args.double_quant)
-            log(f"init loftq ({args.loftq_iter or 1} iterations): the NF4 codes and the adapters fit the "
+            n = args.loftq_iter or 1
+            log(f"init loftq ({n} iteration{'s' if n > 1 else ''}): the NF4 codes and the adapters fit the "
                 "full-precision weights together")
         else:
             params_q = q(params)

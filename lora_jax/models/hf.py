@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.bloom import BloomConfig
-from lora_jax.models.common import SCORE, BaseConfig, CausalLM, Params, SequenceClassifier, stack_layers, unstack_layers
+from lora_jax.models.common import (SCORE, BaseConfig, CausalLM, Params, SequenceClassifier, stack_layers,
+                                    unstack_layers)
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.quant import BNB_STATE, QuantizedArray, from_bnb
 
