@@ -178,7 +178,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     frozen_d = runner.put_frozen(frozen)
     if args.parallel == "fsdp":
         held = lj.sharding.bytes_per_device((trainable_d, opt_d, frozen_d))
-        whole = sum(np.asarray(x).nbytes for x in jax.tree.leaves((trainable, opt_state, frozen)))
+        whole = sum(x.nbytes for x in jax.tree.leaves((trainable, opt_state, frozen)))
         log(f"{tag}: fsdp over {jax.device_count()} devices: {held / 2**20:.2f} MiB of weights and optimizer "
             f"state per device ({whole / 2**20:.2f} MiB in all)")
 
@@ -296,9 +296,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         dense_bytes = quant.nbytes(params)
         q = lambda p: quant.quantize(p, block_size=args.quant_block_size, double_quant=args.double_quant)  # noqa: E731
         if args.init == "loftq":  # the base and the adapters together: every linear weight NF4, as q() gives it
-            params_q, adapters0 = lj.init_loftq(lora, params, iters=args.loftq_iter or 1,
-                                                block_size=args.quant_block_size, double_quant=args.double_quant)
             n = args.loftq_iter or 1
+            params_q, adapters0 = lj.init_loftq(lora, params, iters=n, block_size=args.quant_block_size,
+                                                double_quant=args.double_quant)
             log(f"init loftq ({n} iteration{'s' if n > 1 else ''}): the NF4 codes and the adapters fit the "
                 "full-precision weights together")
         else:
