@@ -17,4 +17,4 @@ demo: $(STAMP)
 	$(PY) -m train.squad
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
