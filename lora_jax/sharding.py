@@ -16,6 +16,7 @@ explicit output sharding.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -32,10 +33,7 @@ def fsdp_spec(shape: tuple[int, ...], n: int, *, axis: str = "data", min_size: i
     The leading dimension of a leaf with 3 or more dimensions is a layer stack ([L, in, out],
     [L, in, r]) that `lax.scan` slices per step, so it is never the one split.
     """
-    size = 1
-    for d in shape:
-        size *= d
-    if n <= 1 or size < min_size:
+    if n <= 1 or math.prod(shape) < min_size:
         return P()
     dims = range(1 if len(shape) >= 3 else 0, len(shape))
     best = max((d for d in dims if shape[d] % n == 0), key=lambda d: (shape[d], d), default=None)
