@@ -191,8 +191,6 @@ def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *
     Returns:
       the checkpoint directory.
     """
-    import orbax.checkpoint as ocp
-
     extras: dict[str, Any] = {}
     if _needs_extras(config):
         if params is None:
@@ -296,8 +294,6 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
       ValueError naming the path and both shapes when config, structure or shapes do not fit;
       ValueError naming the file when the checkpoint is truncated or corrupted.
     """
-    import orbax.checkpoint as ocp
-
     directory = Path(directory)
     m = read_manifest(directory)
     try:

@@ -28,7 +28,7 @@ import lora_jax as lj
 from train import squad
 from train.state import TrainCheckpoints
 
-from test_squad import cli_args, losses, tiny_squad
+from test_squad import cli_args, tiny_squad
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--steps", "6", "--checkpoint-every", "2", "--no-base-eval", "--eval-samples", "1", "--eval-batch-size", "1"]
