@@ -516,9 +516,11 @@ class SequenceClassifier:
         return jnp.einsum("bd,dl->bl", hidden[:, 0], kernel.astype(hidden.dtype))
 
     def init_head(self, key: jax.Array, dtype: Any = None) -> Params:
-        """A new `{"score": {"kernel"}}` drawn from N(0, 0.02), as transformers initialises it."""
+        """A new `{"score": {"kernel"}}` drawn from N(0, initializer_range = 0.02 unless the HF config
+        says otherwise), as transformers initialises it."""
         dtype = self.config.param_dtype if dtype is None else dtype
-        kernel = 0.02 * jax.random.normal(key, (self.config.hidden_size, self.num_labels), jnp.float32)
+        std = float(self.config.hf_config.get("initializer_range") or 0.02)
+        kernel = std * jax.random.normal(key, (self.config.hidden_size, self.num_labels), jnp.float32)
         return {SCORE: {"kernel": kernel.astype(dtype)}}
 
     def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
