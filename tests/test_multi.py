@@ -114,7 +114,8 @@ def test_mixed_batch_generates_each_row_with_its_adapter(setup):
     out = generate(lambda p, *a, **k: m.mixed(p, bank, *a, adapter_ids=aid, **k), params, ids, mask, model=model,
                    max_new_tokens=3, eos_token_id=None)
     for i, n in enumerate(names):
-        f = model.apply if n is None else (lambda p, *a, n=n, **k: lj.apply(model.apply, CONFIGS[n])(p, bank[n], *a, **k))
+        f = model.apply if n is None else (
+            lambda p, *a, n=n, **k: lj.apply(model.apply, CONFIGS[n])(p, bank[n], *a, **k))
         one = generate(f, params, ids[i:i + 1], mask[i:i + 1], model=model, max_new_tokens=3, eos_token_id=None)
         np.testing.assert_array_equal(out[i], one[0], err_msg=f"row {i} ({n})")
     assert len({tuple(np.asarray(r)) for r in out}) > 1

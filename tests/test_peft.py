@@ -157,7 +157,8 @@ def test_peft_layers_to_transform_and_exclude_modules_import(scan, tiny_gpt2_dir
     model, params = from_pretrained(tiny_gpt2_dir, scan_layers=scan)
     got = lp.load_peft(tmp_path / "adapter", params, model_config=model.config)
     layer = "" if scan else "1/"
-    assert sorted(got.adapters) == [f"transformer/h/{layer}attn/c_attn/kernel", f"transformer/h/{layer}mlp/c_proj/kernel"]
+    assert sorted(got.adapters) == [f"transformer/h/{layer}attn/c_attn/kernel",
+                                    f"transformer/h/{layer}mlp/c_proj/kernel"]
     if scan:
         assert not np.any(got.adapters["transformer/h/attn/c_attn/kernel"]["lora_A"][0])
     logits = lj.apply(model.apply, got.config)(params, got.adapters, IDS)

@@ -65,7 +65,7 @@ report = {}
 for name, base in [("dense", params), ("nf4", quant.quantize(params, double_quant=True))]:
     g = lj.apply(quant.apply(model.apply), config)
     loss = lambda p, a, ids: optax.softmax_cross_entropy_with_integer_labels(g(p, a, ids)[:, :-1], ids[:, 1:]).mean()
-    train = lj.make_train_step(loss, optax.sgd(0.5, momentum=0.9))  # linear in the gradients: no Adam noise amplification
+    train = lj.make_train_step(loss, optax.sgd(0.5, momentum=0.9))  # linear in the gradients: no Adam rescaling
     trainable, frozen = lj.split(config, base, lj.init(config, base, jax.random.key(1)))
     opt_state = train.init(trainable)
 
@@ -88,10 +88,12 @@ for name, base in [("dense", params), ("nf4", quant.quantize(params, double_quan
     quarters = all(x.addressable_shards[0].data.size * 4 == x.size for x in split)
     whole = sum(x.nbytes for x in jax.tree.leaves((t, o, fr)))
     mem = lambda f, *a: f.lower(*a).compile().memory_analysis().argument_size_in_bytes
-    moved = max(float(jnp.max(jnp.abs(jnp.asarray(x) - y))) for x, y in zip(jax.tree.leaves(t), jax.tree.leaves(trainable)))
-    report[name] = dict(err=err, moved=moved, loss=float(l), loss_one=float(l1), quarters=quarters, n_split=len(split),
-                        per_device=sharding.bytes_per_device((t, o, fr)), whole=whole,
-                        arg_bytes_fsdp=mem(step, t, fr, o, ids_d), arg_bytes_one=mem(one, trainable, frozen, opt_state, ids))
+    moved = max(float(jnp.max(jnp.abs(jnp.asarray(x) - y)))
+                for x, y in zip(jax.tree.leaves(t), jax.tree.leaves(trainable)))
+    report[name] = dict(err=err, moved=moved, loss=float(l), loss_one=float(l1), quarters=quarters,
+                        n_split=len(split), per_device=sharding.bytes_per_device((t, o, fr)), whole=whole,
+                        arg_bytes_fsdp=mem(step, t, fr, o, ids_d),
+                        arg_bytes_one=mem(one, trainable, frozen, opt_state, ids))
 print("REPORT" + json.dumps(report))
 """
 

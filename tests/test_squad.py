@@ -247,7 +247,7 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--loraplus-ratio", "0"], "--loraplus-ratio must be a positive number"),
                        (["--remat-policy", "everything_saveable"], "pass --remat with it"),
                        (["--eval-only", "--full-finetune", "--resume"], "takes no --full-finetune, --resume"),
-                       (["--eval-only", "--no-base-eval"], "takes no --no-base-eval without --init-adapter"),
+                       (["--eval-only", "--no-base-eval"], "--no-base-eval scores nothing: pass --init-adapter"),
                        (["--init", "loftq"], "pass --quantize nf4 with it"),
                        (["--loftq-iter", "3"], "a positive count for --init loftq")]:
         with pytest.raises(SystemExit):

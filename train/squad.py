@@ -150,11 +150,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_only:
         clash = [f for f, on in (("--full-finetune", args.full_finetune), ("--resume", args.resume),
                                  ("--stop-after", args.stop_after is not None),
-                                 (f"--init {args.init}", args.init != "kaiming_uniform"),
-                                 ("--no-base-eval without --init-adapter", args.no_base_eval and not args.init_adapter))
-                 if on]
+                                 (f"--init {args.init}", args.init != "kaiming_uniform")) if on]
         if clash:
             p.error(f"--eval-only trains nothing, so it takes no {', '.join(clash)}")
+        if args.no_base_eval and not args.init_adapter:
+            p.error("--eval-only --no-base-eval scores nothing: pass --init-adapter, or score the base")
     if args.remat_policy and not args.remat:
         p.error("--remat-policy says what --remat keeps; pass --remat with it")
     if args.double_quant and not args.quantize:
