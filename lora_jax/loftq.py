@@ -61,7 +61,7 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
             kind = type(w0).__name__ if tree.is_value(w0) else f"a '{tree.leaf_name(p)}' leaf"
             raise ValueError(f"init_loftq: {p!r} is {kind}; LoftQ quantizes full-precision linear weights "
                              "(exclude it, or start from unquantized params)")
-    rest = [p for p in tree.linear_paths(flat) if p not in set(targets)]  # plain NF4, as quantize() does
+    rest = sorted(set(tree.linear_paths(flat)) - set(targets))  # plain NF4, as quantize() does
     base = quant.quantize(params, "|".join(re.escape(p) for p in rest), block_size=block_size,
                           double_quant=double_quant) if rest else params
     adapters: Adapters = {}

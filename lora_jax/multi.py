@@ -307,7 +307,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
         present = [n for n in names if p in bank[n]]
         sub = None if key is None else jax.random.fold_in(key, i)
         if how in ("linear", "cat"):
-            out[p] = _concatenated(configs, bank, weights, present, p, sum(ranks_of.values()) if how == "cat" else 0)
+            out[p] = _concatenated(configs, bank, weights, present, p, sum(ranks_of.values()) if how == "cat" else None)
         elif how.endswith("svd"):
             out[p] = _svd(configs, bank, weights, present, p, rank or max(ranks_of.values()), kind,
                           dict(density=density, majority_sign=majority_sign, key=sub), clamp)
@@ -344,12 +344,13 @@ def _check_merge_args(how, kind, rank, density, majority_sign, clamp, key) -> No
         raise ValueError(f"combination {how!r} prunes at random: pass key=jax.random.key(...)")
 
 
-def _concatenated(configs, bank, weights, present, p, total: int) -> dict[str, jax.Array]:
+def _concatenated(configs, bank, weights, present, p, total: int | None) -> dict[str, jax.Array]:
     a = jnp.concatenate([bank[n][p]["lora_A"] * (weights[n] * configs[n].scale_for(p)) for n in present], -1)
     b = jnp.concatenate([bank[n][p]["lora_B"] for n in present], -2)  # a [*S, in, R], b [*S, R, out]
-    pad = max(total - a.shape[-1], 0)  # cat: zeros up to the sum of every adapter's rank
-    a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
-    b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
+    if total is not None:  # cat: zeros up to the sum of every adapter's rank
+        pad = total - a.shape[-1]
+        a = jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)])
+        b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])
     return {"lora_A": a, "lora_B": b}
 
 

@@ -4,6 +4,7 @@
     # torch: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
     got = load_peft("peft_dir", params, model_config=model.config)    # config, adapters, extras
     save_merged("out/merged", model.config, params, config, adapters)   # plain HF checkpoint
+    save_checkpoint("out/base", model.config, params, tokenizer=tok)     # the params alone (NF4 dequantized)
 
 PEFT layout (GPT-2 and BLOOM alike): `base_model.model.<module>.lora_A.weight` is (r, in) and
 `.lora_B.weight` is (out, r), i.e. our [in, r] / [r, out] factors transposed, whatever the base
@@ -606,9 +607,17 @@ def save_merged(directory: str | os.PathLike, model_config: BaseConfig, params: 
     # merge() donates its params argument: hand it a copy so the caller's params stay valid.
     # NF4 weights are written dequantized, adapted or not.
     merged = merge(config, tree.map_with_path(lambda _, x: jnp.array(dense(x)), params), adapters)
+    return save_checkpoint(directory, model_config, merged, dtype=dtype, tokenizer=tokenizer, overwrite=overwrite)
+
+
+def save_checkpoint(directory: str | os.PathLike, model_config: BaseConfig, params: PyTree, *, dtype: Any = None,
+                    tokenizer: Any = None, overwrite: bool = False) -> Path:
+    """`params` as a Hugging Face checkpoint transformers loads (NF4 weights dequantized), written
+    atomically, with the tokenizer if given (anything with `save_pretrained(dir)`)."""
+    dense_params = tree.map_with_path(lambda _, x: dense(x), params)
     if dtype is not None:
-        merged = jax.tree.map(lambda x: x.astype(_np_dtype(dtype)), merged)
-    state = params_to_hf_state_dict(model_config, merged)
+        dense_params = jax.tree.map(lambda x: x.astype(_np_dtype(dtype)), dense_params)
+    state = params_to_hf_state_dict(model_config, dense_params)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         write_hf_files(tmp, model_config, state)
         if tokenizer is not None:

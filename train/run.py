@@ -119,18 +119,6 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
             "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
 
 
-def save_loftq_base(directory: Path, model, qparams, tokenizer) -> str:
-    """The LoftQ base as a checkpoint of its dequantized weights (loaded in 4 bits, by bitsandbytes or
-    `--quantize nf4`, it gives back the same codes); returns its path for the adapters' configs."""
-    from lora_jax.checkpoint import atomic_directory
-    from lora_jax.models.hf import params_to_hf_state_dict, write_hf_files
-
-    with atomic_directory(directory, overwrite=True) as tmp:
-        write_hf_files(tmp, model.config, params_to_hf_state_dict(model.config, quant.dequantize(qparams)))
-        tokenizer.save_pretrained(tmp)
-    return str(directory)
-
-
 def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
     if full_sequence:
         return max_len
@@ -358,7 +346,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base_name = str(args.model or EMBEDDED_MODEL)
     if args.init == "loftq" and primary:  # its adapters belong with its base: PEFT's LoftQ workflow
-        base_name = save_loftq_base(out / "loftq_base", model, params, tokenizer)
+        # the dequantized weights: loaded in 4 bits (bitsandbytes, --quantize nf4) they give back the same codes
+        from lora_jax.peft import save_checkpoint
+        base_name = str(save_checkpoint(out / "loftq_base", model.config, params, tokenizer=tokenizer, overwrite=True))
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
                          initial=adapters0) if primary and not args.eval_only else {}
     summ = lj.summary(lora, lora_params, adapters) if adapters is not None else None
