@@ -7,7 +7,7 @@
 """
 
 from . import lazy, optim, quant, sharding, tree
-from .config import LoraConfig
+from .config import FLAX_ATTENTION_AXES, LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (MAGNITUDE, Summary, apply, check_adapters, init, merge, scales, summary, target_paths,
                    trainable_mask, unmerge)
@@ -16,7 +16,7 @@ from .loftq import init_loftq
 from .residual import init_residual, to_plain
 
 __all__ = [
-    "LoraConfig", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
+    "LoraConfig", "FLAX_ATTENTION_AXES", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "apply", "check_adapters", "init", "merge", "unmerge", "scales", "summary", "target_paths",
     "trainable_mask", "init_residual", "init_loftq", "to_plain", "split", "join", "labels", "masked_optimizer",
     "make_train_step", "loraplus", "lazy", "optim", "quant", "sharding", "tree",

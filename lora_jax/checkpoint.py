@@ -248,7 +248,7 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
             raise ValueError(f"{directory}: adapter for {p!r} has no base parameter at that path; "
                              f"closest: {tree.closest(p, list(flat))}")
         base = tuple(flat[p].shape)
-        *stack, d_in, d_out = base if len(base) >= 2 else (None, None)
+        *stack, d_in, d_out = config.matrix_shape(p, base) if len(base) >= 2 else (None, None)
         r = config.rank_for(p)
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
         got_a, got_b = (tuple(spec.get(k, {}).get("shape", ())) for k in ("lora_A", "lora_B"))

@@ -17,6 +17,9 @@ PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
 Pattern = str | tuple[str, ...]
+# axes_pattern for Flax's attention (linen MultiHeadDotProductAttention, nnx.MultiHeadAttention):
+# query/key/value kernels [D, H, Dh] map D -> (H, Dh), out [H, Dh, D] maps (H, Dh) -> D.
+FLAX_ATTENTION_AXES = {"(.*/)?(query|key|value)": (1, 2), "(.*/)?out": (2, 1)}
 
 
 def _as_pattern(value: Any, name: str, *, optional: bool) -> Pattern | None:
@@ -50,6 +53,10 @@ class LoraConfig:
       use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
         adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated).
       rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
+      axes_pattern: {pattern: (n_in, n_out)} for kernels with several input or output axes, such
+        as Flax `DenseGeneral` / `nnx.LinearGeneral` ones: a kernel [*S, *in, *out] is adapted as
+        the matrix [*S, prod(in), prod(out)] (`FLAX_ATTENTION_AXES` covers Flax's attention).
+        Unmatched kernels are (1, 1): [*S, in, out], any leading dims a layer stack.
       bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
     """
@@ -64,6 +71,7 @@ class LoraConfig:
     use_dora: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    axes_pattern: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     bias: str = "none"
     trainable: Pattern | None = None
 
@@ -74,7 +82,7 @@ class LoraConfig:
             set_("targets", ALL_LINEAR)
         set_("exclude", _as_pattern(self.exclude, "exclude", optional=True))
         set_("trainable", _as_pattern(self.trainable, "trainable", optional=True))
-        for name in ("rank_pattern", "alpha_pattern"):
+        for name in ("rank_pattern", "alpha_pattern", "axes_pattern"):
             value = getattr(self, name)
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise ValueError(f"LoraConfig.{name} must map patterns (strings) to values, got {value!r}")
@@ -85,6 +93,13 @@ class LoraConfig:
         for name, a in [("alpha", self.alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
             if not isinstance(a, (int, float)) or isinstance(a, bool) or not math.isfinite(a):
                 raise ValueError(f"LoraConfig.{name} must be a finite number, got {a!r}")
+        for k, v in self.axes_pattern.items():
+            ok = (isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2
+                  and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in v))
+            if not ok:
+                raise ValueError(f"LoraConfig.axes_pattern[{k!r}] must be (n_in, n_out), two positive integers, "
+                                 f"got {v!r}")
+            self.axes_pattern[k] = tuple(v)  # a JSON list reads back as the same tuple
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_rslora", "use_dora"):
@@ -105,6 +120,20 @@ class LoraConfig:
     def rank_for(self, path: str) -> int:
         """The rank used at `path` (rank_pattern overrides `rank`)."""
         return next((v for k, v in self.rank_pattern.items() if tree.matches(k, path)), self.rank)
+
+    def axes_for(self, path: str) -> tuple[int, int]:
+        """(n_in, n_out): how many trailing axes of the kernel at `path` are its input and output."""
+        return next((tuple(v) for k, v in self.axes_pattern.items() if tree.matches(k, path)), (1, 1))
+
+    def matrix_shape(self, path: str, shape: Sequence[int]) -> tuple[int, ...]:
+        """The [*S, in, out] matrix stack that the kernel of `shape` at `path` is adapted as."""
+        n_in, n_out = self.axes_for(path)
+        shape = tuple(shape)
+        s = len(shape) - n_in - n_out
+        if s < 0:
+            raise ValueError(f"LoraConfig.axes_pattern gives {path!r} {n_in} input and {n_out} output axes, "
+                             f"but its shape {shape} has {len(shape)}")
+        return (*shape[:s], math.prod(shape[s : s + n_in]), math.prod(shape[s + n_in :]))
 
     def scale_for(self, path: str) -> float:
         """alpha / r (or alpha / sqrt(r) with rsLoRA) at `path`, after per-path overrides."""

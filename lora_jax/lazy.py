@@ -10,6 +10,9 @@ the primitives a kernel meets on its way to a matmul:
 * `convert_element_type` (casts W0, A and B), `transpose` of the two matrix dimensions
   (W^T = W0^T + s*B^T*A^T), slicing and squeezing of leading stack dimensions (layer stacks
   indexed by a loop), and `jax.checkpoint` (re-quaxifies its body under the same policy);
+* a kernel of several input or output axes [*S, *I, *O] (Flax DenseGeneral; `Reshaped`) keeps
+  its LoRA on the matrix [*S, prod(I), prod(O)]: a matmul over all of I (or O) merges those
+  axes of x and runs on that matrix;
 * everything else materialises W0 + s*A*B (`Value.default`), or raises under `strict=True`.
 
 W0 is wrapped in `stop_gradient` when the array is built, so no frozen-weight gradient exists.
@@ -21,6 +24,8 @@ Only public APIs: `quax.register`/`quaxify` and `jax.extend` primitives.
 from __future__ import annotations
 
 import abc
+import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +73,11 @@ class Stacked(quax.ArrayValue):
     @abc.abstractmethod
     def map(self, fn: Callable[[jax.Array], jax.Array]) -> "Stacked":
         """Apply an op on the leading stack dims to every leaf that has them."""
+
+    @property
+    def n_stack(self) -> int:
+        """How many leading dims are the stack [*S]."""
+        return self.ndim - 2
 
 
 class StackedFactors(Stacked):
@@ -144,6 +154,44 @@ class LoraArray(StackedFactors):
                            is_leaf=lambda x: x is None)
 
 
+class Reshaped(Stacked):
+    """A kernel [*S, *I, *O] with several input or output axes (Flax `DenseGeneral`) whose adapted
+    form is the matrix stack `inner` [*S, prod(I), prod(O)] (a `LoraArray`, or a mixed batch's).
+
+    A matmul that contracts all of I (or all of O) merges those axes of x into one and runs on
+    `inner`, so it stays factored; other uses reshape `inner.materialise()`.
+    """
+
+    inner: Stacked
+    in_shape: tuple[int, ...] = eqx.field(static=True)
+    out_shape: tuple[int, ...] = eqx.field(static=True)
+
+    def aval(self):
+        shape = (*self.inner.shape[: self.inner.n_stack], *self.in_shape, *self.out_shape)
+        return jax.core.ShapedArray(shape, self.inner.dtype)
+
+    @property
+    def n_stack(self) -> int:
+        return self.inner.n_stack
+
+    def materialise(self) -> jax.Array:
+        return self.inner.materialise().reshape(self.shape)
+
+    def map(self, fn) -> "Reshaped":
+        return eqx.tree_at(lambda t: t.inner, self, self.inner.map(fn))
+
+
+def as_matrix(w: Any, n_in: int, n_out: int, wrap: Callable[[Any], Stacked]) -> Any:
+    """`wrap(w viewed as [*S, prod(in), prod(out)])`, returned in w's own shape [*S, *in, *out]
+    (a `Reshaped` when the two differ)."""
+    s = w.ndim - n_in - n_out
+    in_shape, out_shape = tuple(w.shape[s : s + n_in]), tuple(w.shape[s + n_in :])
+    if n_in == 1 and n_out == 1:
+        return wrap(w)
+    view = (*w.shape[:s], math.prod(in_shape), math.prod(out_shape))
+    return Reshaped(wrap(lift(lambda v: v.reshape(view))(w)), in_shape, out_shape)
+
+
 def column_norms(w: jax.Array) -> jax.Array:
     """||w[..., :, o]|| for w [*S, in, out]: [*S, out] in fp32 (DoRA's magnitude at init)."""
     return jnp.linalg.norm(jnp.asarray(w, jnp.float32), axis=-2)
@@ -213,10 +261,25 @@ def _dot(lhs, rhs, dimension_numbers, kwargs, lora_is_lhs):
         x = x.materialise()
     out = _factored(lora, x, dimension_numbers, kwargs, lora_is_lhs=lora_is_lhs)
     if out is None:
+        _check_stack_contraction(lora, dimension_numbers[0][0 if lora_is_lhs else 1])
         w = lora.materialise()
         args = (w, x) if lora_is_lhs else (x, w)
         return lax.dot_general_p.bind(*args, dimension_numbers=dimension_numbers, **kwargs)
     return out
+
+
+def _check_stack_contraction(lora: LoraArray, contracted) -> None:
+    """A matmul over a dim taken for a layer stack means a kernel of several input or output axes
+    (a Flax DenseGeneral [D, H, Dh]) adapted as a stack of small matrices: say how to fix it."""
+    dims = [d for d in contracted if d < lora.n_stack]
+    if not dims:
+        return
+    msg = (f"LoRA weight {lora.name!r} {tuple(lora.shape)} is contracted over dim(s) {dims}, which lora_jax took "
+           "for a layer stack: a kernel with several input or output axes needs LoraConfig.axes_pattern "
+           "({pattern: (n_in, n_out)}; FLAX_ATTENTION_AXES for Flax attention) to be adapted as one matrix")
+    if lora.strict:
+        raise FallbackError(msg)
+    warnings.warn(msg + "; materialising W0 + s*A*B for this matmul", stacklevel=2)
 
 
 def _dense(x):
@@ -283,8 +346,52 @@ def _transpose(x: LoraArray, *, permutation):
     return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (lift(sw)(x.w), sw(x.b), sw(x.a)))
 
 
+def _dot_reshaped(r: Reshaped, x: jax.Array, dn, kwargs, *, w_is_lhs: bool):
+    """dot_general with a `Reshaped` kernel: x's axes that meet I (or O) merged into one, the
+    matmul run on the [*S, in, out] inner value, the result's last axis split back."""
+    (lc, rc), (lb, rb) = dn
+    wc, xc, wb, xb = (lc, rc, lb, rb) if w_is_lhs else (rc, lc, rb, lb)
+    s, ni, no = r.n_stack, len(r.in_shape), len(r.out_shape)
+    groups = {tuple(range(s, s + ni)): (s, r.out_shape), tuple(range(s + ni, s + ni + no)): (s + 1, r.in_shape)}
+    if tuple(sorted(wc)) not in groups or not set(wb) <= set(range(s)):
+        w = r.materialise()
+        return lax.dot_general_p.bind(*((w, x) if w_is_lhs else (x, w)), dimension_numbers=dn, **kwargs)
+    inner_c, result = groups[tuple(sorted(wc))]
+    order = [xc[list(wc).index(d)] for d in sorted(wc)]  # x's contracted dims, in W's axis order
+    keep = [d for d in range(x.ndim) if d not in xc]
+    xt = lax.transpose(x, (*keep, *order))
+    x2 = xt.reshape(*xt.shape[: len(keep)], -1)  # [*x kept, prod(contracted)]
+    dn2 = (((x2.ndim - 1,), (inner_c,)), (tuple(keep.index(d) for d in xb), tuple(wb)))
+    out = lift(lax.dot_general)(x2, r.inner, dn2, **kwargs)  # [*batch, *x_free, *stack_free, prod(result)]
+    out = out.reshape(*out.shape[:-1], *result)
+    if w_is_lhs:  # dot_general(W, x) is [*batch, *w_free, *x_free]; we built [*batch, *x_free, *w_free]
+        nb, nx = len(xb), x.ndim - len(xc) - len(xb)
+        out = lax.transpose(out, (*range(nb), *range(nb + nx, out.ndim), *range(nb, nb + nx)))
+    return out
+
+
+@quax.register(P.dot_general_p, precedence=2)
+def _dot_reshaped_lhs(lhs: Reshaped, rhs: ArrayLike | quax.ArrayValue, *, dimension_numbers, **kwargs):
+    return _dot_reshaped(lhs, dense(rhs), dimension_numbers, kwargs, w_is_lhs=True)
+
+
+@quax.register(P.dot_general_p, precedence=2)
+def _dot_reshaped_rhs(lhs: ArrayLike | quax.ArrayValue, rhs: Reshaped, *, dimension_numbers, **kwargs):
+    return _dot_reshaped(rhs, dense(lhs), dimension_numbers, kwargs, w_is_lhs=False)
+
+
+@quax.register(P.dot_general_p, precedence=3)
+def _dot_reshaped_both(lhs: Reshaped, rhs: Reshaped, *, dimension_numbers, **kwargs):
+    return _dot_reshaped(lhs, rhs.materialise(), dimension_numbers, kwargs, w_is_lhs=True)
+
+
+@quax.register(P.convert_element_type_p)
+def _cast_reshaped(x: Reshaped, *, new_dtype, **kwargs):
+    return eqx.tree_at(lambda t: t.inner, x, lift(lambda v: lax.convert_element_type(v, new_dtype))(x.inner))
+
+
 def _on_stack_dims(x: Stacked, dims) -> bool:
-    return all(d < x.ndim - 2 for d in dims)
+    return all(d < x.n_stack for d in dims)
 
 
 @quax.register(P.squeeze_p)
@@ -296,11 +403,10 @@ def _squeeze(x: Stacked, *, dimensions):
 
 @quax.register(P.slice_p)
 def _slice(x: Stacked, *, start_indices, limit_indices, strides):
-    n = x.ndim
-    full = all(s == 0 and l == d for s, l, d in zip(start_indices[n - 2 :], limit_indices[n - 2 :], x.shape[n - 2 :]))
-    if not full or (strides is not None and any(s != 1 for s in strides[n - 2 :])):
+    k = x.n_stack  # slice stack dims only; the factors keep their own matrix dims
+    full = all(s == 0 and l == d for s, l, d in zip(start_indices[k:], limit_indices[k:], x.shape[k:]))
+    if not full or (strides is not None and any(s != 1 for s in strides[k:])):
         return lax.slice(x.materialise(), start_indices, limit_indices, strides)
-    k = n - 2  # slice stack dims only; the factors keep their own matrix dims
 
     def sl(v):
         shape = v.shape
@@ -312,11 +418,10 @@ def _slice(x: Stacked, *, start_indices, limit_indices, strides):
 
 @quax.register(P.dynamic_slice_p)
 def _dynamic_slice(x: Stacked, *args: ArrayLike | quax.ArrayValue, slice_sizes):
-    n = x.ndim
+    k = x.n_stack
     idx = [_dense(i) for i in args]
-    if tuple(slice_sizes[n - 2 :]) != tuple(x.shape[n - 2 :]):
+    if tuple(slice_sizes[k:]) != tuple(x.shape[k:]):
         return lax.dynamic_slice(x.materialise(), idx, slice_sizes)
-    k = n - 2
 
     def sl(v):
         starts = list(idx[:k]) + [0] * (v.ndim - k)

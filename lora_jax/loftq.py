@@ -61,6 +61,10 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
             kind = type(w0).__name__ if tree.is_value(w0) else f"a '{tree.leaf_name(p)}' leaf"
             raise ValueError(f"init_loftq: {p!r} is {kind}; LoftQ quantizes full-precision linear weights "
                              "(exclude it, or start from unquantized params)")
+        if config.axes_for(p) != (1, 1):
+            raise ValueError(f"init_loftq: {p!r} {tuple(w0.shape)} is adapted as a matrix of several axes "
+                             f"(axes_pattern {config.axes_for(p)}); LoftQ's NF4 codes are laid out for "
+                             "[*S, in, out] kernels")
     rest = sorted(set(tree.linear_paths(flat)) - set(targets))  # plain NF4, as quantize() does
     base = quant.quantize(params, "|".join(re.escape(p) for p in rest), block_size=block_size,
                           double_quant=double_quant) if rest else params

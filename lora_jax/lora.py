@@ -3,7 +3,9 @@
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
 files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
 plus `"lora_magnitude_vector": [out]` with DoRA. A stacked kernel [*S, in, out] (layers under
-scan) gets factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]).
+scan) gets factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]); a kernel with several
+input or output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
+[*S, prod(in), prod(out)].
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import quax
 
 from . import tree
 from .config import ALL_LINEAR, LoraConfig
-from .lazy import LoraArray, column_norms, dense, dora_weight, lift
+from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
@@ -50,9 +52,10 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         shape = getattr(flat[p], "shape", ())
         if len(shape) < 2:
             raise ValueError(f"LoRA target {p!r} has shape {tuple(shape)}: not a matrix or a stack of matrices")
-        r = config.rank_for(p)
-        if r > min(shape[-2:]):
-            raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {tuple(shape)}")
+        r, view = config.rank_for(p), config.matrix_shape(p, shape)
+        if r > min(view[-2:]):
+            shown = tuple(shape) if view == tuple(shape) else f"{tuple(shape)} (as the matrix stack {view})"
+            raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}")
         if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
     return found
@@ -79,7 +82,7 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         if config.use_dora and isinstance(flat[p], jax.ShapeDtypeStruct):
             raise ValueError(f"DoRA's magnitude starts at the column norms of {p!r}: init needs the weights, "
                              f"not {type(flat[p]).__name__}")
-        *stack, d_in, d_out = flat[p].shape
+        *stack, d_in, d_out = view = config.matrix_shape(p, flat[p].shape)
         r = config.rank_for(p)
         k = jax.random.fold_in(key, i)
         if config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
@@ -89,7 +92,7 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
         if config.use_dora:
-            out[p][MAGNITUDE] = column_norms(dense(flat[p])).astype(dtype)  # [*S, out]
+            out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
     return out
 
 
@@ -104,7 +107,7 @@ def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, An
             raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
                              f"(use_dora={config.use_dora}), got {sorted(ab)}")
         w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
-        *stack, d_in, d_out = w if len(w) >= 2 else (None, None)
+        *stack, d_in, d_out = config.matrix_shape(p, w) if len(w) >= 2 else (None, None)
         r = a[-1] if len(a) >= 2 else None
         m = tuple(ab[MAGNITUDE].shape) if config.use_dora else (*stack, d_out)
         if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out):
@@ -130,11 +133,12 @@ def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
         if path not in adapters:
             return w
         ab = adapters[path]
-        return LoraArray(
-            w=jax.lax.stop_gradient(w), a=ab["lora_A"], b=ab["lora_B"],
-            key=_dropout_keys(rng if config.dropout > 0 else None, index[path], w.shape[:-2]),
+        stack = ab["lora_A"].shape[:-2]
+        return as_matrix(jax.lax.stop_gradient(w), *config.axes_for(path), lambda view: LoraArray(
+            w=view, a=ab["lora_A"], b=ab["lora_B"],
+            key=_dropout_keys(rng if config.dropout > 0 else None, index[path], stack),
             m=ab.get(MAGNITUDE), scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
-        )
+        ))
     return tree.map_with_path(swap, params)
 
 
@@ -174,9 +178,9 @@ def _merge(scales, params, adapters, *, sign: float, frozen: bool = False):
             return w
         ab, w = adapters[path], dense(w)  # a quantized W0 (apply's merged strategy) merges into its dense dtype
         delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], ab["lora_B"]) * scales[path]  # [*S, in, out]
-        w0 = jax.lax.stop_gradient(w) if frozen else w
+        w0 = (jax.lax.stop_gradient(w) if frozen else w).reshape(delta.shape)  # [*S, *I, *O] -> its matrix
         merged = (w0 + sign * delta).astype(w.dtype)
-        return merged if MAGNITUDE not in ab else dora_weight(merged, ab[MAGNITUDE])
+        return (merged if MAGNITUDE not in ab else dora_weight(merged, ab[MAGNITUDE])).reshape(w.shape)
     return tree.map_with_path(fold, params)
 
 

@@ -33,7 +33,7 @@ from jax.extend.core import primitives as P
 
 from . import merging, tree
 from .config import LoraConfig
-from .lazy import StackedFactors, dense, lift
+from .lazy import StackedFactors, as_matrix, dense, lift
 from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
@@ -122,6 +122,23 @@ def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
                          "one shared base cannot hold; convert them with lora_jax.to_plain first")
 
 
+def axes(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> dict[str, tuple[int, int]]:
+    """{path: (n_in, n_out)} over every adapted path, which the adapters targeting it must agree on."""
+    out: dict[str, tuple[int, int]] = {}
+    for n, c in configs.items():
+        for p in bank[n]:
+            got = c.axes_for(p)
+            if out.setdefault(p, got) != got:
+                raise ValueError(f"adapter {n!r} views {p!r} with axes_pattern {got}, another adapter with "
+                                 f"{out[p]}: not the same matrix")
+    return out
+
+
+def _axes_pattern(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> dict[str, tuple[int, int]]:
+    """axes_pattern for a config over the union of the adapters' paths."""
+    return {re.escape(p.rsplit("/", 1)[0]): v for p, v in axes(configs, bank).items() if v != (1, 1)}
+
+
 def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Adapters:
     """Every adapter's factors stacked in `configs` order, per targeted path.
 
@@ -190,7 +207,8 @@ def hotswappable(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]
         b = jnp.pad(ab["lora_B"], [(0, 0)] * (k + 1) + [(0, rank - ab["lora_B"].shape[-2]), (0, 0)])
         for i, n in enumerate(configs):
             out[n][p] = {"lora_A": jnp.take(a, i, axis=k), "lora_B": jnp.take(b, i, axis=k)}
-    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(p.rsplit("/", 1)[0] for p in sorted(stacked)))
+    config = LoraConfig(rank=rank, alpha=float(rank), targets=tuple(p.rsplit("/", 1)[0] for p in sorted(stacked)),
+                        axes_pattern=_axes_pattern(configs, bank))
     return config, out
 
 
@@ -252,14 +270,15 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
         ids = jnp.asarray(adapter_ids, jnp.int32)
         if ids.ndim != 1:
             raise ValueError(f"adapter_ids must be [batch], got shape {ids.shape}")
-        stacked = stack(configs, bank)
+        stacked, views = stack(configs, bank), axes(configs, bank)
 
         def swap(path, w):
             if path not in stacked:
                 return w
             s = stacked[path]
-            return MultiLoraArray(w=lax.stop_gradient(w), a=s["lora_A"], b=s["lora_B"],
-                                  ids=jnp.broadcast_to(ids, (*w.shape[:-2], ids.shape[0])), name=path)
+            return as_matrix(lax.stop_gradient(w), *views[path], lambda view: MultiLoraArray(
+                w=view, a=s["lora_A"], b=s["lora_B"], ids=jnp.broadcast_to(ids, (*view.shape[:-2], ids.shape[0])),
+                name=path))
         return quax.quaxify(f)(tree.map_with_path(swap, params), *args, **kwargs)
 
     return MultiLora(names, switch, mixed)
@@ -321,6 +340,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
         rank=r0, alpha=float(r0), targets=tuple(p.rsplit("/", 1)[0] for p in paths),
         rank_pattern={module(p): r for p, r in ranks.items() if r != r0},
         alpha_pattern={module(p): float(r) for p, r in ranks.items() if r != r0},
+        axes_pattern=_axes_pattern({n: configs[n] for n in names}, {n: bank[n] for n in names}),
     )
     return config, out
 

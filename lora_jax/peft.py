@@ -165,6 +165,10 @@ class _Layer(NamedTuple):
 def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str) -> list[_Layer]:
     """One entry per (layer, adapter), stacked adapters split per layer."""
     check_plain(config, "PEFT export")  # a PEFT reader puts the adapters on the stock base weights
+    several = {k: v for k, v in config.axes_pattern.items() if tuple(v) != (1, 1)}
+    if several:
+        raise ValueError(f"PEFT export: axes_pattern {several} adapts kernels of several axes, which PEFT's "
+                         "2-D Linear / Conv1D layers do not have")
     out = []
     for p in sorted(adapters):
         a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])

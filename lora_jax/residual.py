@@ -94,7 +94,7 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
             got = type(w0).__name__ if isinstance(w0, jax.ShapeDtypeStruct) else f"dtype {w0.dtype}"
             raise ValueError(f"init={config.init!r} computes the factors of {p!r} from its float values, got {got}")
         r, scale = config.rank_for(p), config.scale_for(p)
-        *stack, d_in, d_out = w0.shape
+        *stack, d_in, d_out = config.matrix_shape(p, w0.shape)
         w = jnp.asarray(w0, jnp.float32).reshape(-1, d_in, d_out)  # [prod(S), in, out]
         keys = jax.random.split(jax.random.fold_in(key, i), w.shape[0])
         with jax.default_matmul_precision("highest"):  # W_res must cancel s*A0*B0 in fp32, not TF32 / bf16
