@@ -30,7 +30,7 @@ import numpy as np
 
 from . import tree
 from .config import LoraConfig
-from .lora import MAGNITUDE, Adapters, adapter_keys, check_adapters, target_paths, trainable_mask
+from .lora import MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters, target_paths, token_rows, trainable_mask
 
 PyTree = Any
 MANIFEST = "lora_adapter.json"
@@ -242,12 +242,25 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
     """Raise naming the path and both shapes when the checkpoint does not fit `params`."""
     flat = tree.flatten(params)
     saved = m["adapters"]
+    try:
+        expected = set(target_paths(config, params))
+        tokens = token_rows(config, params)
+    except ValueError as e:
+        raise ValueError(f"{directory}: the saved LoRA config does not fit the base parameters: {e}") from None
     mismatched = []
     for p, spec in saved.items():
         if p not in flat:
             raise ValueError(f"{directory}: adapter for {p!r} has no base parameter at that path; "
                              f"closest: {tree.closest(p, list(flat))}")
         base = tuple(flat[p].shape)
+        if p in tokens or TOKENS in spec:
+            want = (len(tokens[p]), base[-1]) if p in tokens else None
+            got = tuple(spec[TOKENS]["shape"]) if TOKENS in spec else None
+            if set(spec) - {"weight"} != {TOKENS} or got != want or tuple(spec.get("weight") or base) != base:
+                mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})} {got} for a table "
+                                  f"{tuple(spec.get('weight') or ())}; the config's trainable_tokens need {TOKENS} "
+                                  f"{want} on the base table {base}")
+            continue
         *stack, d_in, d_out = config.matrix_shape(p, base) if len(base) >= 2 else (None, None)
         r = config.rank_for(p)
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
@@ -266,10 +279,7 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
             )
     if mismatched:
         raise ValueError(f"{directory}: adapters do not fit the base parameters:\n  " + "\n  ".join(mismatched))
-    try:
-        expected = set(target_paths(config, params))
-    except ValueError as e:
-        raise ValueError(f"{directory}: the saved LoRA config does not fit the base parameters: {e}") from None
+    expected |= set(tokens)
     missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
     if missing or unexpected:
         raise ValueError(f"{directory}: the saved config targets {len(expected)} weights but the checkpoint "
@@ -309,7 +319,7 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
                       "save lora_jax.to_plain's result to use them on the base", stacklevel=2)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
-    specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in adapter_keys(config)}
+    specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in set(s) - {"weight"}}
     target = {"adapters": _nest(specs)}
     if m.get("extras"):
         target["extras"] = _nest({p: sds(s) for p, s in m["extras"].items()})
@@ -325,6 +335,7 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     finally:
         ckptr.close()
     flat = tree.flatten(restored)
-    adapters: Adapters = {p: {k: flat[f"adapters/{p}/{k}"] for k in adapter_keys(config)} for p in m["adapters"]}
+    adapters: Adapters = {p: {k: flat[f"adapters/{p}/{k}"] for k in sorted(set(s) - {"weight"})}
+                          for p, s in m["adapters"].items()}
     extras = {p: flat[f"extras/{p}"] for p in m.get("extras", {})}
     return AdapterCheckpoint(config, adapters, extras, m.get("base_model"))

@@ -32,6 +32,24 @@ def _as_pattern(value: Any, name: str, *, optional: bool) -> Pattern | None:
     raise ValueError(f"LoraConfig.{name} must be a regex string or a non-empty list of names, got {value!r}")
 
 
+def _as_tokens(value: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
+    """trainable_tokens normalised: a tuple of ids, or {module name: tuple of ids}."""
+    def ids(v: Any, where: str) -> tuple[int, ...]:
+        ok = (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+        if not ok:
+            raise ValueError(f"LoraConfig.{where} must be a non-empty list of token ids (ints >= 0), got {v!r}")
+        dup = sorted({i for i in v if list(v).count(i) > 1})
+        if dup:
+            raise ValueError(f"LoraConfig.{where} lists token id(s) {dup} more than once")
+        return tuple(v)
+    if isinstance(value, Mapping):
+        if not value or not all(isinstance(k, str) and k for k in value):
+            raise ValueError(f"LoraConfig.trainable_tokens must map module names to token ids, got {value!r}")
+        return {k: ids(v, f"trainable_tokens[{k!r}]") for k, v in value.items()}
+    return ids(value, "trainable_tokens")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which leaves get low-rank adapters, and how they are initialised and scaled.
@@ -59,6 +77,12 @@ class LoraConfig:
         Unmatched kernels are (1, 1): [*S, in, out], any leading dims a layer stack.
       bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
+      trainable_tokens: token ids whose embedding rows train in full, the rest of the table
+        frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
+        one embedding table (a leaf named `embedding`), or {module name: ids}, such as
+        {"wte": [...]} for GPT-2 (which also has `wpe`). The rows are replaced by trained values
+        (`trainable_tokens_delta`, starting as the originals) wherever the table is used, a
+        tied LM head included.
     """
 
     rank: int = 8
@@ -74,6 +98,7 @@ class LoraConfig:
     axes_pattern: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     bias: str = "none"
     trainable: Pattern | None = None
+    trainable_tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
@@ -100,6 +125,8 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.axes_pattern[{k!r}] must be (n_in, n_out), two positive integers, "
                                  f"got {v!r}")
             self.axes_pattern[k] = tuple(v)  # a JSON list reads back as the same tuple
+        if self.trainable_tokens is not None:
+            set_("trainable_tokens", _as_tokens(self.trainable_tokens))
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_rslora", "use_dora"):
@@ -143,6 +170,9 @@ class LoraConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        tokens = d["trainable_tokens"]
+        if tokens is not None:
+            d["trainable_tokens"] = list(tokens) if isinstance(tokens, tuple) else {k: list(v) for k, v in tokens.items()}
         for k in ("targets", "exclude", "trainable"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from . import quant, tree
 from .config import LoraConfig
 from .lazy import column_norms
-from .lora import MAGNITUDE, Adapters, target_paths
+from .lora import MAGNITUDE, Adapters, init_tokens, target_paths
 from .residual import svd_factors
 
 PyTree = Any
@@ -90,4 +90,5 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
                        "lora_B": b.reshape(*stack, r, d_out).astype(dtype)}
         if config.use_dora:
             adapters[p][MAGNITUDE] = column_norms(deq + delta).reshape(*stack, d_out).astype(dtype)
+    adapters |= init_tokens(config, params, dtype=dtype)
     return tree.map_with_path(lambda p, x: loftq.get(p, x), base), adapters

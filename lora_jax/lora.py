@@ -2,7 +2,8 @@
 
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
 files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
-plus `"lora_magnitude_vector": [out]` with DoRA. A stacked kernel [*S, in, out] (layers under
+plus `"lora_magnitude_vector": [out]` with DoRA, and `{table path: {"trainable_tokens_delta": [n, D]}}`
+for an embedding table's trained rows (`LoraConfig.trainable_tokens`). A stacked kernel [*S, in, out] (layers under
 scan) gets factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]); a kernel with several
 input or output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
 [*S, prod(in), prod(out)].
@@ -28,6 +29,7 @@ PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
 STRATEGIES = ("factored", "merged")
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude, PEFT's name
+TOKENS = "trainable_tokens_delta"  # trained embedding rows [n, D] (trainable_tokens), PEFT's name
 
 
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
@@ -59,6 +61,50 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
     return found
+
+
+def token_rows(config: LoraConfig, params: PyTree) -> dict[str, tuple[int, ...]]:
+    """{embedding table path: token ids} that `config.trainable_tokens` trains (empty without it)."""
+    spec = config.trainable_tokens
+    if spec is None:
+        return {}
+    flat = tree.flatten(params)
+    tables = [p for p, x in flat.items() if tree.leaf_name(p) == tree.EMBEDDING_NAME and len(getattr(x, "shape", ())) == 2]
+    if isinstance(spec, tuple):
+        if len(tables) != 1:
+            raise ValueError(f"LoraConfig.trainable_tokens as a list trains rows of the params' one embedding table; "
+                             f"these have {len(tables)}: {tables[:5]}; name it, e.g. {{'wte': [...]}}")
+        chosen = {tables[0]: spec}
+    else:
+        chosen = {}
+        for name, ids in spec.items():
+            hits = [p for p in tables if tree.matches((name,), p)]
+            if len(hits) != 1 or hits[0] in chosen:
+                raise ValueError(f"LoraConfig.trainable_tokens[{name!r}] must select one embedding table of its own "
+                                 f"(a leaf named 'embedding'); it selects {hits}; tables: {tables[:5]}")
+            chosen[hits[0]] = ids
+    lora = set(target_paths(config, params))
+    for p, ids in chosen.items():
+        if p in lora:
+            raise ValueError(f"{p!r} is both a LoRA target and the table of trainable_tokens: exclude it from the "
+                             "targets (its chosen rows train in full)")
+        rows = flat[p].shape[0]
+        if max(ids) >= rows:
+            raise ValueError(f"LoraConfig.trainable_tokens: token id(s) {[i for i in ids if i >= rows][:5]} are out "
+                             f"of range for {p!r} with {rows} rows")
+    return chosen
+
+
+def init_tokens(config: LoraConfig, params: PyTree, *, dtype: Any = jnp.float32) -> Adapters:
+    """{table: {"trainable_tokens_delta": the chosen rows [n, D]}}: PEFT's init, the original rows,
+    so the model starts unchanged."""
+    flat, out = tree.flatten(params), {}
+    for p, ids in token_rows(config, params).items():
+        if isinstance(flat[p], jax.ShapeDtypeStruct):
+            raise ValueError(f"trainable_tokens start from the rows of {p!r}: init needs the weights, "
+                             "not ShapeDtypeStruct")
+        out[p] = {TOKENS: jnp.asarray(flat[p])[jnp.asarray(ids)].astype(dtype)}
+    return out
 
 
 def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp.float32) -> Adapters:
@@ -93,16 +139,25 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
         if config.use_dora:
             out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
-    return out
+    return out | init_tokens(config, params, dtype=dtype)
 
 
 def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> None:
     """Raise a ValueError naming the path and both shapes when adapters do not fit params."""
     flat = tree.flatten(params)
     keys = adapter_keys(config)
+    tokens = token_rows(config, params)
     for p, ab in adapters.items():
         if p not in flat:
             raise ValueError(f"adapter for {p!r} has no parameter at that path; closest: {tree.closest(p, list(flat))}")
+        if p in tokens or TOKENS in ab:
+            want = (len(tokens[p]), flat[p].shape[-1]) if p in tokens else None
+            got = tuple(ab[TOKENS].shape) if TOKENS in ab else None
+            if set(ab) != {TOKENS} or got != want:
+                raise ValueError(f"adapter at {p!r} must hold only {TOKENS} {want} (trainable_tokens "
+                                 f"{None if p not in tokens else list(tokens[p])}), got "
+                                 f"{ {k: tuple(v.shape) for k, v in ab.items()} }")
+            continue
         if set(ab) != set(keys):
             raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
                              f"(use_dora={config.use_dora}), got {sorted(ab)}")
@@ -125,14 +180,28 @@ def _dropout_keys(rng: jax.Array | None, i: int, stack: tuple[int, ...]):
     return jax.random.split(k, math.prod(stack)).reshape(stack) if stack else k
 
 
+def _token_array(w: jax.Array, ids: tuple[int, ...], rows: jax.Array, strict: bool, name: str) -> LoraArray:
+    """The table w [V, D] with rows `ids` replaced by `rows` [n, D], as the rank-n LoRA
+    W0 + P^T (rows - W0[ids]) with P [n, V] the one-hot selection: a lookup gathers n numbers per
+    token, a tied head adds an [n]-wide product, and no [V, D] copy is made."""
+    w = jax.lax.stop_gradient(w)
+    idx = jnp.asarray(ids)
+    select = jax.nn.one_hot(idx, w.shape[0], dtype=rows.dtype).T  # [V, n]
+    return LoraArray(w=w, a=select, b=rows - w[idx].astype(rows.dtype), key=None, m=None, scale=1.0, dropout=0.0,
+                     strict=strict, name=name)
+
+
 def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
     """params with each adapted leaf replaced by a LoraArray (W0 under stop_gradient)."""
     index = {p: i for i, p in enumerate(sorted(adapters))}
+    tokens = token_rows(config, params) if any(TOKENS in ab for ab in adapters.values()) else {}
 
     def swap(path, w):
         if path not in adapters:
             return w
         ab = adapters[path]
+        if TOKENS in ab:
+            return _token_array(w, tokens[path], ab[TOKENS], strict, path)
         stack = ab["lora_A"].shape[:-2]
         return as_matrix(jax.lax.stop_gradient(w), *config.axes_for(path), lambda view: LoraArray(
             w=view, a=ab["lora_A"], b=ab["lora_B"],
@@ -162,7 +231,8 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
         if strategy == "merged":
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
-            merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True)
+            merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True,
+                            tokens=_token_items(config, params, adapters))
             return lift(f)(merged, *args, **kwargs)
         lazy = _lora_arrays(config, params, adapters, lora_rng, strict)
         return quax.quaxify(f)(lazy, *args, **kwargs)
@@ -170,12 +240,22 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
     return g
 
 
-def _merge(scales, params, adapters, *, sign: float, frozen: bool = False):
-    scales = dict(scales)
+def _token_items(config: LoraConfig, params: PyTree, adapters: Adapters) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """((table, ids), ...) of the trainable_tokens adapters: hashable, for the jitted merge."""
+    if not any(TOKENS in ab for ab in adapters.values()):
+        return ()
+    return tuple(sorted((p, ids) for p, ids in token_rows(config, params).items() if p in adapters))
+
+
+def _merge(scales, params, adapters, *, sign: float, frozen: bool = False, tokens=()):
+    scales, tokens = dict(scales), dict(tokens)
 
     def fold(path, w):
         if path not in adapters:
             return w
+        if path in tokens:  # PEFT's index_copy: the chosen rows are the trained ones, exactly
+            w0 = jax.lax.stop_gradient(w) if frozen else w
+            return w0.at[jnp.asarray(tokens[path])].set(adapters[path][TOKENS].astype(w.dtype))
         ab, w = adapters[path], dense(w)  # a quantized W0 (apply's merged strategy) merges into its dense dtype
         delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], ab["lora_B"]) * scales[path]  # [*S, in, out]
         w0 = (jax.lax.stop_gradient(w) if frozen else w).reshape(delta.shape)  # [*S, *I, *O] -> its matrix
@@ -189,9 +269,9 @@ def scales(config: LoraConfig, adapters: Mapping[str, Any]) -> tuple[tuple[str, 
     return tuple((p, config.scale_for(p)) for p in sorted(adapters))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=1)
-def _merge_jit(scale_items, params, adapters, sign):
-    return _merge(scale_items, params, adapters, sign=sign)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=1)
+def _merge_jit(scale_items, params, adapters, sign, tokens):
+    return _merge(scale_items, params, adapters, sign=sign, tokens=tokens)
 
 
 def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
@@ -201,7 +281,7 @@ def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
     # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
     # buffer is the dense one the merged weight can reuse.
     params = tree.map_with_path(lambda p, w: dense(w) if p in adapters else w, params)
-    return _merge_jit(scales(config, adapters), params, adapters, 1.0)
+    return _merge_jit(scales(config, adapters), params, adapters, 1.0, _token_items(config, params, adapters))
 
 
 def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
@@ -210,8 +290,11 @@ def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
         # A DoRA-merged column has norm m: ||W0 + s*A*B||, which undoing it needs, is gone.
         raise ValueError("unmerge cannot undo a DoRA merge (the merged weight no longer holds "
                          "||W0 + s*A*B||); keep a copy of the base params instead")
+    if any(TOKENS in ab for ab in adapters.values()):
+        raise ValueError("unmerge cannot restore the embedding rows that trainable_tokens replaced; keep a copy "
+                         "of the base params instead")
     check_adapters(config, params, adapters)
-    return _merge_jit(scales(config, adapters), params, adapters, -1.0)
+    return _merge_jit(scales(config, adapters), params, adapters, -1.0, ())
 
 
 def trainable_mask(config: LoraConfig, params: PyTree) -> PyTree:

@@ -16,8 +16,10 @@ when the base is scanned. An embedding table's adapter is PEFT's `lora_embedding
 and writes `ensure_weight_tying: true`. Fully trained leaves are written the way PEFT writes
 them: biases (`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and
 whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`). DoRA (`use_dora`)
-adds `<module>.lora_magnitude_vector` (out,) per adapted module. A `SequenceClassifier`'s adapter
-is PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`).
+adds `<module>.lora_magnitude_vector` (out,) per adapted module. Trained embedding rows
+(`trainable_tokens`) are PEFT's `trainable_token_indices`, stored as the rows themselves in
+`<table>.token_adapter.trainable_tokens_delta` (n, D). A `SequenceClassifier`'s adapter is
+PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`).
 
 Files are read through safetensors (or, for old `adapter_model.bin`, `torch.load(weights_only=
 True)`); a truncated or corrupted file raises a ValueError naming it. Every export is written
@@ -45,7 +47,7 @@ from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lazy import column_norms, dense
-from .lora import MAGNITUDE, Adapters, check_adapters, merge, target_paths
+from .lora import MAGNITUDE, TOKENS, Adapters, check_adapters, merge, target_paths, token_rows
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -66,8 +68,8 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("lora_bias", "layer_replication", "target_parameters", "trainable_token_indices",
-                "use_qalora", "use_bdlora")
+_UNSUPPORTED = ("lora_bias", "layer_replication", "target_parameters", "use_qalora", "use_bdlora")
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
@@ -170,7 +172,7 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
         raise ValueError(f"PEFT export: axes_pattern {several} adapts kernels of several axes, which PEFT's "
                          "2-D Linear / Conv1D layers do not have")
     out = []
-    for p in sorted(adapters):
+    for p in sorted(p for p in adapters if TOKENS not in adapters[p]):  # trained rows go out as themselves
         a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])
         m = np.asarray(adapters[p][MAGNITUDE]) if MAGNITUDE in adapters[p] else None
         if a.ndim not in (2, 3):
@@ -257,6 +259,9 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
         state[f"{PREFIX}{module}.{b_key}"] = layer.b.T  # [r, out] -> (out, r)
         if layer.m is not None:
             state[f"{PREFIX}{module}.{MAGNITUDE}"] = layer.m  # (out,)
+    for p, ab in adapters.items():
+        if TOKENS in ab:
+            state[f"{PREFIX}{_module(p)}.{TOKEN_KEY}"] = np.asarray(jax.device_get(ab[TOKENS]))  # (n, D)
     if config.bias != "none" or config.trainable is not None:
         if params is None or model_config is None:
             raise ValueError(f"config trains full leaves (bias={config.bias!r}, trainable={config.trainable!r}); "
@@ -277,6 +282,23 @@ def _task_type(adapters: Adapters, params: PyTree | None, task_type: str | None)
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
     return task_type
+
+
+def _token_ids(config: LoraConfig, adapters: Adapters, params: PyTree | None) -> dict[str, tuple[int, ...]]:
+    """{table path: token ids} of the trained rows in `adapters` (params, or the config's names, place them)."""
+    paths = [p for p, ab in adapters.items() if TOKENS in ab]
+    if not paths:
+        return {}
+    if params is not None:
+        return {p: ids for p, ids in token_rows(config, params).items() if p in paths}
+    spec = config.trainable_tokens
+    if isinstance(spec, tuple) and len(paths) == 1:
+        return {paths[0]: spec}
+    if isinstance(spec, Mapping):
+        found = {p: ids for name, ids in spec.items() for p in paths if tree.matches((name,), p)}
+        if sorted(found) == sorted(paths):
+            return found
+    raise ValueError(f"the trained rows of {paths} cannot be matched to trainable_tokens={spec!r}: pass params=")
 
 
 def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
@@ -318,7 +340,13 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_dora": config.use_dora,
         "lora_bias": False,
     }
-    if any(_is_tied_head(p, model_config) for p in adapters):
+    tokens = _token_ids(config, adapters, params)
+    if tokens:
+        # A list means the model's input embedding to PEFT (whose tied LM head follows it, as here).
+        cfg["trainable_token_indices"] = (
+            list(next(iter(tokens.values()))) if len(tokens) == 1 and _is_tied_head(next(iter(tokens)), model_config)
+            else {_module(p): list(ids) for p, ids in tokens.items()})
+    if any(_is_tied_head(p, model_config) for p in adapters if TOKENS not in adapters[p]):
         # lora_jax adapts the tied LM head along with the lookup (one weight, W0 + s*A*B
         # wherever it is used); PEFT's name for asking the same of its unmerged model.
         cfg["ensure_weight_tying"] = True
@@ -467,7 +495,7 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
             if not (_LORA_KEY.fullmatch(k) or _MAGNITUDE_KEY.fullmatch(k)):
                 raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (DoRA or another LoRA variant?)")
             continue
-        if ".original_module." in k:  # PEFT's copy of the untrained base module
+        if ".original_module." in k or k.endswith("." + TOKEN_KEY):  # PEFT's copy of the base module; trained rows
             continue
         k = re.sub(r"\.modules_to_save(\.default)?\.", ".", k).replace(".base_layer.", ".")
         keys[k] = key
@@ -499,6 +527,39 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
         if tuple(v.shape) != tuple(flat[p].shape):
             raise ValueError(f"{path}: trained leaf {p!r} has shape {v.shape}, base parameter {tuple(flat[p].shape)}")
     return {p: jnp.asarray(v, flat[p].dtype) for p, v in out.items()}
+
+
+def _token_tensors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+    """{our table path: (token ids, trained rows [n, D])} from PEFT's trainable_tokens tensors."""
+    found = {}
+    for key, x in tensors.items():
+        k = key.removeprefix(PREFIX)
+        if k.endswith("." + TOKEN_KEY):
+            found[k[: -len(TOKEN_KEY) - 1]] = (key, x)
+    spec = cfg.get("trainable_token_indices")
+    if not found and not spec:
+        return {}
+    if not found or not spec:
+        raise ValueError(f"{path}: trainable_token_indices={spec!r} in the config but "
+                         f"{len(found)} {TOKEN_KEY} tensors in the file")
+    out = {}
+    for module, (key, x) in found.items():
+        if isinstance(spec, Mapping):
+            names = [n for n in spec if module == n or module.endswith("." + n)]
+            if len(names) != 1:
+                raise ValueError(f"{path}: {key} matches {names} of trainable_token_indices {sorted(spec)}")
+            ids = spec[names[0]]
+        elif len(found) == 1:
+            ids = spec
+        else:
+            raise ValueError(f"{path}: one trainable_token_indices list for {len(found)} tables {sorted(found)}")
+        p, layer = _weight_path(module, flat, layers_key)
+        rows = np.asarray(x, np.float32)
+        if layer is not None or not _is_embedding(p) or rows.shape != (len(ids), flat[p].shape[-1]):
+            raise ValueError(f"{path}: {key} {rows.shape} is not {len(ids)} rows of an embedding table; "
+                             f"{p!r} is {tuple(flat[p].shape)}")
+        out[p] = (tuple(int(i) for i in ids), rows.astype(dtype))
+    return out
 
 
 def _our_module(name: str, flat: Mapping[str, Any], layers_key: str) -> str:
@@ -571,9 +632,12 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               use_dora=bool(cfg.get("use_dora", False)),
               init="gaussian" if init == "gaussian" else "kaiming_uniform", rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
-    config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw)
+    tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
+    config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
+                        trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)
     adapters = {p: {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)}
                 | ({} if m is None else {MAGNITUDE: jnp.asarray(m)}) for p, (a, b, _, _, m) in factors.items()}
+    adapters |= {p: {TOKENS: jnp.asarray(rows)} for p, (_, rows) in tokens.items()}
     check_adapters(config, params, adapters)
     for p, (_, _, r, s, _) in factors.items():  # the config we built must reproduce PEFT's ranks and scales
         assert config.rank_for(p) == r and math.isclose(config.scale_for(p), s, rel_tol=1e-9), p

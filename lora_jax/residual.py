@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from . import tree
 from .config import PISSA_NITER, LoraConfig
 from .lazy import column_norms
-from .lora import MAGNITUDE, Adapters, adapter_keys, init, target_paths
+from .lora import MAGNITUDE, TOKENS, Adapters, adapter_keys, init, init_tokens, target_paths
 
 PyTree = Any
 
@@ -107,6 +107,7 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
             w_init = res.astype(jnp.float32) + delta
             adapters[p][MAGNITUDE] = column_norms(w_init).reshape(*stack, d_out).astype(dtype)
         residual[p] = res.reshape(w0.shape)
+    adapters |= init_tokens(config, params, dtype=dtype)  # trainable rows: the original ones, as with plain LoRA
     return tree.map_with_path(lambda p, x: residual.get(p, x), params), adapters
 
 
@@ -131,6 +132,8 @@ def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple
         diff = sorted(set(adapters) ^ set(initial))
         raise ValueError(f"to_plain: adapters and initial adapters differ in their paths, e.g. {diff[:3]}")
     for p in adapters:
+        if set(adapters[p]) == set(initial[p]) == {TOKENS}:
+            continue  # trained embedding rows replace the table's, base or residual alike: kept as they are
         if set(adapters[p]) != set(adapter_keys(config)) or not {"lora_A", "lora_B"} <= set(initial[p]):
             raise ValueError(f"to_plain: adapter at {p!r} holds {sorted(adapters[p])} (initial: {sorted(initial[p])}), "
                              f"expected {list(adapter_keys(config))}")
@@ -145,6 +148,9 @@ def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple
         alpha_pattern={k: v * f for k, v in config.alpha_pattern.items()})
     out: Adapters = {}
     for p, ab in adapters.items():
+        if TOKENS in ab:
+            out[p] = dict(ab)
+            continue
         a0, b0 = initial[p]["lora_A"], initial[p]["lora_B"]
         out[p] = {"lora_A": jnp.concatenate([ab["lora_A"], a0.astype(ab["lora_A"].dtype)], axis=-1),  # [*S, in, 2r]
                   "lora_B": jnp.concatenate([ab["lora_B"], -b0.astype(ab["lora_B"].dtype)], axis=-2)}  # [*S, 2r, out]

@@ -16,7 +16,6 @@ from flax import nnx
 import lora_jax as lj
 from lora_jax import checkpoint, multi, peft, quant
 from lora_jax.config import FLAX_ATTENTION_AXES
-from lora_jax.lazy import Reshaped
 from lora_jax.models import CausalLM, GPT2Config
 
 D, H, DH = 32, 4, 8  # query/key/value kernels [D, H, Dh]; out [H, Dh, D]
