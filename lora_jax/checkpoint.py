@@ -30,7 +30,7 @@ import numpy as np
 
 from . import tree
 from .config import LoraConfig
-from .lora import MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters, target_paths, token_rows, trainable_mask
+from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters, target_paths, token_rows, trainable_mask
 
 PyTree = Any
 MANIFEST = "lora_adapter.json"
@@ -269,8 +269,9 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         if set(spec) - {"weight"} != set(adapter_keys(config)):
             mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config "
                               f"(use_dora={config.use_dora}) needs {list(adapter_keys(config))}")
-        elif config.use_dora and tuple(spec[MAGNITUDE]["shape"]) != (*stack, d_out):
-            mismatched.append(f"{p!r}: checkpoint {MAGNITUDE} {tuple(spec[MAGNITUDE]['shape'])}; base parameter "
+        elif any(k in spec and tuple(spec[k]["shape"]) != (*stack, d_out) for k in (MAGNITUDE, LORA_BIAS)):
+            k = next(k for k in (MAGNITUDE, LORA_BIAS) if k in spec and tuple(spec[k]["shape"]) != (*stack, d_out))
+            mismatched.append(f"{p!r}: checkpoint {k} {tuple(spec[k]['shape'])}; base parameter "
                               f"{base} (needs {(*stack, d_out)})")
         elif (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
             mismatched.append(

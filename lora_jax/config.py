@@ -70,6 +70,8 @@ class LoraConfig:
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
       use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
         adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated).
+      lora_bias: lora_B gets a bias too (PEFT `lora_bias`), s * b added to the targeted module's
+        own bias, which it must have; merging folds it into that bias. Not with DoRA.
       rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
       axes_pattern: {pattern: (n_in, n_out)} for kernels with several input or output axes, such
         as Flax `DenseGeneral` / `nnx.LinearGeneral` ones: a kernel [*S, *in, *out] is adapted as
@@ -93,6 +95,7 @@ class LoraConfig:
     init: str = "kaiming_uniform"
     use_rslora: bool = False
     use_dora: bool = False
+    lora_bias: bool = False
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     axes_pattern: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
@@ -129,9 +132,12 @@ class LoraConfig:
             set_("trainable_tokens", _as_tokens(self.trainable_tokens))
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("LoraConfig: lora_bias with use_dora is not supported (PEFT's DoRA rescales the "
+                             "LoRA output before its bias)")
         if not isinstance(self.init, str) or not (self.init in INITS or PISSA_NITER.fullmatch(self.init)):
             raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS} "
                              "or 'pissa_niter_<n>'")

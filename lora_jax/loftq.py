@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from . import quant, tree
 from .config import LoraConfig
 from .lazy import column_norms
-from .lora import MAGNITUDE, Adapters, init_tokens, target_paths
+from .lora import LORA_BIAS, MAGNITUDE, Adapters, init_tokens, target_paths
 from .residual import svd_factors
 
 PyTree = Any
@@ -88,6 +88,8 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
         loftq[p] = q
         adapters[p] = {"lora_A": a.reshape(*stack, d_in, r).astype(dtype),
                        "lora_B": b.reshape(*stack, r, d_out).astype(dtype)}
+        if config.lora_bias:
+            adapters[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
         if config.use_dora:
             adapters[p][MAGNITUDE] = column_norms(deq + delta).reshape(*stack, d_out).astype(dtype)
     adapters |= init_tokens(config, params, dtype=dtype)

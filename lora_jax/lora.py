@@ -2,7 +2,7 @@
 
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
 files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
-plus `"lora_magnitude_vector": [out]` with DoRA, and `{table path: {"trainable_tokens_delta": [n, D]}}`
+plus `"lora_magnitude_vector": [out]` with DoRA, `"lora_B_bias": [out]` with lora_bias, and `{table path: {"trainable_tokens_delta": [n, D]}}`
 for an embedding table's trained rows (`LoraConfig.trainable_tokens`). A stacked kernel [*S, in, out] (layers under
 scan) gets factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]); a kernel with several
 input or output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
@@ -29,12 +29,19 @@ PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
 STRATEGIES = ("factored", "merged")
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude, PEFT's name
+LORA_BIAS = "lora_B_bias"  # lora_B's bias [*S, out] (lora_bias), PEFT's lora_B.bias
 TOKENS = "trainable_tokens_delta"  # trained embedding rows [n, D] (trainable_tokens), PEFT's name
 
 
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
-    """The leaves of each adapter: lora_A, lora_B, and DoRA's magnitude when `use_dora`."""
-    return ("lora_A", "lora_B", MAGNITUDE) if config.use_dora else ("lora_A", "lora_B")
+    """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
+    when `lora_bias`."""
+    return ("lora_A", "lora_B", *((MAGNITUDE,) if config.use_dora else ()), *((LORA_BIAS,) if config.lora_bias else ()))
+
+
+def bias_path(path: str) -> str:
+    """The bias leaf of the module whose weight is at `path` (`.../c_attn/kernel` -> `.../c_attn/bias`)."""
+    return path.rsplit("/", 1)[0] + "/bias"
 
 
 def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
@@ -60,6 +67,13 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}")
         if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
+        if config.lora_bias:
+            b = flat.get(bias_path(p))
+            if tree.leaf_name(p) not in tree.LINEAR_NAMES or b is None or math.prod(b.shape) != math.prod(
+                    (*view[:-2], view[-1])):
+                raise ValueError(f"lora_bias adds to the bias of each targeted linear layer; {p!r} has "
+                                 f"{'no bias' if b is None else f'bias {tuple(b.shape)}'} fitting its output "
+                                 f"{(*view[:-2], view[-1])} (exclude it or drop lora_bias)")
     return found
 
 
@@ -137,6 +151,8 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         else:  # PEFT "gaussian": N(0, 1/r^2)
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
+        if config.lora_bias:
+            out[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
         if config.use_dora:
             out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
     return out | init_tokens(config, params, dtype=dtype)
@@ -161,15 +177,20 @@ def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, An
         if set(ab) != set(keys):
             raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
                              f"(use_dora={config.use_dora}), got {sorted(ab)}")
+        if LORA_BIAS in ab and bias_path(p) not in flat:
+            raise ValueError(f"adapter at {p!r} has a {LORA_BIAS} but its module has no bias {bias_path(p)!r}")
         w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
         *stack, d_in, d_out = config.matrix_shape(p, w) if len(w) >= 2 else (None, None)
         r = a[-1] if len(a) >= 2 else None
         m = tuple(ab[MAGNITUDE].shape) if config.use_dora else (*stack, d_out)
-        if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out):
+        bias = tuple(ab[LORA_BIAS].shape) if config.lora_bias else (*stack, d_out)
+        if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out) \
+                or bias != (*stack, d_out):
             raise ValueError(
                 f"adapter at {p!r} does not fit the parameter: weight {tuple(w)}, lora_A {tuple(a)}, "
                 f"lora_B {tuple(b)}" + (f", {MAGNITUDE} {m}" if config.use_dora else "") +
-                " (expected [*S, in, r], [*S, r, out]" + (" and [*S, out])" if config.use_dora else ")")
+                (f", {LORA_BIAS} {bias}" if config.lora_bias else "") + " (expected [*S, in, r], [*S, r, out]" +
+                (" and [*S, out])" if config.use_dora or config.lora_bias else ")")
             )
 
 
@@ -196,7 +217,12 @@ def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
     index = {p: i for i, p in enumerate(sorted(adapters))}
     tokens = token_rows(config, params) if any(TOKENS in ab for ab in adapters.values()) else {}
 
+    biases = _bias_items(config, adapters)
+
     def swap(path, w):
+        if path in biases:  # lora_bias: y = x W + b0 + s * b_B, as the module adds its own bias
+            kernel, s = biases[path]
+            return w + (s * adapters[kernel][LORA_BIAS].reshape(w.shape)).astype(w.dtype)
         if path not in adapters:
             return w
         ab = adapters[path]
@@ -240,6 +266,11 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
     return g
 
 
+def _bias_items(config: LoraConfig, adapters: Adapters) -> dict[str, tuple[str, float]]:
+    """{bias path: (kernel path, scale)} for the adapters with a lora_B bias."""
+    return {bias_path(p): (p, config.scale_for(p)) for p, ab in adapters.items() if LORA_BIAS in ab}
+
+
 def _token_items(config: LoraConfig, params: PyTree, adapters: Adapters) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """((table, ids), ...) of the trainable_tokens adapters: hashable, for the jitted merge."""
     if not any(TOKENS in ab for ab in adapters.values()):
@@ -249,8 +280,12 @@ def _token_items(config: LoraConfig, params: PyTree, adapters: Adapters) -> tupl
 
 def _merge(scales, params, adapters, *, sign: float, frozen: bool = False, tokens=()):
     scales, tokens = dict(scales), dict(tokens)
+    biases = {bias_path(p): p for p, ab in adapters.items() if LORA_BIAS in ab}
 
     def fold(path, w):
+        if path in biases:  # lora_bias folds into the module's bias, as PEFT's merge does
+            kernel = biases[path]
+            return (w + sign * scales[kernel] * adapters[kernel][LORA_BIAS].reshape(w.shape)).astype(w.dtype)
         if path not in adapters:
             return w
         if path in tokens:  # PEFT's index_copy: the chosen rows are the trained ones, exactly

@@ -114,12 +114,14 @@ def _no_dora(configs: Mapping[str, LoraConfig], where: str) -> None:
         raise ValueError(f"adapters {dora} use DoRA, which {where} cannot route or sum; use switch")
 
 
-def _no_tokens(configs: Mapping[str, LoraConfig], where: str) -> None:
+def _factors_only(configs: Mapping[str, LoraConfig], where: str) -> None:
     # Trained embedding rows replace the table's rows: there is no delta to route per example or to sum.
-    tokens = [n for n, c in configs.items() if c.trainable_tokens is not None]
-    if tokens:
-        raise ValueError(f"adapters {tokens} train embedding rows (trainable_tokens), which {where} cannot route "
-                         "or sum; use switch")
+    # A lora_B bias lives in the module's bias leaf, outside the factors that are routed and summed.
+    for what, hit in (("train embedding rows (trainable_tokens)", lambda c: c.trainable_tokens is not None),
+                      ("have a lora_B bias (lora_bias)", lambda c: c.lora_bias)):
+        names = [n for n, c in configs.items() if hit(c)]
+        if names:
+            raise ValueError(f"adapters {names} {what}, which {where} cannot route or sum; use switch")
 
 
 def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
@@ -198,7 +200,7 @@ def hotswappable(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]
     """
     configs = dict(configs)
     _no_dora(configs, "hotswappable")
-    _no_tokens(configs, "hotswappable")
+    _factors_only(configs, "hotswappable")
     _plain_only(configs, "hotswappable")
     missing = [n for n in configs if n not in bank]
     if not configs or missing:
@@ -270,7 +272,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
 
     def mixed(params, bank, *args, adapter_ids, **kwargs):
         _no_dora(configs, "a mixed batch")
-        _no_tokens(configs, "a mixed batch")
+        _factors_only(configs, "a mixed batch")
         trains_full = [n for n, c in configs.items() if c.bias != "none" or c.trainable is not None]
         if trains_full:
             raise ValueError(f"adapters {trains_full} train full leaves (bias / trainable), which a mixed "
@@ -322,7 +324,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
     if how not in COMBINATIONS:
         raise ValueError(f"unknown combination {how!r}; expected one of {COMBINATIONS}")
     _no_dora({n: configs[n] for n in weights if n in configs}, "combine")
-    _no_tokens({n: configs[n] for n in weights if n in configs}, "combine")
+    _factors_only({n: configs[n] for n in weights if n in configs}, "combine")
     _plain_only({n: configs[n] for n in weights if n in configs}, "combine")
     names = list(weights)
     missing = [n for n in names if n not in bank or n not in configs]

@@ -80,13 +80,13 @@ def make_train_step(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransfo
 
 def loraplus_labels(trainable: PyTree) -> PyTree:
     """LoRA+ groups for a trainable tree (`split`'s, or any tree of `init` adapters):
-    "embedding" for the factors of an adapted embedding table, "B" for lora_B and every 1-D
+    "embedding" for the factors of an adapted embedding table, "B" for lora_B (and its bias) and every 1-D
     leaf (DoRA magnitudes, biases), "A" for the rest (lora_A, fully trained matrices); PEFT's."""
     def group(path, x):
         *_, parent, leaf = ("", *path.split("/"))  # ".../wte/embedding/lora_A": the adapted leaf, then the factor
         if leaf in ("lora_A", "lora_B") and parent == tree.EMBEDDING_NAME:
             return "embedding"
-        return "B" if leaf == "lora_B" or getattr(x, "ndim", 0) == 1 else "A"
+        return "B" if leaf.startswith("lora_B") or getattr(x, "ndim", 0) == 1 else "A"  # lora_B, lora_B_bias
     return tree.map_with_path(group, trainable)
 
 

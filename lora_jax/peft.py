@@ -47,7 +47,7 @@ from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lazy import column_norms, dense
-from .lora import MAGNITUDE, TOKENS, Adapters, check_adapters, merge, target_paths, token_rows
+from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, merge, target_paths, token_rows
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -68,7 +68,7 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("lora_bias", "layer_replication", "target_parameters", "use_qalora", "use_bdlora")
+_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora")
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
@@ -160,6 +160,7 @@ class _Layer(NamedTuple):
     a: np.ndarray  # [in, r]
     b: np.ndarray  # [r, out]
     m: np.ndarray | None  # [out], DoRA
+    bias: np.ndarray | None  # [out], lora_B's bias (lora_bias)
     rank: int
     alpha: float
 
@@ -174,14 +175,14 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
     out = []
     for p in sorted(p for p in adapters if TOKENS not in adapters[p]):  # trained rows go out as themselves
         a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])
-        m = np.asarray(adapters[p][MAGNITUDE]) if MAGNITUDE in adapters[p] else None
         if a.ndim not in (2, 3):
             raise ValueError(f"adapter {p!r} has lora_A {a.shape}: expected [in, r] or one stack dim [L, in, r]")
         stacked = a.ndim == 3
-        ms = _unstack(p, m, layers_key, stacked) if m is not None else None
-        for i, ((q, ai), (_, bi)) in enumerate(zip(_unstack(p, a, layers_key, stacked),
-                                                   _unstack(p, b, layers_key, stacked))):
-            out.append(_Layer(q, ai, bi, None if ms is None else ms[i][1], config.rank_for(p), _alpha(config, p)))
+        per_layer = lambda k: ([None] * (a.shape[0] if stacked else 1) if k not in adapters[p] else  # noqa: E731
+                               [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)])
+        for (q, ai), (_, bi), m, bias in zip(_unstack(p, a, layers_key, stacked), _unstack(p, b, layers_key, stacked),
+                                             per_layer(MAGNITUDE), per_layer(LORA_BIAS)):
+            out.append(_Layer(q, ai, bi, m, bias, config.rank_for(p), _alpha(config, p)))
     return out
 
 
@@ -259,6 +260,8 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
         state[f"{PREFIX}{module}.{b_key}"] = layer.b.T  # [r, out] -> (out, r)
         if layer.m is not None:
             state[f"{PREFIX}{module}.{MAGNITUDE}"] = layer.m  # (out,)
+        if layer.bias is not None:
+            state[f"{PREFIX}{module}.lora_B.bias"] = layer.bias  # (out,), scaled by s where PEFT adds it
     for p, ab in adapters.items():
         if TOKENS in ab:
             state[f"{PREFIX}{_module(p)}.{TOKEN_KEY}"] = np.asarray(jax.device_get(ab[TOKENS]))  # (n, D)
@@ -338,7 +341,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_dora": config.use_dora,
-        "lora_bias": False,
+        "lora_bias": config.lora_bias,
     }
     tokens = _token_ids(config, adapters, params)
     if tokens:
@@ -393,6 +396,19 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weigh
 
 
 _MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
+_BIAS_KEY = re.compile(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias")
+
+
+class _Factors(NamedTuple):
+    """One imported adapter: A [*S, in, r], B [*S, r, out], its rank and scale, DoRA's magnitude
+    and lora_B's bias [*S, out] (or None)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    rank: int
+    scale: float
+    m: np.ndarray | None
+    bias: np.ndarray | None
 
 
 def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -430,10 +446,12 @@ def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple
                      f"closest: {tree.closest(base, list(flat))}")
 
 
-def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
-    """{our path: (A [*S, in, r], B [*S, r, out], r, scale, DoRA m [*S, out] or None)} from the PEFT tensors."""
+def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, _Factors]:
+    """{our path: its factors} from the PEFT tensors."""
     alpha0, rslora, dora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
+    lora_bias = bool(cfg.get("lora_bias", False))
     mags = {mm["module"]: key for key in tensors if (mm := _MAGNITUDE_KEY.fullmatch(key.removeprefix(PREFIX)))}
+    biases = {mm["module"]: key for key in tensors if (mm := _BIAS_KEY.fullmatch(key.removeprefix(PREFIX)))}
     groups: dict[str, dict[int | None, tuple]] = {}
     for key, x in tensors.items():
         k = key.removeprefix(PREFIX)
@@ -461,28 +479,37 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype):
         mag = np.asarray(tensors[mags[module]], np.float32) if dora else None
         if mag is not None and mag.shape != b.shape[:1]:
             raise ValueError(f"{path}: {module}: lora_magnitude_vector {mag.shape} does not match lora_B {b.shape}")
+        if lora_bias != (module in biases):
+            raise ValueError(f"{path}: {module}: lora_bias={lora_bias} in the config but "
+                             f"{'no' if lora_bias else 'a'} lora_B.bias tensor in the file")
+        bias = np.asarray(tensors[biases[module]], np.float32) if lora_bias else None
+        if bias is not None and bias.shape != b.shape[:1]:
+            raise ValueError(f"{path}: {module}: lora_B.bias {bias.shape} does not match lora_B {b.shape}")
         scale = alpha / (math.sqrt(r) if rslora else r)
-        groups.setdefault(p, {})[layer] = (a.T, b.T, r, scale, mag)  # [in, r], [r, out], [out]
+        groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias)  # [in, r], [r, out], [out]
     out = {}
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
     for p, layers in groups.items():
         if None in layers:
-            a, b, r, s, mag = layers[None]
-            out[p] = (a.astype(dtype), b.astype(dtype), r, s, cast(mag))
+            f = layers[None]
+            out[p] = f._replace(a=f.a.astype(dtype), b=f.b.astype(dtype), m=cast(f.m), bias=cast(f.bias))
             continue
         # A stacked base: one rank and one scale for all layers. Zero-padding the rank and
         # folding each layer's scale into its B keeps every layer's delta exact.
         n, (d_in, d_out) = flat[p].shape[0], flat[p].shape[-2:]
-        r = max(v[2] for v in layers.values())
-        s = layers[min(layers)][3]
+        r = max(v.rank for v in layers.values())
+        s = layers[min(layers)].scale
         A, B = np.zeros((n, d_in, r), np.float32), np.zeros((n, r, d_out), np.float32)
         # DoRA: a layer PEFT left out keeps W0, so its magnitude is W0's column norms.
         M = np.array(column_norms(flat[p])) if dora else None  # [n, out]
-        for i, (a, b, ri, si, mag) in layers.items():
-            A[i, :, :ri], B[i, :ri, :] = a, b * (si / s)  # layers PEFT left out stay zero
+        bias = np.zeros((n, d_out), np.float32) if lora_bias else None
+        for i, f in layers.items():
+            A[i, :, :f.rank], B[i, :f.rank, :] = f.a, f.b * (f.scale / s)  # layers PEFT left out stay zero
             if dora:
-                M[i] = mag
-        out[p] = (A.astype(dtype), B.astype(dtype), r, s, cast(M))
+                M[i] = f.m
+            if lora_bias:
+                bias[i] = f.bias * (f.scale / s)  # s * bias_i' = s_i * bias_i, like B
+        out[p] = _Factors(A.astype(dtype), B.astype(dtype), r, s, cast(M), cast(bias))
     return out
 
 
@@ -492,7 +519,7 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
     for key in tensors:
         k = key.removeprefix(PREFIX)
         if ".lora_" in k:
-            if not (_LORA_KEY.fullmatch(k) or _MAGNITUDE_KEY.fullmatch(k)):
+            if not (_LORA_KEY.fullmatch(k) or _MAGNITUDE_KEY.fullmatch(k) or _BIAS_KEY.fullmatch(k)):
                 raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (DoRA or another LoRA variant?)")
             continue
         if ".original_module." in k or k.endswith("." + TOKEN_KEY):  # PEFT's copy of the base module; trained rows
@@ -622,25 +649,26 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
 
     rank, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
     alpha_of = lambda r, s: s * (math.sqrt(r) if rslora else r)
-    rank_pattern = {re.escape(p.rsplit("/", 1)[0]): r for p, (_, _, r, _, _) in factors.items() if r != rank}
-    alpha_pattern = {re.escape(p.rsplit("/", 1)[0]): alpha_of(r, s) for p, (_, _, r, s, _) in factors.items()
-                     if not math.isclose(alpha_of(r, s), alpha, rel_tol=1e-12)}
+    rank_pattern = {re.escape(p.rsplit("/", 1)[0]): f.rank for p, f in factors.items() if f.rank != rank}
+    alpha_pattern = {re.escape(p.rsplit("/", 1)[0]): alpha_of(f.rank, f.scale) for p, f in factors.items()
+                     if not math.isclose(alpha_of(f.rank, f.scale), alpha, rel_tol=1e-12)}
     init = cfg.get("init_lora_weights", True)
     bias = cfg.get("bias", "none")
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
-              use_dora=bool(cfg.get("use_dora", False)),
+              use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
               init="gaussian" if init == "gaussian" else "kaiming_uniform", rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)
-    adapters = {p: {"lora_A": jnp.asarray(a), "lora_B": jnp.asarray(b)}
-                | ({} if m is None else {MAGNITUDE: jnp.asarray(m)}) for p, (a, b, _, _, m) in factors.items()}
+    adapters = {p: {"lora_A": jnp.asarray(f.a), "lora_B": jnp.asarray(f.b)}
+                | ({} if f.m is None else {MAGNITUDE: jnp.asarray(f.m)})
+                | ({} if f.bias is None else {LORA_BIAS: jnp.asarray(f.bias)}) for p, f in factors.items()}
     adapters |= {p: {TOKENS: jnp.asarray(rows)} for p, (_, rows) in tokens.items()}
     check_adapters(config, params, adapters)
-    for p, (_, _, r, s, _) in factors.items():  # the config we built must reproduce PEFT's ranks and scales
-        assert config.rank_for(p) == r and math.isclose(config.scale_for(p), s, rel_tol=1e-9), p
+    for p, f in factors.items():  # the config we built must reproduce PEFT's ranks and scales
+        assert config.rank_for(p) == f.rank and math.isclose(config.scale_for(p), f.scale, rel_tol=1e-9), p
     return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from . import tree
 from .config import PISSA_NITER, LoraConfig
 from .lazy import column_norms
-from .lora import MAGNITUDE, TOKENS, Adapters, adapter_keys, init, init_tokens, target_paths
+from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, init, init_tokens, target_paths
 
 PyTree = Any
 
@@ -103,6 +103,8 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
         res = (w - delta).astype(w0.dtype)
         adapters[p] = {"lora_A": a.reshape(*stack, d_in, r).astype(dtype),
                        "lora_B": b.reshape(*stack, r, d_out).astype(dtype)}
+        if config.lora_bias:
+            adapters[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
         if config.use_dora:  # PEFT: the norm of the (cast) residual base plus the initial delta
             w_init = res.astype(jnp.float32) + delta
             adapters[p][MAGNITUDE] = column_norms(w_init).reshape(*stack, d_out).astype(dtype)
