@@ -75,7 +75,9 @@ class LoraConfig:
       rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
       axes_pattern: {pattern: (n_in, n_out)} for kernels with several input or output axes, such
         as Flax `DenseGeneral` / `nnx.LinearGeneral` ones: a kernel [*S, *in, *out] is adapted as
-        the matrix [*S, prod(in), prod(out)] (`FLAX_ATTENTION_AXES` covers Flax's attention).
+        the matrix [*S, prod(in), prod(out)] (`FLAX_ATTENTION_AXES` covers Flax's attention). A
+        convolution kernel [kh, kw, in, out] is (3, 1): PEFT's Conv LoRA, A a convolution into r
+        channels and B a 1x1 one.
         Unmatched kernels are (1, 1): [*S, in, out], any leading dims a layer stack.
       bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).

@@ -12,7 +12,8 @@ the primitives a kernel meets on its way to a matmul:
   indexed by a loop), and `jax.checkpoint` (re-quaxifies its body under the same policy);
 * a kernel of several input or output axes [*S, *I, *O] (Flax DenseGeneral; `Reshaped`) keeps
   its LoRA on the matrix [*S, prod(I), prod(O)]: a matmul over all of I (or O) merges those
-  axes of x and runs on that matrix;
+  axes of x and runs on that matrix; a convolution kernel [*spatial, in, out] viewed as
+  [prod(spatial, in), out] convolves x with A (r channels), then applies B per position;
 * everything else materialises W0 + s*A*B (`Value.default`), or raises under `strict=True`.
 
 W0 is wrapped in `stop_gradient` when the array is built, so no frozen-weight gradient exists.
@@ -383,6 +384,48 @@ def _dot_reshaped_rhs(lhs: ArrayLike | quax.ArrayValue, rhs: Reshaped, *, dimens
 @quax.register(P.dot_general_p, precedence=3)
 def _dot_reshaped_both(lhs: Reshaped, rhs: Reshaped, *, dimension_numbers, **kwargs):
     return _dot_reshaped(lhs, rhs.materialise(), dimension_numbers, kwargs, w_is_lhs=True)
+
+
+def _conv(x: jax.Array, kernel: Stacked, params: dict[str, Any]) -> jax.Array:
+    """A convolution with a LoRA kernel [*spatial, in, out] (any order of the spatial and `in` axes)
+    viewed as the matrix [prod(spatial, in), out] (`axes_pattern` (n_spatial + 1, 1)), PEFT's conv
+    LoRA: conv(x, W0) + s * (conv(x, A) . B), A a convolution into r channels and B a 1x1 one.
+    Grouped convolutions and other layouts materialise W0 + s*A*B."""
+    dn = params["dimension_numbers"]
+    lora = kernel.inner if isinstance(kernel, Reshaped) else kernel
+    factored = (isinstance(kernel, Reshaped) and isinstance(lora, LoraArray) and kernel.n_stack == 0
+                and len(kernel.out_shape) == 1 and dn.rhs_spec[0] == kernel.ndim - 1
+                and params["feature_group_count"] == 1 and params["batch_group_count"] == 1)
+    if not factored:
+        if isinstance(lora, LoraArray) and not isinstance(kernel, Reshaped):
+            _check_stack_contraction(lora, dn.rhs_spec[1:])
+        return lax.conv_general_dilated_p.bind(x, kernel.materialise(), **params)
+    shape = kernel.shape
+    w0 = lift(lambda v: v.reshape(shape))(lora.w)  # the kernel [*in axes, out] itself
+    conv = lambda lhs, rhs, **kw: lax.conv_general_dilated_p.bind(lhs, rhs, **(params | kw))  # noqa: E731
+    base = lift(conv)(x, w0)
+    xd = _dropout(x, lora)
+    a = lora.a.reshape(*shape[:-1], lora.a.shape[-1]).astype(x.dtype)  # [*in axes, r]: a conv into r channels
+    t = conv(xd, a, preferred_element_type=None)
+    f = dn.out_spec[1]  # the output's feature dim
+    u = jnp.moveaxis(jnp.moveaxis(t, f, -1) @ lora.b.astype(t.dtype), -1, f)  # B: a 1x1 conv, r -> out
+    lora_out = (lora.scale * u).astype(base.dtype)
+    if lora.m is None:
+        return base + lora_out
+    g = lora.dora_gain().astype(base.dtype).reshape([-1 if i == f else 1 for i in range(base.ndim)])
+    if xd is x:
+        return g * (base + lora_out)
+    return base + (g - 1) * lift(conv)(xd, w0) + g * lora_out  # PEFT's DoRA under dropout, as for x @ W
+
+
+@quax.register(P.conv_general_dilated_p)
+def _conv_reshaped(lhs: ArrayLike | quax.ArrayValue, rhs: Reshaped, **params):
+    return _conv(dense(lhs), rhs, params)
+
+
+@quax.register(P.conv_general_dilated_p)
+def _conv_lora(lhs: ArrayLike | quax.ArrayValue, rhs: LoraArray, **params):
+    return _conv(dense(lhs), rhs, params)
 
 
 @quax.register(P.convert_element_type_p)

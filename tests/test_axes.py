@@ -199,3 +199,53 @@ def test_stack_contraction_warns_or_raises_and_bad_axes_are_named(mha, tmp_path)
     assert not (tmp_path / "peft").exists()
     assert math.prod(ATTN.matrix_shape("params/out/kernel", (H, DH, D))) == H * DH * D
 
+
+
+class ConvNet(nn.Module):
+    """Flax convolutions: strided, dilated, 1x1, a grouped one, and a 1-D one."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3), strides=2, padding="SAME", name="c1")(x)  # kernel [3, 3, 3, 8]
+        x = nn.Conv(6, (3, 3), kernel_dilation=2, name="c2")(nn.relu(x))
+        x = nn.Conv(4, (1, 1), name="c3")(x)
+        x = nn.Conv(4, (2, 2), feature_group_count=2, name="grouped")(x)  # kernel [2, 2, 2, 4]
+        return nn.Conv(5, (3,), name="c1d")(x.reshape(x.shape[0], -1, x.shape[-1]))  # kernel [3, 4, 5]
+
+
+def test_conv_kernels_as_peft_conv_lora():
+    m = ConvNet()
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    params = m.init(jax.random.key(1), x)
+    # [kh, kw, in, out] as the matrix [kh*kw*in, out]: A a conv into r channels, B a 1x1 conv.
+    cfg = lj.LoraConfig(rank=2, alpha=4, targets=["c1", "c2", "c3", "c1d"],
+                        axes_pattern={".*c[0-9]": (3, 1), ".*c1d": (2, 1)})
+    adapters = lj.init(cfg, params, KEY)
+    assert adapters["params/c1/kernel"]["lora_A"].shape == (27, 2) and adapters["params/c1d/kernel"]["lora_A"].shape == (12, 2)
+    lazy = jax.jit(lj.apply(m.apply, cfg, strict=True))  # strict: no convolution materialises W0 + s*A*B
+    np.testing.assert_allclose(lazy(params, adapters, x), m.apply(params, x), atol=1e-6)
+    adapters = nudge(adapters)
+    merged = lj.apply(m.apply, cfg, strategy="merged")
+    close(lazy(params, adapters, x), merged(params, adapters, x))
+    loss = lambda f: lambda a: jnp.sum(f(params, a, x) ** 2)  # noqa: E731
+    close(jax.grad(loss(lj.apply(m.apply, cfg, strict=True)))(adapters), jax.grad(loss(merged))(adapters), atol=1e-4)
+    close(m.apply(lj.merge(cfg, jax.tree.map(jnp.copy, params), adapters), x), merged(params, adapters, x))
+    drop = lj.LoraConfig(**{**cfg.to_dict(), "dropout": 0.5})
+    assert float(jnp.abs(lazy(params, adapters, x) - lj.apply(m.apply, drop, strict=True)(
+        params, adapters, x, lora_rng=jax.random.key(5))).max()) > 1e-3
+
+    dora = lj.LoraConfig(**{**cfg.to_dict(), "use_dora": True})  # PEFT's conv DoRA: a norm per output channel
+    da = lj.init(dora, params, KEY)
+    assert da["params/c2/kernel"][lj.MAGNITUDE].shape == (6,)
+    da = nudge(da)
+    close(jax.jit(lj.apply(m.apply, dora, strict=True))(params, da, x), lj.apply(m.apply, dora, strategy="merged")(
+        params, da, x))
+
+    grouped = lj.LoraConfig(rank=2, targets=["grouped"], axes_pattern={".*grouped": (3, 1)})
+    ga = nudge(lj.init(grouped, params, KEY))
+    close(lj.apply(m.apply, grouped)(params, ga, x), lj.apply(m.apply, grouped, strategy="merged")(params, ga, x))
+    with pytest.raises(lj.FallbackError, match="'params/grouped/kernel'"):  # grouped: materialised, correct
+        lj.apply(m.apply, grouped, strict=True)(params, ga, x)
+    plain = lj.LoraConfig(rank=2, targets=["c1"])  # [3, 3] taken for a stack of [3, 8] matrices
+    with pytest.warns(UserWarning, match=r"'params/c1/kernel' \(3, 3, 3, 8\) is contracted over dim\(s\) \[0, 1\]"):
+        lj.apply(m.apply, plain)(params, lj.init(plain, params, KEY), x)
