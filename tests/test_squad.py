@@ -105,12 +105,12 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
 
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
-    """Resuming gives the adapters of an uninterrupted run, here with PiSSA and LoRA+ on an NF4
-    base (the residual weights are rebuilt and quantized on resume); the saved adapters are plain
+    """Resuming gives the adapters of an uninterrupted run, here with PiSSA, LoRA+ and lora_bias on
+    an NF4 base (the residual weights are rebuilt and quantized on resume); the saved adapters are plain
     LoRA [trained | PiSSA start] of rank 2r on the original weights."""
     data = tiny_squad(tmp_path / "squad.json")
     common = ["--steps", "4", "--no-base-eval", "--checkpoint-every", "2", "--dropout", "0.1", "--init", "pissa",
-              "--loraplus-ratio", "4", "--quantize", "nf4"]
+              "--loraplus-ratio", "4", "--quantize", "nf4", "--lora-bias"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert squad.main(cli_args(tiny_gpt2_dir, data, straight, *common)) == 0
     assert "| QLoRA (nf4, pissa, LoRA+ x4) |" in capsys.readouterr().out
@@ -132,6 +132,7 @@ def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
 
     peft_cfg = json.loads((straight / "peft" / "adapter_config.json").read_text())
     assert peft_cfg["r"] == 8 and peft_cfg["lora_alpha"] == 16 and peft_cfg["init_lora_weights"] is True
+    assert peft_cfg["lora_bias"] is True
     _, params = from_pretrained(tiny_gpt2_dir)
     saved = lp.load_adapter(straight / "adapter", params)
     assert saved.config.rank == 8 and saved.config.init == "kaiming_uniform"

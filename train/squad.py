@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                       "fused QKV, c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
     a("--dora", action="store_true", help="DoRA: also train a magnitude per output feature (PEFT use_dora)")
+    a("--lora-bias", action="store_true", help="lora_B gets a bias too, added to each targeted layer's bias "
+                                               "(PEFT lora_bias)")
     a("--init", default="kaiming_uniform",
       help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, or pissa / pissa_niter_<n> / olora, "
            "which start the adapter from the weights' principal part and train on the residual; the saved "
