@@ -30,7 +30,8 @@ import numpy as np
 
 from . import tree
 from .config import LoraConfig
-from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters, target_paths, token_rows, trainable_mask
+from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters, target_paths, token_rows,
+                   trainable_mask)
 
 PyTree = Any
 MANIFEST = "lora_adapter.json"
@@ -266,11 +267,13 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
         got_a, got_b = (tuple(spec.get(k, {}).get("shape", ())) for k in ("lora_A", "lora_B"))
         trained_on = tuple(spec["weight"]) if spec.get("weight") is not None else None
+        per_out = [k for k in (MAGNITUDE, LORA_BIAS) if k in spec and tuple(spec[k]["shape"]) != (*stack, d_out)]
         if set(spec) - {"weight"} != set(adapter_keys(config)):
             mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config "
-                              f"(use_dora={config.use_dora}) needs {list(adapter_keys(config))}")
-        elif any(k in spec and tuple(spec[k]["shape"]) != (*stack, d_out) for k in (MAGNITUDE, LORA_BIAS)):
-            k = next(k for k in (MAGNITUDE, LORA_BIAS) if k in spec and tuple(spec[k]["shape"]) != (*stack, d_out))
+                              f"(use_dora={config.use_dora}, lora_bias={config.lora_bias}) needs "
+                              f"{list(adapter_keys(config))}")
+        elif per_out:
+            k = per_out[0]
             mismatched.append(f"{p!r}: checkpoint {k} {tuple(spec[k]['shape'])}; base parameter "
                               f"{base} (needs {(*stack, d_out)})")
         elif (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):

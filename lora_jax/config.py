@@ -75,10 +75,10 @@ class LoraConfig:
       rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
       axes_pattern: {pattern: (n_in, n_out)} for kernels with several input or output axes, such
         as Flax `DenseGeneral` / `nnx.LinearGeneral` ones: a kernel [*S, *in, *out] is adapted as
-        the matrix [*S, prod(in), prod(out)] (`FLAX_ATTENTION_AXES` covers Flax's attention). A
+        the matrix [*S, prod(in), prod(out)] (`FLAX_ATTENTION_AXES` covers Flax's attention);
+        unmatched kernels are (1, 1): [*S, in, out], any leading dims a layer stack. A
         convolution kernel [kh, kw, in, out] is (3, 1): PEFT's Conv LoRA, A a convolution into r
         channels and B a 1x1 one.
-        Unmatched kernels are (1, 1): [*S, in, out], any leading dims a layer stack.
       bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
@@ -180,7 +180,8 @@ class LoraConfig:
         d = dataclasses.asdict(self)
         tokens = d["trainable_tokens"]
         if tokens is not None:
-            d["trainable_tokens"] = list(tokens) if isinstance(tokens, tuple) else {k: list(v) for k, v in tokens.items()}
+            d["trainable_tokens"] = (list(tokens) if isinstance(tokens, tuple)
+                                     else {k: list(v) for k, v in tokens.items()})
         for k in ("targets", "exclude", "trainable"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])

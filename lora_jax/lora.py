@@ -2,10 +2,11 @@
 
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
 files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
-plus `"lora_magnitude_vector": [out]` with DoRA, `"lora_B_bias": [out]` with lora_bias, and `{table path: {"trainable_tokens_delta": [n, D]}}`
-for an embedding table's trained rows (`LoraConfig.trainable_tokens`). A stacked kernel [*S, in, out] (layers under
-scan) gets factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]); a kernel with several
-input or output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
+plus `"lora_magnitude_vector": [out]` with DoRA and `"lora_B_bias": [out]` with lora_bias; an
+embedding table's trained rows (`LoraConfig.trainable_tokens`) are `{table path:
+{"trainable_tokens_delta": [n, D]}}`. A stacked kernel [*S, in, out] (layers under scan) gets
+factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]); a kernel with several input or
+output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
 [*S, prod(in), prod(out)].
 """
 
@@ -36,7 +37,8 @@ TOKENS = "trainable_tokens_delta"  # trained embedding rows [n, D] (trainable_to
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
     when `lora_bias`."""
-    return ("lora_A", "lora_B", *((MAGNITUDE,) if config.use_dora else ()), *((LORA_BIAS,) if config.lora_bias else ()))
+    return ("lora_A", "lora_B", *((MAGNITUDE,) if config.use_dora else ()),
+            *((LORA_BIAS,) if config.lora_bias else ()))
 
 
 def bias_path(path: str) -> str:
@@ -83,7 +85,8 @@ def token_rows(config: LoraConfig, params: PyTree) -> dict[str, tuple[int, ...]]
     if spec is None:
         return {}
     flat = tree.flatten(params)
-    tables = [p for p, x in flat.items() if tree.leaf_name(p) == tree.EMBEDDING_NAME and len(getattr(x, "shape", ())) == 2]
+    tables = [p for p, x in flat.items()
+              if tree.leaf_name(p) == tree.EMBEDDING_NAME and len(getattr(x, "shape", ())) == 2]
     if isinstance(spec, tuple):
         if len(tables) != 1:
             raise ValueError(f"LoraConfig.trainable_tokens as a list trains rows of the params' one embedding table; "
@@ -176,7 +179,7 @@ def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, An
             continue
         if set(ab) != set(keys):
             raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
-                             f"(use_dora={config.use_dora}), got {sorted(ab)}")
+                             f"(use_dora={config.use_dora}, lora_bias={config.lora_bias}), got {sorted(ab)}")
         if LORA_BIAS in ab and bias_path(p) not in flat:
             raise ValueError(f"adapter at {p!r} has a {LORA_BIAS} but its module has no bias {bias_path(p)!r}")
         w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
@@ -216,7 +219,6 @@ def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
     """params with each adapted leaf replaced by a LoraArray (W0 under stop_gradient)."""
     index = {p: i for i, p in enumerate(sorted(adapters))}
     tokens = token_rows(config, params) if any(TOKENS in ab for ab in adapters.values()) else {}
-
     biases = _bias_items(config, adapters)
 
     def swap(path, w):

@@ -178,8 +178,11 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
         if a.ndim not in (2, 3):
             raise ValueError(f"adapter {p!r} has lora_A {a.shape}: expected [in, r] or one stack dim [L, in, r]")
         stacked = a.ndim == 3
-        per_layer = lambda k: ([None] * (a.shape[0] if stacked else 1) if k not in adapters[p] else  # noqa: E731
-                               [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)])
+
+        def per_layer(k: str) -> list[np.ndarray | None]:  # DoRA's magnitude, lora_B's bias: [out] per layer
+            if k not in adapters[p]:
+                return [None] * (a.shape[0] if stacked else 1)
+            return [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)]
         for (q, ai), (_, bi), m, bias in zip(_unstack(p, a, layers_key, stacked), _unstack(p, b, layers_key, stacked),
                                              per_layer(MAGNITUDE), per_layer(LORA_BIAS)):
             out.append(_Layer(q, ai, bi, m, bias, config.rank_for(p), _alpha(config, p)))
@@ -446,13 +449,29 @@ def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple
                      f"closest: {tree.closest(base, list(flat))}")
 
 
+def _per_output(path: Path, tensors, keys: Mapping[str, str], module: str, flag: tuple[str, bool], name: str,
+                b: np.ndarray) -> np.ndarray | None:
+    """DoRA's magnitude or lora_B's bias (out,) of `module`, which the file holds exactly when the
+    config's flag says so; None when it is off."""
+    option, on = flag
+    if on != (module in keys):
+        raise ValueError(f"{path}: {module}: {option}={on} in the config but {'no' if on else 'a'} {name} "
+                         "tensor in the file")
+    if not on:
+        return None
+    v = np.asarray(tensors[keys[module]], np.float32)
+    if v.shape != b.shape[:1]:
+        raise ValueError(f"{path}: {module}: {name} {v.shape} does not match lora_B {b.shape}")
+    return v
+
+
 def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, _Factors]:
     """{our path: its factors} from the PEFT tensors."""
     alpha0, rslora, dora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
     lora_bias = bool(cfg.get("lora_bias", False))
     mags = {mm["module"]: key for key in tensors if (mm := _MAGNITUDE_KEY.fullmatch(key.removeprefix(PREFIX)))}
     biases = {mm["module"]: key for key in tensors if (mm := _BIAS_KEY.fullmatch(key.removeprefix(PREFIX)))}
-    groups: dict[str, dict[int | None, tuple]] = {}
+    groups: dict[str, dict[int | None, _Factors]] = {}
     for key, x in tensors.items():
         k = key.removeprefix(PREFIX)
         m = _LORA_KEY.fullmatch(k)
@@ -473,18 +492,8 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         if (ab == "eab") != _is_embedding(p):
             kind = "an embedding" if ab == "eab" else "a linear layer"
             raise ValueError(f"{path}: {key} is {kind}'s LoRA tensor, but {p!r} is not one")
-        if dora != (module in mags):
-            raise ValueError(f"{path}: {module}: use_dora={dora} in the config but "
-                             f"{'no' if dora else 'a'} lora_magnitude_vector tensor in the file")
-        mag = np.asarray(tensors[mags[module]], np.float32) if dora else None
-        if mag is not None and mag.shape != b.shape[:1]:
-            raise ValueError(f"{path}: {module}: lora_magnitude_vector {mag.shape} does not match lora_B {b.shape}")
-        if lora_bias != (module in biases):
-            raise ValueError(f"{path}: {module}: lora_bias={lora_bias} in the config but "
-                             f"{'no' if lora_bias else 'a'} lora_B.bias tensor in the file")
-        bias = np.asarray(tensors[biases[module]], np.float32) if lora_bias else None
-        if bias is not None and bias.shape != b.shape[:1]:
-            raise ValueError(f"{path}: {module}: lora_B.bias {bias.shape} does not match lora_B {b.shape}")
+        mag = _per_output(path, tensors, mags, module, ("use_dora", dora), "lora_magnitude_vector", b)
+        bias = _per_output(path, tensors, biases, module, ("lora_bias", lora_bias), "lora_B.bias", b)
         scale = alpha / (math.sqrt(r) if rslora else r)
         groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias)  # [in, r], [r, out], [out]
     out = {}
@@ -556,7 +565,8 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
     return {p: jnp.asarray(v, flat[p].dtype) for p, v in out.items()}
 
 
-def _token_tensors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
+def _token_tensors(path: Path, tensors, cfg, flat, layers_key,
+                   dtype) -> dict[str, tuple[tuple[int, ...], np.ndarray]]:
     """{our table path: (token ids, trained rows [n, D])} from PEFT's trainable_tokens tensors."""
     found = {}
     for key, x in tensors.items():

@@ -221,7 +221,8 @@ def test_conv_kernels_as_peft_conv_lora():
     cfg = lj.LoraConfig(rank=2, alpha=4, targets=["c1", "c2", "c3", "c1d"],
                         axes_pattern={".*c[0-9]": (3, 1), ".*c1d": (2, 1)})
     adapters = lj.init(cfg, params, KEY)
-    assert adapters["params/c1/kernel"]["lora_A"].shape == (27, 2) and adapters["params/c1d/kernel"]["lora_A"].shape == (12, 2)
+    assert adapters["params/c1/kernel"]["lora_A"].shape == (27, 2)
+    assert adapters["params/c1d/kernel"]["lora_A"].shape == (12, 2)
     lazy = jax.jit(lj.apply(m.apply, cfg, strict=True))  # strict: no convolution materialises W0 + s*A*B
     np.testing.assert_allclose(lazy(params, adapters, x), m.apply(params, x), atol=1e-6)
     adapters = nudge(adapters)

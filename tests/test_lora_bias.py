@@ -20,24 +20,13 @@ from lora_jax.models import from_pretrained
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 12], [1, 2, 3, 4, 5, 6, 7, 300]], np.int32)
-ATOL = 1e-4
+from test_peft import ATOL, IDS, hf_model, torch_logits  # noqa: E402
+
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}
 
 
-def hf_model(directory):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
-
-
-def torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
-
-
 @pytest.mark.parametrize("name,scan", [("gpt2", False), ("bloom", True)])
-def test_lora_bias_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+def test_lora_bias_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
     model, params = from_pretrained(base_dir, scan_layers=scan)
     config = lj.LoraConfig(rank=4, alpha=8, targets=TARGETS[name], lora_bias=True,
@@ -81,12 +70,7 @@ def test_lora_bias_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_
     # A PEFT-made adapter (its biases nudged from zero) gives PEFT's logits here.
     made = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[name],
                                                                     lora_bias=True))
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for p in made.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    made.eval().save_pretrained(tmp_path / "made")
+    nudge_torch(made, seed=4).save_pretrained(tmp_path / "made")
     got = lp.load_peft(tmp_path / "made", params, model_config=model.config)
     np.testing.assert_allclose(np.asarray(lj.apply(model.apply, got.config)(params, got.adapters, IDS)),
                                torch_logits(made), atol=ATOL, rtol=0)

@@ -19,24 +19,13 @@ from lora_jax.models import from_pretrained
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 12], [1, 2, 3, 4, 5, 6, 7, 300]], np.int32)
+from test_peft import ATOL, IDS, hf_model, torch_logits  # noqa: E402
+
 TOKENS = [3, 7, 300]  # ids the batch uses, so the lookup and the head both see the trained rows
-ATOL = 1e-4
-
-
-def hf_model(directory):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
-
-
-def torch_logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
 
 
 @pytest.mark.parametrize("name,scan", [("gpt2", True), ("bloom", False)])
-def test_trained_tokens_match_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+def test_trained_tokens_match_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
     emb, lin = {"gpt2": ("wte", "c_attn"), "bloom": ("word_embeddings", "query_key_value")}[name]
     model, params = from_pretrained(base_dir, scan_layers=scan)
@@ -81,12 +70,7 @@ def test_trained_tokens_match_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_blo
     # Import: a PEFT-made adapter with moved rows gives PEFT's logits here.
     made = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=[lin], trainable_token_indices={emb: [1, 5, 300]}))
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in made.parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn_like(p))
-    made.eval().save_pretrained(tmp_path / "peft_made")
+    nudge_torch(made, seed=3).save_pretrained(tmp_path / "peft_made")
     got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
     assert lj.token_rows(got.config, params) == {table: (1, 5, 300)}
     np.testing.assert_allclose(np.asarray(lj.apply(model.apply, got.config)(params, got.adapters, IDS)),
