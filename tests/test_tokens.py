@@ -20,6 +20,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from test_peft import ATOL, IDS, hf_model, torch_logits  # noqa: E402
+from test_squad import cli_args, tiny_squad  # noqa: E402
 
 TOKENS = [3, 7, 300]  # ids the batch uses, so the lookup and the head both see the trained rows
 
@@ -132,3 +133,21 @@ def test_bad_trainable_tokens_are_named(tiny_gpt2_dir):
         adapters = lj.init(config, params, jax.random.key(0))
         adapters["transformer/wte/embedding"][lj.TOKENS] = jnp.zeros((2, 3))
         lj.check_adapters(config, params, adapters)
+
+
+def test_squad_cli_continues_a_trainable_tokens_adapter(tiny_gpt2_dir, tmp_path):
+    """`--init-adapter` with trained rows: they keep training and go out in both formats."""
+    from train import squad
+
+    _, params = from_pretrained(tiny_gpt2_dir)
+    config = lj.LoraConfig(rank=4, alpha=8, targets=["c_attn"], trainable_tokens={"wte": TOKENS})
+    start = lj.init(config, params, jax.random.key(0))
+    checkpoint.save(tmp_path / "start", config, start, params=params)
+    out = tmp_path / "run"
+    assert squad.main(cli_args(tiny_gpt2_dir, tiny_squad(tmp_path / "squad.json"), out, "--steps", "2",
+                               "--no-base-eval", "--init-adapter", str(tmp_path / "start"))) == 0
+    saved = checkpoint.load(out / "adapter", params)
+    assert saved.config.trainable_tokens == {"wte": tuple(TOKENS)}
+    rows = np.asarray(saved.adapters["transformer/wte/embedding"][lj.TOKENS])
+    assert np.abs(rows - np.asarray(start["transformer/wte/embedding"][lj.TOKENS])).max() > 1e-4
+    assert json.loads((out / "peft" / lp.CONFIG_FILE).read_text())["trainable_token_indices"] == TOKENS
