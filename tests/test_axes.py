@@ -84,7 +84,7 @@ def test_dropout_dora_and_pissa_on_reshaped_kernels(mha):
     m, params = mha
     adapters = nudge(lj.init(ATTN, params, jax.random.key(1)))
     g = lj.apply(m.apply, ATTN, strict=True)
-    a, b = g(params, adapters, X), None
+    a = g(params, adapters, X)
     drop = lj.LoraConfig(**{**ATTN.to_dict(), "dropout": 0.5})
     b = jax.jit(lj.apply(m.apply, drop, strict=True))(params, adapters, X, lora_rng=jax.random.key(0))
     assert float(jnp.abs(a - b).max()) > 1e-3  # dropout reaches the merged input axes
@@ -117,6 +117,10 @@ def test_scanned_and_nnx_attention():
     assert adapters["params/MultiHeadDotProductAttention_0/query/kernel"]["lora_A"].shape == (3, D, 4)
     close(jax.jit(lj.apply(model.apply, ATTN, strict=True))(params, adapters, X),
           lj.apply(model.apply, ATTN, strategy="merged")(params, adapters, X))
+    drop = lj.LoraConfig(**{**ATTN.to_dict(), "dropout": 0.3})  # one dropout key per stacked layer
+    dropped = jax.jit(lj.apply(model.apply, drop, strict=True))(params, adapters, X, lora_rng=KEY)
+    undropped = lj.apply(model.apply, drop, strict=True)(params, adapters, X)  # no rng: no dropout
+    assert bool(jnp.isfinite(dropped).all()) and float(jnp.abs(dropped - undropped).max()) > 1e-3
 
     gdef, state = nnx.split(nnx.MultiHeadAttention(num_heads=H, in_features=D, decode=False, rngs=nnx.Rngs(0)))
     f = lambda s, x: nnx.merge(gdef, s)(x)  # noqa: E731
