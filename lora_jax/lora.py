@@ -79,6 +79,25 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
     return found
 
 
+def resolve_tokens(spec: tuple[int, ...] | Mapping[str, tuple[int, ...]],
+                   tables: list[str]) -> dict[str, tuple[int, ...]]:
+    """{table path: ids} for `trainable_tokens` over the candidate embedding `tables`: a list names
+    the one table there is, a mapping one table per module name."""
+    if isinstance(spec, tuple):
+        if len(tables) != 1:
+            raise ValueError(f"LoraConfig.trainable_tokens as a list trains rows of the params' one embedding table; "
+                             f"these have {len(tables)}: {tables[:5]}; name it, e.g. {{'wte': [...]}}")
+        return {tables[0]: spec}
+    chosen: dict[str, tuple[int, ...]] = {}
+    for name, ids in spec.items():
+        hits = [p for p in tables if tree.matches((name,), p)]
+        if len(hits) != 1 or hits[0] in chosen:
+            raise ValueError(f"LoraConfig.trainable_tokens[{name!r}] must select one embedding table of its own "
+                             f"(a leaf named 'embedding'); it selects {hits}; tables: {tables[:5]}")
+        chosen[hits[0]] = ids
+    return chosen
+
+
 def token_rows(config: LoraConfig, params: PyTree) -> dict[str, tuple[int, ...]]:
     """{embedding table path: token ids} that `config.trainable_tokens` trains (empty without it)."""
     spec = config.trainable_tokens
@@ -87,19 +106,7 @@ def token_rows(config: LoraConfig, params: PyTree) -> dict[str, tuple[int, ...]]
     flat = tree.flatten(params)
     tables = [p for p, x in flat.items()
               if tree.leaf_name(p) == tree.EMBEDDING_NAME and len(getattr(x, "shape", ())) == 2]
-    if isinstance(spec, tuple):
-        if len(tables) != 1:
-            raise ValueError(f"LoraConfig.trainable_tokens as a list trains rows of the params' one embedding table; "
-                             f"these have {len(tables)}: {tables[:5]}; name it, e.g. {{'wte': [...]}}")
-        chosen = {tables[0]: spec}
-    else:
-        chosen = {}
-        for name, ids in spec.items():
-            hits = [p for p in tables if tree.matches((name,), p)]
-            if len(hits) != 1 or hits[0] in chosen:
-                raise ValueError(f"LoraConfig.trainable_tokens[{name!r}] must select one embedding table of its own "
-                                 f"(a leaf named 'embedding'); it selects {hits}; tables: {tables[:5]}")
-            chosen[hits[0]] = ids
+    chosen = resolve_tokens(spec, tables)
     lora = set(target_paths(config, params))
     for p, ids in chosen.items():
         if p in lora:
@@ -163,6 +170,11 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
 
 def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> None:
     """Raise a ValueError naming the path and both shapes when adapters do not fit params."""
+    _check(config, params, adapters)
+
+
+def _check(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """`check_adapters`, returning the trainable_tokens rows {table: ids} it resolved on the way."""
     flat = tree.flatten(params)
     keys = adapter_keys(config)
     tokens = token_rows(config, params)
@@ -195,6 +207,7 @@ def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, An
                 (f", {LORA_BIAS} {bias}" if config.lora_bias else "") + " (expected [*S, in, r], [*S, r, out]" +
                 (" and [*S, out])" if config.use_dora or config.lora_bias else ")")
             )
+    return tokens
 
 
 def _dropout_keys(rng: jax.Array | None, i: int, stack: tuple[int, ...]):
@@ -215,15 +228,15 @@ def _token_array(w: jax.Array, ids: tuple[int, ...], rows: jax.Array, strict: bo
                      strict=strict, name=name)
 
 
-def _lora_arrays(config, params, adapters, rng, strict) -> PyTree:
+def _lora_arrays(config, params, adapters, rng, strict, tokens) -> PyTree:
     """params with each adapted leaf replaced by a LoraArray (W0 under stop_gradient)."""
     index = {p: i for i, p in enumerate(sorted(adapters))}
-    tokens = token_rows(config, params) if any(TOKENS in ab for ab in adapters.values()) else {}
-    biases = _bias_items(config, adapters)
+    biases = _bias_paths(adapters)
 
     def swap(path, w):
         if path in biases:  # lora_bias: y = x W + b0 + s * b_B, as the module adds its own bias
-            kernel, s = biases[path]
+            kernel = biases[path]
+            s = config.scale_for(kernel)
             return w + (s * adapters[kernel][LORA_BIAS].reshape(w.shape)).astype(w.dtype)
         if path not in adapters:
             return w
@@ -255,34 +268,32 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
 
     @functools.wraps(f)
     def g(params, adapters, *args, lora_rng=None, **kwargs):
-        check_adapters(config, params, adapters)
+        tokens = _check(config, params, adapters)
         if strategy == "merged":
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
             merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True,
-                            tokens=_token_items(config, params, adapters))
+                            tokens=_token_items(tokens, adapters))
             return lift(f)(merged, *args, **kwargs)
-        lazy = _lora_arrays(config, params, adapters, lora_rng, strict)
+        lazy = _lora_arrays(config, params, adapters, lora_rng, strict, tokens)
         return quax.quaxify(f)(lazy, *args, **kwargs)
 
     return g
 
 
-def _bias_items(config: LoraConfig, adapters: Adapters) -> dict[str, tuple[str, float]]:
-    """{bias path: (kernel path, scale)} for the adapters with a lora_B bias."""
-    return {bias_path(p): (p, config.scale_for(p)) for p, ab in adapters.items() if LORA_BIAS in ab}
+def _bias_paths(adapters: Adapters) -> dict[str, str]:
+    """{bias path: kernel path} for the adapters with a lora_B bias."""
+    return {bias_path(p): p for p, ab in adapters.items() if LORA_BIAS in ab}
 
 
-def _token_items(config: LoraConfig, params: PyTree, adapters: Adapters) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """((table, ids), ...) of the trainable_tokens adapters: hashable, for the jitted merge."""
-    if not any(TOKENS in ab for ab in adapters.values()):
-        return ()
-    return tuple(sorted((p, ids) for p, ids in token_rows(config, params).items() if p in adapters))
+def _token_items(tokens: Mapping[str, tuple[int, ...]], adapters: Adapters) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """((table, ids), ...) of the trainable_tokens adapters present: hashable, for the jitted merge."""
+    return tuple(sorted((p, ids) for p, ids in tokens.items() if p in adapters))
 
 
 def _merge(scales, params, adapters, *, sign: float, frozen: bool = False, tokens=()):
     scales, tokens = dict(scales), dict(tokens)
-    biases = {bias_path(p): p for p, ab in adapters.items() if LORA_BIAS in ab}
+    biases = _bias_paths(adapters)
 
     def fold(path, w):
         if path in biases:  # lora_bias folds into the module's bias, as PEFT's merge does
@@ -314,11 +325,11 @@ def _merge_jit(scale_items, params, adapters, sign, tokens):
 def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
     """params with W0 + s*A*B folded in (jitted; `params` is donated, do not reuse it). An NF4
     weight (`quant.QuantizedArray`) that is adapted comes back dense, in its compute dtype."""
-    check_adapters(config, params, adapters)
+    tokens = _check(config, params, adapters)
     # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
     # buffer is the dense one the merged weight can reuse.
     params = tree.map_with_path(lambda p, w: dense(w) if p in adapters else w, params)
-    return _merge_jit(scales(config, adapters), params, adapters, 1.0, _token_items(config, params, adapters))
+    return _merge_jit(scales(config, adapters), params, adapters, 1.0, _token_items(tokens, adapters))
 
 
 def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:

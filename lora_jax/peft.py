@@ -47,7 +47,8 @@ from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lazy import column_norms, dense
-from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, merge, target_paths, token_rows
+from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, merge, resolve_tokens, target_paths,
+                   token_rows)
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -297,14 +298,17 @@ def _token_ids(config: LoraConfig, adapters: Adapters, params: PyTree | None) ->
         return {}
     if params is not None:
         return {p: ids for p, ids in token_rows(config, params).items() if p in paths}
-    spec = config.trainable_tokens
-    if isinstance(spec, tuple) and len(paths) == 1:
-        return {paths[0]: spec}
-    if isinstance(spec, Mapping):
-        found = {p: ids for name, ids in spec.items() for p in paths if tree.matches((name,), p)}
-        if sorted(found) == sorted(paths):
-            return found
-    raise ValueError(f"the trained rows of {paths} cannot be matched to trainable_tokens={spec!r}: pass params=")
+    if config.trainable_tokens is None:
+        raise ValueError(f"adapters hold trained rows for {paths} but the config has no trainable_tokens")
+    try:
+        found = resolve_tokens(config.trainable_tokens, paths)
+    except ValueError as e:
+        raise ValueError(f"the trained rows of {paths} cannot be matched to trainable_tokens: {e}; "
+                         "pass params=") from None
+    if sorted(found) != sorted(paths):
+        raise ValueError(f"the trained rows of {paths} cannot be matched to trainable_tokens="
+                         f"{config.trainable_tokens!r}: pass params=")
+    return found
 
 
 def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
