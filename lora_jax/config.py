@@ -11,8 +11,9 @@ from typing import Any
 
 from . import tree
 
-PLAIN_INITS = ("kaiming_uniform", "gaussian")  # A random, B = 0: the base weights stay as they are
-INITS = (*PLAIN_INITS, "pissa", "olora")  # and "pissa_niter_<n>"
+PLAIN_INITS = ("kaiming_uniform", "gaussian", "orthogonal")  # A B = 0 from random factors: W0 stays as it is
+DATA_INITS = ("eva",)  # A B = 0 with A from the layer inputs (`eva.init_eva`): W0 stays as it is
+INITS = (*PLAIN_INITS, *DATA_INITS, "pissa", "olora")  # and "pissa_niter_<n>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
@@ -64,7 +65,10 @@ class LoraConfig:
       exclude: same form; never targeted even if `targets` selects it.
       dropout: dropout rate on the LoRA input (training only, with an explicit rng).
       init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)),
-        B = 0; or one that moves part of W0 into the adapter (`lora.init_residual`): `pissa` (the r
+        B = 0; `orthogonal` (PEFT's: A and B random, nonzero, on orthogonal halves of an r x r
+        rotation, so A B = 0; even ranks only); `eva` (A = the principal directions of each
+        layer's inputs, ranks redistributed by explained variance: `eva.init_eva`, which needs
+        data); or one that moves part of W0 into the adapter (`lora.init_residual`): `pissa` (the r
         principal singular directions), `pissa_niter_<n>` (the same by a randomized SVD with n
         power iterations), `olora` (the first r columns of W0's QR decomposition).
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
@@ -150,7 +154,7 @@ class LoraConfig:
     def changes_base(self) -> bool:
         """Whether `init` takes part of W0 into the adapter (PiSSA, OLoRA): the adapters then act on
         the residual weights `lora.init_residual` returns, not on the original ones."""
-        return self.init not in PLAIN_INITS
+        return self.init not in PLAIN_INITS + DATA_INITS
 
     def rank_for(self, path: str) -> int:
         """The rank used at `path` (rank_pattern overrides `rank`)."""

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import quax
 
 from . import tree
-from .config import ALL_LINEAR, LoraConfig
+from .config import ALL_LINEAR, DATA_INITS, LoraConfig
 from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
 
 PyTree = Any
@@ -132,7 +132,8 @@ def init_tokens(config: LoraConfig, params: PyTree, *, dtype: Any = jnp.float32)
 
 
 def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp.float32) -> Adapters:
-    """Fresh adapters: A as PEFT initialises it (`config.init`), B = 0, so LoRA starts as identity.
+    """Fresh adapters as PEFT initialises them (`config.init`): A random and B = 0, or (`orthogonal`)
+    both random with A B = 0, so LoRA starts as identity.
 
     Args:
       config: which leaves, which rank.
@@ -146,6 +147,9 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
     if config.changes_base:
         raise ValueError(f"init={config.init!r} takes part of W0 into the adapter and changes the base weights: "
                          "use lora_jax.init_residual(config, params, key) -> (params, adapters)")
+    if config.init in DATA_INITS:
+        raise ValueError(f"init={config.init!r} is computed from the layer inputs on data: "
+                         "use lora_jax.init_eva(config, params, f, batches) -> (config, adapters)")
     flat = tree.flatten(params)
     out: Adapters = {}
     for i, p in enumerate(target_paths(config, params)):
@@ -155,17 +159,34 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         *stack, d_in, d_out = view = config.matrix_shape(p, flat[p].shape)
         r = config.rank_for(p)
         k = jax.random.fold_in(key, i)
+        b = jnp.zeros((*stack, r, d_out), dtype)
         if config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
-        else:  # PEFT "gaussian": N(0, 1/r^2)
+        elif config.init == "gaussian":  # PEFT "gaussian": N(0, 1/r^2)
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
-        out[p] = {"lora_A": a, "lora_B": jnp.zeros((*stack, r, d_out), dtype)}
+        else:
+            a, b = _orthogonal(k, p, view, r, dtype)
+        out[p] = {"lora_A": a, "lora_B": b}
         if config.lora_bias:
             out[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
         if config.use_dora:
             out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
     return out | init_tokens(config, params, dtype=dtype)
+
+
+def _orthogonal(key: jax.Array, path: str, view: tuple[int, ...], r: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """PEFT's `orthogonal` init: A = R1 Q_odd / 10, B = Q_even^T R2 / 10 with Q a random r x r
+    rotation, so A B = Q_odd Q_even^T = 0 while both factors train from nonzero values."""
+    if r % 2:
+        raise ValueError(f"init='orthogonal' needs an even rank; {path!r} has rank {r}")
+    *stack, d_in, d_out = view
+    kq, ka, kb = jax.random.split(key, 3)
+    q = jnp.linalg.qr(jax.random.normal(kq, (*stack, r, r)))[0]  # [*S, r, r], orthonormal rows
+    q_odd, q_even = q[..., 0::2, :], q[..., 1::2, :]  # [*S, r/2, r] each, mutually orthogonal
+    a = jax.random.normal(ka, (*stack, d_in, r // 2)) @ q_odd / 10.0  # [*S, in, r]
+    b = jnp.swapaxes(q_even, -1, -2) @ jax.random.normal(kb, (*stack, r // 2, d_out)) / 10.0  # [*S, r, out]
+    return a.astype(dtype), b.astype(dtype)
 
 
 def check_adapters(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> None:

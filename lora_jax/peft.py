@@ -342,7 +342,9 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "bias": config.bias,
         "use_rslora": config.use_rslora,
         "modules_to_save": modules,
-        "init_lora_weights": True if config.init == "kaiming_uniform" else "gaussian",
+        # PEFT re-initialises, then loads the weights: the init names only how they started. True
+        # (not "orthogonal" / "eva", which PEFT < 0.14 / 0.18 rejects) for all but "gaussian".
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": rank_pattern,
@@ -671,7 +673,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
-              init="gaussian" if init == "gaussian" else "kaiming_uniform", rank_pattern=rank_pattern,
+              init=init if init in ("gaussian", "orthogonal", "eva") else "kaiming_uniform", rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,

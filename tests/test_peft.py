@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -393,3 +394,33 @@ def test_residual_inits_match_peft(name, init, scan, dora, tiny_gpt2_dir, tiny_b
     got = torch_logits(peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval())
     np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
     assert np.abs(got - np.asarray(model.apply(params, IDS))).max() > 100 * ATOL
+
+
+def test_orthogonal_init_like_peft(tiny_gpt2_dir, tmp_path):
+    """PEFT's `orthogonal` init: A and B random on orthogonal halves of a rotation, A B = 0; the
+    same factor scales as PEFT draws, and the name survives a PEFT round trip."""
+    pm = peft.get_peft_model(hf_model(tiny_gpt2_dir), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_fc"],
+                                                                       init_lora_weights="orthogonal"))
+    pm.save_pretrained(tmp_path / "peft_made")
+    theirs = {k: v.detach().numpy() for k, v in pm.state_dict().items() if "lora_" in k}
+    model, params = from_pretrained(tiny_gpt2_dir, scan_layers=True)
+    config = lj.LoraConfig(rank=8, alpha=16, targets=["c_fc", "c_attn"], rank_pattern={".*c_attn": 4},
+                           init="orthogonal")
+    adapters = lj.init(config, params, jax.random.key(0))
+    for p, ab in adapters.items():
+        a, b = np.asarray(ab["lora_A"]), np.asarray(ab["lora_B"])  # [L, in, r], [L, r, out]
+        r = a.shape[-1]
+        assert np.abs(a @ b).max() < 1e-6 and np.abs(a).min(axis=(1, 2)).max() > 0 and np.abs(b).max() > 0.01
+        assert all(np.linalg.matrix_rank(m) == r // 2 for m in a)  # A = R1 Q_odd: rank r/2
+    assert adapters["transformer/h/attn/c_attn/kernel"]["lora_A"].shape[-1] == 4
+    fc = adapters["transformer/h/mlp/c_fc/kernel"]
+    for ours, key in ((fc["lora_A"], "lora_A"), (fc["lora_B"], "lora_B")):
+        want = np.std([v for k, v in theirs.items() if f"{key}." in k])
+        assert abs(float(jnp.std(ours)) / want - 1) < 0.1, key
+    np.testing.assert_allclose(lj.apply(model.apply, config)(params, adapters, IDS), model.apply(params, IDS),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r"init='orthogonal' needs an even rank; .*c_attn/kernel' has rank 3"):
+        lj.init(dataclasses.replace(config, rank_pattern={".*c_attn": 3}), params, jax.random.key(0))
+    assert lp.load_peft(tmp_path / "peft_made", from_pretrained(tiny_gpt2_dir)[1]).config.init == "orthogonal"
+    out = lp.save_peft(tmp_path / "ours", config, adapters, model_config=model.config)
+    assert json.loads((out / lp.CONFIG_FILE).read_text())["init_lora_weights"] is True
