@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
+from lora_jax import checkpoint
 from lora_jax import peft as lp
 from lora_jax.models import from_pretrained
 from train import squad
@@ -250,7 +251,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--eval-only", "--full-finetune", "--resume"], "takes no --full-finetune, --resume"),
                        (["--eval-only", "--no-base-eval"], "--no-base-eval scores nothing: pass --init-adapter"),
                        (["--init", "loftq"], "pass --quantize nf4 with it"),
-                       (["--loftq-iter", "3"], "a positive count for --init loftq")]:
+                       (["--loftq-iter", "3"], "a positive count for --init loftq"),
+                       (["--eva-batches", "4"], "--eva-batches 4: a positive count for --init eva"),
+                       (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -258,4 +261,23 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert "block_size 48 is not one of (32, 64" in capsys.readouterr().err
     assert squad.main(["--remat", "--remat-policy", "most", "--output-dir", str(tmp_path / "x")]) == 1
     assert "unknown remat_policy 'most'" in capsys.readouterr().err
+    assert squad.main(["--init", "orthogonal", "--rank", "3", "--output-dir", str(tmp_path / "x")]) == 1
+    assert "init='orthogonal' needs an even rank; 'transformer/h/0/attn/c_attn/kernel' has rank 3" in \
+        capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_eva_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--init eva reads the layer inputs on training batches, redistributes the ranks, trains,
+    and both exports carry EVA's ranks and scales."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "eva"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "1", "--no-base-eval", "--init", "eva",
+                               "--eva-batches", "2", "--eva-rho", "3", "--targets", "c_attn,c_fc")) == 0
+    assert "init eva: 2 batches; ranks" in capsys.readouterr().out
+    saved = checkpoint.load(out / "adapter", from_pretrained(tiny_gpt2_dir)[1])
+    ranks = {p: ab["lora_A"].shape[-1] for p, ab in saved.adapters.items()}
+    assert saved.config.init == "eva" and sum(ranks.values()) == 4 * 4 and len(set(ranks.values())) > 1
+    assert all(saved.config.rank_for(p) == r and saved.config.scale_for(p) == 2.0 for p, r in ranks.items())
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["rank_pattern"] and json.loads((out / "summary.json").read_text())["init"] == "eva"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import time
 from pathlib import Path
@@ -117,6 +118,25 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
     size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     return {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir), "peft_dir": str(p_dir),
             "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
+
+
+def eva_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log):
+    """EVA's (config, adapters) from the inputs the targeted layers see on the first training
+    batches, at the positions that carry the loss (PEFT's label mask), on the full-precision base."""
+    n = args.eva_batches or 8
+    rows = args.batch_size * args.grad_accum
+    stream = data.train_batches(examples, batch_size=rows, buckets=data.bucket_lengths(args.max_len),
+                                pad_id=data.pad_id_of(tokenizer), seed=args.seed)
+    batches = [batch for _, batch in itertools.islice(stream, n)]
+    new, adapters = lj.init_eva(lora, params, lambda p, b: model.apply(p, b["input_ids"], b["attention_mask"]),
+                                batches, mask=lambda b: b["loss_mask"] * b["attention_mask"],
+                                eva=lj.EvaConfig(rho=args.eva_rho or 2.0),
+                                key=jax.random.fold_in(jax.random.key(args.seed), 1))
+    ranks = sorted(ab["lora_A"].shape[-1] for ab in adapters.values())
+    dropped = len(lj.target_paths(lora, params)) - len(adapters)
+    log(f"init eva: {n} batches; ranks {ranks[0]}..{ranks[-1]} (budget {lora.rank} each)"
+        + (f", {dropped} layer{'s' if dropped > 1 else ''} left without LoRA" if dropped else ""))
+    return new, adapters
 
 
 def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
@@ -259,14 +279,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lora = lora_config(args, model)
         lj.target_paths(lora, params)
+        if lora.init == "orthogonal":  # an odd rank is refused here, before the output directory exists
+            jax.eval_shape(lambda: lj.init(lora, params, jax.random.key(0)))
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
                                  (f"--quantize {args.quantize}", args.quantize),
-                                 (f"--init {lora.init}", lora.changes_base)) if on]
+                                 (f"--init {lora.init}", lora.changes_base), ("--init eva", args.init == "eva")) if on]
     if prequantized and conflicts:
         raise ValueError(f"--model {args.model}: its linear weights are already 4-bit NF4, which "
-                         f"{', '.join(conflicts)} cannot take (they need the full-precision weights)")
+                         f"{', '.join(conflicts)} cannot take (they need the full-precision weights; EVA reads "
+                         "the full-precision model's layer inputs)")
     train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA's residual of it
     if lora.changes_base and args.init_adapter:
         raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
@@ -275,6 +298,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_params, adapters0 = lj.init_residual(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
         log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
             "residual weights")
+    if lora.init == "eva" and not args.init_adapter:
+        lora, adapters0 = eva_init(args, model, params, tokenizer, train_ex, lora, log)
     base_apply, scheme = model.apply, None
     if prequantized:
         scheme, base_apply = "nf4 checkpoint", quant.apply(model.apply)

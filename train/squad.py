@@ -66,12 +66,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lora-bias", action="store_true", help="lora_B gets a bias too, added to each targeted layer's bias "
                                                "(PEFT lora_bias)")
     a("--init", default="kaiming_uniform",
-      help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, or pissa / pissa_niter_<n> / olora, "
+      help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, orthogonal; eva: A from the "
+           "principal directions of each layer's inputs on the first --eva-batches training batches (answer "
+           "positions), ranks redistributed across layers; or pissa / pissa_niter_<n> / olora, "
            "which start the adapter from the weights' principal part and train on the residual; the saved "
            "adapters are converted to plain LoRA of rank 2r on the original weights; or, with --quantize nf4, "
            "loftq: the 4-bit base and the adapters chosen together (the base is saved to loftq_base/)")
     a("--loftq-iter", type=int, default=None, help="with --init loftq: alternations of quantization and SVD "
                                                    "(PEFT loftq_iter; default 1)")
+    a("--eva-batches", type=int, default=None, help="with --init eva: training batches it reads (default 8)")
+    a("--eva-rho", type=float, default=None, help="with --init eva: a layer takes at most rho * r ranks "
+                                                  "(PEFT EvaConfig.rho; default 2, 1 = no redistribution)")
     a("--loraplus-ratio", type=float, default=None,
       help="LoRA+: lora_B's learning rate is this many times --lr (e.g. 16)")
     a("--init-adapter", default=None,
@@ -138,9 +143,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not re.fullmatch(r"kaiming_uniform|gaussian|pissa|pissa_niter_\d+|olora|loftq", args.init):
-        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, pissa, pissa_niter_<n>, "
-                "olora or loftq")
+    if not re.fullmatch(r"kaiming_uniform|gaussian|orthogonal|eva|pissa|pissa_niter_\d+|olora|loftq", args.init):
+        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, orthogonal, eva, pissa, "
+                "pissa_niter_<n>, olora or loftq")
+    for flag, v, ok in (("--eva-batches", args.eva_batches, lambda n: n > 0),
+                        ("--eva-rho", args.eva_rho, lambda r: math.isfinite(r) and r >= 1)):
+        if v is not None and (args.init != "eva" or not ok(v)):
+            p.error(f"{flag} {v}: {'a positive count' if flag == '--eva-batches' else 'a number >= 1'} "
+                    "for --init eva")
     if args.init == "loftq" and not args.quantize:
         p.error("--init loftq chooses the 4-bit base and the adapters together: pass --quantize nf4 with it")
     if args.loftq_iter is not None and (args.init != "loftq" or args.loftq_iter <= 0):
