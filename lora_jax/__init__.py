@@ -6,12 +6,13 @@
     logits = jax.jit(g)(params, adapters, input_ids)
 """
 
-from . import eva, lazy, optim, quant, sharding, tree
+from . import corda, eva, inputs, lazy, optim, quant, sharding, tree
 from .config import FLAX_ATTENTION_AXES, LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Summary, apply, check_adapters, init, init_tokens, merge, scales,
                    summary, target_paths, token_rows, trainable_mask, unmerge)
 from .optim import TrainStep, join, labels, loraplus, make_train_step, masked_optimizer, split
+from .corda import init_corda
 from .eva import EvaConfig, init_eva
 from .loftq import init_loftq
 from .residual import init_residual, to_plain
@@ -20,7 +21,7 @@ __all__ = [
     "LoraConfig", "FLAX_ATTENTION_AXES", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "LORA_BIAS", "TOKENS", "apply", "check_adapters", "init", "init_tokens", "token_rows", "merge", "unmerge",
     "scales", "summary", "target_paths", "trainable_mask", "init_residual", "init_loftq", "init_eva", "EvaConfig",
-    "to_plain", "split", "join", "labels", "masked_optimizer", "make_train_step", "loraplus", "eva", "lazy", "optim",
-    "quant", "sharding", "tree",
+    "init_corda", "to_plain", "split", "join", "labels", "masked_optimizer", "make_train_step", "loraplus", "corda",
+    "eva", "inputs", "lazy", "optim", "quant", "sharding", "tree",
 ]
 __version__ = "0.1.0"

@@ -319,8 +319,9 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     _check_fits(directory, m, config, params)
     if config.changes_base:
         warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that "
-                      "lora_jax.init_residual makes from the base (same config and key), not on the base itself; "
-                      "save lora_jax.to_plain's result to use them on the base", stacklevel=2)
+                      f"lora_jax.{'init_corda' if config.init == 'corda' else 'init_residual'} makes from the base "
+                      f"({'same config and data' if config.init == 'corda' else 'same config and key'}), not on "
+                      "the base itself; save lora_jax.to_plain's result to use them on the base", stacklevel=2)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
     specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in set(s) - {"weight"}}

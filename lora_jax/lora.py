@@ -144,12 +144,13 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
       {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}; with DoRA also
       "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too).
     """
+    if config.init in DATA_INITS:
+        returns = "(config, adapters)" if config.init == "eva" else "(params, adapters)"
+        raise ValueError(f"init={config.init!r} is computed from the layer inputs on data: "
+                         f"use lora_jax.init_{config.init}(config, params, f, batches) -> {returns}")
     if config.changes_base:
         raise ValueError(f"init={config.init!r} takes part of W0 into the adapter and changes the base weights: "
                          "use lora_jax.init_residual(config, params, key) -> (params, adapters)")
-    if config.init in DATA_INITS:
-        raise ValueError(f"init={config.init!r} is computed from the layer inputs on data: "
-                         "use lora_jax.init_eva(config, params, f, batches) -> (config, adapters)")
     flat = tree.flatten(params)
     out: Adapters = {}
     for i, p in enumerate(target_paths(config, params)):

@@ -125,7 +125,7 @@ def _factors_only(configs: Mapping[str, LoraConfig], where: str) -> None:
 
 
 def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
-    # A PiSSA / OLoRA adapter acts on its own residual weights; one shared base holds none of them.
+    # A PiSSA / OLoRA / CorDA adapter acts on its own residual weights; one shared base holds none of them.
     residual = {n: c.init for n, c in configs.items() if c.changes_base}
     if residual:
         raise ValueError(f"adapters {residual} act on residual base weights of their own, which {where} over "

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from . import tree
-from .config import PISSA_NITER, LoraConfig
+from .config import DATA_INITS, PISSA_NITER, LoraConfig
 from .lazy import column_norms
 from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, init, init_tokens, target_paths
 
@@ -79,8 +80,23 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
       (params with each targeted W0 replaced by W0 - s*A0*B0, adapters {path: {"lora_A", "lora_B"}}
       (+ DoRA's magnitude: the column norms of W_res + s*A0*B0, so DoRA starts as identity too)).
     """
+    if config.init in DATA_INITS:
+        init(config, params, key)  # raises, naming the function that takes the data
     if not config.changes_base:
         return params, init(config, params, key, dtype=dtype)
+
+    def factors(i: int, path: str, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+        r, scale = config.rank_for(path), config.scale_for(path)
+        keys = jax.random.split(jax.random.fold_in(key, i), w.shape[0])
+        return jax.vmap(lambda m, k: _factors(config, m, k, r, scale))(w, keys)
+    return residual_init(config, params, factors, dtype=dtype)
+
+
+def residual_init(config: LoraConfig, params: PyTree,
+                  factors: Callable[[int, str, jax.Array], tuple[jax.Array, jax.Array]], *,
+                  dtype: Any = jnp.float32) -> tuple[PyTree, Adapters]:
+    """`init_residual` with the factors given: factors(i, path, w [n, in, out] fp32) -> A [n, in, r],
+    B [n, r, out] for the i-th target's n stacked matrices; the base keeps W0 - s*A*B."""
     flat = tree.flatten(params)
     adapters: Adapters = {}
     residual: dict[str, jax.Array] = {}
@@ -88,7 +104,7 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
         w0 = flat[p]
         if tree.is_value(w0):
             raise ValueError(f"init={config.init!r} computes the factors of {p!r} from full-precision values, got "
-                             f"{type(w0).__name__}: call init_residual before quant.quantize (the residual is "
+                             f"{type(w0).__name__}: initialise before quant.quantize (the residual is "
                              "what the 4-bit base should hold)")
         if isinstance(w0, jax.ShapeDtypeStruct) or not jnp.issubdtype(w0.dtype, jnp.floating):
             got = type(w0).__name__ if isinstance(w0, jax.ShapeDtypeStruct) else f"dtype {w0.dtype}"
@@ -96,9 +112,9 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
         r, scale = config.rank_for(p), config.scale_for(p)
         *stack, d_in, d_out = config.matrix_shape(p, w0.shape)
         w = jnp.asarray(w0, jnp.float32).reshape(-1, d_in, d_out)  # [prod(S), in, out]
-        keys = jax.random.split(jax.random.fold_in(key, i), w.shape[0])
         with jax.default_matmul_precision("highest"):  # W_res must cancel s*A0*B0 in fp32, not TF32 / bf16
-            a, b = jax.vmap(lambda m, k: _factors(config, m, k, r, scale))(w, keys)  # [n, in, r], [n, r, out]
+            a, b = factors(i, p, w)  # [n, in, r], [n, r, out]
+            a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
             delta = scale * (a @ b)  # [n, in, out]
         res = (w - delta).astype(w0.dtype)
         adapters[p] = {"lora_A": a.reshape(*stack, d_in, r).astype(dtype),
@@ -128,8 +144,8 @@ def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple
       (x2, or x sqrt(2) with rsLoRA), init "kaiming_uniform"; the rank-2r adapters).
     """
     if not config.changes_base:
-        raise ValueError(f"to_plain converts adapters made by init_residual (PiSSA / OLoRA); init={config.init!r} "
-                         "adapters already act on the original weights")
+        raise ValueError("to_plain converts adapters made by init_residual or init_corda (PiSSA / OLoRA / CorDA); "
+                         f"init={config.init!r} adapters already act on the original weights")
     if set(adapters) != set(initial):
         diff = sorted(set(adapters) ^ set(initial))
         raise ValueError(f"to_plain: adapters and initial adapters differ in their paths, e.g. {diff[:3]}")

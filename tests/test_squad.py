@@ -252,7 +252,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--eval-only", "--no-base-eval"], "--no-base-eval scores nothing: pass --init-adapter"),
                        (["--init", "loftq"], "pass --quantize nf4 with it"),
                        (["--loftq-iter", "3"], "a positive count for --init loftq"),
-                       (["--eva-batches", "4"], "--eva-batches 4: a positive count for --init eva"),
+                       (["--init-batches", "4"], "--init-batches 4: a positive count for --init eva / corda"),
+                       (["--init", "eva", "--corda-method", "kpm"], "--corda-method kpm: ipm or kpm for --init corda"),
                        (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
@@ -273,7 +274,7 @@ def test_eva_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json")
     out = tmp_path / "eva"
     assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "1", "--no-base-eval", "--init", "eva",
-                               "--eva-batches", "2", "--eva-rho", "3", "--targets", "c_attn,c_fc")) == 0
+                               "--init-batches", "2", "--eva-rho", "3", "--targets", "c_attn,c_fc")) == 0
     assert "init eva: 2 batches; ranks" in capsys.readouterr().out
     saved = checkpoint.load(out / "adapter", from_pretrained(tiny_gpt2_dir)[1])
     ranks = {p: ab["lora_A"].shape[-1] for p, ab in saved.adapters.items()}
@@ -281,3 +282,18 @@ def test_eva_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert all(saved.config.rank_for(p) == r and saved.config.scale_for(p) == 2.0 for p, r in ranks.items())
     peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
     assert peft_cfg["rank_pattern"] and json.loads((out / "summary.json").read_text())["init"] == "eva"
+
+
+def test_corda_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--init corda: the residual base from the first batches' covariance, trained, saved as plain
+    rank-2r LoRA on the original weights that the PEFT export carries too."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "corda"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "1", "--no-base-eval", "--init", "corda",
+                               "--init-batches", "2", "--corda-method", "kpm")) == 0
+    assert "init corda (kpm, 2 batches)" in capsys.readouterr().out
+    params = from_pretrained(tiny_gpt2_dir)[1]
+    saved = checkpoint.load(out / "adapter", params)
+    assert saved.config.init == "kaiming_uniform" and saved.config.rank == 8  # to_plain: rank 2r on W0
+    assert json.loads((out / "summary.json").read_text())["init"] == "corda"
+    assert lp.load_peft(out / "peft", params).config.rank == 8

@@ -120,21 +120,30 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
             "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
 
 
+def calibration(args, tokenizer, examples) -> list[dict[str, np.ndarray]]:
+    """The first --init-batches training batches (in the run's own order), for EVA and CorDA."""
+    stream = data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
+                                buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
+                                seed=args.seed)
+    return [batch for _, batch in itertools.islice(stream, args.init_batches or 8)]
+
+
+def forward(model):
+    """f(params, batch) for the data-driven inits: the model on a training batch."""
+    return lambda p, b: model.apply(p, b["input_ids"], b["attention_mask"])
+
+
 def eva_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log):
     """EVA's (config, adapters) from the inputs the targeted layers see on the first training
     batches, at the positions that carry the loss (PEFT's label mask), on the full-precision base."""
-    n = args.eva_batches or 8
-    rows = args.batch_size * args.grad_accum
-    stream = data.train_batches(examples, batch_size=rows, buckets=data.bucket_lengths(args.max_len),
-                                pad_id=data.pad_id_of(tokenizer), seed=args.seed)
-    batches = [batch for _, batch in itertools.islice(stream, n)]
-    new, adapters = lj.init_eva(lora, params, lambda p, b: model.apply(p, b["input_ids"], b["attention_mask"]),
-                                batches, mask=lambda b: b["loss_mask"] * b["attention_mask"],
+    batches = calibration(args, tokenizer, examples)
+    new, adapters = lj.init_eva(lora, params, forward(model), batches,
+                                mask=lambda b: b["loss_mask"] * b["attention_mask"],
                                 eva=lj.EvaConfig(rho=args.eva_rho or 2.0),
                                 key=jax.random.fold_in(jax.random.key(args.seed), 1))
     ranks = sorted(ab["lora_A"].shape[-1] for ab in adapters.values())
     dropped = len(lj.target_paths(lora, params)) - len(adapters)
-    log(f"init eva: {n} batches; ranks {ranks[0]}..{ranks[-1]} (budget {lora.rank} each)"
+    log(f"init eva: {len(batches)} batches; ranks {ranks[0]}..{ranks[-1]} (budget {lora.rank} each)"
         + (f", {dropped} layer{'s' if dropped > 1 else ''} left without LoRA" if dropped else ""))
     return new, adapters
 
@@ -285,16 +294,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
                                  (f"--quantize {args.quantize}", args.quantize),
-                                 (f"--init {lora.init}", lora.changes_base), ("--init eva", args.init == "eva")) if on]
+                                 (f"--init {lora.init}", lora.changes_base or args.init == "eva")) if on]
     if prequantized and conflicts:
         raise ValueError(f"--model {args.model}: its linear weights are already 4-bit NF4, which "
-                         f"{', '.join(conflicts)} cannot take (they need the full-precision weights; EVA reads "
-                         "the full-precision model's layer inputs)")
-    train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA's residual of it
+                         f"{', '.join(conflicts)} cannot take (they need the full-precision weights)")
+    train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA / CorDA's residual of it
     if lora.changes_base and args.init_adapter:
         raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
                          "weights this run cannot rebuild; save them with lora_jax.to_plain first")
-    if lora.changes_base:
+    if lora.init == "corda":  # every real token of the first batches (PEFT's CorDA reads whole samples)
+        method = args.corda_method or "ipm"
+        batches = calibration(args, tokenizer, train_ex)
+        train_params, adapters0 = lj.init_corda(lora, params, forward(model), batches,
+                                                mask=lambda b: b["attention_mask"], method=method)
+        log(f"init corda ({method}, {len(batches)} batches): the adapters start from W0's components along its "
+            "inputs' covariance; LoRA trains on the residual weights")
+    elif lora.changes_base:
         train_params, adapters0 = lj.init_residual(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
         log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
             "residual weights")
