@@ -6,7 +6,7 @@
     logits = jax.jit(g)(params, adapters, input_ids)
 """
 
-from . import corda, eva, inputs, lazy, optim, quant, sharding, tree
+from . import corda, eva, inputs, lazy, lora_ga, optim, quant, sharding, tree
 from .config import FLAX_ATTENTION_AXES, LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Summary, apply, check_adapters, init, init_tokens, merge, scales,
@@ -15,13 +15,14 @@ from .optim import TrainStep, join, labels, loraplus, make_train_step, masked_op
 from .corda import init_corda
 from .eva import EvaConfig, init_eva
 from .loftq import init_loftq
+from .lora_ga import LoraGAConfig, init_lora_ga
 from .residual import init_residual, to_plain
 
 __all__ = [
     "LoraConfig", "FLAX_ATTENTION_AXES", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "LORA_BIAS", "TOKENS", "apply", "check_adapters", "init", "init_tokens", "token_rows", "merge", "unmerge",
     "scales", "summary", "target_paths", "trainable_mask", "init_residual", "init_loftq", "init_eva", "EvaConfig",
-    "init_corda", "to_plain", "split", "join", "labels", "masked_optimizer", "make_train_step", "loraplus", "corda",
-    "eva", "inputs", "lazy", "optim", "quant", "sharding", "tree",
+    "init_corda", "init_lora_ga", "LoraGAConfig", "to_plain", "split", "join", "labels", "masked_optimizer",
+    "make_train_step", "loraplus", "corda", "eva", "inputs", "lazy", "lora_ga", "optim", "quant", "sharding", "tree",
 ]
 __version__ = "0.1.0"

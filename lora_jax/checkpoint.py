@@ -30,8 +30,8 @@ import numpy as np
 
 from . import tree
 from .config import LoraConfig
-from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters, target_paths, token_rows,
-                   trainable_mask)
+from .lora import (DATA_INIT_CALLS, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
+                   target_paths, token_rows, trainable_mask)
 
 PyTree = Any
 MANIFEST = "lora_adapter.json"
@@ -318,9 +318,9 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
         raise ValueError(f"{directory}: adapters were trained on {m['base_model']!r}, not {base_model!r}")
     _check_fits(directory, m, config, params)
     if config.changes_base:
-        warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that "
-                      f"lora_jax.{'init_corda' if config.init == 'corda' else 'init_residual'} makes from the base "
-                      f"({'same config and data' if config.init == 'corda' else 'same config and key'}), not on "
+        made = (f"lora_jax.{DATA_INIT_CALLS[config.init].split('(')[0]} makes from the base (same config and data)"
+                if config.init in DATA_INIT_CALLS else "lora_jax.init_residual makes from the base (same config and key)")
+        warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that {made}, not on "
                       "the base itself; save lora_jax.to_plain's result to use them on the base", stacklevel=2)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))

@@ -12,8 +12,9 @@ from typing import Any
 from . import tree
 
 PLAIN_INITS = ("kaiming_uniform", "gaussian", "orthogonal")  # A B = 0 from random factors: W0 stays as it is
-# Computed from the layer inputs on data: EVA keeps W0 (A B = 0), CorDA moves part of it into A B.
-DATA_INITS = ("eva", "corda")
+# Computed on data (layer inputs; LoRA-GA: gradients): EVA keeps W0 (A B = 0), CorDA and LoRA-GA
+# move part of it into A B.
+DATA_INITS = ("eva", "corda", "lora_ga")
 INITS = (*PLAIN_INITS, *DATA_INITS, "pissa", "olora")  # and "pissa_niter_<n>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
@@ -70,9 +71,11 @@ class LoraConfig:
         rotation, so A B = 0; even ranks only); `eva` (A = the principal directions of each
         layer's inputs, ranks redistributed by explained variance: `eva.init_eva`, which needs
         data); `corda` (W0's components along its inputs' covariance: `corda.init_corda`, data
-        too, and the base keeps the residual); or one that moves part of W0 into the adapter (`lora.init_residual`): `pissa` (the r
-        principal singular directions), `pissa_niter_<n>` (the same by a randomized SVD with n
-        power iterations), `olora` (the first r columns of W0's QR decomposition).
+        too, and the base keeps the residual); `lora_ga` (the directions of the first gradients:
+        `lora_ga.init_lora_ga`, residual base too); or one that moves part of W0 into the adapter
+        (`lora.init_residual`): `pissa` (the r principal singular directions), `pissa_niter_<n>`
+        (the same by a randomized SVD with n power iterations), `olora` (the first r columns of
+        W0's QR decomposition).
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
       use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
         adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated).
@@ -154,8 +157,9 @@ class LoraConfig:
 
     @property
     def changes_base(self) -> bool:
-        """Whether `init` takes part of W0 into the adapter (PiSSA, OLoRA, CorDA): the adapters then
-        act on the residual weights `init_residual` / `init_corda` return, not on the original ones."""
+        """Whether `init` takes part of W0 into the adapter (PiSSA, OLoRA, CorDA, LoRA-GA): the adapters
+        then act on the residual weights `init_residual` (`init_corda`, `init_lora_ga`) returns, not on
+        the original ones."""
         return self.init not in (*PLAIN_INITS, "eva")
 
     def rank_for(self, path: str) -> int:

@@ -123,9 +123,9 @@ def _record(probe: _Probe, x: jax.Array, dn, w_is_lhs: bool) -> None:
     if probe.normalise:
         # CorDA: each sample's rows (x's leading dim) over |their largest value|, as PEFT's hook scales
         # each forward call of one sample; the samples are counted as its calls are.
-        n = x.shape[0] if x.ndim > 1 else 1
-        per = rows.reshape(n, -1, rows.shape[-1])  # [samples, rows each, in]
-        kept = weight.reshape(n, -1, 1) > 0
+        samples = x.shape[0] if x.ndim > 1 else 1
+        per = rows.reshape(samples, -1, rows.shape[-1])  # [samples, rows each, in]
+        kept = weight.reshape(samples, -1, 1) > 0
         top = jnp.abs(jnp.max(jnp.where(kept, per, -jnp.inf), axis=(1, 2)))  # [samples]
         present = jnp.any(kept, axis=(1, 2))
         rows = (per / jnp.where(present, top, 1.0)[:, None, None]).reshape(rows.shape)

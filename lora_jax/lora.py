@@ -34,6 +34,12 @@ LORA_BIAS = "lora_B_bias"  # lora_B's bias [*S, out] (lora_bias), PEFT's lora_B.
 TOKENS = "trainable_tokens_delta"  # trained embedding rows [n, D] (trainable_tokens), PEFT's name
 
 
+# Where each data-driven init is made.
+DATA_INIT_CALLS = {"eva": "init_eva(config, params, f, batches) -> (config, adapters)",
+                   "corda": "init_corda(config, params, f, batches) -> (params, adapters)",
+                   "lora_ga": "init_lora_ga(config, params, loss_fn, batches) -> (params, adapters)"}
+
+
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
     when `lora_bias`."""
@@ -145,9 +151,7 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
       "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too).
     """
     if config.init in DATA_INITS:
-        returns = "(config, adapters)" if config.init == "eva" else "(params, adapters)"
-        raise ValueError(f"init={config.init!r} is computed from the layer inputs on data: "
-                         f"use lora_jax.init_{config.init}(config, params, f, batches) -> {returns}")
+        raise ValueError(f"init={config.init!r} is computed on data: use lora_jax.{DATA_INIT_CALLS[config.init]}")
     if config.changes_base:
         raise ValueError(f"init={config.init!r} takes part of W0 into the adapter and changes the base weights: "
                          "use lora_jax.init_residual(config, params, key) -> (params, adapters)")

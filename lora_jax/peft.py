@@ -71,7 +71,7 @@ _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
 _UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora")
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 class PeftAdapter(NamedTuple):
@@ -343,7 +343,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_rslora": config.use_rslora,
         "modules_to_save": modules,
         # PEFT re-initialises, then loads the weights: the init names only how they started. True
-        # (not "orthogonal" / "eva", which PEFT < 0.14 / 0.18 rejects) for all but "gaussian".
+        # (not "orthogonal" / "eva", which older PEFT versions reject) for all but "gaussian".
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -673,7 +673,8 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
-              init=init if init in ("gaussian", "orthogonal", "eva") else "kaiming_uniform", rank_pattern=rank_pattern,
+              init=init if init in ("gaussian", "orthogonal", "eva") else "kaiming_uniform",
+              rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,

@@ -252,7 +252,7 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--eval-only", "--no-base-eval"], "--no-base-eval scores nothing: pass --init-adapter"),
                        (["--init", "loftq"], "pass --quantize nf4 with it"),
                        (["--loftq-iter", "3"], "a positive count for --init loftq"),
-                       (["--init-batches", "4"], "--init-batches 4: a positive count for --init eva / corda"),
+                       (["--init-batches", "4"], "--init-batches 4: a positive count for --init eva / corda / lora_ga"),
                        (["--init", "eva", "--corda-method", "kpm"], "--corda-method kpm: ipm or kpm for --init corda"),
                        (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva")]:
         with pytest.raises(SystemExit):
@@ -284,16 +284,19 @@ def test_eva_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert peft_cfg["rank_pattern"] and json.loads((out / "summary.json").read_text())["init"] == "eva"
 
 
-def test_corda_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
-    """--init corda: the residual base from the first batches' covariance, trained, saved as plain
-    rank-2r LoRA on the original weights that the PEFT export carries too."""
+@pytest.mark.parametrize("init,flags,said", [("corda", ["--corda-method", "kpm"], "init corda (kpm, 2 batches)"),
+                                              ("lora_ga", [], "init lora_ga (2 batches)")])
+def test_residual_data_inits_through_the_cli(init, flags, said, tiny_gpt2_dir, tmp_path, capsys):
+    """--init corda / lora_ga: the residual base from the first batches (their inputs' covariance,
+    the loss gradient), trained, saved as plain rank-2r LoRA on the original weights that the PEFT
+    export carries too."""
     data = tiny_squad(tmp_path / "squad.json")
-    out = tmp_path / "corda"
-    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "1", "--no-base-eval", "--init", "corda",
-                               "--init-batches", "2", "--corda-method", "kpm")) == 0
-    assert "init corda (kpm, 2 batches)" in capsys.readouterr().out
+    out = tmp_path / init
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "1", "--no-base-eval", "--init", init,
+                               "--init-batches", "2", *flags)) == 0
+    assert said in capsys.readouterr().out
     params = from_pretrained(tiny_gpt2_dir)[1]
     saved = checkpoint.load(out / "adapter", params)
     assert saved.config.init == "kaiming_uniform" and saved.config.rank == 8  # to_plain: rank 2r on W0
-    assert json.loads((out / "summary.json").read_text())["init"] == "corda"
+    assert json.loads((out / "summary.json").read_text())["init"] == init
     assert lp.load_peft(out / "peft", params).config.rank == 8

@@ -121,7 +121,7 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
 
 
 def calibration(args, tokenizer, examples) -> list[dict[str, np.ndarray]]:
-    """The first --init-batches training batches (in the run's own order), for EVA and CorDA."""
+    """The first --init-batches training batches (in the run's own order), for EVA, CorDA, LoRA-GA."""
     stream = data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
                                 buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
                                 seed=args.seed)
@@ -298,11 +298,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if prequantized and conflicts:
         raise ValueError(f"--model {args.model}: its linear weights are already 4-bit NF4, which "
                          f"{', '.join(conflicts)} cannot take (they need the full-precision weights)")
-    train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA / CorDA's residual of it
+    train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA / CorDA / LoRA-GA's residual of it
     if lora.changes_base and args.init_adapter:
         raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
                          "weights this run cannot rebuild; save them with lora_jax.to_plain first")
-    if lora.init == "corda":  # every real token of the first batches (PEFT's CorDA reads whole samples)
+    if lora.init == "lora_ga":  # the mean gradient of the training loss over the first batches
+        batches = calibration(args, tokenizer, train_ex)
+        per_batch = target_loss(lambda p, _a, ids, mask, _rng, pos: model.apply(p, ids, mask, positions=pos),
+                                _targets_per_row(train_ex, args.full_sequence_loss, args.max_len))
+
+        def mean_loss(p, batch):
+            total, count = per_batch(p, None, batch, None)
+            return total / jnp.maximum(count, 1)
+        train_params, adapters0 = lj.init_lora_ga(lora, params, mean_loss, batches, seed=args.seed)
+        log(f"init lora_ga ({len(batches)} batches): the adapters start from the directions of the first gradients; "
+            "LoRA trains on the residual weights")
+    elif lora.init == "corda":  # every real token of the first batches (PEFT's CorDA reads whole samples)
         method = args.corda_method or "ipm"
         batches = calibration(args, tokenizer, train_ex)
         train_params, adapters0 = lj.init_corda(lora, params, forward(model), batches,

@@ -69,14 +69,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, orthogonal; eva: A from the "
            "principal directions of each layer's inputs on the first --init-batches training batches (answer "
            "positions), ranks redistributed across layers; or pissa / pissa_niter_<n> / olora / corda (CorDA: W0 "
-           "decomposed along its inputs' covariance on --init-batches batches), "
+           "decomposed along its inputs' covariance on --init-batches batches) / lora_ga (LoRA-GA: the directions "
+           "of the loss gradient on --init-batches batches), "
            "which start the adapter from part of the weights and train on the residual; the saved "
            "adapters are converted to plain LoRA of rank 2r on the original weights; or, with --quantize nf4, "
            "loftq: the 4-bit base and the adapters chosen together (the base is saved to loftq_base/)")
     a("--loftq-iter", type=int, default=None, help="with --init loftq: alternations of quantization and SVD "
                                                    "(PEFT loftq_iter; default 1)")
     a("--init-batches", type=int, default=None,
-      help="with --init eva / corda: training batches whose layer inputs they read (default 8)")
+      help="with --init eva / corda / lora_ga: the training batches they read (default 8)")
     a("--eva-rho", type=float, default=None, help="with --init eva: a layer takes at most rho * r ranks "
                                                   "(PEFT EvaConfig.rho; default 2, 1 = no redistribution)")
     a("--corda-method", choices=("ipm", "kpm"), default=None,
@@ -148,12 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not re.fullmatch(r"kaiming_uniform|gaussian|orthogonal|eva|corda|pissa|pissa_niter_\d+|olora|loftq",
+    if not re.fullmatch(r"kaiming_uniform|gaussian|orthogonal|eva|corda|lora_ga|pissa|pissa_niter_\d+|olora|loftq",
                         args.init):
         p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, orthogonal, eva, corda, "
-                "pissa, pissa_niter_<n>, olora or loftq")
+                "lora_ga, pissa, pissa_niter_<n>, olora or loftq")
     for flag, v, inits, want, ok in (
-            ("--init-batches", args.init_batches, ("eva", "corda"), "a positive count", lambda n: n > 0),
+            ("--init-batches", args.init_batches, ("eva", "corda", "lora_ga"), "a positive count", lambda n: n > 0),
             ("--eva-rho", args.eva_rho, ("eva",), "a number >= 1", lambda r: math.isfinite(r) and r >= 1),
             ("--corda-method", args.corda_method, ("corda",), "ipm or kpm", lambda m: True)):
         if v is not None and (args.init not in inits or not ok(v)):
