@@ -18,14 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .config import LoraConfig
 from .inputs import layer_inputs
 from .lora import Adapters, target_paths
-from .residual import residual_init
+from .residual import per_matrix, residual_init
 
 PyTree = Any
 METHODS = ("ipm", "kpm")
@@ -89,13 +88,10 @@ def init_corda(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], An
             raise ValueError(f"CorDA needs the inputs of {p!r}, which met no matmul over its input dimension "
                              "(an embedding?): exclude it")
 
-    def factors(_i: int, path: str, w: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-        r, scale = config.rank_for(path), config.scale_for(path)
-        missing = [j for j in range(len(w)) if (path, j) not in moments]
-        if missing:
-            raise ValueError(f"CorDA saw no inputs for matrices {missing} of the stack {path!r}")
-        # PEFT's covariance is the mean over samples: its scale splits s*A*B between A and B.
-        ab = [corda_factors(np.asarray(m), moments[path, j].gram / moments[path, j].calls, r, scale, method,
-                            f"{path} (matrix {j})") for j, m in enumerate(w)]
-        return np.stack([a for a, _ in ab]), np.stack([b for _, b in ab])
-    return residual_init(config, params, factors, dtype=dtype)
+    def one(path: str, j: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if (path, j) not in moments:
+            raise ValueError(f"CorDA saw no inputs for matrix {j} of the stack {path!r}")
+        m = moments[path, j]  # PEFT's C is the mean over samples; its scale splits s*A*B between A and B
+        return corda_factors(w, m.gram / m.calls, config.rank_for(path), config.scale_for(path), method,
+                             f"{path} (matrix {j})")
+    return residual_init(config, params, per_matrix(one), dtype=dtype)

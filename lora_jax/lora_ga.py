@@ -26,7 +26,7 @@ import numpy as np
 from . import tree
 from .config import LoraConfig
 from .lora import Adapters, target_paths
-from .residual import residual_init
+from .residual import per_matrix, residual_init
 
 PyTree = Any
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
@@ -122,12 +122,10 @@ def init_lora_ga(config: LoraConfig, params: PyTree, loss_fn: Callable[[PyTree, 
     grads = mean_gradients(config, params, loss_fn, batches)
     rng = np.random.default_rng(seed)
 
-    def factors(_i: int, path: str, w: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-        r, scale = config.rank_for(path), config.scale_for(path)
-        g = grads[path].reshape(w.shape)  # [n, in, out]
-        if 2 * r > min(w.shape[1:]):
+    def one(path: str, j: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        r = config.rank_for(path)
+        if 2 * r > min(w.shape):
             raise ValueError(f"LoRA-GA splits 2r = {2 * r} singular directions of {path!r}'s gradient "
-                             f"{tuple(w.shape[1:])} between A and B: use a rank <= {min(w.shape[1:]) // 2}")
-        ab = [ga_factors(g[j], np.asarray(w[j], np.float64), r, scale, ga, rng) for j in range(len(w))]
-        return np.stack([a for a, _ in ab]), np.stack([b for _, b in ab])
-    return residual_init(config, params, factors, dtype=dtype)
+                             f"{w.shape} between A and B: use a rank <= {min(w.shape) // 2}")
+        return ga_factors(grads[path].reshape(-1, *w.shape)[j], w, r, config.scale_for(path), ga, rng)
+    return residual_init(config, params, per_matrix(one), dtype=dtype)

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import tree
 from .config import DATA_INITS, PISSA_NITER, LoraConfig
@@ -127,6 +128,16 @@ def residual_init(config: LoraConfig, params: PyTree,
         residual[p] = res.reshape(w0.shape)
     adapters |= init_tokens(config, params, dtype=dtype)  # trainable rows: the original ones, as with plain LoRA
     return tree.map_with_path(lambda p, x: residual.get(p, x), params), adapters
+
+
+def per_matrix(fn: Callable[[str, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+               ) -> Callable[[int, str, jax.Array], tuple[np.ndarray, np.ndarray]]:
+    """`residual_init`'s factors from fn(path, j, w_j [in, out] float64) -> (A [in, r], B [r, out])
+    for the j-th matrix of a stack (the data inits, which work matrix by matrix on the host)."""
+    def factors(_i: int, path: str, w: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+        ab = [fn(path, j, np.asarray(m, np.float64)) for j, m in enumerate(w)]
+        return np.stack([a for a, _ in ab]), np.stack([b for _, b in ab])
+    return factors
 
 
 def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple[LoraConfig, Adapters]:

@@ -129,7 +129,7 @@ def test_eva_refuses_what_it_cannot_do(tiny_gpt2_dir):
         lj.init_eva(config, PARAMS, two_inputs, BATCHES[:1], mask=lambda b: jnp.ones((2, 3)))
     with pytest.raises(ValueError, match="empty"):
         lj.init_eva(config, PARAMS, two_inputs, [])
-    with pytest.raises(ValueError, match="computed from the layer inputs"):
+    with pytest.raises(ValueError, match=r"is computed on data: use lora_jax.init_eva\(config, params, f, batches\)"):
         lj.init(dataclasses.replace(config, init="eva"), PARAMS, jax.random.key(0))
     with pytest.raises(ValueError, match="EvaConfig.rho"):
         eva.EvaConfig(rho=0.5)
