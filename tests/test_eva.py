@@ -116,6 +116,15 @@ def test_eva_reads_gpt2_layer_inputs(tiny_gpt2_dir, tmp_path):
             for p, ab in adapters.items():
                 assert loaded.config.rank_for(p) == ab["lora_A"].shape[1] and loaded.config.scale_for(p) == 2.0
                 np.testing.assert_array_equal(loaded.adapters[p]["lora_A"], ab["lora_A"])
+    # QLoRA: on (stacked) NF4 weights EVA reads the 4-bit model's layer inputs, those of its dequantized weights.
+    q = lj.quant.quantize(params)
+    _, on_nf4 = lj.init_eva(config, q, lambda p, b: model.apply(p, b["ids"], b["mask"]), batches,
+                            mask=lambda b: b["mask"], eva=lj.EvaConfig(rho=4.0))
+    _, on_deq = lj.init_eva(config, lj.quant.dequantize(q), lambda p, b: model.apply(p, b["ids"], b["mask"]),
+                            batches, mask=lambda b: b["mask"], eva=lj.EvaConfig(rho=4.0))
+    assert sorted(on_nf4) == sorted(on_deq) == sorted(adapters)
+    for p, ab in on_nf4.items():
+        np.testing.assert_allclose(ab["lora_A"], on_deq[p]["lora_A"], atol=1e-5)
     # The budget 2 per matrix, redistributed unevenly, the same way for both layouts.
     assert ranks[True] == ranks[False] and sum(ranks[True].values()) == 2 * len(ranks[True])
     assert len(set(ranks[True].values())) > 1
