@@ -66,7 +66,7 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
     Args:
       config: targets, rank (the budget is the sum of every matrix's rank) and alpha.
       params: the frozen parameters `f` runs with (4-bit `quant` weights too: EVA then reads the
-        4-bit model's layer inputs, as PEFT's EVA on a bitsandbytes model does).
+        4-bit model's layer inputs).
       f, batches, mask: as for `layer_inputs`: `f(params, batch)` over the calibration data.
       eva: rho, whitening, scale adjustment.
       key: initialises the targets EVA cannot see (no matmul over their input, such as an
