@@ -29,8 +29,8 @@ import jax
 import numpy as np
 
 from . import tree
-from .config import LoraConfig
-from .lora import (DATA_INIT_CALLS, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
+from .config import DATA_INITS, LoraConfig
+from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
                    target_paths, token_rows, trainable_mask)
 
 PyTree = Any
@@ -318,8 +318,8 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
         raise ValueError(f"{directory}: adapters were trained on {m['base_model']!r}, not {base_model!r}")
     _check_fits(directory, m, config, params)
     if config.changes_base:
-        made = (f"lora_jax.{DATA_INIT_CALLS[config.init].split('(')[0]} makes from the base (same config and data)"
-                if config.init in DATA_INIT_CALLS else "lora_jax.init_residual makes from the base (same config and key)")
+        made = (f"lora_jax.init_{config.init} makes from the base (same config and data)" if config.init in DATA_INITS
+                else "lora_jax.init_residual makes from the base (same config and key)")
         warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that {made}, not on "
                       "the base itself; save lora_jax.to_plain's result to use them on the base", stacklevel=2)
 

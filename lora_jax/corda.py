@@ -83,8 +83,9 @@ def init_corda(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], An
     if method not in METHODS:
         raise ValueError(f"CorDA method {method!r}: expected one of {METHODS}")
     moments = layer_inputs(config, params, f, batches, mask=mask, normalise=True)
+    reached = {name for name, _ in moments}
     for p in target_paths(config, params):
-        if not any(name == p for name, _ in moments):
+        if p not in reached:
             raise ValueError(f"CorDA needs the inputs of {p!r}, which met no matmul over its input dimension "
                              "(an embedding?): exclude it")
 

@@ -81,7 +81,8 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
     moments = layer_inputs(config, params, f, batches, mask=mask)
     flat = tree.flatten(params)
     paths = target_paths(config, params)
-    seen = [p for p in paths if any(name == p for name, _ in moments)]
+    reached = {name for name, _ in moments}
+    seen = [p for p in paths if p in reached]
     unseen = [p for p in paths if p not in seen]
     if unseen and key is None:
         raise ValueError(f"EVA cannot initialise {unseen} (no matmul over their input): pass key= for "

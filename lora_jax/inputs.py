@@ -26,7 +26,7 @@ from jax.extend.core import primitives as P
 
 from . import tree
 from .config import LoraConfig
-from .lazy import Stacked, as_matrix, dense
+from .lazy import Stacked, as_matrix, dense, lift
 from .lora import target_paths
 
 PyTree = Any
@@ -100,7 +100,7 @@ class _Probe(Stacked):
 
     def map(self, fn) -> "_Probe":
         rows = None if self.rows is None else fn(self.rows)
-        return _Probe(fn(self.w), fn(self.idx), rows, self.name, self.recorder, self.normalise)
+        return _Probe(lift(fn)(self.w), fn(self.idx), rows, self.name, self.recorder, self.normalise)
 
 
 def _record(probe: _Probe, x: jax.Array, dn, w_is_lhs: bool) -> None:
@@ -140,8 +140,7 @@ def _dot_probe(probe: _Probe, x, dn, kwargs, w_is_lhs: bool):
     x = dense(x)
     _record(probe, x, dn, w_is_lhs)
     args = (probe.w, x) if w_is_lhs else (x, probe.w)
-    return quax.quaxify(lax.dot_general)(*args, dn, **kwargs) if tree.is_value(probe.w) \
-        else lax.dot_general_p.bind(*args, dimension_numbers=dn, **kwargs)
+    return lift(lax.dot_general)(*args, dn, **kwargs)
 
 
 @quax.register(P.dot_general_p)
@@ -156,7 +155,7 @@ def _dot_probe_rhs(lhs: jax.typing.ArrayLike | quax.ArrayValue, rhs: _Probe, *, 
 
 @quax.register(P.convert_element_type_p)
 def _cast_probe(x: _Probe, *, new_dtype, **kwargs):
-    return eqx.tree_at(lambda t: t.w, x, lax.convert_element_type(dense(x.w), new_dtype))
+    return eqx.tree_at(lambda t: t.w, x, lift(lambda v: lax.convert_element_type(v, new_dtype))(x.w))
 
 
 def layer_inputs(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any], batches: Iterable[Any], *,

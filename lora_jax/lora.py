@@ -40,6 +40,12 @@ DATA_INIT_CALLS = {"eva": "init_eva(config, params, f, batches) -> (config, adap
                    "lora_ga": "init_lora_ga(config, params, loss_fn, batches) -> (params, adapters)"}
 
 
+def check_not_data_init(config: LoraConfig) -> None:
+    """Raise, naming the function to call, when `config.init` is computed on data."""
+    if config.init in DATA_INITS:
+        raise ValueError(f"init={config.init!r} is computed on data: use lora_jax.{DATA_INIT_CALLS[config.init]}")
+
+
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
     when `lora_bias`."""
@@ -75,6 +81,8 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}")
         if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
+        if config.init == "orthogonal" and r % 2:
+            raise ValueError(f"init='orthogonal' needs an even rank; {p!r} has rank {r}")
         if config.lora_bias:
             b = flat.get(bias_path(p))
             if tree.leaf_name(p) not in tree.LINEAR_NAMES or b is None or math.prod(b.shape) != math.prod(
@@ -150,8 +158,7 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
       {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}; with DoRA also
       "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too).
     """
-    if config.init in DATA_INITS:
-        raise ValueError(f"init={config.init!r} is computed on data: use lora_jax.{DATA_INIT_CALLS[config.init]}")
+    check_not_data_init(config)
     if config.changes_base:
         raise ValueError(f"init={config.init!r} takes part of W0 into the adapter and changes the base weights: "
                          "use lora_jax.init_residual(config, params, key) -> (params, adapters)")
@@ -171,7 +178,7 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         elif config.init == "gaussian":  # PEFT "gaussian": N(0, 1/r^2)
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         else:
-            a, b = _orthogonal(k, p, view, r, dtype)
+            a, b = _orthogonal(k, view, r, dtype)
         out[p] = {"lora_A": a, "lora_B": b}
         if config.lora_bias:
             out[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
@@ -180,11 +187,10 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
     return out | init_tokens(config, params, dtype=dtype)
 
 
-def _orthogonal(key: jax.Array, path: str, view: tuple[int, ...], r: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+def _orthogonal(key: jax.Array, view: tuple[int, ...], r: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """PEFT's `orthogonal` init: A = R1 Q_odd / 10, B = Q_even^T R2 / 10 with Q a random r x r
-    rotation, so A B = Q_odd Q_even^T = 0 while both factors train from nonzero values."""
-    if r % 2:
-        raise ValueError(f"init='orthogonal' needs an even rank; {path!r} has rank {r}")
+    rotation (r even: `target_paths` checks), so A B = Q_odd Q_even^T = 0 while both factors
+    train from nonzero values."""
     *stack, d_in, d_out = view
     kq, ka, kb = jax.random.split(key, 3)
     q = jnp.linalg.qr(jax.random.normal(kq, (*stack, r, r)))[0]  # [*S, r, r], orthonormal rows

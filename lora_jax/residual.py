@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import tree
-from .config import DATA_INITS, PISSA_NITER, LoraConfig
+from .config import PISSA_NITER, LoraConfig
 from .lazy import column_norms
-from .lora import LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, init, init_tokens, target_paths
+from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_not_data_init, init, init_tokens,
+                   target_paths)
 
 PyTree = Any
 
@@ -81,8 +82,7 @@ def init_residual(config: LoraConfig, params: PyTree, key: jax.Array, *,
       (params with each targeted W0 replaced by W0 - s*A0*B0, adapters {path: {"lora_A", "lora_B"}}
       (+ DoRA's magnitude: the column norms of W_res + s*A0*B0, so DoRA starts as identity too)).
     """
-    if config.init in DATA_INITS:
-        init(config, params, key)  # raises, naming the function that takes the data
+    check_not_data_init(config)
     if not config.changes_base:
         return params, init(config, params, key, dtype=dtype)
 
@@ -155,7 +155,7 @@ def to_plain(config: LoraConfig, adapters: Adapters, initial: Adapters) -> tuple
       (x2, or x sqrt(2) with rsLoRA), init "kaiming_uniform"; the rank-2r adapters).
     """
     if not config.changes_base:
-        raise ValueError("to_plain converts adapters made by init_residual or init_corda (PiSSA / OLoRA / CorDA); "
+        raise ValueError("to_plain converts adapters trained on residual weights (PiSSA / OLoRA / CorDA / LoRA-GA); "
                          f"init={config.init!r} adapters already act on the original weights")
     if set(adapters) != set(initial):
         diff = sorted(set(adapters) ^ set(initial))

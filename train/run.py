@@ -148,6 +148,29 @@ def eva_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log)
     return new, adapters
 
 
+def residual_data_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log):
+    """CorDA's or LoRA-GA's (residual params, adapters) from the first training batches: CorDA
+    reads every real token (PEFT's CorDA reads whole samples), LoRA-GA the training loss's mean
+    gradient."""
+    batches = calibration(args, tokenizer, examples)
+    if lora.init == "corda":
+        method = args.corda_method or "ipm"
+        out = lj.init_corda(lora, params, forward(model), batches, mask=lambda b: b["attention_mask"], method=method)
+        log(f"init corda ({method}, {len(batches)} batches): the adapters start from W0's components along its "
+            "inputs' covariance; LoRA trains on the residual weights")
+        return out
+    per_batch = target_loss(lambda p, _a, ids, mask, _rng, pos: model.apply(p, ids, mask, positions=pos),
+                            _targets_per_row(examples, args.full_sequence_loss, args.max_len))
+
+    def mean_loss(p, batch):
+        total, count = per_batch(p, None, batch, None)
+        return total / jnp.maximum(count, 1)
+    out = lj.init_lora_ga(lora, params, mean_loss, batches, seed=args.seed)
+    log(f"init lora_ga ({len(batches)} batches): the adapters start from the directions of the first gradients; "
+        "LoRA trains on the residual weights")
+    return out
+
+
 def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
     if full_sequence:
         return max_len
@@ -287,9 +310,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"starting from adapter {args.init_adapter} (r={lora.rank}, alpha={lora.alpha}, targets={lora.targets})")
     else:
         lora = lora_config(args, model)
-        lj.target_paths(lora, params)
-        if lora.init == "orthogonal":  # an odd rank is refused here, before the output directory exists
-            jax.eval_shape(lambda: lj.init(lora, params, jax.random.key(0)))
+        lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
@@ -302,24 +323,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if lora.changes_base and args.init_adapter:
         raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
                          "weights this run cannot rebuild; save them with lora_jax.to_plain first")
-    if lora.init == "lora_ga":  # the mean gradient of the training loss over the first batches
-        batches = calibration(args, tokenizer, train_ex)
-        per_batch = target_loss(lambda p, _a, ids, mask, _rng, pos: model.apply(p, ids, mask, positions=pos),
-                                _targets_per_row(train_ex, args.full_sequence_loss, args.max_len))
-
-        def mean_loss(p, batch):
-            total, count = per_batch(p, None, batch, None)
-            return total / jnp.maximum(count, 1)
-        train_params, adapters0 = lj.init_lora_ga(lora, params, mean_loss, batches, seed=args.seed)
-        log(f"init lora_ga ({len(batches)} batches): the adapters start from the directions of the first gradients; "
-            "LoRA trains on the residual weights")
-    elif lora.init == "corda":  # every real token of the first batches (PEFT's CorDA reads whole samples)
-        method = args.corda_method or "ipm"
-        batches = calibration(args, tokenizer, train_ex)
-        train_params, adapters0 = lj.init_corda(lora, params, forward(model), batches,
-                                                mask=lambda b: b["attention_mask"], method=method)
-        log(f"init corda ({method}, {len(batches)} batches): the adapters start from W0's components along its "
-            "inputs' covariance; LoRA trains on the residual weights")
+    if lora.init in ("corda", "lora_ga"):
+        train_params, adapters0 = residual_data_init(args, model, params, tokenizer, train_ex, lora, log)
     elif lora.changes_base:
         train_params, adapters0 = lj.init_residual(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
         log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
