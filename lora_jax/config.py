@@ -90,6 +90,11 @@ class LoraConfig:
         channels and B a 1x1 one.
       bias: `none`, `all` (every bias trains) or `lora_only` (biases of targeted modules train).
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
+      layers_to_transform / layers_pattern: adapt only the targets in these layers (PEFT's): a
+        target's layer is the number in its path, `<layers_pattern>/<i>` (or Flax linen's
+        `<layers_pattern>_<i>`), without a pattern the last `<name>/<i>` (`transformer/h/3/...`);
+        in a layer stack [L, in, out] (scanned layers, no number in the path) the layer is the
+        index along L, and the other layers keep zero factors. Targets with no layer are left out.
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -113,6 +118,8 @@ class LoraConfig:
     bias: str = "none"
     trainable: Pattern | None = None
     trainable_tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
@@ -141,6 +148,7 @@ class LoraConfig:
             self.axes_pattern[k] = tuple(v)  # a JSON list reads back as the same tuple
         if self.trainable_tokens is not None:
             set_("trainable_tokens", _as_tokens(self.trainable_tokens))
+        self._normalise_layers()
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_rslora", "use_dora", "lora_bias"):
@@ -154,6 +162,50 @@ class LoraConfig:
                              "or 'pissa_niter_<n>'")
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
+
+    def _normalise_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if pattern is not None:
+            if isinstance(pattern, str):
+                pattern = (pattern,)
+            if not (isinstance(pattern, Sequence) and pattern and all(isinstance(p, str) and p for p in pattern)):
+                raise ValueError(f"LoraConfig.layers_pattern must be a name (regex) or a list of them, got "
+                                 f"{self.layers_pattern!r}")
+            if layers is None:  # PEFT refuses this too: a pattern alone selects nothing
+                raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (the layer indices to adapt)")
+            object.__setattr__(self, "layers_pattern", tuple(pattern))
+        if layers is None:
+            return
+        if isinstance(layers, int) and not isinstance(layers, bool):
+            layers = (layers,)
+        ok = (isinstance(layers, Sequence) and not isinstance(layers, str) and len(layers) > 0
+              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers))
+        if not ok:
+            raise ValueError(f"LoraConfig.layers_to_transform must be a layer index or a non-empty list of them "
+                             f"(ints >= 0), got {self.layers_to_transform!r}")
+        if isinstance(self.targets, str) and self.targets != ALL_LINEAR:
+            raise ValueError(f"LoraConfig.layers_to_transform with a regex target {self.targets!r}: put the layers "
+                             "in the regex, or give module names (PEFT refuses this combination too)")
+        object.__setattr__(self, "layers_to_transform", tuple(sorted(set(layers))))
+
+    def layer_index(self, path: str) -> int | None:
+        """The layer number in `path` that layers_to_transform reads (None: the path has none)."""
+        module = path.rsplit("/", 1)[0] + "/"
+        if self.layers_pattern is None:  # PEFT: the last number that follows a name
+            m = re.match(r"(?:.*/)?[^/]*/(\d+)/", module)
+            return None if m is None else int(m.group(1))
+        for pattern in self.layers_pattern:
+            m = re.match(rf"(?:.*/)?(?:{pattern})[/_](\d+)/", module)
+            if m is not None:
+                return int(m.group(1))
+        return None
+
+    def names_layers(self, path: str) -> bool:
+        """Whether a stacked kernel at `path` (no layer number) is a stack of the layers that
+        layers_pattern names (always, without a pattern)."""
+        if self.layers_pattern is None:
+            return True
+        return any(re.fullmatch(p, c) for p in self.layers_pattern for c in path.split("/")[:-1])
 
     @property
     def changes_base(self) -> bool:
@@ -192,7 +244,7 @@ class LoraConfig:
         if tokens is not None:
             d["trainable_tokens"] = (list(tokens) if isinstance(tokens, tuple)
                                      else {k: list(v) for k, v in tokens.items()})
-        for k in ("targets", "exclude", "trainable"):
+        for k in ("targets", "exclude", "trainable", "layers_to_transform", "layers_pattern"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d

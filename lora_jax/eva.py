@@ -29,7 +29,7 @@ from . import tree
 from .config import LoraConfig
 from .inputs import layer_inputs
 from .lazy import column_norms, dense
-from .lora import LORA_BIAS, MAGNITUDE, Adapters, init, init_tokens, target_paths
+from .lora import LORA_BIAS, MAGNITUDE, Adapters, init, init_tokens, layer_gate, target_paths
 
 PyTree = Any
 
@@ -95,7 +95,10 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
         *stack, d_in, d_out = views[p]
         r = config.rank_for(p)
         k = min(round(r * eva.rho), d_in, d_out)
+        gate = layer_gate(config, p, flat[p].shape)
         for i in range(math.prod(stack)):
+            if gate is not None and not gate.reshape(-1)[i]:
+                continue  # a layer layers_to_transform leaves out: no offer, no budget, rank 0
             m = moments.get((p, i))
             if m is None or m.count < k:
                 raise ValueError(f"EVA saw {0 if m is None else int(m.count)} input rows at {p!r} (matrix {i}), "
@@ -104,7 +107,7 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
             offers += [(-float(v), order, i, j) for j, v in enumerate(principal[p, i][1])]
             budget += r
     offers.sort()
-    ranks = {(p, i): 0 for p, i in principal}
+    ranks = {(p, i): 0 for p in seen for i in range(math.prod(views[p][:-2]))}
     for _, order, i, _ in offers[:budget]:
         ranks[seen[order], i] += 1
 
@@ -123,6 +126,8 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
         _check_stack(config, p, layer_ranks, eva)
         a = np.zeros((math.prod(stack), d_in, new), np.float32)
         for i, k in enumerate(layer_ranks):  # a stacked matrix given fewer ranks keeps zero columns
+            if k == 0:
+                continue
             u, _, sv = principal[p, i]
             u = u[:k] / np.sqrt(np.maximum(sv[:k], np.finfo(np.float64).tiny))[:, None] if eva.whiten else u[:k]
             a[i, :, :k] = u.T  # [in, k]

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from . import quant, tree
 from .config import LoraConfig
 from .lazy import column_norms
-from .lora import LORA_BIAS, MAGNITUDE, Adapters, init_tokens, target_paths
+from .lora import LORA_BIAS, MAGNITUDE, Adapters, init_tokens, layer_gate, target_paths
 from .residual import svd_factors
 
 PyTree = Any
@@ -76,12 +76,15 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
         *stack, d_in, d_out = w0.shape
         w = jnp.asarray(w0, jnp.float32)
         res = w
+        gate = layer_gate(config, p, w0.shape)  # layers left out: NF4(W0) and zero factors
+        g = 1.0 if gate is None else jnp.asarray(gate.reshape(-1, 1, 1), jnp.float32)
         with jax.default_matmul_precision("highest"):
             for i in range(iters):
                 q = _quantize(res, block_size, double_quant, w0.dtype)
                 deq = q.materialise().astype(jnp.float32)
                 flat_res = (w - deq).reshape(-1, d_in, d_out)  # [prod(S), in, out]
                 a, b = jax.vmap(lambda m: svd_factors(m, r, scale))(flat_res)  # [n, in, r], [n, r, out]
+                a, b = a * g, b * g
                 delta = (scale * (a @ b)).reshape(w.shape)
                 if i + 1 < iters:
                     res = w - delta

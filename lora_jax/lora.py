@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import quax
 
 from . import tree
@@ -71,6 +72,16 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             f"LoRA targets {config.targets!r} match no weight in the parameters "
             f"(exclude={config.exclude!r}); closest existing paths: {near}"
         )
+    if config.layers_to_transform is not None:
+        # (a kernel that is no matrix stays, for the shape check below to name it)
+        gates = {p: _layers(config, p, flat[p].shape) for p in found if len(getattr(flat[p], "shape", ())) >= 2}
+        kept = [p for p in found if p not in gates or gates[p].any()]
+        if not kept:
+            seen = sorted({i for p in found if (i := config.layer_index(p)) is not None})
+            raise ValueError(f"layers_to_transform={list(config.layers_to_transform)} (layers_pattern="
+                             f"{config.layers_pattern!r}) keeps none of the {len(found)} targeted weights, e.g. "
+                             f"{found[0]!r}; the layer numbers in their paths: {seen or 'none'}")
+        found = kept
     for p in found:
         shape = getattr(flat[p], "shape", ())
         if len(shape) < 2:
@@ -83,6 +94,13 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
         if config.init == "orthogonal" and r % 2:
             raise ValueError(f"init='orthogonal' needs an even rank; {p!r} has rank {r}")
+        if config.layers_to_transform is not None and not gates[p].all():
+            trains = [n for n, on in (("its DoRA magnitude", config.use_dora), ("lora_B's bias", config.lora_bias),
+                                      ("its bias (bias='lora_only')", config.bias == "lora_only")) if on]
+            if trains:
+                raise ValueError(f"layers_to_transform adapts layers {np.flatnonzero(gates[p]).tolist()} of the "
+                                 f"stack {p!r} {tuple(shape)}; {' and '.join(trains)} would train in every "
+                                 "layer of it: use unstacked params (scan_layers=False)")
         if config.lora_bias:
             b = flat.get(bias_path(p))
             if tree.leaf_name(p) not in tree.LINEAR_NAMES or b is None or math.prod(b.shape) != math.prod(
@@ -91,6 +109,29 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
                                  f"{'no bias' if b is None else f'bias {tuple(b.shape)}'} fitting its output "
                                  f"{(*view[:-2], view[-1])} (exclude it or drop lora_bias)")
     return found
+
+
+def _layers(config: LoraConfig, path: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Under layers_to_transform: bools [*S] over the matrices [*S, in, out] of the kernel at `path`,
+    whether each is adapted: all or none by the layer number in the path, else per index of a
+    single stack dim (a layer stack)."""
+    stack = config.matrix_shape(path, shape)[:-2]
+    i = config.layer_index(path)
+    if i is not None:
+        return np.full(stack, i in config.layers_to_transform)
+    if len(stack) == 1 and config.names_layers(path):
+        return np.isin(np.arange(stack[0]), config.layers_to_transform)
+    return np.zeros(stack, bool)
+
+
+def layer_gate(config: LoraConfig, path: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Which matrices [*S] of the targeted kernel at `path` (of `shape`) layers_to_transform adapts:
+    None when all of them; else bools, the factors of the others staying zero (zero A and B get
+    zero gradients, so they never move)."""
+    if config.layers_to_transform is None:
+        return None
+    gate = _layers(config, path, tuple(shape))
+    return None if gate.all() else gate
 
 
 def resolve_tokens(spec: tuple[int, ...] | Mapping[str, tuple[int, ...]],
@@ -179,6 +220,9 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
         else:
             a, b = _orthogonal(k, view, r, dtype)
+        gate = layer_gate(config, p, flat[p].shape)
+        if gate is not None:
+            a, b = a * gate[..., None, None], b * gate[..., None, None]
         out[p] = {"lora_A": a, "lora_B": b}
         if config.lora_bias:
             out[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
@@ -415,11 +459,16 @@ def summary(config: LoraConfig, params: PyTree, adapters: Adapters) -> Summary:
     """Count trainable (adapters + extra trainable leaves) and total (frozen + adapters) params."""
     extras, _ = tree.partition(params, trainable_mask(config, params))
     per: dict[str, int] = {}
+    flat, n_adapters = tree.flatten(params), 0
     for p, ab in adapters.items():
         name = p.split("/")[-2] if "/" in p else p  # the module name, e.g. c_attn
-        per[name] = per.get(name, 0) + tree.count(ab)
+        n = tree.count(ab)
+        gate = layer_gate(config, p, flat[p].shape) if TOKENS not in ab else None
+        if gate is not None:  # the stack's other layers hold zeros that never train
+            n = n * int(gate.sum()) // gate.size
+        per[name] = per.get(name, 0) + n
+        n_adapters += n
     n_extra = tree.count(extras)
     if n_extra:
         per["full (bias / trainable)"] = n_extra
-    n_adapters = tree.count(adapters)
     return Summary(trainable=n_adapters + n_extra, total=tree.count(params) + n_adapters, per_target=per)

@@ -47,8 +47,8 @@ from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lazy import column_norms, dense
-from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, merge, resolve_tokens, target_paths,
-                   token_rows)
+from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, layer_gate, merge, resolve_tokens,
+                   target_paths, token_rows)
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -179,14 +179,19 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
         if a.ndim not in (2, 3):
             raise ValueError(f"adapter {p!r} has lora_A {a.shape}: expected [in, r] or one stack dim [L, in, r]")
         stacked = a.ndim == 3
+        # layers_to_transform: the stack's other layers hold zeros and are not PEFT modules
+        gate = layer_gate(config, p, (*a.shape[:-1], b.shape[-1])) if stacked else None
+        keep = [True] * (a.shape[0] if stacked else 1) if gate is None else list(gate)
 
         def per_layer(k: str) -> list[np.ndarray | None]:  # DoRA's magnitude, lora_B's bias: [out] per layer
             if k not in adapters[p]:
                 return [None] * (a.shape[0] if stacked else 1)
             return [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)]
-        for (q, ai), (_, bi), m, bias in zip(_unstack(p, a, layers_key, stacked), _unstack(p, b, layers_key, stacked),
-                                             per_layer(MAGNITUDE), per_layer(LORA_BIAS)):
-            out.append(_Layer(q, ai, bi, m, bias, config.rank_for(p), _alpha(config, p)))
+        for (q, ai), (_, bi), m, bias, kept in zip(_unstack(p, a, layers_key, stacked),
+                                                   _unstack(p, b, layers_key, stacked),
+                                                   per_layer(MAGNITUDE), per_layer(LORA_BIAS), keep):
+            if kept:
+                out.append(_Layer(q, ai, bi, m, bias, config.rank_for(p), _alpha(config, p)))
     return out
 
 
@@ -209,10 +214,35 @@ def _all_modules(params: PyTree | None, model_config: BaseConfig, layers_key: st
     return frozenset(names)
 
 
-def _target_modules(adapted: list[str], all_modules: frozenset[str]) -> list[str]:
-    """Short names (`c_attn`) when PEFT's suffix match selects exactly `adapted`, else full names."""
+def _peft_layer(module: str, patterns: tuple[str, ...] | None) -> int | None:
+    """The layer number PEFT's layers_to_transform reads from a module name (its check_target_module_exists)."""
+    if not patterns:
+        m = re.match(r".*\.[^.]*\.(\d+)\.", module)
+        return None if m is None else int(m.group(1))
+    for pattern in patterns:
+        m = re.match(rf".*\.{pattern}\.(\d+)\.", module)
+        if m is not None:
+            return int(m.group(1))
+    return None
+
+
+def _peft_layers(config: LoraConfig, adapted: list[str]) -> tuple[list[int] | None, list[str] | None]:
+    """(layers_to_transform, layers_pattern) for the PEFT config: the config's, when PEFT's reading
+    of them keeps every adapted module (else none: target_modules then names each module)."""
+    layers, patterns = config.layers_to_transform, config.layers_pattern
+    if layers is None or any(_peft_layer(m, patterns) not in layers for m in adapted):
+        return None, None
+    return list(layers), None if patterns is None else list(patterns)
+
+
+def _target_modules(adapted: list[str], all_modules: frozenset[str], layers: tuple[list[int] | None, Any]
+                    ) -> list[str]:
+    """Short names (`c_attn`) when PEFT's suffix match (and its layers_to_transform) selects exactly
+    `adapted`, else full names."""
     short = sorted({m.rsplit(".", 1)[-1] for m in adapted})
     hits = {m for m in all_modules if any(m == s or m.endswith("." + s) for s in short)}
+    if layers[0] is not None:
+        hits = {m for m in hits if _peft_layer(m, layers[1]) in layers[0]}
     return short if hits == set(adapted) else sorted(adapted)
 
 
@@ -318,6 +348,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
     defaults to SEQ_CLS for a `SequenceClassifier`'s params, else CAUSAL_LM."""
     layers = _per_layer(config, adapters, layers_key)
     adapted = [_module(x.path) for x in layers]
+    peft_layers = _peft_layers(config, adapted)
     rank_pattern = {re.escape(_module(x.path)): x.rank for x in layers if x.rank != config.rank}
     alpha_pattern = {re.escape(_module(x.path)): _num(x.alpha) for x in layers
                      if not math.isclose(x.alpha, config.alpha, rel_tol=1e-12)}
@@ -334,7 +365,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "inference_mode": True,
         "r": config.rank,
         "lora_alpha": _num(config.alpha),
-        "target_modules": _target_modules(adapted, _all_modules(params, model_config, layers_key)),
+        "target_modules": _target_modules(adapted, _all_modules(params, model_config, layers_key), peft_layers),
         "exclude_modules": None,
         "lora_dropout": config.dropout,
         # Conv1D (GPT-2) stores its weight (in, out); PEFT needs to know to transpose the delta.
@@ -345,8 +376,8 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         # PEFT re-initialises, then loads the weights: the init names only how they started. True
         # (not "orthogonal" / "eva", which older PEFT versions reject) for all but "gaussian".
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "layers_to_transform": peft_layers[0],
+        "layers_pattern": peft_layers[1],
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "use_dora": config.use_dora,
@@ -675,7 +706,9 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
               init=init if init in ("gaussian", "orthogonal", "eva") else "kaiming_uniform",
               rank_pattern=rank_pattern,
-              alpha_pattern=alpha_pattern, bias=bias, trainable=trainable)
+              alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
+              layers_to_transform=cfg.get("layers_to_transform"),
+              layers_pattern=cfg.get("layers_pattern") or None)
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)

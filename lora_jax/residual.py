@@ -29,7 +29,7 @@ from . import tree
 from .config import PISSA_NITER, LoraConfig
 from .lazy import column_norms
 from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_not_data_init, init, init_tokens,
-                   target_paths)
+                   layer_gate, target_paths)
 
 PyTree = Any
 
@@ -116,6 +116,10 @@ def residual_init(config: LoraConfig, params: PyTree,
         with jax.default_matmul_precision("highest"):  # W_res must cancel s*A0*B0 in fp32, not TF32 / bf16
             a, b = factors(i, p, w)  # [n, in, r], [n, r, out]
             a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+            gate = layer_gate(config, p, w0.shape)
+            if gate is not None:  # layers left out keep W0 and zero factors
+                g = jnp.asarray(gate.reshape(-1, 1, 1), jnp.float32)
+                a, b = a * g, b * g
             delta = scale * (a @ b)  # [n, in, out]
         res = (w - delta).astype(w0.dtype)
         adapters[p] = {"lora_A": a.reshape(*stack, d_in, r).astype(dtype),

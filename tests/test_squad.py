@@ -60,7 +60,8 @@ def losses(out: Path, run: str = "lora") -> list[float]:
 def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json", malformed=True)
     out = tmp_path / "run"
-    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--dora", "--targets", "all-linear")) == 0
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--dora", "--targets", "all-linear",
+                               "--layers-to-transform", "1")) == 0
     printed = capsys.readouterr().out
     assert "| base model |" in printed and "| LoRA |" in printed and "trainable params" in printed
     # malformed records are skipped and counted, never fatal
@@ -73,8 +74,10 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert summary["peft_bytes"] > 0 and summary["adapter_bytes"] > 0
     manifest = json.loads((out / "adapter" / "lora_adapter.json").read_text())
     assert manifest["config"]["use_dora"] and manifest["config"]["targets"] == "all-linear"
-    assert len(manifest["adapters"]) == 8  # 2 layers x (c_attn, attn c_proj, c_fc, mlp c_proj)
-    assert json.loads((out / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    assert manifest["config"]["layers_to_transform"] == [1]
+    assert len(manifest["adapters"]) == 4  # layer 1's c_attn, attn c_proj, c_fc, mlp c_proj
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["use_dora"] is True and peft_cfg["layers_to_transform"] == [1]
 
     # Continue from the exported PEFT adapter: its config (rank 4) replaces the flags (rank 2);
     # this time on an NF4 base (QLoRA), scored before and after.
@@ -87,7 +90,7 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert "starting from adapter" in printed and "nf4 + double quant: frozen params" in printed
     assert "| QLoRA (nf4 + double quant) |" in printed
     again_config = json.loads((again / "adapter" / "lora_adapter.json").read_text())["config"]
-    assert again_config["rank"] == 4 and again_config["use_dora"]
+    assert again_config["rank"] == 4 and again_config["use_dora"] and again_config["layers_to_transform"] == [1]
     again_summary = json.loads((again / "summary.json").read_text())
     assert again_summary["quantize"] == "nf4 + double quant" and set(again_summary["scores"]) == {"base", "lora"}
 
@@ -254,7 +257,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--loftq-iter", "3"], "a positive count for --init loftq"),
                        (["--init-batches", "4"], "--init-batches 4: a positive count for --init eva / corda / lora_ga"),
                        (["--init", "eva", "--corda-method", "kpm"], "--corda-method kpm: ipm or kpm for --init corda"),
-                       (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva")]:
+                       (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva"),
+                       (["--layers-to-transform", "1,x"], "--layers-to-transform '1,x': comma-separated layer")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -264,6 +268,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert "unknown remat_policy 'most'" in capsys.readouterr().err
     assert squad.main(["--init", "orthogonal", "--rank", "3", "--output-dir", str(tmp_path / "x")]) == 1
     assert "init='orthogonal' needs an even rank; 'transformer/h/0/attn/c_attn/kernel' has rank 3" in \
+        capsys.readouterr().err
+    assert squad.main(["--layers-to-transform", "4,7", "--output-dir", str(tmp_path / "x")]) == 1
+    assert "layers_to_transform=[4, 7] (layers_pattern=None) keeps none of the 12 targeted weights" in \
         capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 

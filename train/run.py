@@ -88,6 +88,7 @@ def lora_config(args, model) -> lj.LoraConfig:
     targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
+                         layers_to_transform=args.layers_to_transform,
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
 
 

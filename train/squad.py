@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
     a("--targets", default=None, help="comma-separated module names, one regex, or all-linear (default: the "
                                       "fused QKV, c_attn / query_key_value; embedded: c_attn,c_fc,mlp/c_proj)")
+    a("--layers-to-transform", default=None, metavar="I,J,...",
+      help="adapt the targets in these layers only, e.g. 2,3 (PEFT layers_to_transform; default: every layer)")
     a("--rslora", action="store_true", help="scale alpha / sqrt(r) (rsLoRA)")
     a("--dora", action="store_true", help="DoRA: also train a magnitude per output feature (PEFT use_dora)")
     a("--lora-bias", action="store_true", help="lora_B gets a bias too, added to each targeted layer's bias "
@@ -147,6 +149,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if args.eval_samples < 0:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if args.layers_to_transform is not None:
+        layers = args.layers_to_transform.split(",")
+        if not all(re.fullmatch(r"\d+", i.strip()) for i in layers):
+            p.error(f"--layers-to-transform {args.layers_to_transform!r}: comma-separated layer indices (ints >= 0)")
+        args.layers_to_transform = [int(i) for i in layers]
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
     if not re.fullmatch(r"kaiming_uniform|gaussian|orthogonal|eva|corda|lora_ga|pissa|pissa_niter_\d+|olora|loftq",
