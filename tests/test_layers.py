@@ -156,3 +156,27 @@ def test_layer_numbers_patterns_and_refusals():
             lj.init(lj.LoraConfig(**kw, **extra), stack, jax.random.key(0))
     full = lj.LoraConfig(**{**kw, "layers_to_transform": [0, 1, 2]}, use_dora=True)  # every layer: nothing left out
     assert lj.init(full, stack, jax.random.key(0))["model/layers/mlp/kernel"]["lora_A"].shape == (3, 8, 2)
+
+
+def test_no_backward_pass_below_the_lowest_adapted_layer():
+    """Frozen weights get no gradient, so a step adapting the top layer alone stops its backward
+    pass there: fewer compiled FLOPs than adapting the bottom layer alone, which backpropagates
+    through every layer."""
+    from lora_jax.models import CausalLM, GPT2Config
+
+    model = CausalLM(GPT2Config(vocab_size=256, hidden_size=64, num_layers=4, num_heads=4, intermediate_size=256,
+                                max_position_embeddings=64))
+    params = model.init_params(jax.random.key(0))
+    ids = jnp.ones((2, 64), jnp.int32)
+
+    def flops(layer):
+        config = lj.LoraConfig(rank=8, targets=["c_attn", "c_fc"], layers_to_transform=[layer])
+        g = lj.apply(model.apply, config)
+        ts = lj.make_train_step(lambda p, a, x: optax.softmax_cross_entropy_with_integer_labels(
+            g(p, a, x)[:, :-1], x[:, 1:]).mean(), optax.adamw(1e-3))
+        trainable, frozen = lj.split(config, params, lj.init(config, params, jax.random.key(1)))
+        cost = jax.jit(ts.step).lower(trainable, frozen, ts.init(trainable), ids).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    top, bottom = flops(3), flops(0)
+    assert top < 0.75 * bottom, (top, bottom)
