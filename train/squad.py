@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="LoRA+: lora_B's learning rate is this many times --lr (e.g. 16)")
     a("--init-adapter", default=None,
       help="start from an existing adapter (a lora_jax adapter dir, a PEFT adapter dir or its hub id); its config "
-           "replaces --rank/--alpha/--targets")
+           "replaces --rank/--alpha/--targets/--layers-to-transform")
     a("--export-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
       help="dtype of the exported PEFT adapter tensors")
     a("--max-len", type=int, default=None, help="max tokens per example; contexts are cut around the answer")
