@@ -95,6 +95,11 @@ class LoraConfig:
         `<layers_pattern>_<i>`), without a pattern the last `<name>/<i>` (`transformer/h/3/...`);
         in a layer stack [L, in, out] (scanned layers, no number in the path) the layer is the
         index along L, and the other layers keep zero factors. Targets with no layer are left out.
+      target_parameters: parameters adapted whatever their leaf name (PEFT's `target_parameters`,
+        e.g. a mixture of experts' weights [E, in, out] used in an einsum): names matched as the
+        path's last components, leaf included (`experts/w_in`, or just `w_in`), or a regex that
+        fullmatches the whole path; a [*S, in, out] parameter gets one LoRA per matrix (per
+        expert). Adds to what `targets` selects, which may then be empty.
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -120,10 +125,16 @@ class LoraConfig:
     trainable_tokens: Sequence[int] | Mapping[str, Sequence[int]] | None = None
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
+    target_parameters: Pattern | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
-        set_("targets", _as_pattern(self.targets, "targets", optional=False))
+        set_("target_parameters", _as_pattern(self.target_parameters, "target_parameters", optional=True))
+        if self.target_parameters is not None and (self.targets is None or (
+                isinstance(self.targets, Sequence) and not isinstance(self.targets, str) and not self.targets)):
+            set_("targets", ())  # parameters alone
+        else:
+            set_("targets", _as_pattern(self.targets, "targets", optional=False))
         if self.targets == (ALL_LINEAR,):  # a one-name list, as a comma-split flag gives it
             set_("targets", ALL_LINEAR)
         set_("exclude", _as_pattern(self.exclude, "exclude", optional=True))
@@ -244,7 +255,7 @@ class LoraConfig:
         if tokens is not None:
             d["trainable_tokens"] = (list(tokens) if isinstance(tokens, tuple)
                                      else {k: list(v) for k, v in tokens.items()})
-        for k in ("targets", "exclude", "trainable", "layers_to_transform", "layers_pattern"):
+        for k in ("targets", "exclude", "trainable", "layers_to_transform", "layers_pattern", "target_parameters"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d

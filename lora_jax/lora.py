@@ -65,12 +65,16 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
     paths = list(flat)
     selected = tree.linear_paths(flat) if config.targets == ALL_LINEAR else tree.select(config.targets, paths)
     excluded = set(tree.select(config.exclude, paths))
-    found = [p for p in selected if p not in excluded and tree.leaf_name(p) in tree.WEIGHT_NAMES]
+    chosen = {p for p in selected if tree.leaf_name(p) in tree.WEIGHT_NAMES}
+    if config.target_parameters is not None:  # any leaf, named by its own path
+        chosen |= {p for p in paths if tree.matches_leaf(config.target_parameters, p)}
+    found = [p for p in paths if p in chosen and p not in excluded]
     if not found:
-        near = tree.closest(config.targets, paths)
+        asked = config.targets if config.target_parameters is None else config.target_parameters
+        params_too = "" if config.target_parameters is None else f", target_parameters {config.target_parameters!r}"
         raise ValueError(
-            f"LoRA targets {config.targets!r} match no weight in the parameters "
-            f"(exclude={config.exclude!r}); closest existing paths: {near}"
+            f"LoRA targets {config.targets!r}{params_too} match no weight in the parameters "
+            f"(exclude={config.exclude!r}); closest existing paths: {tree.closest(asked, paths)}"
         )
     if config.layers_to_transform is not None:
         # (a kernel that is no matrix stays, for the shape check below to name it)

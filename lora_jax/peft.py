@@ -175,6 +175,9 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
                          "2-D Linear / Conv1D layers do not have")
     out = []
     for p in sorted(p for p in adapters if TOKENS not in adapters[p]):  # trained rows go out as themselves
+        if tree.leaf_name(p) not in tree.WEIGHT_NAMES:
+            raise ValueError(f"PEFT export: {p!r} is adapted as a parameter (target_parameters), which the "
+                             "GPT-2 / BLOOM modules PEFT files describe do not hold")
         a, b = np.asarray(adapters[p]["lora_A"]), np.asarray(adapters[p]["lora_B"])
         if a.ndim not in (2, 3):
             raise ValueError(f"adapter {p!r} has lora_A {a.shape}: expected [in, r] or one stack dim [L, in, r]")

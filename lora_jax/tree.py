@@ -87,6 +87,15 @@ def matches(pattern: str | Sequence[str], path: str) -> bool:
     return False
 
 
+def matches_leaf(pattern: str | Sequence[str], path: str) -> bool:
+    """Whether `pattern` names the leaf at `path` itself: a regex fullmatching the whole path, or a
+    name that is the path's last '/'-separated components (`experts/w_in`, `w_in`)."""
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, path) is not None
+    parts = path.split("/")
+    return any(parts[len(parts) - len(sub):] == sub for sub in (name.strip("/").split("/") for name in pattern))
+
+
 def select(pattern: str | Sequence[str] | None, paths: Iterable[str]) -> list[str]:
     """The paths that `pattern` selects (none for a None pattern)."""
     if pattern is None:
