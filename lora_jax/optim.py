@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from . import tree
@@ -109,3 +110,48 @@ def loraplus(make_tx: Callable[[optax.ScalarOrSchedule], optax.GradientTransform
     lr_b = (lambda count: ratio * lr(count)) if callable(lr) else lr * ratio
     return optax.multi_transform({"A": make_tx(lr), "B": make_tx(lr_b), "embedding": make_tx(embedding_lr)},
                                  loraplus_labels)
+
+
+def _adapter_dicts(t: PyTree) -> dict[str, Any]:
+    """The {path: factors} dict of a trainable tree (`split`'s) or of a bare adapters tree."""
+    return t["adapters"] if isinstance(t, dict) and isinstance(t.get("adapters"), dict) else t
+
+
+def lorafa_labels(trainable: PyTree) -> PyTree:
+    """LoRA-FA groups: "frozen" for lora_A, "train" for every other leaf."""
+    return tree.map_with_path(lambda p, _: "frozen" if p.rsplit("/", 1)[-1] == "lora_A" else "train", trainable)
+
+
+def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float = 1e-8
+           ) -> optax.GradientTransformation:
+    """LoRA-FA (Zhang et al. 2023; PEFT's `create_lorafa_optimizer`): lora_A stays frozen at its
+    init and lora_B's gradient becomes the closest to full fine-tuning's that a fixed A allows,
+    g_B <- (A^T A + delta I)^+ g_B / s^2, before `tx` (AdamW in PEFT) updates B and the other
+    trained leaves.
+
+    lora_A gets no update and no optimizer state; under `jit` its gradient is dead code that XLA
+    removes, and with it the layer inputs kept only to compute it. Pass the trainable tree (or
+    bare adapters) as optax's `params`, as `make_train_step` does.
+    """
+    if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"lorafa: delta must be a number >= 0, got {delta!r}")
+
+    def project(updates, state, params=None):
+        if params is None:
+            raise ValueError("lorafa projects lora_B's gradient through lora_A: pass params to update()")
+        grads, factors = _adapter_dicts(updates), _adapter_dicts(params)
+        out = {}
+        for p, g in grads.items():
+            if not (isinstance(g, dict) and "lora_A" in g and "lora_B" in g):
+                out[p] = g
+                continue
+            a = factors[p]["lora_A"].astype(jnp.float32)  # [*S, in, r]
+            r = a.shape[-1]
+            ata_inv = jnp.linalg.pinv(jnp.swapaxes(a, -1, -2) @ a + delta * jnp.eye(r))  # [*S, r, r]
+            g_b = ata_inv @ g["lora_B"].astype(jnp.float32) / config.scale_for(p) ** 2  # [*S, r, out]
+            out[p] = {**g, "lora_B": g_b.astype(g["lora_B"].dtype)}
+        new = {**updates, "adapters": out} if grads is not updates else out
+        return new, state
+
+    return optax.chain(optax.GradientTransformation(lambda _: optax.EmptyState(), project),
+                       optax.multi_transform({"frozen": optax.set_to_zero(), "train": tx}, lorafa_labels))

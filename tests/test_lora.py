@@ -307,6 +307,58 @@ def test_loraplus_rates_per_group():
         lj.loraplus(optax.sgd, 0.1, ratio=0)
 
 
+def test_lorafa_freezes_a_and_drops_its_gradient():
+    """LoRA-FA: lora_A keeps its init through AdamW with weight decay and holds no optimizer
+    state; the compiled step computes no gradient for it (fewer FLOPs, less temporary memory:
+    the layer inputs kept only for dA go); on scanned layers and on bare adapters alike."""
+    from lora_jax.models import CausalLM, GPT2Config
+
+    model = CausalLM(GPT2Config(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256,
+                                max_position_embeddings=64, scan_layers=True))
+    params = model.init_params(KEY)
+    ids = jnp.ones((4, 64), jnp.int32)
+    config = lj.LoraConfig(rank=8, targets=["c_attn", "c_fc"], use_dora=True)
+    g = lj.apply(model.apply, config)
+
+    def loss(p, a, x):
+        return optax.softmax_cross_entropy_with_integer_labels(g(p, a, x)[:, :-1], x[:, 1:]).mean()
+    trainable, frozen = lj.split(config, params, nudge(lj.init(config, params, KEY)))
+    adamw = optax.adamw(1e-2, weight_decay=0.1)
+    compiled, state_sizes = {}, {}
+    for name, tx in (("lora", adamw), ("lorafa", lj.lorafa(config, adamw))):
+        ts = lj.make_train_step(loss, tx)
+        opt_state = ts.init(trainable)
+        state_sizes[name] = sum(x.size for x in jax.tree.leaves(opt_state))
+        compiled[name] = jax.jit(ts.step).lower(trainable, frozen, opt_state, ids).compile()
+        if name == "lorafa":
+            new, _, _ = compiled[name](trainable, frozen, opt_state, ids)
+    a_size = sum(ab["lora_A"].size for ab in trainable["adapters"].values())
+    assert state_sizes["lora"] - state_sizes["lorafa"] == 2 * a_size  # Adam's two moments of A, gone
+    for p, ab in trainable["adapters"].items():
+        np.testing.assert_array_equal(new["adapters"][p]["lora_A"], ab["lora_A"])
+        assert np.any(new["adapters"][p]["lora_B"] != ab["lora_B"]) and np.any(new["adapters"][p][lj.MAGNITUDE] !=
+                                                                                ab[lj.MAGNITUDE])
+    cost = {k: (c.cost_analysis()[0] if isinstance(c.cost_analysis(), list) else c.cost_analysis())["flops"]
+            for k, c in compiled.items()}
+    assert cost["lorafa"] < cost["lora"]
+    temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}
+    assert temp["lorafa"] < temp["lora"]
+
+    tx = lj.lorafa(config, optax.sgd(1.0))  # bare adapters: g_B / s^2 through (A^T A)^+ exactly
+    adapters = trainable["adapters"]
+    ones = jax.tree.map(jnp.ones_like, adapters)
+    updates, _ = tx.update(ones, tx.init(adapters), adapters)
+    p = "transformer/h/attn/c_attn/kernel"
+    a = np.asarray(adapters[p]["lora_A"], np.float64)  # [L, in, r]
+    want = -np.linalg.pinv(np.swapaxes(a, -1, -2) @ a) @ np.ones(adapters[p]["lora_B"].shape) / config.scale_for(p) ** 2
+    np.testing.assert_allclose(updates[p]["lora_B"], want, rtol=1e-4)
+    assert not np.any(updates[p]["lora_A"])
+    with pytest.raises(ValueError, match="pass params to update"):
+        tx.update(ones, tx.init(adapters))
+    with pytest.raises(ValueError, match="delta must be a number >= 0"):
+        lj.lorafa(config, adamw, delta=-1.0)
+
+
 def test_summary_counts():
     params = MLP().init(KEY, X8)
     config = lj.LoraConfig(rank=2, targets=["Dense_0", "Dense_1"], bias="all")

@@ -424,3 +424,47 @@ def test_orthogonal_init_like_peft(tiny_gpt2_dir, tmp_path):
     assert lp.load_peft(tmp_path / "peft_made", from_pretrained(tiny_gpt2_dir)[1]).config.init == "orthogonal"
     out = lp.save_peft(tmp_path / "ours", config, adapters, model_config=model.config)
     assert json.loads((out / lp.CONFIG_FILE).read_text())["init_lora_weights"] is True
+
+
+def test_lorafa_matches_peft(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """LoRA-FA against PEFT's create_lorafa_optimizer: three steps on the same next-token loss give the
+    same lora_B, lora_A untouched. (Both in fp32: PEFT's bf16 autocast of the projection is turned
+    off; Adam's eps to 1e-12 on both sides, since HF's AdamW adds eps before the bias correction.)"""
+    from peft.optimizers import create_lorafa_optimizer
+    from peft.optimizers import lorafa as peft_lorafa
+    from peft.utils import get_peft_model_state_dict
+
+    monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda *a, **k: False)
+    model, params = from_pretrained(tiny_gpt2_dir)
+    config = lj.LoraConfig(rank=4, alpha=8, targets=["c_attn", "c_fc"], use_rslora=True,
+                           rank_pattern={".*c_fc": 2})  # per-module scales
+    start = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape),
+                         lj.init(config, params, jax.random.key(0)))
+    out = lp.save_peft(tmp_path / "start", config, start, model_config=model.config)
+    pm = peft.PeftModel.from_pretrained(hf_model(tiny_gpt2_dir), str(out), is_trainable=True).eval()
+    opt = create_lorafa_optimizer(pm, r=4, lora_alpha=8, lr=1e-2)
+    opt.param_groups[0]["eps"] = 1e-12
+    ids = torch.tensor(IDS, dtype=torch.long)
+    for _ in range(3):
+        opt.zero_grad()
+        pm(ids, labels=ids).loss.backward()
+        opt.step()
+    theirs = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(pm).items()}
+
+    g = lj.apply(model.apply, config)
+    ts = lj.make_train_step(lambda p, a, x: optax.softmax_cross_entropy_with_integer_labels(
+        g(p, a, x)[:, :-1], x[:, 1:]).mean(), lj.lorafa(config, optax.adam(1e-2, eps=1e-12)))
+    trainable, frozen = lj.split(config, params, start)
+    opt_state, step = ts.init(trainable), jax.jit(ts.step)
+    for _ in range(3):
+        trainable, opt_state, _ = step(trainable, frozen, opt_state, IDS)
+    ours = lp.peft_state_dict(config, trainable["adapters"], model_config=model.config)
+    begin = lp.peft_state_dict(config, start, model_config=model.config)
+    assert set(ours) == set(theirs)
+    for k in ours:
+        if ".lora_A." in k:
+            np.testing.assert_array_equal(ours[k], begin[k])
+            np.testing.assert_allclose(theirs[k], begin[k], atol=1e-7, err_msg=k)
+        else:
+            assert np.abs(ours[k] - begin[k]).max() > 1e-3, k
+            np.testing.assert_allclose(ours[k], theirs[k], atol=1e-5, rtol=0, err_msg=k)

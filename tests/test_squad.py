@@ -258,7 +258,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--init-batches", "4"], "--init-batches 4: a positive count for --init eva / corda / lora_ga"),
                        (["--init", "eva", "--corda-method", "kpm"], "--corda-method kpm: ipm or kpm for --init corda"),
                        (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva"),
-                       (["--layers-to-transform", "1,x"], "--layers-to-transform '1,x': comma-separated layer")]:
+                       (["--layers-to-transform", "1,x"], "--layers-to-transform '1,x': comma-separated layer"),
+                       (["--lorafa", "--loraplus-ratio", "4"], "--lorafa freezes lora_A, whose rate --loraplus")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -273,6 +274,21 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert "layers_to_transform=[4, 7] (layers_pattern=None) keeps none of the 12 targeted weights" in \
         capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_lorafa_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--lorafa trains lora_B alone: the saved lora_A is the run's initial one, lora_B moved."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "lorafa"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--lorafa")) == 0
+    assert "LoRA-FA: lora_A frozen at its start (" in capsys.readouterr().out
+    params = from_pretrained(tiny_gpt2_dir)[1]
+    saved = checkpoint.load(out / "adapter", params)
+    start = lj.init(saved.config, params, jax.random.fold_in(jax.random.key(0), 1))  # run.py's init key, --seed 0
+    for p, ab in saved.adapters.items():
+        np.testing.assert_array_equal(ab["lora_A"], start[p]["lora_A"])
+        assert np.abs(ab["lora_B"]).max() > 0
+    assert json.loads((out / "summary.json").read_text())["lorafa"] is True
 
 
 def test_eva_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

@@ -38,9 +38,11 @@ class StepConfig:
 
 
 def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, clip: float,
-                   loraplus_ratio: float | None = None) -> optax.GradientTransformation:
+                   loraplus_ratio: float | None = None,
+                   lorafa: lj.LoraConfig | None = None) -> optax.GradientTransformation:
     """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped;
-    with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule).
+    with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule); with `lorafa` (the
+    LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest).
 
     `apply_if_finite` leaves params and state untouched on a non-finite gradient and counts it
     (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
@@ -52,6 +54,8 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
     adamw = lambda rate: optax.adamw(rate, weight_decay=weight_decay)  # noqa: E731
     opt = adamw(sched) if loraplus_ratio is None else lj.loraplus(adamw, sched, loraplus_ratio)
     tx = optax.chain(optax.clip_by_global_norm(clip), opt)
+    if lorafa is not None:  # lora_A's gradient never reaches the clipping, as with a frozen torch tensor
+        tx = lj.lorafa(lorafa, tx)
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 

@@ -195,6 +195,10 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         def logits(p, a, ids, mask, rng, pos):
             return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None)
         log(str(lj.summary(lora, params, adapters)))
+        if args.lorafa:
+            n_a = sum(ab["lora_A"].size for ab in adapters.values() if "lora_A" in ab)
+            log(f"LoRA-FA: lora_A frozen at its start ({n_a:,} of those params), lora_B's gradient projected "
+                "through it")
     else:
         trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
 
@@ -204,7 +208,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                      targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
                      parallel=args.parallel)
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
-                        loraplus_ratio=args.loraplus_ratio if lora is not None else None)
+                        loraplus_ratio=args.loraplus_ratio if lora is not None else None,
+                        lorafa=lora if lora is not None and args.lorafa else None)
     runner = Runner(target_loss(logits, cfg.targets), tx, cfg)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
@@ -413,7 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
         "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
-        "loraplus_ratio": args.loraplus_ratio,
+        "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa,
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),

@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "the least, keeping the most used frozen (PEFT CordaConfig.corda_method)")
     a("--loraplus-ratio", type=float, default=None,
       help="LoRA+: lora_B's learning rate is this many times --lr (e.g. 16)")
+    a("--lorafa", action="store_true",
+      help="LoRA-FA (PEFT create_lorafa_optimizer): lora_A stays at its init, lora_B's gradient is projected "
+           "through it; less memory and compute per step")
     a("--init-adapter", default=None,
       help="start from an existing adapter (a lora_jax adapter dir, a PEFT adapter dir or its hub id); its config "
            "replaces --rank/--alpha/--targets/--layers-to-transform")
@@ -174,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
     if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
         p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
+    if args.lorafa and args.loraplus_ratio is not None:
+        p.error("--lorafa freezes lora_A, whose rate --loraplus-ratio sets: use one or the other")
     if args.eval_only:
         clash = [f for f, on in (("--full-finetune", args.full_finetune), ("--resume", args.resume),
                                  ("--stop-after", args.stop_after is not None),
