@@ -35,22 +35,24 @@ def _as_pattern(value: Any, name: str, *, optional: bool) -> Pattern | None:
     raise ValueError(f"LoraConfig.{name} must be a regex string or a non-empty list of names, got {value!r}")
 
 
+def _token_ids(v: Any, where: str, *, unique: bool = True) -> tuple[int, ...]:
+    ok = (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
+    if not ok:
+        raise ValueError(f"LoraConfig.{where} must be a non-empty list of token ids (ints >= 0), got {v!r}")
+    dup = sorted({i for i in v if list(v).count(i) > 1})
+    if unique and dup:
+        raise ValueError(f"LoraConfig.{where} lists token id(s) {dup} more than once")
+    return tuple(v)
+
+
 def _as_tokens(value: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
     """trainable_tokens normalised: a tuple of ids, or {module name: tuple of ids}."""
-    def ids(v: Any, where: str) -> tuple[int, ...]:
-        ok = (isinstance(v, Sequence) and not isinstance(v, str) and len(v) > 0
-              and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v))
-        if not ok:
-            raise ValueError(f"LoraConfig.{where} must be a non-empty list of token ids (ints >= 0), got {v!r}")
-        dup = sorted({i for i in v if list(v).count(i) > 1})
-        if dup:
-            raise ValueError(f"LoraConfig.{where} lists token id(s) {dup} more than once")
-        return tuple(v)
     if isinstance(value, Mapping):
         if not value or not all(isinstance(k, str) and k for k in value):
             raise ValueError(f"LoraConfig.trainable_tokens must map module names to token ids, got {value!r}")
-        return {k: ids(v, f"trainable_tokens[{k!r}]") for k, v in value.items()}
-    return ids(value, "trainable_tokens")
+        return {k: _token_ids(v, f"trainable_tokens[{k!r}]") for k, v in value.items()}
+    return _token_ids(value, "trainable_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,10 @@ class LoraConfig:
         path's last components, leaf included (`experts/w_in`, or just `w_in`), or a regex that
         fullmatches the whole path; a [*S, in, out] parameter gets one LoRA per matrix (per
         expert). Adds to what `targets` selects, which may then be empty.
+      alora_invocation_tokens: Activated LoRA (PEFT's aLoRA): the adapter acts only from the last
+        occurrence of these token ids in each row onwards, so everything before it computes (and
+        caches) exactly what the base model does; `apply` then takes `lora_mask=`
+        (`lora.alora_mask`). Linear layers only, without DoRA or lora_bias; cannot be merged.
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -126,6 +132,7 @@ class LoraConfig:
     layers_to_transform: int | Sequence[int] | None = None
     layers_pattern: str | Sequence[str] | None = None
     target_parameters: Pattern | None = None
+    alora_invocation_tokens: Sequence[int] | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
@@ -160,6 +167,13 @@ class LoraConfig:
         if self.trainable_tokens is not None:
             set_("trainable_tokens", _as_tokens(self.trainable_tokens))
         self._normalise_layers()
+        if self.alora_invocation_tokens is not None:
+            set_("alora_invocation_tokens", _token_ids(self.alora_invocation_tokens, "alora_invocation_tokens",
+                                                       unique=False))
+            clash = [k for k in ("use_dora", "lora_bias", "trainable_tokens") if getattr(self, k)]
+            if clash:
+                raise ValueError(f"LoraConfig.alora_invocation_tokens (aLoRA) acts on some tokens only, which "
+                                 f"{' and '.join(clash)} cannot (they change every token)")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_rslora", "use_dora", "lora_bias"):
@@ -255,7 +269,8 @@ class LoraConfig:
         if tokens is not None:
             d["trainable_tokens"] = (list(tokens) if isinstance(tokens, tuple)
                                      else {k: list(v) for k, v in tokens.items()})
-        for k in ("targets", "exclude", "trainable", "layers_to_transform", "layers_pattern", "target_parameters"):
+        for k in ("targets", "exclude", "trainable", "layers_to_transform", "layers_pattern", "target_parameters",
+                  "alora_invocation_tokens"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d

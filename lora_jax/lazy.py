@@ -106,6 +106,8 @@ class LoraArray(StackedFactors):
     `key` ([*S] typed PRNG keys) enables dropout (rate `dropout`) on the matmul input of the
     LoRA path; None disables it. With a DoRA magnitude `m` [*S, out] the value is
     m * (W0 + s*A*B) / ||W0 + s*A*B|| (norms over `in`, outside the gradient, as in PEFT).
+    `mask` ([*S, B, T] bools, the same for every matrix of the stack) limits the LoRA path to
+    those tokens of a matmul's input (aLoRA); the value then has no single weight to stand for.
     """
 
     w: Any  # a jax.Array, or a quax value such as quant.QuantizedArray
@@ -113,6 +115,7 @@ class LoraArray(StackedFactors):
     b: jax.Array
     key: jax.Array | None
     m: jax.Array | None
+    mask: jax.Array | None
     scale: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
@@ -124,6 +127,11 @@ class LoraArray(StackedFactors):
         return (self.scale * ab).astype(self.w.dtype)
 
     def materialise(self) -> jax.Array:
+        if self.mask is not None:
+            raise FallbackError(
+                f"LoRA weight {self.name!r} {tuple(self.w.shape)} acts on some tokens only (lora_mask) and met "
+                "an operation with no factored rule: no single weight W0 + s*A*B stands for it"
+            )
         if self.strict:
             raise FallbackError(
                 f"LoRA weight {self.name!r} {tuple(self.w.shape)} met an operation with no factored "
@@ -148,11 +156,25 @@ class LoraArray(StackedFactors):
         return out if self.m is None else eqx.tree_at(lambda t: t.m, out, fn(self.m))  # DoRA's magnitude too
 
     def map(self, fn) -> "LoraArray":
-        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b, m and the dropout keys [*S]."""
+        """Apply a stack-dimension op (slice, squeeze, ...) to w, a, b, m, the dropout keys [*S] and the
+        token mask [*S, B, T]."""
         opt = lambda v: None if v is None else fn(v)  # noqa: E731
-        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key, t.m), self,
-                           (lift(fn)(self.w), fn(self.a), fn(self.b), opt(self.key), opt(self.m)),
+        return eqx.tree_at(lambda t: (t.w, t.a, t.b, t.key, t.m, t.mask), self,
+                           (lift(fn)(self.w), fn(self.a), fn(self.b), opt(self.key), opt(self.m), opt(self.mask)),
                            is_leaf=lambda x: x is None)
+
+    def token_mask(self, x_free: tuple[int, ...], before: int, after: int) -> jax.Array:
+        """`mask` [B, T] placed on a matmul output whose input's free dims are `x_free`, with
+        `before` dims ahead of them and `after` behind: [1.., B, T, 1..] (or [1.., B*T, 1..])."""
+        m = self.mask.reshape((-1, *self.mask.shape[self.n_stack:]))[0]  # every stacked matrix holds the same
+        if tuple(x_free[: m.ndim]) == m.shape:
+            lead = m
+        elif len(x_free) == 1 and x_free[0] == m.size:  # tokens flattened: [B*T, D]
+            lead = m.reshape(-1)
+        else:
+            raise ValueError(f"lora_mask {tuple(m.shape)} does not line up with the tokens of the input of "
+                             f"{self.name!r} (its free dims {tuple(x_free)}): pass [batch, tokens] of that input")
+        return lead.reshape((1,) * before + lead.shape + (1,) * (len(x_free) - lead.ndim + after))
 
 
 class Reshaped(Stacked):
@@ -241,6 +263,9 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     # u: [*batch, *stack_free, *x_free, o] -> [*batch, *x_free, *stack_free, o] like `base`.
     perm = (*range(nbatch), *range(nbatch + k, nbatch + k + n_xfree), *range(nbatch, nbatch + k), u.ndim - 1)
     lora_out = (lora.scale * lax.transpose(u, perm)).astype(base.dtype)
+    if lora.mask is not None:  # [*batch, *x_free, *stack_free, o]: the LoRA path on the masked tokens only
+        x_free = tuple(x.shape[d] for d in range(x.ndim) if d not in xc and d not in xb)
+        lora_out = jnp.where(lora.token_mask(x_free, nbatch, k + 1), lora_out, jnp.zeros((), lora_out.dtype))
     if lora.m is None:
         out = base + lora_out
     else:  # out is [*x_free, *S, o] here, so the gain [*S, o] broadcasts from the right
@@ -316,6 +341,8 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
         and not dn.operand_batching_dims
         and tuple(slice_sizes) == (1, w.shape[1])
     )
+    if operand.mask is not None:
+        raise ValueError(f"lora_mask (aLoRA) gates linear layers; {operand.name!r} is looked up as an embedding")
     if not row_lookup:
         return lax.gather_p.bind(operand.materialise(), idx, dimension_numbers=dn, slice_sizes=slice_sizes,
                                  **kwargs)
@@ -393,6 +420,8 @@ def _conv(x: jax.Array, kernel: Stacked, params: dict[str, Any]) -> jax.Array:
     Grouped convolutions and other layouts materialise W0 + s*A*B."""
     dn = params["dimension_numbers"]
     lora = kernel.inner if isinstance(kernel, Reshaped) else kernel
+    if isinstance(lora, LoraArray) and lora.mask is not None:
+        raise ValueError(f"lora_mask (aLoRA) gates linear layers; {lora.name!r} is a convolution kernel")
     factored = (isinstance(kernel, Reshaped) and isinstance(lora, LoraArray) and kernel.n_stack == 0
                 and len(kernel.out_shape) == 1 and dn.rhs_spec[0] == kernel.ndim - 1
                 and params["feature_group_count"] == 1 and params["batch_group_count"] == 1)

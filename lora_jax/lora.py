@@ -96,6 +96,8 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}")
         if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
+        if config.alora_invocation_tokens is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
+            raise ValueError(f"aLoRA (alora_invocation_tokens) adapts linear layers; {p!r} is not one")
         if config.init == "orthogonal" and r % 2:
             raise ValueError(f"init='orthogonal' needs an even rank; {p!r} has rank {r}")
         if config.layers_to_transform is not None and not gates[p].all():
@@ -304,11 +306,11 @@ def _token_array(w: jax.Array, ids: tuple[int, ...], rows: jax.Array, strict: bo
     w = jax.lax.stop_gradient(w)
     idx = jnp.asarray(ids)
     select = jax.nn.one_hot(idx, w.shape[0], dtype=rows.dtype).T  # [V, n]
-    return LoraArray(w=w, a=select, b=rows - w[idx].astype(rows.dtype), key=None, m=None, scale=1.0, dropout=0.0,
-                     strict=strict, name=name)
+    return LoraArray(w=w, a=select, b=rows - w[idx].astype(rows.dtype), key=None, m=None, mask=None, scale=1.0,
+                     dropout=0.0, strict=strict, name=name)
 
 
-def _lora_arrays(config, params, adapters, rng, strict, tokens) -> PyTree:
+def _lora_arrays(config, params, adapters, rng, strict, tokens, mask=None) -> PyTree:
     """params with each adapted leaf replaced by a LoraArray (W0 under stop_gradient)."""
     index = {p: i for i, p in enumerate(sorted(adapters))}
     biases = _bias_paths(adapters)
@@ -327,7 +329,8 @@ def _lora_arrays(config, params, adapters, rng, strict, tokens) -> PyTree:
         return as_matrix(jax.lax.stop_gradient(w), *config.axes_for(path), lambda view: LoraArray(
             w=view, a=ab["lora_A"], b=ab["lora_B"],
             key=_dropout_keys(rng if config.dropout > 0 else None, index[path], stack),
-            m=ab.get(MAGNITUDE), scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
+            m=ab.get(MAGNITUDE), mask=None if mask is None else jnp.broadcast_to(mask, (*stack, *mask.shape)),
+            scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
         ))
     return tree.map_with_path(swap, params)
 
@@ -342,23 +345,60 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
     first, then calls f (the reference; no dropout). `lora_rng` turns on dropout on the LoRA
     input (training); without it no dropout is applied. `params` may hold 4-bit weights from
     `quant.quantize` (QLoRA): adapted or not, they dequantize inside their own matmuls.
+    `lora_mask` ([B, T] bools over the tokens of the adapted layers' inputs) limits the LoRA path
+    to those tokens, the others computing exactly what the base model does; aLoRA configs
+    (`alora_invocation_tokens`) need it: `alora_mask(config, input_ids)`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown LoRA strategy {strategy!r}; expected one of {STRATEGIES}")
 
     @functools.wraps(f)
-    def g(params, adapters, *args, lora_rng=None, **kwargs):
+    def g(params, adapters, *args, lora_rng=None, lora_mask=None, **kwargs):
         tokens = _check(config, params, adapters)
+        if lora_mask is None and config.alora_invocation_tokens is not None:
+            raise ValueError("this config is aLoRA (alora_invocation_tokens): pass lora_mask=, the tokens the "
+                             "adapter acts on, e.g. lora_jax.alora_mask(config, input_ids)")
+        if lora_mask is not None:
+            _check_mask(config, adapters, strategy)
+            lora_mask = jnp.asarray(lora_mask, bool)
         if strategy == "merged":
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
             merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True,
                             tokens=_token_items(tokens, adapters))
             return lift(f)(merged, *args, **kwargs)
-        lazy = _lora_arrays(config, params, adapters, lora_rng, strict, tokens)
+        lazy = _lora_arrays(config, params, adapters, lora_rng, strict, tokens, lora_mask)
         return quax.quaxify(f)(lazy, *args, **kwargs)
 
     return g
+
+
+def _check_mask(config: LoraConfig, adapters: Adapters, strategy: str) -> None:
+    """What a per-token LoRA cannot do: one merged weight, or changes that act on every token."""
+    if strategy == "merged":
+        raise ValueError("lora_mask applies the adapter on some tokens only: the merged strategy has one weight "
+                         "for all; use strategy='factored'")
+    every = [n for n, on in (("use_dora", config.use_dora), ("lora_bias", config.lora_bias),
+                             ("trainable_tokens", any(TOKENS in ab for ab in adapters.values()))) if on]
+    if every:
+        raise ValueError(f"lora_mask applies the adapter on some tokens only, which {' and '.join(every)} cannot")
+
+
+def alora_mask(config: LoraConfig, input_ids: jax.Array) -> jax.Array:
+    """aLoRA's tokens (PEFT's alora_offsets): [B, T] True from the start of the last occurrence of
+    `config.alora_invocation_tokens` in each row of input_ids [B, T] to the row's end; all False in a
+    row without it (the base model there). Jittable."""
+    if config.alora_invocation_tokens is None:
+        raise ValueError("alora_mask: the config has no alora_invocation_tokens")
+    ids = jnp.asarray(input_ids)
+    t, n = ids.shape[1], len(config.alora_invocation_tokens)
+    if t < n:
+        return jnp.zeros(ids.shape, bool)
+    hit = jnp.ones((ids.shape[0], t - n + 1), bool)  # [B, T-n+1]: the invocation starts here
+    for j, tok in enumerate(config.alora_invocation_tokens):
+        hit &= ids[:, j : t - n + 1 + j] == tok
+    start = jnp.max(jnp.where(hit, jnp.arange(t - n + 1), -1), axis=1)  # [B]; -1: absent
+    return (jnp.arange(t)[None, :] >= start[:, None]) & (start[:, None] >= 0)
 
 
 def _bias_paths(adapters: Adapters) -> dict[str, str]:
@@ -405,6 +445,9 @@ def _merge_jit(scale_items, params, adapters, sign, tokens):
 def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
     """params with W0 + s*A*B folded in (jitted; `params` is donated, do not reuse it). An NF4
     weight (`quant.QuantizedArray`) that is adapted comes back dense, in its compute dtype."""
+    if config.alora_invocation_tokens is not None:
+        raise ValueError("an aLoRA adapter (alora_invocation_tokens) acts on some tokens only: it cannot be merged "
+                         "into the weights (nor can PEFT merge it)")
     tokens = _check(config, params, adapters)
     # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
     # buffer is the dense one the merged weight can reuse.

@@ -117,8 +117,10 @@ def _no_dora(configs: Mapping[str, LoraConfig], where: str) -> None:
 def _factors_only(configs: Mapping[str, LoraConfig], where: str) -> None:
     # Trained embedding rows replace the table's rows: there is no delta to route per example or to sum.
     # A lora_B bias lives in the module's bias leaf, outside the factors that are routed and summed.
+    # aLoRA's adapter acts on some tokens only, which a routed or summed delta does not carry.
     for what, hit in (("train embedding rows (trainable_tokens)", lambda c: c.trainable_tokens is not None),
-                      ("have a lora_B bias (lora_bias)", lambda c: c.lora_bias)):
+                      ("have a lora_B bias (lora_bias)", lambda c: c.lora_bias),
+                      ("act on some tokens only (aLoRA)", lambda c: c.alora_invocation_tokens is not None)):
         names = [n for n, c in configs.items() if hit(c)]
         if names:
             raise ValueError(f"adapters {names} {what}, which {where} cannot route or sum; use switch")
@@ -265,6 +267,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
     def switch(params, bank, *args, adapter: str | None = None, **kwargs):
         if adapter is None:
             kwargs.pop("lora_rng", None)
+            kwargs.pop("lora_mask", None)
             return lift(f)(params, *args, **kwargs)
         if adapter not in single:
             raise ValueError(f"unknown adapter {adapter!r}; known: {list(names)}")

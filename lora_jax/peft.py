@@ -386,6 +386,8 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_dora": config.use_dora,
         "lora_bias": config.lora_bias,
     }
+    if config.alora_invocation_tokens is not None:  # written only when set: older PEFT versions reject the key
+        cfg["alora_invocation_tokens"] = list(config.alora_invocation_tokens)
     tokens = _token_ids(config, adapters, params)
     if tokens:
         # A list means the model's input embedding to PEFT (whose tied LM head follows it, as here).
@@ -711,7 +713,8 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
               layers_to_transform=cfg.get("layers_to_transform"),
-              layers_pattern=cfg.get("layers_pattern") or None)
+              layers_pattern=cfg.get("layers_pattern") or None,
+              alora_invocation_tokens=cfg.get("alora_invocation_tokens"))
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)
