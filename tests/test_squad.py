@@ -259,7 +259,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--init", "eva", "--corda-method", "kpm"], "--corda-method kpm: ipm or kpm for --init corda"),
                        (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva"),
                        (["--layers-to-transform", "1,x"], "--layers-to-transform '1,x': comma-separated layer"),
-                       (["--lorafa", "--loraplus-ratio", "4"], "--lorafa freezes lora_A, whose rate --loraplus")]:
+                       (["--lorafa", "--loraplus-ratio", "4"], "--lorafa freezes lora_A, whose rate --loraplus"),
+                       (["--alora", "--init-adapter", "x"], "--alora makes a fresh aLoRA config")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -289,6 +290,32 @@ def test_lorafa_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         np.testing.assert_array_equal(ab["lora_A"], start[p]["lora_A"])
         assert np.abs(ab["lora_B"]).max() > 0
     assert json.loads((out / "summary.json").read_text())["lorafa"] is True
+
+
+def test_alora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--alora: the adapter acts from each prompt's ANSWER marker on, in training and in KV-cache
+    scoring; the PEFT export carries the marker's tokens and scores the same through --init-adapter;
+    a prompt without the marker is refused by name."""
+    from train import data as squad_data
+    from train.run import check_invocation
+
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "alora"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--alora")) == 0
+    capsys.readouterr()
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    marker = peft_cfg["alora_invocation_tokens"]
+    assert marker and json.loads((out / "summary.json").read_text())["alora_invocation_tokens"] == marker
+    scored = tmp_path / "scored"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, scored, "--eval-only", "--no-base-eval",
+                               "--init-adapter", str(out / "peft"))) == 0
+    assert json.loads((scored / "predictions_lora.json").read_text()) == \
+        json.loads((out / "predictions_lora.json").read_text())
+    config = lj.LoraConfig(rank=2, targets=["c_attn"], alora_invocation_tokens=marker)
+    check_invocation(config, {"training": [squad_data.Encoded("ok", np.array([5, *marker, 6]), 3, False)]})
+    with pytest.raises(ValueError, match=r"occur in none of 1 of the 2 validation prompts \(e.g. 'q7'\)"):
+        check_invocation(config, {"validation": [squad_data.Encoded("ok", np.array([*marker, 6]), 3, False),
+                                                 squad_data.Encoded("q7", np.array([5, 6, 7]), 3, False)]})
 
 
 def test_eva_init_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

@@ -46,6 +46,7 @@ import numpy as np
 PROMPT_TEMPLATE = "CONTEXT\n{context}\n\nQUESTION\n{question}\n\nANSWER\n"
 _HEAD = "CONTEXT\n"
 _TAIL = "\n\nQUESTION\n{question}\n\nANSWER\n"
+ANSWER_MARKER = "\n\nANSWER\n"  # what every prompt ends with: --alora's invocation
 
 HF_DATASET_NAMES = ("squad", "rajpurkar/squad")
 SKIP_REASONS = (

@@ -82,14 +82,33 @@ def load_data(args, tokenizer, log):
 FUSED_QKV = {"gpt2": "c_attn", "bloom": "query_key_value"}
 
 
-def lora_config(args, model) -> lj.LoraConfig:
+def lora_config(args, model, tokenizer) -> lj.LoraConfig:
     """The LoRA config from flags; by default the fused QKV of the model's architecture."""
     targets = args.targets or FUSED_QKV.get(model.config.model_type, "c_attn")
     targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
                          layers_to_transform=args.layers_to_transform,
+                         alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
+                                                  if args.alora else None),
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
+
+
+def check_invocation(lora: lj.LoraConfig, splits: dict[str, list]) -> None:
+    """An aLoRA adapter acts from its invocation tokens on: every prompt must hold them."""
+    tokens = lora.alora_invocation_tokens
+    if tokens is None:
+        return
+    want = np.asarray(tokens)
+
+    def holds(ids: np.ndarray) -> bool:
+        return len(ids) >= len(want) and bool(
+            (np.lib.stride_tricks.sliding_window_view(ids, len(want)) == want).all(axis=1).any())
+    for name, examples in splits.items():
+        missing = [ex.id for ex in examples if not holds(np.asarray(ex.tokens))]
+        if missing:
+            raise ValueError(f"aLoRA invocation tokens {list(tokens)} occur in none of {len(missing)} of the "
+                             f"{len(examples)} {name} prompts (e.g. {missing[0]!r}): the adapter would never act there")
 
 
 def load_init_adapter(path: str, params, model):
@@ -193,7 +212,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         g = lj.apply(model.apply, lora)
 
         def logits(p, a, ids, mask, rng, pos):
-            return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None)
+            tokens = None if lora.alora_invocation_tokens is None else lj.alora_mask(lora, ids)
+            return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None, lora_mask=tokens)
         log(str(lj.summary(lora, params, adapters)))
         if args.lorafa:
             n_a = sum(ab["lora_A"].size for ab in adapters.values() if "lora_A" in ab)
@@ -315,8 +335,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora, adapters0, params = load_init_adapter(args.init_adapter, params, model)
         log(f"starting from adapter {args.init_adapter} (r={lora.rank}, alpha={lora.alpha}, targets={lora.targets})")
     else:
-        lora = lora_config(args, model)
+        lora = lora_config(args, model, tokenizer)
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
+    check_invocation(lora, {"training": train_ex, "validation": val_ex})
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
@@ -391,7 +412,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             return {"stopped": True, "scores": results}
     if adapters is not None:
         g = lj.apply(model.apply, lora)
-        lora_apply = lambda p, *a, **k: g(p, adapters, *a, **k)  # noqa: E731
+
+        def lora_apply(p, ids, *a, **k):
+            if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
+                k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
+            return g(p, adapters, ids, *a, **k)
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
         with timed("eval_lora"):
             results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, lora_params), model, tokenizer,
@@ -419,6 +444,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
         "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
         "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa,
+        "alora_invocation_tokens": lora.alora_invocation_tokens and list(lora.alora_invocation_tokens),
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),

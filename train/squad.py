@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "the least, keeping the most used frozen (PEFT CordaConfig.corda_method)")
     a("--loraplus-ratio", type=float, default=None,
       help="LoRA+: lora_B's learning rate is this many times --lr (e.g. 16)")
+    a("--alora", action="store_true",
+      help="Activated LoRA (PEFT alora_invocation_tokens): the adapter acts from each prompt's ANSWER marker on, "
+           "so context and question run (and are cached) as in the base model")
     a("--lorafa", action="store_true",
       help="LoRA-FA (PEFT create_lorafa_optimizer): lora_A stays at its init, lora_B's gradient is projected "
            "through it; less memory and compute per step")
@@ -173,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--init loftq chooses the 4-bit base and the adapters together: pass --quantize nf4 with it")
     if args.loftq_iter is not None and (args.init != "loftq" or args.loftq_iter <= 0):
         p.error(f"--loftq-iter {args.loftq_iter}: a positive count for --init loftq")
+    if args.alora and args.init_adapter:
+        p.error("--alora makes a fresh aLoRA config; --init-adapter brings its own: use one or the other")
     if args.init != "kaiming_uniform" and args.init_adapter:
         p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
     if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
