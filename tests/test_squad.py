@@ -313,7 +313,7 @@ def test_alora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         json.loads((out / "predictions_lora.json").read_text())
     config = lj.LoraConfig(rank=2, targets=["c_attn"], alora_invocation_tokens=marker)
     check_invocation(config, {"training": [squad_data.Encoded("ok", np.array([5, *marker, 6]), 3, False)]})
-    with pytest.raises(ValueError, match=r"occur in none of 1 of the 2 validation prompts \(e.g. 'q7'\)"):
+    with pytest.raises(ValueError, match=r"are missing from 1 of the 2 validation prompts \(e.g. 'q7'\)"):
         check_invocation(config, {"validation": [squad_data.Encoded("ok", np.array([*marker, 6]), 3, False),
                                                  squad_data.Encoded("q7", np.array([5, 6, 7]), 3, False)]})
 

@@ -107,8 +107,8 @@ def check_invocation(lora: lj.LoraConfig, splits: dict[str, list]) -> None:
     for name, examples in splits.items():
         missing = [ex.id for ex in examples if not holds(np.asarray(ex.tokens))]
         if missing:
-            raise ValueError(f"aLoRA invocation tokens {list(tokens)} occur in none of {len(missing)} of the "
-                             f"{len(examples)} {name} prompts (e.g. {missing[0]!r}): the adapter would never act there")
+            raise ValueError(f"aLoRA invocation tokens {list(tokens)} are missing from {len(missing)} of the "
+                             f"{len(examples)} {name} prompts (e.g. {missing[0]!r}): the adapter would not act there")
 
 
 def load_init_adapter(path: str, params, model):
