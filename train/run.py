@@ -99,13 +99,16 @@ def check_invocation(lora: lj.LoraConfig, splits: dict[str, list]) -> None:
     tokens = lora.alora_invocation_tokens
     if tokens is None:
         return
-    want = np.asarray(tokens)
-
-    def holds(ids: np.ndarray) -> bool:
-        return len(ids) >= len(want) and bool(
-            (np.lib.stride_tricks.sliding_window_view(ids, len(want)) == want).all(axis=1).any())
     for name, examples in splits.items():
-        missing = [ex.id for ex in examples if not holds(np.asarray(ex.tokens))]
+        if not examples:
+            continue
+        # One alora_mask call over the prompts right-padded with -1 (no token): its last column
+        # says whether each holds the invocation.
+        ids = np.full((len(examples), max(len(ex.tokens) for ex in examples)), -1, np.int64)
+        for i, ex in enumerate(examples):
+            ids[i, : len(ex.tokens)] = ex.tokens
+        found = np.asarray(lj.alora_mask(lora, ids))[:, -1]
+        missing = [ex.id for ex, ok in zip(examples, found) if not ok]
         if missing:
             raise ValueError(f"aLoRA invocation tokens {list(tokens)} are missing from {len(missing)} of the "
                              f"{len(examples)} {name} prompts (e.g. {missing[0]!r}): the adapter would not act there")
@@ -415,6 +418,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         def lora_apply(p, ids, *a, **k):
             if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
+                # (check_invocation made sure every prompt holds it)
                 k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
             return g(p, adapters, ids, *a, **k)
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
