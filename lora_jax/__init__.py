@@ -14,6 +14,7 @@ from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Summary, alora_mask, apply, che
 from .optim import TrainStep, join, labels, lorafa, loraplus, make_train_step, masked_optimizer, split
 from .corda import init_corda
 from .eva import EvaConfig, init_eva
+from .intruders import reduce_intruders
 from .loftq import init_loftq
 from .lora_ga import LoraGAConfig, init_lora_ga
 from .residual import init_residual, to_plain
@@ -22,7 +23,7 @@ __all__ = [
     "LoraConfig", "FLAX_ATTENTION_AXES", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
     "LORA_BIAS", "TOKENS", "alora_mask", "apply", "check_adapters", "init", "init_tokens", "token_rows", "merge",
     "unmerge", "scales", "summary", "target_paths", "trainable_mask", "init_residual", "init_loftq", "init_eva",
-    "EvaConfig", "init_corda", "init_lora_ga", "LoraGAConfig", "to_plain", "split", "join", "labels",
+    "EvaConfig", "reduce_intruders", "init_corda", "init_lora_ga", "LoraGAConfig", "to_plain", "split", "join", "labels",
     "masked_optimizer", "make_train_step", "loraplus", "lorafa", "corda", "eva", "inputs", "lazy", "lora_ga",
     "optim", "quant", "sharding", "tree",
 ]
