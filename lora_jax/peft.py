@@ -19,7 +19,10 @@ whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`). D
 adds `<module>.lora_magnitude_vector` (out,) per adapted module. Trained embedding rows
 (`trainable_tokens`) are PEFT's `trainable_token_indices`, stored as the rows themselves in
 `<table>.token_adapter.trainable_tokens_delta` (n, D). A `SequenceClassifier`'s adapter is
-PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`).
+PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`). `save_embedding_layers`
+adds the embedding table (`<table>.weight`, or `.base_layer.weight` / `.token_adapter.base_layer.weight`
+where PEFT wraps it), as PEFT does after a vocabulary resize; on import the table is an extra
+leaf, and PEFT's `lm_head.*` copies of the tied table are checked and dropped.
 
 Files are read through safetensors (or, for old `adapter_model.bin`, `torch.load(weights_only=
 True)`); a truncated or corrupted file raises a ValueError naming it. Every export is written
@@ -69,7 +72,9 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora")
+_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora", "kasa_config", "monteclora_config",
+                "arrow_config")
+HEAD = "lm_head."  # PEFT's name of the (here always tied) LM head, which save_embedding_layers also writes
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
@@ -281,10 +286,11 @@ def _extras(config, adapters, params, model_config, layers_key) -> tuple[dict[st
 
 def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig | None = None,
                     params: PyTree | None = None, dtype: Any = "float32",
-                    layers_key: str = LAYERS_KEY) -> dict[str, np.ndarray]:
+                    layers_key: str = LAYERS_KEY, save_embedding_layers: bool = False) -> dict[str, np.ndarray]:
     """The tensors of `adapter_model.safetensors`: PEFT key names, (r, in) / (out, r), in `dtype`.
 
-    `params` (and `model_config`) are needed only when `config` trains full leaves.
+    `params` (and `model_config`) are needed only when `config` trains full leaves, or with
+    `save_embedding_layers` (PEFT's option: the embedding table goes in too, as after resizing it).
     """
     dt = _np_dtype(dtype)
     state: dict[str, np.ndarray] = {}
@@ -307,7 +313,24 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
             raise ValueError(f"config trains full leaves (bias={config.bias!r}, trainable={config.trainable!r}); "
                              "pass params= and model_config= to export them")
         state.update(_extras(config, adapters, params, model_config, layers_key)[0])
+    if save_embedding_layers:
+        state.update(_embedding_layer(adapters, params, model_config))
     return {k: np.ascontiguousarray(v.astype(dt)) for k, v in state.items()}
+
+
+def _embedding_layer(adapters: Adapters, params: PyTree | None, model_config: BaseConfig | None
+                     ) -> dict[str, np.ndarray]:
+    """{PEFT key: the embedding table}, keyed as PEFT's wrapped module names it (the tied LM head
+    follows the table in PEFT, so its copy is left out)."""
+    if params is None or model_config is None:
+        raise ValueError("save_embedding_layers writes the embedding table: pass params= and model_config=")
+    path = f"transformer/{model_config.embed_name}/embedding"
+    table = tree.flatten(params)[path]
+    if tree.is_value(table):
+        raise ValueError(f"save_embedding_layers: {path!r} is {type(table).__name__}, not a dense table")
+    wrapper = ("token_adapter.base_layer." if TOKENS in adapters.get(path, {}) else
+               "base_layer." if path in adapters else "")
+    return {f"{PREFIX}{_module(path)}.{wrapper}weight": np.asarray(jax.device_get(table))}
 
 
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
@@ -404,7 +427,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
 def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
               model_config: BaseConfig, params: PyTree | None = None, dtype: Any = "float32",
               base_model_name_or_path: str | None = None, layers_key: str = LAYERS_KEY,
-              task_type: str | None = None, overwrite: bool = False) -> Path:
+              task_type: str | None = None, save_embedding_layers: bool = False, overwrite: bool = False) -> Path:
     """Write a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
 
     Args:
@@ -417,13 +440,15 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
       task_type: PEFT's task, CAUSAL_LM or SEQ_CLS (default: SEQ_CLS when `params` or `adapters`
         have a `score` head, as a `SequenceClassifier`'s do). PEFT's SEQ_CLS model trains
         `score` in full: export it with `LoraConfig(trainable="score")`.
+      save_embedding_layers: write the embedding table too (PEFT's option), e.g. after
+        `models.resize_token_embeddings`: PEFT loads it into a base resized to the same size.
     Returns:
       the directory.
     """
     from safetensors.numpy import save_file
 
     state = peft_state_dict(config, adapters, model_config=model_config, params=params, dtype=dtype,
-                            layers_key=layers_key)
+                            layers_key=layers_key, save_embedding_layers=save_embedding_layers)
     cfg = peft_config_dict(config, adapters, model_config=model_config, params=params,
                            base_model_name_or_path=base_model_name_or_path, layers_key=layers_key,
                            task_type=task_type)
@@ -575,7 +600,8 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
             continue
         if ".original_module." in k or k.endswith("." + TOKEN_KEY):  # PEFT's copy of the base module; trained rows
             continue
-        k = re.sub(r"\.modules_to_save(\.default)?\.", ".", k).replace(".base_layer.", ".")
+        k = re.sub(r"\.modules_to_save(\.default)?\.", ".", k).replace(".token_adapter.base_layer.", ".")
+        k = k.replace(".base_layer.", ".")
         keys[k] = key
     if not keys:
         return {}
@@ -603,8 +629,27 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
         out[stacked][i] = value
     for p, v in out.items():
         if tuple(v.shape) != tuple(flat[p].shape):
-            raise ValueError(f"{path}: trained leaf {p!r} has shape {v.shape}, base parameter {tuple(flat[p].shape)}")
+            hint = ""
+            if _is_tied_head(p, model_config) and v.shape[1:] == flat[p].shape[1:]:
+                hint = (f": the adapter was saved from a model with {v.shape[0]} tokens; resize the base first, "
+                        f"lora_jax.models.resize_token_embeddings(model, params, {v.shape[0]})")
+            raise ValueError(f"{path}: trained leaf {p!r} has shape {v.shape}, base parameter "
+                             f"{tuple(flat[p].shape)}{hint}")
     return {p: jnp.asarray(v, flat[p].dtype) for p, v in out.items()}
+
+
+def _without_head_copies(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`tensors` less PEFT's `lm_head.*` copies of the tied embedding table and its trained rows
+    (`save_embedding_layers` writes both); an lm_head tensor that is no such copy is refused."""
+    heads = {k for k in tensors if k.removeprefix(PREFIX).startswith(HEAD)}
+    for k in heads:
+        suffix = k.removeprefix(PREFIX)[len(HEAD):]  # weight, base_layer.weight, token_adapter.<...>
+        twins = [c for c in tensors if c not in heads and c.endswith("." + suffix)
+                 and tensors[c].shape == tensors[k].shape and np.array_equal(tensors[c], tensors[k])]
+        if not twins:
+            raise ValueError(f"{path}: {k!r} {tuple(tensors[k].shape)} is not a copy of the embedding table "
+                             "(lora_jax's GPT-2 and BLOOM tie the LM head to it; untied heads are not supported)")
+    return {k: v for k, v in tensors.items() if k not in heads}
 
 
 def _token_tensors(path: Path, tensors, cfg, flat, layers_key,
@@ -687,7 +732,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     weights = directory / WEIGHTS_FILE
     if not weights.is_file() and (directory / BIN_FILE).is_file():
         weights = directory / BIN_FILE  # an old PEFT save: torch pickle, read with weights_only=True
-    tensors = read_tensors(weights)
+    tensors = _without_head_copies(weights, read_tensors(weights))
     flat = tree.flatten(params)
     factors = _lora_factors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     if not factors:

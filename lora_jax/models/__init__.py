@@ -8,6 +8,7 @@
     new_tokens = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32)
     clf, params = classifier_from_pretrained("gpt2", num_labels=3)
     class_logits = clf.apply(params, input_ids, attention_mask)      # [B, 3]
+    model, params = resize_token_embeddings(model, params, len(tokenizer))  # after adding tokens
 """
 
 from lora_jax.models.bloom import BloomConfig
@@ -22,6 +23,7 @@ from lora_jax.models.common import (
     unstack_layers,
 )
 from lora_jax.models.generate import generate, sample_logits
+from lora_jax.models.resize import resize_token_embeddings
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.models.hf import (
     CONFIG_CLASSES,
@@ -58,6 +60,7 @@ __all__ = [
     "load_tokenizer",
     "params_to_hf_state_dict",
     "path_to_hf_key",
+    "resize_token_embeddings",
     "resolve_pretrained_dir",
     "sample_logits",
     "save_hf_checkpoint",
