@@ -260,7 +260,11 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--init", "eva", "--eva-rho", "0.5"], "--eva-rho 0.5: a number >= 1 for --init eva"),
                        (["--layers-to-transform", "1,x"], "--layers-to-transform '1,x': comma-separated layer"),
                        (["--lorafa", "--loraplus-ratio", "4"], "--lorafa freezes lora_A, whose rate --loraplus"),
-                       (["--alora", "--init-adapter", "x"], "--alora makes a fresh aLoRA config")]:
+                       (["--alora", "--init-adapter", "x"], "--alora makes a fresh aLoRA config"),
+                       (["--reduce-intruders", "1.5"], "--reduce-intruders keeps a share of each intruder "
+                                                       "dimension: in [0, 1], got 1.5"),
+                       (["--reduce-intruders", "--dora"], "--reduce-intruders changes the directions DoRA"),
+                       (["--reduce-intruders", "--eval-only"], "--reduce-intruders --eval-only acts on an adapter")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -275,6 +279,55 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert "layers_to_transform=[4, 7] (layers_pattern=None) keeps none of the 12 targeted weights" in \
         capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_reduce_intruders_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--reduce-intruders scores and saves the reduced adapter next to the trained one (what
+    lj.reduce_intruders makes of the saved adapter) and reports the LM loss on the contexts."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "reduced"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--lr", "0.1",
+                               "--alpha", "256", "--reduce-intruders", "0.5")) == 0  # a big delta: intruders
+    assert "LM loss on the validation contexts: base model " in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["scores"]) == {"lora", "reduced"}
+    got = summary["reduce_intruders"]
+    assert got["mitigation_lambda"] == 0.5 and got["matrices"] == 2 and got["intruders"] > 0
+    assert got["context_loss"]["reduced"] != got["context_loss"]["lora"]
+    assert set(got["context_loss"]) == {"base", "lora", "reduced"} and all(
+        np.isfinite(v) for v in got["context_loss"].values())
+    params = from_pretrained(tiny_gpt2_dir)[1]
+    trained, reduced = checkpoint.load(out / "adapter", params), lp.load_peft(out / "peft_reduced", params)
+    want, found = lj.reduce_intruders(trained.config, params, trained.adapters, mitigation_lambda=0.5)
+    assert sum(int(n) for n in found.values()) == got["intruders"]
+    for p, ab in want.items():
+        for k in ("lora_A", "lora_B"):
+            np.testing.assert_allclose(reduced.adapters[p][k], ab[k], atol=1e-6)
+    assert (out / "predictions_reduced.json").is_file()
+
+
+def test_text_loss_is_transformers_loss(tiny_gpt2_dir):
+    """The LM loss on texts is transformers' own (token-weighted over texts of different lengths,
+    cut to max_len, with all-padding rows in the last batch)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from lora_jax.models import load_tokenizer
+    from train.evaluate import text_loss
+
+    model, params = from_pretrained(tiny_gpt2_dir)
+    tok = load_tokenizer(tiny_gpt2_dir)
+    texts = ["Ana lives in Rome and Bo lives in Oslo.", "Hello world!", "x", " ".join(NAMES * 4)]
+    got = text_loss(model.apply, params, tok, texts, max_len=24, batch_size=2)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    total = count = 0.0
+    for t in texts:
+        ids = tok(t)["input_ids"][:24]
+        if len(ids) > 1:
+            with torch.no_grad():
+                total += float(hf(torch.tensor([ids]), labels=torch.tensor([ids])).loss) * (len(ids) - 1)
+            count += len(ids) - 1
+    assert got == pytest.approx(total / count, rel=1e-5)
 
 
 def test_lorafa_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

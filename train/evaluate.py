@@ -1,4 +1,4 @@
-"""SQuAD evaluation: batched KV-cache greedy generation, decoding, official EM/F1."""
+"""SQuAD evaluation: batched KV-cache greedy generation, decoding, official EM/F1; LM loss on text."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models import generate
@@ -43,3 +44,33 @@ def evaluate(apply_fn, params, model, tokenizer, examples, records, **kw) -> tup
     preds = predict(apply_fn, params, model, tokenizer, examples, **kw)
     by_id = {r.id: r for r in records}
     return squad_scores(preds, [by_id[i] for i in preds]), preds
+
+
+def text_loss(apply_fn: Callable[..., Any], params, tokenizer, texts: Sequence[str], *, max_len: int,
+              batch_size: int) -> float:
+    """Mean next-token loss (nats per token) on plain texts, each cut to `max_len` tokens: how well
+    the model still models the domain's language, which fine-tuning can make it forget.
+
+    `apply_fn(params, input_ids, attention_mask)` -> logits; one compiled shape [batch_size, max_len].
+    """
+    rows = [np.asarray(tokenizer(t)["input_ids"][:max_len], np.int32) for t in texts]
+    rows = [r for r in rows if len(r) > 1]
+    if not rows:
+        raise ValueError("text_loss: no text of two or more tokens to score")
+    pad = data.pad_id_of(tokenizer)
+
+    def sums(p, ids, mask):
+        logp = jax.nn.log_softmax(apply_fn(p, ids, mask)[:, :-1].astype(jnp.float32))  # [B, T-1, V]
+        tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+        scored = (mask[:, 1:] * mask[:, :-1]).astype(bool)
+        return -jnp.where(scored, tok, 0.0).sum(), scored.sum()  # an all-padding row may hold NaN logits
+    fn = jax.jit(sums)
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        ids = np.full((batch_size, max_len), pad, np.int32)
+        mask = np.zeros((batch_size, max_len), np.int32)
+        for j, r in enumerate(rows[i: i + batch_size]):
+            ids[j, : len(r)], mask[j, : len(r)] = r, 1
+        s, c = fn(params, ids, mask)
+        total, count = total + float(s), count + int(c)
+    return total / count

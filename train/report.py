@@ -66,8 +66,10 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
     lora = ("QLoRA" if quantized else "LoRA") + (f" ({', '.join(tags)})" if tags else "")  # e.g. "LoRA (pissa)"
     if summary.get("eval_only"):
         lora = f"adapter {summary['adapter']}"
+    reduced = summary.get("reduce_intruders")
     names = {"base": f"base model ({quantized})" if quantized else "base model", "lora": lora,
-             "full": "full fine-tuning"}
+             "full": "full fine-tuning",
+             "reduced": reduced and f"{lora}, intruders reduced (lambda {reduced['mitigation_lambda']:g})"}
     lines = [
         "",
         f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "
@@ -88,6 +90,10 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
     if "base" in scores and "lora" in scores:
         b, l = scores["base"], scores["lora"]
         lines.append(f"EM {b['exact_match']:.1f} -> {l['exact_match']:.1f}, F1 {b['f1']:.1f} -> {l['f1']:.1f}")
+    if reduced:
+        losses = ", ".join(f"{names[k]} {v:.3f}" for k, v in reduced["context_loss"].items())
+        lines.append(f"intruder dimensions: {reduced['intruders']} in {reduced['matrices_with_intruders']} of "
+                     f"{reduced['matrices']} adapted matrices; LM loss on the validation contexts: {losses}")
     parts = ", ".join(f"{k} {v:.0f} s" for k, v in summary.get("seconds", {}).items())
     lines.append(f"wall time: {summary['wall_time_s']:.0f} s" + (f" ({parts})" if parts else ""))
     by_id = {r.id: r for r in records}

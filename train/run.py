@@ -19,7 +19,7 @@ from lora_jax import quant
 from lora_jax.models import from_pretrained, load_tokenizer
 
 from . import data, report
-from .evaluate import evaluate
+from .evaluate import evaluate, text_loss
 from .loop import Runner, StepConfig, make_optimizer, put_fsdp, target_loss
 from .state import TrainCheckpoints, write_json
 
@@ -126,8 +126,9 @@ def load_init_adapter(path: str, params, model):
 
 
 def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_model: str, dtype: str,
-                 initial=None) -> dict:
-    """The trained adapter twice: orbax (lora_jax) and PEFT format. Returns paths and sizes.
+                 initial=None, suffix: str = "") -> dict:
+    """The trained adapter twice: orbax (lora_jax) and PEFT format, in adapter<suffix>/ and
+    peft<suffix>/. Returns paths and sizes.
 
     Adapters trained on PiSSA / OLoRA residual weights are saved as plain LoRA on the original
     weights (`to_plain`, rank 2r), given `initial`, the adapters they started from."""
@@ -135,12 +136,24 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
 
     if lora.changes_base:
         lora, adapters = lj.to_plain(lora, adapters, initial)
-    a_dir = checkpoint.save(out / "adapter", lora, adapters, base_model=base_model, params=params, overwrite=True)
-    p_dir = peft.save_peft(out / "peft", lora, adapters, model_config=model.config, params=params, dtype=dtype,
-                           base_model_name_or_path=base_model, overwrite=True)
+    a_dir = checkpoint.save(out / f"adapter{suffix}", lora, adapters, base_model=base_model, params=params,
+                            overwrite=True)
+    p_dir = peft.save_peft(out / f"peft{suffix}", lora, adapters, model_config=model.config, params=params,
+                           dtype=dtype, base_model_name_or_path=base_model, overwrite=True)
     size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     return {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir), "peft_dir": str(p_dir),
             "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
+
+
+def reduce_intruders(args, lora: lj.LoraConfig, params, adapters, log) -> tuple[dict, dict]:
+    """(adapters with their intruder dimensions damped by --reduce-intruders, counts for the summary)."""
+    reduced, found = lj.reduce_intruders(lora, params, adapters, mitigation_lambda=args.reduce_intruders)
+    counts = np.concatenate([np.ravel(n) for n in found.values()])  # one per matrix (per layer of a stack)
+    summary = {"intruders": int(counts.sum()), "matrices_with_intruders": int(np.count_nonzero(counts)),
+               "matrices": int(counts.size)}
+    log(f"intruder dimensions: {summary['intruders']} in {summary['matrices_with_intruders']} of "
+        f"{summary['matrices']} adapted matrices; keeping {args.reduce_intruders:g} of each")
+    return reduced, summary
 
 
 def calibration(args, tokenizer, examples) -> list[dict[str, np.ndarray]]:
@@ -341,6 +354,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora = lora_config(args, model, tokenizer)
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
     check_invocation(lora, {"training": train_ex, "validation": val_ex})
+    if args.reduce_intruders is not None and lora.use_dora:
+        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a DoRA adapter, whose trained "
+                         "magnitude belongs to the directions the reduction changes")
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
@@ -413,18 +429,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not finished:
             log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
             return {"stopped": True, "scores": results}
-    if adapters is not None:
-        g = lj.apply(model.apply, lora)
+    g = lj.apply(model.apply, lora)
 
+    def with_adapters(ab):
         def lora_apply(p, ids, *a, **k):
             if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
                 # (check_invocation made sure every prompt holds it)
                 k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
-            return g(p, adapters, ids, *a, **k)
+            return g(p, ab, ids, *a, **k)
+        return lora_apply
+    if adapters is not None:
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
         with timed("eval_lora"):
-            results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, lora_params), model, tokenizer,
-                                                        val_ex, val_records, **eval_kw)
+            results["lora"], samples["lora"] = evaluate(with_adapters(adapters), for_eval(args, lora_params), model,
+                                                        tokenizer, val_ex, val_records, **eval_kw)
+    reduced = None
+    if args.reduce_intruders is not None:
+        with timed("reduce_intruders"):
+            reduced, intruders = reduce_intruders(args, lora, lora_params, adapters, log)
+            log("scoring the adapter with its intruder dimensions reduced ...")
+            results["reduced"], samples["reduced"] = evaluate(with_adapters(reduced), for_eval(args, lora_params),
+                                                              model, tokenizer, val_ex, val_records, **eval_kw)
+            texts = list(dict.fromkeys(r.context for r in val_records))  # distinct, in order
+            text_kw = dict(max_len=args.max_len, batch_size=args.eval_batch_size)
+            context_loss = {"base": text_loss(base_apply, for_eval(args, params), tokenizer, texts, **text_kw)} | {
+                name: text_loss(with_adapters(ab), for_eval(args, lora_params), tokenizer, texts, **text_kw)
+                for name, ab in (("lora", adapters), ("reduced", reduced))}
+            log("LM loss on the validation contexts: " + ", ".join(f"{k} {v:.3f}" for k, v in context_loss.items()))
     if args.full_finetune:
         with timed("train_full"):
             full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
@@ -442,6 +473,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base_name = str(save_checkpoint(out / "loftq_base", model.config, params, tokenizer=tokenizer, overwrite=True))
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
                          initial=adapters0) if primary and not args.eval_only else {}
+    if reduced is not None:
+        kept = save_adapter(out, lora, lora_params, reduced, model, base_name, args.export_dtype, initial=adapters0,
+                            suffix="_reduced") if primary else {}
+        intruders |= {"mitigation_lambda": args.reduce_intruders, "context_loss": context_loss, **kept}
     summ = lj.summary(lora, lora_params, adapters) if adapters is not None else None
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
@@ -452,6 +487,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
+        "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:
         for name, preds in samples.items():  # {id: answer}: the official evaluate-v1.1.py input

@@ -93,6 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lorafa", action="store_true",
       help="LoRA-FA (PEFT create_lorafa_optimizer): lora_A stays at its init, lora_B's gradient is projected "
            "through it; less memory and compute per step")
+    a("--reduce-intruders", type=float, nargs="?", const=0.75, default=None, metavar="LAMBDA",
+      help="after training, also damp the adapter's intruder dimensions, keeping LAMBDA of each (PEFT "
+           "reduce_intruder_dimension; default 0.75): score that adapter too, save it to adapter_reduced/ and "
+           "peft_reduced/, and report each model's LM loss on the validation contexts (what the base model knew)")
     a("--init-adapter", default=None,
       help="start from an existing adapter (a lora_jax adapter dir, a PEFT adapter dir or its hub id); its config "
            "replaces --rank/--alpha/--targets/--layers-to-transform")
@@ -184,6 +188,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
     if args.lorafa and args.loraplus_ratio is not None:
         p.error("--lorafa freezes lora_A, whose rate --loraplus-ratio sets: use one or the other")
+    if args.reduce_intruders is not None:
+        if not 0 <= args.reduce_intruders <= 1:
+            p.error(f"--reduce-intruders keeps a share of each intruder dimension: in [0, 1], got {args.reduce_intruders}")
+        if args.dora:
+            p.error("--reduce-intruders changes the directions DoRA's trained magnitude belongs to: not with --dora")
+        if args.eval_only and not args.init_adapter:
+            p.error("--reduce-intruders --eval-only acts on an adapter: pass --init-adapter")
     if args.eval_only:
         clash = [f for f, on in (("--full-finetune", args.full_finetune), ("--resume", args.resume),
                                  ("--stop-after", args.stop_after is not None),
