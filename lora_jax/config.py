@@ -80,7 +80,8 @@ class LoraConfig:
         W0's QR decomposition).
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
       use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
-        adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated).
+        adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated);
+        on linear layers and embedding tables [V, D] (m per feature, norms over the vocabulary).
       lora_bias: lora_B gets a bias too (PEFT `lora_bias`), s * b added to the targeted module's
         own bias, which it must have; merging folds it into that bias. Not with DoRA.
       rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).

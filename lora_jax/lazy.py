@@ -244,8 +244,17 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     stack = tuple(range(n - 2))
     if len(wc) != 1 or wc[0] < n - 2 or not set(wb) <= set(stack):
         return None  # contracts both matrix dims, or batches over one: no factored form
-    if lora.m is not None and (wc[0] != n - 2 or wb):
-        return None  # DoRA's gain is per output column: factored only for x @ W without batch dims
+    if lora.m is not None and wb:
+        return None  # DoRA's gain is per output column: factored only without batch dims
+    if lora.m is not None and wc[0] == n - 1:
+        # x . (W g)^T, a tied head's use of a DoRA embedding: (x g) . W^T, then the plain rule (one
+        # gain per contracted column: a single matrix only, not a stack).
+        if n != 2:
+            return None
+        g = lora.dora_gain().astype(x.dtype)
+        gx = jnp.moveaxis(jnp.moveaxis(x, xc[0], -1) * g, -1, xc[0])
+        plain = eqx.tree_at(lambda t: t.m, lora, replace=None)
+        return _factored(plain, gx, dn, kwargs, lora_is_lhs=lora_is_lhs)
     # Contracting the input dim: x.(A B) = (x.A).B; the output dim: x.(A B)^T = (x.B^T).A^T.
     first, second, rank_dim = (lora.a, lora.b, n - 2) if wc[0] == n - 2 else (lora.b, lora.a, n - 1)
     dn_xw = ((xc, wc), (xb, wb))  # canonical: x on the left
@@ -336,7 +345,7 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
     dn, w = dimension_numbers, operand.w
     idx = _dense(indices)
     row_lookup = (
-        operand.m is None and not tree.is_value(w) and w.ndim == 2
+        not tree.is_value(w) and w.ndim == 2
         and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
         and not dn.operand_batching_dims
         and tuple(slice_sizes) == (1, w.shape[1])
@@ -351,7 +360,13 @@ def _gather(operand: LoraArray, indices: ArrayLike | quax.ArrayValue, *, dimensi
     rows = lax.gather_p.bind(operand.a, idx, dimension_numbers=dn, slice_sizes=(1, r), **kwargs)  # [..., r, ...]
     (off,) = dn.offset_dims  # where D (and r for A's rows) sits in the result
     delta = jnp.moveaxis(jnp.moveaxis(rows, off, -1) @ operand.b.astype(rows.dtype), -1, off)
-    return base + (operand.scale * delta).astype(base.dtype)
+    out = base + (operand.scale * delta).astype(base.dtype)
+    if operand.m is None:
+        return out
+    # DoRA (PEFT's DoraEmbeddingLayer): each row of m * (W0 + s*A*B) / ||W0 + s*A*B||, the norms
+    # taken over the vocabulary for each of the D features, as for a linear layer's inputs.
+    g = operand.dora_gain().astype(out.dtype)  # [D]
+    return jnp.moveaxis(jnp.moveaxis(out, off, -1) * g, -1, off)
 
 
 @quax.register(P.convert_element_type_p)

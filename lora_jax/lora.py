@@ -94,8 +94,9 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         if r > min(view[-2:]):
             shown = tuple(shape) if view == tuple(shape) else f"{tuple(shape)} (as the matrix stack {view})"
             raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}")
-        if config.use_dora and tree.leaf_name(p) not in tree.LINEAR_NAMES:
-            raise ValueError(f"DoRA targets linear layers; {p!r} is not one (exclude it or drop use_dora)")
+        if config.use_dora and tree.leaf_name(p) not in tree.WEIGHT_NAMES:
+            raise ValueError(f"DoRA targets linear layers and embeddings; {p!r} is neither (exclude it or drop "
+                             "use_dora)")
         if config.alora_invocation_tokens is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"aLoRA (alora_invocation_tokens) adapts linear layers; {p!r} is not one")
         if config.init == "orthogonal" and r % 2:

@@ -122,7 +122,7 @@ def test_parameter_targets_refused_where_they_do_not_fit(tmp_path):
         lj.target_paths(lj.LoraConfig(targets=[], target_parameters=["experts/w_mid"]), params)
     assert lj.target_paths(lj.LoraConfig(rank=2, targets=["router"], target_parameters=".*/w_in"), params) == [
         "params/experts/w_in", "params/router/kernel"]
-    with pytest.raises(ValueError, match="DoRA targets linear layers; 'params/experts/w_in' is not one"):
+    with pytest.raises(ValueError, match="DoRA targets linear layers and embeddings; 'params/experts/w_in' is neither"):
         lj.init(lj.LoraConfig(targets=[], target_parameters=["w_in"], use_dora=True), params, jax.random.key(0))
     assert lj.LoraConfig.from_json(CONFIG.to_json()) == CONFIG
     with pytest.raises(ValueError, match="PEFT export: 'params/experts/w_in' is adapted as a parameter"):

@@ -216,6 +216,42 @@ def test_bloom_560m_export_size(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_dora_on_the_embedding_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
+    """DoRA on the tied embedding (PEFT's DoraEmbeddingLayer: the norms over the vocabulary, one per
+    feature): PEFT's unmerged hidden states and merged logits, factored in the lookup and the
+    tied head (strict), the magnitude both ways, merge = lazy, and a gradient for the magnitude."""
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
+                                                                  use_dora=True))
+    nudge_torch(pm, seed=4).save_pretrained(tmp_path / "peft_made")
+    ids = torch.tensor(IDS, dtype=torch.long)
+    with torch.no_grad():
+        hidden_want = pm.base_model.model.transformer(ids).last_hidden_state.numpy()
+        logits_want = pm.merge_and_unload()(ids).logits.numpy()
+
+    model, params = from_pretrained(base_dir)
+    with pytest.warns(UserWarning, match="tied LM head"):
+        got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
+    path = f"transformer/{emb}/embedding"
+    assert got.config.use_dora and got.adapters[path][lj.MAGNITUDE].shape == (model.config.hidden_size,)
+    g = lj.apply(model.apply, got.config, strict=True)
+    np.testing.assert_allclose(g(params, got.adapters, IDS, return_hidden=True), hidden_want, atol=ATOL, rtol=0)
+    logits = np.asarray(g(params, got.adapters, IDS))
+    np.testing.assert_allclose(logits, logits_want, atol=ATOL, rtol=0)
+    merged = lj.merge(got.config, jax.tree.map(jnp.array, params), got.adapters)
+    np.testing.assert_allclose(np.asarray(model.apply(merged, IDS)), logits, atol=ATOL, rtol=0)
+
+    out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    with torch.no_grad():
+        back = peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval()
+        np.testing.assert_allclose(back.base_model.model.transformer(ids).last_hidden_state.numpy(), hidden_want,
+                                   atol=ATOL, rtol=0)
+    grad = jax.grad(lambda a: g(params, a, IDS).astype(jnp.float32).std())(got.adapters)
+    assert np.abs(np.asarray(grad[path][lj.MAGNITUDE])).max() > 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
 def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     """LoRA on the tied embedding: PEFT's lora_embedding_A/B tensors in and out. lora_jax applies
     W0 + s*A*B in the lookup and the tied head: PEFT's unmerged model matches it up to the head,
