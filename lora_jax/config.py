@@ -107,6 +107,11 @@ class LoraConfig:
         occurrence of these token ids in each row onwards, so everything before it computes (and
         caches) exactly what the base model does; `apply` then takes `lora_mask=`
         (`lora.alora_mask`). Linear layers only, without DoRA or lora_bias; cannot be merged.
+      velora_num_groups / velora_scale: VeLoRA (PEFT's `velora_config`, `init_type="batch_average"`):
+        the backward pass keeps, of each adapted matrix's input, one number per group of
+        in/num_groups features (their projection on the batch's mean direction) and rebuilds
+        the input from it (times `velora_scale`) for lora_A's gradient, which becomes an
+        approximation; outputs and the other gradients are exact. Linear layers only.
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -134,6 +139,8 @@ class LoraConfig:
     layers_pattern: str | Sequence[str] | None = None
     target_parameters: Pattern | None = None
     alora_invocation_tokens: Sequence[int] | None = None
+    velora_num_groups: int | None = None
+    velora_scale: float = 1.0
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
@@ -175,6 +182,17 @@ class LoraConfig:
             if clash:
                 raise ValueError(f"LoraConfig.alora_invocation_tokens (aLoRA) acts on some tokens only, which "
                                  f"{' and '.join(clash)} cannot (they change every token)")
+        if self.velora_num_groups is not None:
+            g = self.velora_num_groups
+            if not isinstance(g, int) or isinstance(g, bool) or g <= 0:
+                raise ValueError(f"LoraConfig.velora_num_groups must be a positive integer, got {g!r}")
+            clash = [k for k in ("use_dora", "alora_invocation_tokens", "trainable_tokens") if getattr(self, k)]
+            if clash:
+                raise ValueError(f"LoraConfig.velora_num_groups (VeLoRA) changes plain LoRA's backward pass; not "
+                                 f"with {' and '.join(clash)}")
+        sc = self.velora_scale
+        if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not (math.isfinite(sc) and sc > 0):
+            raise ValueError(f"LoraConfig.velora_scale must be a positive number, got {sc!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("use_rslora", "use_dora", "lora_bias"):

@@ -39,6 +39,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from . import tree
+from .velora import velora_matmul
 
 ArrayLike = jax.typing.ArrayLike
 
@@ -120,6 +121,7 @@ class LoraArray(StackedFactors):
     dropout: float = eqx.field(static=True)
     strict: bool = eqx.field(static=True)
     name: str = eqx.field(static=True)
+    velora: tuple[int, float] | None = eqx.field(static=True, default=None)  # VeLoRA's (groups, scale)
 
     def delta(self) -> jax.Array:
         """scale * A @ B, materialised (only the fallback needs it)."""
@@ -261,7 +263,13 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     base = lift(lax.dot_general)(x, lora.w, dn_xw, **kwargs)  # [*batch, *x_free, *stack_free, o]
     kw = {k: v for k, v in kwargs.items() if k != "preferred_element_type"}
     xd = _dropout(x, lora)
-    t = lax.dot_general(xd, first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
+    if lora.velora is None:
+        t = lax.dot_general(xd, first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
+    elif n == 2 and wc[0] == 0 and not xb:  # x @ A, its input kept compressed for A's gradient
+        t = velora_matmul(jnp.moveaxis(xd, xc[0], -1), first.astype(x.dtype), *lora.velora)  # [*x_free, r]
+    else:
+        raise ValueError(f"VeLoRA compresses the input of x @ A for one matrix; {lora.name!r} "
+                         f"{tuple(lora.w.shape)} is used {'transposed' if wc[0] == n - 1 else 'as a stack'} here")
     nbatch, n_xfree = len(wb), x.ndim - len(xc) - len(xb)
     stack_free = [d for d in stack if d not in wb]
     k = len(stack_free)
@@ -384,6 +392,9 @@ def _transpose(x: LoraArray, *, permutation):
         return lax.transpose(x.materialise(), perm)
     if perm[n - 2 :] == (n - 2, n - 1):
         return x
+    if x.velora is not None:  # VeLoRA compresses the input of x @ A, which a transposed W would swap for B
+        raise ValueError(f"VeLoRA compresses the input of x @ A for one matrix; {x.name!r} {tuple(x.w.shape)} is "
+                         "used transposed here")
     sw = lambda v: jnp.swapaxes(v, -1, -2)
     # (W0 + s A B)^T = W0^T + s B^T A^T
     return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (lift(sw)(x.w), sw(x.b), sw(x.a)))

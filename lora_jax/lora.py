@@ -97,6 +97,8 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         if config.use_dora and tree.leaf_name(p) not in tree.WEIGHT_NAMES:
             raise ValueError(f"DoRA targets linear layers and embeddings; {p!r} is neither (exclude it or drop "
                              "use_dora)")
+        if config.velora_num_groups is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
+            raise ValueError(f"VeLoRA (velora_num_groups) adapts linear layers; {p!r} is not one")
         if config.alora_invocation_tokens is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"aLoRA (alora_invocation_tokens) adapts linear layers; {p!r} is not one")
         if config.init == "orthogonal" and r % 2:
@@ -332,6 +334,7 @@ def _lora_arrays(config, params, adapters, rng, strict, tokens, mask=None) -> Py
             key=_dropout_keys(rng if config.dropout > 0 else None, index[path], stack),
             m=ab.get(MAGNITUDE), mask=None if mask is None else jnp.broadcast_to(mask, (*stack, *mask.shape)),
             scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
+            velora=None if config.velora_num_groups is None else (config.velora_num_groups, float(config.velora_scale)),
         ))
     return tree.map_with_path(swap, params)
 

@@ -305,6 +305,9 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
             state[f"{PREFIX}{module}.{MAGNITUDE}"] = layer.m  # (out,)
         if layer.bias is not None:
             state[f"{PREFIX}{module}.lora_B.bias"] = layer.bias  # (out,), scaled by s where PEFT adds it
+        if config.velora_num_groups is not None:  # PEFT's projection buffer, as it starts: batch_average
+            width = -(-layer.a.shape[0] // config.velora_num_groups)  # recomputes it at every training step
+            state[f"{PREFIX}{module}.lora_velora_embed"] = np.zeros((width,), np.float32)
     for p, ab in adapters.items():
         if TOKENS in ab:
             state[f"{PREFIX}{_module(p)}.{TOKEN_KEY}"] = np.asarray(jax.device_get(ab[TOKENS]))  # (n, D)
@@ -411,6 +414,9 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
     }
     if config.alora_invocation_tokens is not None:  # written only when set: older PEFT versions reject the key
         cfg["alora_invocation_tokens"] = list(config.alora_invocation_tokens)
+    if config.velora_num_groups is not None:  # likewise (PEFT 0.21's VeloraConfig)
+        cfg["velora_config"] = {"num_groups": config.velora_num_groups, "scale": _num(config.velora_scale),
+                                "init_type": "batch_average"}
     tokens = _token_ids(config, adapters, params)
     if tokens:
         # A list means the model's input embedding to PEFT (whose tied LM head follows it, as here).
@@ -499,6 +505,19 @@ def _check_supported(path: Path, cfg: Mapping[str, Any]) -> None:
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise ValueError(f"{path}: init_lora_weights={init!r} changes the base weights; convert the adapter "
                          "to plain LoRA with PEFT first")
+
+
+def _velora(path: Path, cfg: Mapping[str, Any]) -> tuple[int, float] | None:
+    """(num_groups, scale) of a VeLoRA adapter's `velora_config`, or None."""
+    v = cfg.get("velora_config")
+    if v is None:
+        return None
+    if not isinstance(v, Mapping) or "num_groups" not in v:
+        raise ValueError(f"{path}: velora_config {v!r} is not PEFT's VeloraConfig (num_groups, scale, init_type)")
+    if v.get("init_type", "batch_average") != "batch_average":
+        raise ValueError(f"{path}: velora_config init_type={v['init_type']!r}: lora_jax computes VeLoRA's projection "
+                         "from each batch (init_type='batch_average') and keeps no projection state")
+    return v["num_groups"], v.get("scale", 1.0)
 
 
 def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple[str, int | None]:
@@ -733,6 +752,9 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     if not weights.is_file() and (directory / BIN_FILE).is_file():
         weights = directory / BIN_FILE  # an old PEFT save: torch pickle, read with weights_only=True
     tensors = _without_head_copies(weights, read_tensors(weights))
+    velora = _velora(cfg_path, cfg)
+    if velora is not None:  # PEFT's last projection vector per module: recomputed from every batch here
+        tensors = {k: v for k, v in tensors.items() if not re.search(r"\.lora_velora_embed(\.[^.]+)?$", k)}
     flat = tree.flatten(params)
     factors = _lora_factors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     if not factors:
@@ -759,7 +781,8 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
               layers_to_transform=cfg.get("layers_to_transform"),
               layers_pattern=cfg.get("layers_pattern") or None,
-              alora_invocation_tokens=cfg.get("alora_invocation_tokens"))
+              alora_invocation_tokens=cfg.get("alora_invocation_tokens"),
+              **({} if velora is None else {"velora_num_groups": velora[0], "velora_scale": velora[1]}))
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)

@@ -261,6 +261,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--layers-to-transform", "1,x"], "--layers-to-transform '1,x': comma-separated layer"),
                        (["--lorafa", "--loraplus-ratio", "4"], "--lorafa freezes lora_A, whose rate --loraplus"),
                        (["--alora", "--init-adapter", "x"], "--alora makes a fresh aLoRA config"),
+                       (["--velora-groups", "0"], "--velora-groups must be positive, got 0"),
+                       (["--velora-groups", "8", "--dora"], "--velora-groups changes lora_A's gradient; not with --dora"),
                        (["--reduce-intruders", "1.5"], "--reduce-intruders keeps a share of each intruder "
                                                        "dimension: in [0, 1], got 1.5"),
                        (["--reduce-intruders", "--dora"], "--reduce-intruders changes the directions DoRA"),
@@ -304,6 +306,24 @@ def test_reduce_intruders_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         for k in ("lora_A", "lora_B"):
             np.testing.assert_allclose(reduced.adapters[p][k], ab[k], atol=1e-6)
     assert (out / "predictions_reduced.json").is_file()
+
+
+def test_velora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--velora-groups trains with VeLoRA: lora_A then moves differently from a plain run's (its first
+    gradients are zero either way, lora_B starting at 0 and the warmup's first rate being 0) and the
+    PEFT export carries velora_config."""
+    data = tiny_squad(tmp_path / "squad.json")
+    runs = {}
+    for name, extra in (("plain", []), ("velora", ["--velora-groups", "4"])):
+        assert squad.main(cli_args(tiny_gpt2_dir, data, tmp_path / name, "--steps", "3", "--no-base-eval",
+                                   "--eval-samples", "1", *extra)) == 0
+        runs[name] = checkpoint.load(tmp_path / name / "adapter", from_pretrained(tiny_gpt2_dir)[1])
+    capsys.readouterr()
+    assert runs["velora"].config.velora_num_groups == 4
+    for p, ab in runs["plain"].adapters.items():
+        assert np.abs(np.asarray(runs["velora"].adapters[p]["lora_A"]) - np.asarray(ab["lora_A"])).max() > 1e-6
+    cfg = json.loads((tmp_path / "velora" / "peft" / "adapter_config.json").read_text())
+    assert cfg["velora_config"] == {"num_groups": 4, "scale": 1, "init_type": "batch_average"}
 
 
 def test_text_loss_is_transformers_loss(tiny_gpt2_dir):

@@ -88,7 +88,7 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
     targets = targets if any(c in targets for c in "*\\[]()|+?^$") else tuple(t for t in targets.split(",") if t)
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
-                         layers_to_transform=args.layers_to_transform,
+                         layers_to_transform=args.layers_to_transform, velora_num_groups=args.velora_groups,
                          alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lorafa", action="store_true",
       help="LoRA-FA (PEFT create_lorafa_optimizer): lora_A stays at its init, lora_B's gradient is projected "
            "through it; less memory and compute per step")
+    a("--velora-groups", type=int, default=None, metavar="G",
+      help="VeLoRA (PEFT velora_config): the backward pass keeps each adapted layer's input as G numbers per "
+           "token (PEFT's default 64), from which lora_A's gradient is approximated")
     a("--reduce-intruders", type=float, nargs="?", const=0.75, default=None, metavar="LAMBDA",
       help="after training, also damp the adapter's intruder dimensions, keeping LAMBDA of each (PEFT "
            "reduce_intruder_dimension; default 0.75): score that adapter too, save it to adapter_reduced/ and "
@@ -188,6 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
     if args.lorafa and args.loraplus_ratio is not None:
         p.error("--lorafa freezes lora_A, whose rate --loraplus-ratio sets: use one or the other")
+    if args.velora_groups is not None:
+        if args.velora_groups <= 0:
+            p.error(f"--velora-groups must be positive, got {args.velora_groups}")
+        clash = [f for f, on in (("--dora", args.dora), ("--alora", args.alora), ("--init-adapter", args.init_adapter),
+                                 ("--lorafa", args.lorafa)) if on]
+        if clash:
+            p.error(f"--velora-groups changes lora_A's gradient; not with {', '.join(clash)}")
     if args.reduce_intruders is not None:
         if not 0 <= args.reduce_intruders <= 1:
             p.error(f"--reduce-intruders keeps a share of each intruder dimension: in [0, 1], got {args.reduce_intruders}")
