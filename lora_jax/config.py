@@ -111,7 +111,8 @@ class LoraConfig:
         the backward pass keeps, of each adapted matrix's input, one number per group of
         in/num_groups features (their projection on the batch's mean direction) and rebuilds
         the input from it (times `velora_scale`) for lora_A's gradient, which becomes an
-        approximation; outputs and the other gradients are exact. Linear layers only.
+        approximation; outputs and the other gradients are exact. Linear layers only, through
+        `apply`; `multi`'s mixed batches run such adapters as the plain LoRA they are at inference.
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as

@@ -448,6 +448,9 @@ def _conv(x: jax.Array, kernel: Stacked, params: dict[str, Any]) -> jax.Array:
     lora = kernel.inner if isinstance(kernel, Reshaped) else kernel
     if isinstance(lora, LoraArray) and lora.mask is not None:
         raise ValueError(f"lora_mask (aLoRA) gates linear layers; {lora.name!r} is a convolution kernel")
+    if isinstance(lora, LoraArray) and lora.velora is not None:
+        raise ValueError(f"VeLoRA compresses the input of x @ A for linear layers; {lora.name!r} is a convolution "
+                         "kernel")
     factored = (isinstance(kernel, Reshaped) and isinstance(lora, LoraArray) and kernel.n_stack == 0
                 and len(kernel.out_shape) == 1 and dn.rhs_spec[0] == kernel.ndim - 1
                 and params["feature_group_count"] == 1 and params["batch_group_count"] == 1)

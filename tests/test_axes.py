@@ -246,6 +246,10 @@ def test_conv_kernels_as_peft_conv_lora():
     close(jax.jit(lj.apply(m.apply, dora, strict=True))(params, da, x), lj.apply(m.apply, dora, strategy="merged")(
         params, da, x))
 
+    velora = lj.LoraConfig(**{**cfg.to_dict(), "velora_num_groups": 2})  # as in PEFT: linear layers only
+    with pytest.raises(ValueError, match="VeLoRA compresses the input of x @ A for linear layers; 'params/c"):
+        lj.apply(m.apply, velora)(params, adapters, x)
+
     grouped = lj.LoraConfig(rank=2, targets=["grouped"], axes_pattern={".*grouped": (3, 1)})
     ga = nudge(lj.init(grouped, params, KEY))
     close(lj.apply(m.apply, grouped)(params, ga, x), lj.apply(m.apply, grouped, strategy="merged")(params, ga, x))
