@@ -215,24 +215,32 @@ def test_bloom_560m_export_size(tmp_path):
     print(f"BLOOM-560m r=16 qkv fp16 adapter_model.safetensors: {size} bytes")
 
 
+def _peft_embedding_adapter(base_dir, name, tmp_path, nudge_torch, seed, **lora_kw):
+    """A nudged PEFT adapter on the tied embedding and one linear layer, loaded here: (emb, model,
+    params, loaded, PEFT's unmerged hidden states, PEFT's merged logits)."""
+    emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
+    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
+                                                                  **lora_kw))
+    nudge_torch(pm, seed=seed).save_pretrained(tmp_path / "peft_made")
+    ids = torch.tensor(IDS, dtype=torch.long)
+    with torch.no_grad():
+        hidden_want = pm.base_model.model.transformer(ids).last_hidden_state.numpy()
+        logits_want = pm.merge_and_unload()(ids).logits.numpy()
+    model, params = from_pretrained(base_dir)
+    with pytest.warns(UserWarning, match="tied LM head"):
+        got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
+    return emb, model, params, got, hidden_want, logits_want
+
+
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
 def test_dora_on_the_embedding_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
     """DoRA on the tied embedding (PEFT's DoraEmbeddingLayer: the norms over the vocabulary, one per
     feature): PEFT's unmerged hidden states and merged logits, factored in the lookup and the
     tied head (strict), the magnitude both ways, merge = lazy, and a gradient for the magnitude."""
     base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
-    emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
-    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
-                                                                  use_dora=True))
-    nudge_torch(pm, seed=4).save_pretrained(tmp_path / "peft_made")
+    emb, model, params, got, hidden_want, logits_want = _peft_embedding_adapter(base_dir, name, tmp_path, nudge_torch,
+                                                                                4, use_dora=True)
     ids = torch.tensor(IDS, dtype=torch.long)
-    with torch.no_grad():
-        hidden_want = pm.base_model.model.transformer(ids).last_hidden_state.numpy()
-        logits_want = pm.merge_and_unload()(ids).logits.numpy()
-
-    model, params = from_pretrained(base_dir)
-    with pytest.warns(UserWarning, match="tied LM head"):
-        got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
     path = f"transformer/{emb}/embedding"
     assert got.config.use_dora and got.adapters[path][lj.MAGNITUDE].shape == (model.config.hidden_size,)
     g = lj.apply(model.apply, got.config, strict=True)
@@ -260,18 +268,9 @@ def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_d
     from train.loop import target_loss
 
     base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
-    emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
-    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
-                                                                  init_lora_weights="gaussian"))
-    nudge_torch(pm, seed=2).save_pretrained(tmp_path / "peft_made")
+    emb, model, params, got, hidden_want, logits_want = _peft_embedding_adapter(base_dir, name, tmp_path, nudge_torch,
+                                                                                2, init_lora_weights="gaussian")
     ids = torch.tensor(IDS, dtype=torch.long)
-    with torch.no_grad():
-        hidden_want = pm.base_model.model.transformer(ids).last_hidden_state.numpy()
-        logits_want = pm.merge_and_unload()(ids).logits.numpy()
-
-    model, params = from_pretrained(base_dir)
-    with pytest.warns(UserWarning, match="tied LM head"):
-        got = lp.load_peft(tmp_path / "peft_made", params, model_config=model.config)
     path = f"transformer/{emb}/embedding"
     V, D = model.config.vocab_size, model.config.hidden_size
     assert got.adapters[path]["lora_A"].shape == (V, 4) and got.adapters[path]["lora_B"].shape == (4, D)
