@@ -13,7 +13,7 @@ import pytest
 import lora_jax as lj
 from lora_jax import peft as lp
 from lora_jax.checkpoint import update_params
-from lora_jax.models import from_pretrained, resize_token_embeddings, save_hf_checkpoint
+from lora_jax.models import SequenceClassifier, from_pretrained, resize_token_embeddings, save_hf_checkpoint
 
 NEW = [320, 321, 322, 323]  # the tiny checkpoints have 320 tokens
 IDS = np.array([[5, 9, 320, 33, 323, 7], [40, 41, 321, 3, 322, 3]])
@@ -67,6 +67,11 @@ def test_new_rows_and_refusals(tiny_gpt2_dir):
     _, drawn = resize_token_embeddings(model, params, 420, mean_resizing=False, key=jax.random.key(0))
     assert 0.015 < float(jnp.std(drawn["transformer"]["wte"]["embedding"][320:])) < 0.025  # N(0, 0.02)
     assert resize_token_embeddings(model, params, 320) == (model, params)
+    clf = SequenceClassifier(model.config, num_labels=3)
+    clf_params = params | clf.init_head(jax.random.key(1))
+    clf2, clf_params2 = resize_token_embeddings(clf, clf_params, 330)
+    assert isinstance(clf2, SequenceClassifier) and clf2.num_labels == 3 and clf2.config.vocab_size == 330
+    assert clf2.apply(clf_params2, jnp.array([[325, 3, 4]])).shape == (1, 3)
 
     with pytest.raises(ValueError, match="eos_token_id is 310"):
         resize_token_embeddings(dataclasses.replace(model, config=model.config.replace(eos_token_id=310)), params, 300)
