@@ -26,9 +26,10 @@ def _grouped(x: jax.Array, groups: int) -> jax.Array:
     return x.reshape(-1, groups, width)
 
 
-def _projection(x: jax.Array, groups: int) -> jax.Array:
-    """v [ceil(in/G)] fp32: the unit mean of the sub-tokens (all ones if that mean is zero, as in PEFT)."""
-    mean = _grouped(x.astype(jnp.float32), groups).mean(axis=(0, 1))
+def _projection(grouped: jax.Array) -> jax.Array:
+    """v [ceil(in/G)] fp32: the unit mean of the sub-tokens [N, G, ceil(in/G)] (all ones if that
+    mean is zero, as in PEFT)."""
+    mean = grouped.astype(jnp.float32).mean(axis=(0, 1))
     norm = jnp.linalg.norm(mean)
     safe = jnp.where(norm > 0, mean, jnp.ones_like(mean))
     return safe / jnp.linalg.norm(safe)
@@ -41,8 +42,9 @@ def velora_matmul(x: jax.Array, a: jax.Array, groups: int, scale: float) -> jax.
 
 
 def _fwd(x, a, groups, scale):
-    v = _projection(jax.lax.stop_gradient(x), groups)
-    compressed = jnp.einsum("ngd,d->ng", _grouped(x, groups), v.astype(x.dtype))  # [N, G]: all the backward keeps
+    grouped = _grouped(x, groups)  # [N, G, ceil(in/G)], built once for the projection and the compression
+    v = _projection(jax.lax.stop_gradient(grouped))
+    compressed = jnp.einsum("ngd,d->ng", grouped, v.astype(x.dtype))  # [N, G]: all the backward keeps
     return x @ a, (compressed, v, a)
 
 
