@@ -6,25 +6,26 @@
     logits = jax.jit(g)(params, adapters, input_ids)
 """
 
-from . import corda, eva, inputs, lazy, lora_ga, optim, quant, sharding, tree
+from . import corda, eva, inputs, kasa, lazy, lora_ga, optim, quant, sharding, tree
 from .config import FLAX_ATTENTION_AXES, LoraConfig
 from .lazy import FallbackError, LoraArray
-from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Summary, alora_mask, apply, check_adapters, init, init_tokens, merge,
-                   scales, summary, target_paths, token_rows, trainable_mask, unmerge)
+from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Summary, alora_mask, apply, check_adapters, init,
+                   init_tokens, merge, scales, summary, target_paths, token_rows, trainable_mask, unmerge)
 from .optim import TrainStep, join, labels, lorafa, loraplus, make_train_step, masked_optimizer, split
 from .corda import init_corda
 from .eva import EvaConfig, init_eva
 from .intruders import reduce_intruders
+from .kasa import init_kasa, kasa_base, kasa_loss
 from .loftq import init_loftq
 from .lora_ga import LoraGAConfig, init_lora_ga
 from .residual import init_residual, to_plain
 
 __all__ = [
     "LoraConfig", "FLAX_ATTENTION_AXES", "LoraArray", "FallbackError", "Summary", "TrainStep", "MAGNITUDE",
-    "LORA_BIAS", "TOKENS", "alora_mask", "apply", "check_adapters", "init", "init_tokens", "token_rows", "merge",
-    "unmerge", "scales", "summary", "target_paths", "trainable_mask", "init_residual", "init_loftq", "init_eva",
-    "EvaConfig", "reduce_intruders", "init_corda", "init_lora_ga", "LoraGAConfig", "to_plain", "split", "join", "labels",
-    "masked_optimizer", "make_train_step", "loraplus", "lorafa", "corda", "eva", "inputs", "lazy", "lora_ga",
-    "optim", "quant", "sharding", "tree",
+    "LORA_BIAS", "TOKENS", "KASA_DIAG", "alora_mask", "apply", "check_adapters", "init", "init_tokens", "token_rows",
+    "merge", "unmerge", "scales", "summary", "target_paths", "trainable_mask", "init_residual", "init_loftq",
+    "init_eva", "init_kasa", "kasa_base", "kasa_loss", "EvaConfig", "reduce_intruders", "init_corda", "init_lora_ga",
+    "LoraGAConfig", "to_plain", "split", "join", "labels", "masked_optimizer", "make_train_step", "loraplus", "lorafa",
+    "corda", "eva", "inputs", "kasa", "lazy", "lora_ga", "optim", "quant", "sharding", "tree",
 ]
 __version__ = "0.1.0"

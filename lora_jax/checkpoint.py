@@ -30,7 +30,7 @@ import numpy as np
 
 from . import tree
 from .config import DATA_INITS, LoraConfig
-from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
+from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
                    target_paths, token_rows, trainable_mask)
 
 PyTree = Any
@@ -267,15 +267,17 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
         got_a, got_b = (tuple(spec.get(k, {}).get("shape", ())) for k in ("lora_A", "lora_B"))
         trained_on = tuple(spec["weight"]) if spec.get("weight") is not None else None
-        per_out = [k for k in (MAGNITUDE, LORA_BIAS) if k in spec and tuple(spec[k]["shape"]) != (*stack, d_out)]
+        per_out = [k for k, n in ((MAGNITUDE, d_out), (LORA_BIAS, d_out), (KASA_DIAG, r))
+                   if k in spec and tuple(spec[k]["shape"]) != (*stack, n)]
         if set(spec) - {"weight"} != set(adapter_keys(config)):
             mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config "
-                              f"(use_dora={config.use_dora}, lora_bias={config.lora_bias}) needs "
+                              f"(use_dora={config.use_dora}, lora_bias={config.lora_bias}, use_kasa={config.use_kasa}) "
+                              "needs "
                               f"{list(adapter_keys(config))}")
         elif per_out:
             k = per_out[0]
             mismatched.append(f"{p!r}: checkpoint {k} {tuple(spec[k]['shape'])}; base parameter "
-                              f"{base} (needs {(*stack, d_out)})")
+                              f"{base} (needs {(*stack, r if k == KASA_DIAG else d_out)})")
         elif (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
             mismatched.append(
                 f"{p!r}: checkpoint weight {trained_on}, lora_A {got_a}, lora_B {got_b}; "
@@ -322,6 +324,9 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
                 else "lora_jax.init_residual makes from the base (same config and key)")
         warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that {made}, not on "
                       "the base itself; save lora_jax.to_plain's result to use them on the base", stacklevel=2)
+    if config.use_kasa:
+        warnings.warn(f"{directory}: KaSA adapters act on the truncated base weights: apply them to "
+                      "lora_jax.kasa_base(config, params)", stacklevel=2)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
     specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in set(s) - {"weight"}}

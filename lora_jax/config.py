@@ -15,6 +15,7 @@ PLAIN_INITS = ("kaiming_uniform", "gaussian", "orthogonal")  # A B = 0 from rand
 # Computed on data (layer inputs; LoRA-GA: gradients): EVA keeps W0 (A B = 0), CorDA and LoRA-GA
 # move part of it into A B.
 DATA_INITS = ("eva", "corda", "lora_ga")
+KASA_INITS = ("kaiming_uniform", "gaussian")  # B = 0: KaSA's random diagonal then changes nothing at init
 INITS = (*PLAIN_INITS, *DATA_INITS, "pissa", "olora")  # and "pissa_niter_<n>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
@@ -113,6 +114,13 @@ class LoraConfig:
         the input from it (times `velora_scale`) for lora_A's gradient, which becomes an
         approximation; outputs and the other gradients are exact. Linear layers only, through
         `apply`; `multi`'s mixed batches run such adapters as the plain LoRA they are at inference.
+      use_kasa / kasa_beta / kasa_gamma: KaSA (PEFT's `kasa_config`, Knowledge-aware Singular-value
+        Adaptation): each adapted W0 loses its r smallest singular components (`kasa.init_kasa`,
+        which returns the truncated base) and the update is s * A diag(d) B with a trained
+        r-vector d (`lora_diag`, random at init; B = 0, so the model starts as the truncated
+        base). `kasa.kasa_loss` is the paper's regulariser, kasa_beta * sum(d^2) + kasa_gamma *
+        (||B B^T - I|| + ||A^T A - I||), to add to the task loss. Linear layers only, with
+        `kaiming_uniform` or `gaussian` A; not with DoRA, VeLoRA or aLoRA (nor in PEFT).
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -142,6 +150,9 @@ class LoraConfig:
     alora_invocation_tokens: Sequence[int] | None = None
     velora_num_groups: int | None = None
     velora_scale: float = 1.0
+    use_kasa: bool = False
+    kasa_beta: float = 1e-4
+    kasa_gamma: float = 1e-3
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
@@ -196,7 +207,11 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.velora_scale must be a positive number, got {sc!r}")
         if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("use_rslora", "use_dora", "lora_bias"):
+        for name in ("kasa_beta", "kasa_gamma"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"LoraConfig.{name} must be a number >= 0, got {v!r}")
+        for name in ("use_rslora", "use_dora", "lora_bias", "use_kasa"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LoraConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.lora_bias and self.use_dora:
@@ -205,6 +220,14 @@ class LoraConfig:
         if not isinstance(self.init, str) or not (self.init in INITS or PISSA_NITER.fullmatch(self.init)):
             raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS} "
                              "or 'pissa_niter_<n>'")
+        if self.use_kasa:
+            clash = [k for k in ("use_dora", "velora_num_groups", "alora_invocation_tokens") if getattr(self, k)]
+            if clash:
+                raise ValueError(f"LoraConfig.use_kasa (KaSA) is its own LoRA variant; not with {' and '.join(clash)} "
+                                 "(PEFT refuses the combination too)")
+            if self.init not in KASA_INITS:
+                raise ValueError(f"LoraConfig.use_kasa (KaSA) starts from B = 0 on its truncated base: init must be "
+                                 f"one of {KASA_INITS}, got {self.init!r}")
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
 

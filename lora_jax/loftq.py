@@ -51,6 +51,8 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
     if config.changes_base:
         raise ValueError(f"init_loftq makes its own factors; init={config.init!r} moves W0 into the adapter "
                          "(init_residual): use a plain config")
+    if config.use_kasa:
+        raise ValueError("init_loftq fits NF4 codes of W0 itself; KaSA (use_kasa) truncates W0: use one or the other")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"init_loftq: iters must be a positive integer, got {iters!r}")
     flat = tree.flatten(params)

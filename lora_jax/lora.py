@@ -2,10 +2,11 @@
 
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
 files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
-plus `"lora_magnitude_vector": [out]` with DoRA and `"lora_B_bias": [out]` with lora_bias; an
+plus `"lora_magnitude_vector": [out]` with DoRA, `"lora_B_bias": [out]` with lora_bias and
+`"lora_diag": [r]` with KaSA (the update is then s * A diag(d) B); an
 embedding table's trained rows (`LoraConfig.trainable_tokens`) are `{table path:
 {"trainable_tokens_delta": [n, D]}}`. A stacked kernel [*S, in, out] (layers under scan) gets
-factors [*S, in, r] / [*S, r, out] (and a magnitude [*S, out]); a kernel with several input or
+factors [*S, in, r] / [*S, r, out] (a magnitude [*S, out], a diagonal [*S, r]); a kernel with several input or
 output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
 [*S, prod(in), prod(out)].
 """
@@ -33,6 +34,7 @@ STRATEGIES = ("factored", "merged")
 MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude, PEFT's name
 LORA_BIAS = "lora_B_bias"  # lora_B's bias [*S, out] (lora_bias), PEFT's lora_B.bias
 TOKENS = "trainable_tokens_delta"  # trained embedding rows [n, D] (trainable_tokens), PEFT's name
+KASA_DIAG = "lora_diag"  # KaSA's trained singular values [*S, r] between A and B, PEFT's name
 
 
 # Where each data-driven init is made.
@@ -49,9 +51,16 @@ def check_not_data_init(config: LoraConfig) -> None:
 
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
-    when `lora_bias`."""
+    when `lora_bias`, KaSA's diagonal when `use_kasa`."""
     return ("lora_A", "lora_B", *((MAGNITUDE,) if config.use_dora else ()),
-            *((LORA_BIAS,) if config.lora_bias else ()))
+            *((LORA_BIAS,) if config.lora_bias else ()), *((KASA_DIAG,) if config.use_kasa else ()))
+
+
+def delta_b(ab: Mapping[str, jax.Array]) -> jax.Array:
+    """The B of the update s * A B: lora_B [*S, r, out], times KaSA's diagonal [*S, r] when the
+    adapter has one (A diag(d) B = A (d B)), so every rule and merge sees a plain factor pair."""
+    b = ab["lora_B"]
+    return b if KASA_DIAG not in ab else (ab[KASA_DIAG][..., :, None] * b).astype(b.dtype)
 
 
 def bias_path(path: str) -> str:
@@ -97,6 +106,10 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         if config.use_dora and tree.leaf_name(p) not in tree.WEIGHT_NAMES:
             raise ValueError(f"DoRA targets linear layers and embeddings; {p!r} is neither (exclude it or drop "
                              "use_dora)")
+        if config.use_kasa and (tree.leaf_name(p) not in tree.LINEAR_NAMES or r >= min(view[-2:])):
+            raise ValueError(f"KaSA (use_kasa) truncates the r smallest singular components of linear layers and "
+                             f"keeps at least one: {p!r} {tuple(shape)} with rank {r} is "
+                             f"{'not a linear layer' if tree.leaf_name(p) not in tree.LINEAR_NAMES else 'too small'}")
         if config.velora_num_groups is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"VeLoRA (velora_num_groups) adapts linear layers; {p!r} is not one")
         if config.alora_invocation_tokens is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
@@ -105,6 +118,7 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"init='orthogonal' needs an even rank; {p!r} has rank {r}")
         if config.layers_to_transform is not None and not gates[p].all():
             trains = [n for n, on in (("its DoRA magnitude", config.use_dora), ("lora_B's bias", config.lora_bias),
+                                      ("KaSA's diagonal and truncation", config.use_kasa),
                                       ("its bias (bias='lora_only')", config.bias == "lora_only")) if on]
             if trains:
                 raise ValueError(f"layers_to_transform adapts layers {np.flatnonzero(gates[p]).tolist()} of the "
@@ -212,6 +226,9 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
     if config.changes_base:
         raise ValueError(f"init={config.init!r} takes part of W0 into the adapter and changes the base weights: "
                          "use lora_jax.init_residual(config, params, key) -> (params, adapters)")
+    if config.use_kasa:
+        raise ValueError("use_kasa (KaSA) truncates the base weights: use lora_jax.init_kasa(config, params, key) "
+                         "-> (params, adapters)")
     flat = tree.flatten(params)
     out: Adapters = {}
     for i, p in enumerate(target_paths(config, params)):
@@ -275,8 +292,8 @@ def _check(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> d
                                  f"{ {k: tuple(v.shape) for k, v in ab.items()} }")
             continue
         if set(ab) != set(keys):
-            raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} "
-                             f"(use_dora={config.use_dora}, lora_bias={config.lora_bias}), got {sorted(ab)}")
+            raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} (use_dora={config.use_dora}, "
+                             f"lora_bias={config.lora_bias}, use_kasa={config.use_kasa}), got {sorted(ab)}")
         if LORA_BIAS in ab and bias_path(p) not in flat:
             raise ValueError(f"adapter at {p!r} has a {LORA_BIAS} but its module has no bias {bias_path(p)!r}")
         w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
@@ -284,13 +301,16 @@ def _check(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> d
         r = a[-1] if len(a) >= 2 else None
         m = tuple(ab[MAGNITUDE].shape) if config.use_dora else (*stack, d_out)
         bias = tuple(ab[LORA_BIAS].shape) if config.lora_bias else (*stack, d_out)
+        diag = tuple(ab[KASA_DIAG].shape) if config.use_kasa else (*stack, r)
         if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out) \
-                or bias != (*stack, d_out):
+                or bias != (*stack, d_out) or diag != (*stack, r):
             raise ValueError(
                 f"adapter at {p!r} does not fit the parameter: weight {tuple(w)}, lora_A {tuple(a)}, "
                 f"lora_B {tuple(b)}" + (f", {MAGNITUDE} {m}" if config.use_dora else "") +
-                (f", {LORA_BIAS} {bias}" if config.lora_bias else "") + " (expected [*S, in, r], [*S, r, out]" +
-                (" and [*S, out])" if config.use_dora or config.lora_bias else ")")
+                (f", {LORA_BIAS} {bias}" if config.lora_bias else "") +
+                (f", {KASA_DIAG} {diag}" if config.use_kasa else "") + " (expected [*S, in, r], [*S, r, out]" +
+                (" and [*S, out]" if config.use_dora or config.lora_bias else "") +
+                (" and [*S, r]" if config.use_kasa else "") + ")"
             )
     return tokens
 
@@ -330,7 +350,7 @@ def _lora_arrays(config, params, adapters, rng, strict, tokens, mask=None) -> Py
             return _token_array(w, tokens[path], ab[TOKENS], strict, path)
         stack = ab["lora_A"].shape[:-2]
         return as_matrix(jax.lax.stop_gradient(w), *config.axes_for(path), lambda view: LoraArray(
-            w=view, a=ab["lora_A"], b=ab["lora_B"],
+            w=view, a=ab["lora_A"], b=delta_b(ab),
             key=_dropout_keys(rng if config.dropout > 0 else None, index[path], stack),
             m=ab.get(MAGNITUDE), mask=None if mask is None else jnp.broadcast_to(mask, (*stack, *mask.shape)),
             scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
@@ -429,7 +449,7 @@ def _merge(scales, params, adapters, *, sign: float, frozen: bool = False, token
             w0 = jax.lax.stop_gradient(w) if frozen else w
             return w0.at[jnp.asarray(tokens[path])].set(adapters[path][TOKENS].astype(w.dtype))
         ab, w = adapters[path], dense(w)  # a quantized W0 (apply's merged strategy) merges into its dense dtype
-        delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], ab["lora_B"]) * scales[path]  # [*S, in, out]
+        delta = jnp.einsum("...ir,...ro->...io", ab["lora_A"], delta_b(ab)) * scales[path]  # [*S, in, out]
         w0 = (jax.lax.stop_gradient(w) if frozen else w).reshape(delta.shape)  # [*S, *I, *O] -> its matrix
         merged = (w0 + sign * delta).astype(w.dtype)
         return (merged if MAGNITUDE not in ab else dora_weight(merged, ab[MAGNITUDE])).reshape(w.shape)

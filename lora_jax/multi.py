@@ -132,6 +132,10 @@ def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
     if residual:
         raise ValueError(f"adapters {residual} act on residual base weights of their own, which {where} over "
                          "one shared base cannot hold; convert them with lora_jax.to_plain first")
+    kasa = [n for n, c in configs.items() if c.use_kasa]  # (nor can PEFT mix KaSA with other adapters)
+    if kasa:
+        raise ValueError(f"adapters {kasa} are KaSA: they act on a base truncated for their own ranks, which {where} "
+                         "over one shared base cannot hold")
 
 
 def axes(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> dict[str, tuple[int, int]]:

@@ -135,6 +135,9 @@ def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float
     """
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
         raise ValueError(f"lorafa: delta must be a number >= 0, got {delta!r}")
+    if config.use_kasa:
+        raise ValueError("lorafa projects lora_B's gradient through A alone; a KaSA update A diag(d) B also trains "
+                         "d: not with use_kasa")
 
     def project(updates, state, params=None):
         if params is None:

@@ -16,7 +16,9 @@ when the base is scanned. An embedding table's adapter is PEFT's `lora_embedding
 and writes `ensure_weight_tying: true`. Fully trained leaves are written the way PEFT writes
 them: biases (`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and
 whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`). DoRA (`use_dora`)
-adds `<module>.lora_magnitude_vector` (out,) per adapted module. Trained embedding rows
+adds `<module>.lora_magnitude_vector` (out,) per adapted module, KaSA (`use_kasa`, PEFT's
+`kasa_config`) `<module>.lora_diag` (r,); a KaSA adapter acts on the truncated base
+`kasa.kasa_base` rebuilds from the stock one, as PEFT does on load. Trained embedding rows
 (`trainable_tokens`) are PEFT's `trainable_token_indices`, stored as the rows themselves in
 `<table>.token_adapter.trainable_tokens_delta` (n, D). A `SequenceClassifier`'s adapter is
 PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`). `save_embedding_layers`
@@ -50,7 +52,7 @@ from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
 from .lazy import column_norms, dense
-from .lora import (LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, layer_gate, merge, resolve_tokens,
+from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, layer_gate, merge, resolve_tokens,
                    target_paths, token_rows)
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
@@ -72,7 +74,7 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora", "kasa_config", "monteclora_config",
+_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora", "monteclora_config",
                 "arrow_config")
 HEAD = "lm_head."  # PEFT's name of the (here always tied) LM head, which save_embedding_layers also writes
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
@@ -167,6 +169,7 @@ class _Layer(NamedTuple):
     b: np.ndarray  # [r, out]
     m: np.ndarray | None  # [out], DoRA
     bias: np.ndarray | None  # [out], lora_B's bias (lora_bias)
+    d: np.ndarray | None  # [r], KaSA's diagonal
     rank: int
     alpha: float
 
@@ -191,15 +194,15 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
         gate = layer_gate(config, p, (*a.shape[:-1], b.shape[-1])) if stacked else None
         keep = [True] * (a.shape[0] if stacked else 1) if gate is None else list(gate)
 
-        def per_layer(k: str) -> list[np.ndarray | None]:  # DoRA's magnitude, lora_B's bias: [out] per layer
+        def per_layer(k: str) -> list[np.ndarray | None]:  # DoRA's magnitude, lora_B's bias [out], KaSA's [r]
             if k not in adapters[p]:
                 return [None] * (a.shape[0] if stacked else 1)
             return [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)]
-        for (q, ai), (_, bi), m, bias, kept in zip(_unstack(p, a, layers_key, stacked),
-                                                   _unstack(p, b, layers_key, stacked),
-                                                   per_layer(MAGNITUDE), per_layer(LORA_BIAS), keep):
+        for (q, ai), (_, bi), m, bias, d, kept in zip(_unstack(p, a, layers_key, stacked),
+                                                      _unstack(p, b, layers_key, stacked), per_layer(MAGNITUDE),
+                                                      per_layer(LORA_BIAS), per_layer(KASA_DIAG), keep):
             if kept:
-                out.append(_Layer(q, ai, bi, m, bias, config.rank_for(p), _alpha(config, p)))
+                out.append(_Layer(q, ai, bi, m, bias, d, config.rank_for(p), _alpha(config, p)))
     return out
 
 
@@ -305,6 +308,8 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
             state[f"{PREFIX}{module}.{MAGNITUDE}"] = layer.m  # (out,)
         if layer.bias is not None:
             state[f"{PREFIX}{module}.lora_B.bias"] = layer.bias  # (out,), scaled by s where PEFT adds it
+        if layer.d is not None:
+            state[f"{PREFIX}{module}.{KASA_DIAG}"] = layer.d  # (r,)
         if config.velora_num_groups is not None:  # PEFT's projection buffer, as it starts: batch_average
             width = -(-layer.a.shape[0] // config.velora_num_groups)  # recomputes it at every training step
             state[f"{PREFIX}{module}.lora_velora_embed"] = np.zeros((width,), np.float32)
@@ -414,6 +419,11 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
     }
     if config.alora_invocation_tokens is not None:  # written only when set: older PEFT versions reject the key
         cfg["alora_invocation_tokens"] = list(config.alora_invocation_tokens)
+    if config.use_kasa:  # likewise (PEFT 0.21's KasaConfig)
+        if not model_config.hf_transpose_linear:
+            raise ValueError("PEFT export: PEFT's KaSA adapts nn.Linear layers only and refuses this model's Conv1D "
+                             "ones (fan_in_fan_out, GPT-2); lora_jax's KaSA file would not load there")
+        cfg["kasa_config"] = {"beta": _num(config.kasa_beta), "gamma": _num(config.kasa_gamma)}
     if config.velora_num_groups is not None:  # likewise (PEFT 0.21's VeloraConfig)
         cfg["velora_config"] = {"num_groups": config.velora_num_groups, "scale": _num(config.velora_scale),
                                 "init_type": "batch_average"}
@@ -473,11 +483,12 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weigh
 
 _MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
 _BIAS_KEY = re.compile(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias")
+_DIAG_KEY = re.compile(r"(?P<module>.+)\.lora_diag(?:\.[^.]+)?")
 
 
 class _Factors(NamedTuple):
     """One imported adapter: A [*S, in, r], B [*S, r, out], its rank and scale, DoRA's magnitude
-    and lora_B's bias [*S, out] (or None)."""
+    and lora_B's bias [*S, out], KaSA's diagonal [*S, r] (or None)."""
 
     a: np.ndarray
     b: np.ndarray
@@ -485,6 +496,7 @@ class _Factors(NamedTuple):
     scale: float
     m: np.ndarray | None
     bias: np.ndarray | None
+    d: np.ndarray | None
 
 
 def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -520,6 +532,16 @@ def _velora(path: Path, cfg: Mapping[str, Any]) -> tuple[int, float] | None:
     return v["num_groups"], v.get("scale", 1.0)
 
 
+def _kasa(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Our KaSA fields from PEFT's `kasa_config` ({} without one)."""
+    k = cfg.get("kasa_config")
+    if k is None:
+        return {}
+    if not isinstance(k, Mapping) or not set(k) <= {"beta", "gamma"}:
+        raise ValueError(f"{path}: kasa_config {k!r} is not PEFT's KasaConfig (beta, gamma)")
+    return {"use_kasa": True, "kasa_beta": k.get("beta", 1e-4), "kasa_gamma": k.get("gamma", 1e-3)}
+
+
 def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple[str, int | None]:
     """Our path for a PEFT module name, and its layer index when the base is stacked."""
     base = module.replace(".", "/")
@@ -537,8 +559,8 @@ def _weight_path(module: str, flat: Mapping[str, Any], layers_key: str) -> tuple
 
 def _per_output(path: Path, tensors, keys: Mapping[str, str], module: str, flag: tuple[str, bool], name: str,
                 b: np.ndarray) -> np.ndarray | None:
-    """DoRA's magnitude or lora_B's bias (out,) of `module`, which the file holds exactly when the
-    config's flag says so; None when it is off."""
+    """DoRA's magnitude or lora_B's bias (out,), KaSA's diagonal (r,: pass lora_B transposed) of
+    `module`, which the file holds exactly when the config's flag says so; None when it is off."""
     option, on = flag
     if on != (module in keys):
         raise ValueError(f"{path}: {module}: {option}={on} in the config but {'no' if on else 'a'} {name} "
@@ -554,7 +576,8 @@ def _per_output(path: Path, tensors, keys: Mapping[str, str], module: str, flag:
 def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, _Factors]:
     """{our path: its factors} from the PEFT tensors."""
     alpha0, rslora, dora = cfg["lora_alpha"], bool(cfg.get("use_rslora", False)), bool(cfg.get("use_dora", False))
-    lora_bias = bool(cfg.get("lora_bias", False))
+    lora_bias, kasa = bool(cfg.get("lora_bias", False)), cfg.get("kasa_config") is not None
+    diags = {mm["module"]: key for key in tensors if (mm := _DIAG_KEY.fullmatch(key.removeprefix(PREFIX)))}
     mags = {mm["module"]: key for key in tensors if (mm := _MAGNITUDE_KEY.fullmatch(key.removeprefix(PREFIX)))}
     biases = {mm["module"]: key for key in tensors if (mm := _BIAS_KEY.fullmatch(key.removeprefix(PREFIX)))}
     groups: dict[str, dict[int | None, _Factors]] = {}
@@ -580,14 +603,15 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
             raise ValueError(f"{path}: {key} is {kind}'s LoRA tensor, but {p!r} is not one")
         mag = _per_output(path, tensors, mags, module, ("use_dora", dora), "lora_magnitude_vector", b)
         bias = _per_output(path, tensors, biases, module, ("lora_bias", lora_bias), "lora_B.bias", b)
+        d = _per_output(path, tensors, diags, module, ("kasa_config", kasa), "lora_diag", b.T)
         scale = alpha / (math.sqrt(r) if rslora else r)
-        groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias)  # [in, r], [r, out], [out]
+        groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias, d)  # [in, r], [r, out], [out], [r]
     out = {}
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
     for p, layers in groups.items():
         if None in layers:
             f = layers[None]
-            out[p] = f._replace(a=f.a.astype(dtype), b=f.b.astype(dtype), m=cast(f.m), bias=cast(f.bias))
+            out[p] = f._replace(a=f.a.astype(dtype), b=f.b.astype(dtype), m=cast(f.m), bias=cast(f.bias), d=cast(f.d))
             continue
         # A stacked base: one rank and one scale for all layers. Zero-padding the rank and
         # folding each layer's scale into its B keeps every layer's delta exact.
@@ -598,13 +622,16 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         # DoRA: a layer PEFT left out keeps W0, so its magnitude is W0's column norms.
         M = np.array(column_norms(flat[p])) if dora else None  # [n, out]
         bias = np.zeros((n, d_out), np.float32) if lora_bias else None
+        D = np.zeros((n, r), np.float32) if kasa else None
         for i, f in layers.items():
             A[i, :, :f.rank], B[i, :f.rank, :] = f.a, f.b * (f.scale / s)  # layers PEFT left out stay zero
+            if kasa:
+                D[i, :f.rank] = f.d
             if dora:
                 M[i] = f.m
             if lora_bias:
                 bias[i] = f.bias * (f.scale / s)  # s * bias_i' = s_i * bias_i, like B
-        out[p] = _Factors(A.astype(dtype), B.astype(dtype), r, s, cast(M), cast(bias))
+        out[p] = _Factors(A.astype(dtype), B.astype(dtype), r, s, cast(M), cast(bias), cast(D))
     return out
 
 
@@ -614,7 +641,7 @@ def _extra_leaves(path: Path, tensors, flat, model_config, layers_key) -> dict[s
     for key in tensors:
         k = key.removeprefix(PREFIX)
         if ".lora_" in k:
-            if not (_LORA_KEY.fullmatch(k) or _MAGNITUDE_KEY.fullmatch(k) or _BIAS_KEY.fullmatch(k)):
+            if not any(r.fullmatch(k) for r in (_LORA_KEY, _MAGNITUDE_KEY, _BIAS_KEY, _DIAG_KEY)):
                 raise ValueError(f"{path}: unsupported PEFT tensor {key!r} (DoRA or another LoRA variant?)")
             continue
         if ".original_module." in k or k.endswith("." + TOKEN_KEY):  # PEFT's copy of the base module; trained rows
@@ -774,25 +801,33 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     init = cfg.get("init_lora_weights", True)
     bias = cfg.get("bias", "none")
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
+    kasa = _kasa(cfg_path, cfg)
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
-              init=init if init in ("gaussian", "orthogonal", "eva") else "kaiming_uniform",
+              init=init if init in (("gaussian",) if "use_kasa" in kasa else ("gaussian", "orthogonal", "eva"))
+              else "kaiming_uniform",
               rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
               layers_to_transform=cfg.get("layers_to_transform"),
               layers_pattern=cfg.get("layers_pattern") or None,
               alora_invocation_tokens=cfg.get("alora_invocation_tokens"),
-              **({} if velora is None else {"velora_num_groups": velora[0], "velora_scale": velora[1]}))
+              **({} if velora is None else {"velora_num_groups": velora[0], "velora_scale": velora[1]}),
+              **kasa)
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)
     adapters = {p: {"lora_A": jnp.asarray(f.a), "lora_B": jnp.asarray(f.b)}
                 | ({} if f.m is None else {MAGNITUDE: jnp.asarray(f.m)})
-                | ({} if f.bias is None else {LORA_BIAS: jnp.asarray(f.bias)}) for p, f in factors.items()}
+                | ({} if f.bias is None else {LORA_BIAS: jnp.asarray(f.bias)})
+                | ({} if f.d is None else {KASA_DIAG: jnp.asarray(f.d)}) for p, f in factors.items()}
     adapters |= {p: {TOKENS: jnp.asarray(rows)} for p, (_, rows) in tokens.items()}
     check_adapters(config, params, adapters)
     for p, f in factors.items():  # the config we built must reproduce PEFT's ranks and scales
         assert config.rank_for(p) == f.rank and math.isclose(config.scale_for(p), f.scale, rel_tol=1e-9), p
+    if config.use_kasa:
+        warnings.warn(f"{cfg_path}: KaSA adapters act on the truncated base weights: apply them to "
+                      "lora_jax.kasa_base(config, params), as PEFT truncates the base when it loads them",
+                      stacklevel=2)
     return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
 
 

@@ -266,6 +266,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--reduce-intruders", "1.5"], "--reduce-intruders keeps a share of each intruder "
                                                        "dimension: in [0, 1], got 1.5"),
                        (["--reduce-intruders", "--dora"], "--reduce-intruders changes the directions DoRA"),
+                       (["--kasa", "--dora", "--init", "pissa"],
+                        "--kasa is its own LoRA variant on a truncated base; not with --dora, --init pissa"),
                        (["--reduce-intruders", "--eval-only"], "--reduce-intruders --eval-only acts on an adapter")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
@@ -324,6 +326,31 @@ def test_velora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         assert np.abs(np.asarray(runs["velora"].adapters[p]["lora_A"]) - np.asarray(ab["lora_A"])).max() > 1e-6
     cfg = json.loads((tmp_path / "velora" / "peft" / "adapter_config.json").read_text())
     assert cfg["velora_config"] == {"num_groups": 4, "scale": 1, "init_type": "batch_average"}
+
+
+def test_kasa_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
+    """--kasa trains KaSA with its regulariser (logged per step) on the truncated base; the BLOOM
+    adapter goes out in PEFT's format and, given back with --init-adapter, is scored on that base
+    again (the same predictions); GPT-2's Conv1D layers get no PEFT copy, and the table says why."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "bloom"
+    common = ["--no-base-eval", "--eval-samples", "2", "--lr", "0.1"]
+    assert squad.main(cli_args(tiny_bloom_dir, data, out, "--steps", "2", "--kasa", *common)) == 0
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["regularizer"] > 0 for r in rows)
+    cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert cfg["kasa_config"] == {"beta": 0.0001, "gamma": 0.001}
+    again = tmp_path / "again"
+    assert squad.main(cli_args(tiny_bloom_dir, data, again, "--eval-only", "--init-adapter", str(out / "peft"),
+                               *common)) == 0
+    assert "kasa: the adapted weights lose their r smallest singular components" in capsys.readouterr().out
+    predictions = lambda d: json.loads((d / "predictions_lora.json").read_text())  # noqa: E731
+    assert predictions(again) == predictions(out)
+
+    assert squad.main(cli_args(tiny_gpt2_dir, data, tmp_path / "gpt2", "--steps", "1", "--kasa", *common)) == 0
+    assert "no PEFT copy: PEFT's KaSA takes nn.Linear layers only" in capsys.readouterr().out
+    assert json.loads((tmp_path / "gpt2" / "summary.json").read_text())["peft_dir"] is None
+    assert not (tmp_path / "gpt2" / "peft").exists()
 
 
 def test_text_loss_is_transformers_loss(tiny_gpt2_dir):

@@ -81,8 +81,12 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
     return loss
 
 
-def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_name: str | None = None):
-    """step(trainable, frozen, opt_state, batch [accum, micro, T], rng) -> (trainable, opt_state, metrics)."""
+def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_name: str | None = None,
+              regularizer: Callable[[Any], jax.Array] | None = None):
+    """step(trainable, frozen, opt_state, batch [accum, micro, T], rng) -> (trainable, opt_state, metrics).
+
+    `regularizer(adapters) -> scalar` (e.g. KaSA's) is added to the mean token loss, once per step;
+    metrics["loss"] stays the token loss and metrics["regularizer"] is the added term."""
     def objective(trainable, frozen, micro, rng):
         params, adapters = lj.join(trainable, frozen)
         return loss_fn(params, adapters, micro, rng)
@@ -105,9 +109,13 @@ def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_n
             g, l, n = jax.lax.psum((g, l, n), axis_name)
         n = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda x: x / n, g)  # mean over all target tokens of the global batch
+        metrics = {"loss": l / n, "tokens": n}
+        if regularizer is not None:  # on the (replicated) adapters: the same on every device
+            metrics["regularizer"], g_reg = jax.value_and_grad(lambda t: regularizer(t["adapters"]))(trainable)
+            grads = jax.tree.map(jnp.add, grads, g_reg)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": l / n, "tokens": n, "grad_norm": optax.tree.norm(grads)}
         return trainable, opt_state, metrics
 
     return step
@@ -144,7 +152,7 @@ class Runner:
     (jit, pmap) or split over all devices (fsdp).
     """
 
-    def __init__(self, loss_fn, tx, cfg: StepConfig):
+    def __init__(self, loss_fn, tx, cfg: StepConfig, regularizer: Callable[[Any], jax.Array] | None = None):
         if cfg.parallel not in PARALLEL:
             raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
         self.cfg, self.tx = cfg, tx
@@ -152,13 +160,13 @@ class Runner:
         if cfg.micro_batch % n:
             raise ValueError(f"--batch-size {cfg.micro_batch} is not divisible by the {n} devices")
         if cfg.parallel == "pmap":
-            step = make_step(loss_fn, tx, cfg, axis_name="data")
+            step = make_step(loss_fn, tx, cfg, axis_name="data", regularizer=regularizer)
             self._step = jax.pmap(step, axis_name="data", in_axes=(0, None, 0, 0, None), donate_argnums=(0, 2))
         else:
             self._mesh = data_mesh()
             self._replicated = NamedSharding(self._mesh, P())
             self._batch_sharding = NamedSharding(self._mesh, P(None, "data"))  # [accum, micro, T]
-            self._make = make_step(loss_fn, tx, cfg)
+            self._make = make_step(loss_fn, tx, cfg, regularizer=regularizer)
             self._step = jax.jit(self._make, donate_argnums=(0, 2)) if cfg.parallel == "jit" else None
 
     def _place(self, tree):

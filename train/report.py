@@ -85,8 +85,9 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
                       f"{summary['trainable_params']:,} of {summary['total_params']:,} "
                       f"({summary['trainable_percent']:.3f}%)"]
     if "adapter_bytes" in summary:
-        lines.append(f"adapter on disk: {_mib(summary['adapter_bytes'])} (orbax), "
-                     f"{_mib(summary['peft_bytes'])} (PEFT safetensors) -> {summary['adapter_dir']}")
+        peft = (f"{_mib(summary['peft_bytes'])} (PEFT safetensors)" if summary.get("peft_dir")
+                else f"no PEFT copy: {summary['peft_skipped']}")
+        lines.append(f"adapter on disk: {_mib(summary['adapter_bytes'])} (orbax), {peft} -> {summary['adapter_dir']}")
     if "base" in scores and "lora" in scores:
         b, l = scores["base"], scores["lora"]
         lines.append(f"EM {b['exact_match']:.1f} -> {l['exact_match']:.1f}, F1 {b['f1']:.1f} -> {l['f1']:.1f}")

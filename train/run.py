@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,7 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
                          layers_to_transform=args.layers_to_transform, velora_num_groups=args.velora_groups,
+                         use_kasa=args.kasa,
                          alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
@@ -119,7 +122,9 @@ def load_init_adapter(path: str, params, model):
     from lora_jax import checkpoint, peft
 
     try:
-        got = peft.load_adapter(path, params, model_config=model.config)
+        with warnings.catch_warnings():  # run() puts a KaSA adapter on its truncated base (kasa_base)
+            warnings.filterwarnings("ignore", "KaSA adapters act on the truncated base")
+            got = peft.load_adapter(path, params, model_config=model.config)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--init-adapter {e}") from None
     return got.config, got.adapters, checkpoint.update_params(params, got.extras) if got.extras else params
@@ -131,18 +136,23 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
     peft<suffix>/. Returns paths and sizes.
 
     Adapters trained on PiSSA / OLoRA residual weights are saved as plain LoRA on the original
-    weights (`to_plain`, rank 2r), given `initial`, the adapters they started from."""
+    weights (`to_plain`, rank 2r), given `initial`, the adapters they started from. A KaSA adapter
+    on GPT-2's Conv1D layers gets no PEFT copy (PEFT's KaSA refuses those layers): the result then
+    says why under "peft_skipped"."""
     from lora_jax import checkpoint, peft
 
     if lora.changes_base:
         lora, adapters = lj.to_plain(lora, adapters, initial)
     a_dir = checkpoint.save(out / f"adapter{suffix}", lora, adapters, base_model=base_model, params=params,
                             overwrite=True)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
+    saved = {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir)}
+    if lora.use_kasa and not model.config.hf_transpose_linear:
+        return saved | {"peft_dir": None, "peft_skipped": "PEFT's KaSA takes nn.Linear layers only, not this "
+                        "model's Conv1D (fan_in_fan_out) ones"}
     p_dir = peft.save_peft(out / f"peft{suffix}", lora, adapters, model_config=model.config, params=params,
                            dtype=dtype, base_model_name_or_path=base_model, overwrite=True)
-    size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
-    return {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir), "peft_dir": str(p_dir),
-            "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
+    return saved | {"peft_dir": str(p_dir), "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
 
 
 def reduce_intruders(args, lora: lj.LoraConfig, params, adapters, log) -> tuple[dict, dict]:
@@ -246,7 +256,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                         loraplus_ratio=args.loraplus_ratio if lora is not None else None,
                         lorafa=lora if lora is not None and args.lorafa else None)
-    runner = Runner(target_loss(logits, cfg.targets), tx, cfg)
+    regularizer = functools.partial(lj.kasa_loss, lora) if lora is not None and lora.use_kasa else None
+    runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
     start = 0
@@ -296,6 +307,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                 now = time.perf_counter()
                 rec = {"run": tag, "step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
                        "tokens_per_s": tok_since / (now - t_last), "skipped_nonfinite": skipped}
+                if "regularizer" in m:
+                    rec["regularizer"] = float(m["regularizer"])
                 history.append(rec)
                 if metrics_file is not None:
                     metrics_file.write(report.json_line(rec))
@@ -354,14 +367,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora = lora_config(args, model, tokenizer)
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
     check_invocation(lora, {"training": train_ex, "validation": val_ex})
-    if args.reduce_intruders is not None and lora.use_dora:
-        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a DoRA adapter, whose trained "
-                         "magnitude belongs to the directions the reduction changes")
+    if args.reduce_intruders is not None and (lora.use_dora or lora.use_kasa):
+        what = "DoRA adapter, whose trained magnitude" if lora.use_dora else "KaSA adapter, whose diagonal"
+        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a {what} belongs to the "
+                         "directions the reduction changes")
+    if args.lorafa and lora.use_kasa:
+        raise ValueError(f"--lorafa: --init-adapter {args.init_adapter} is a KaSA adapter, whose diagonal LoRA-FA "
+                         "does not train")
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
                                  (f"--quantize {args.quantize}", args.quantize),
-                                 (f"--init {lora.init}", lora.changes_base or args.init == "eva")) if on]
+                                 (f"--init {lora.init}", lora.changes_base or args.init == "eva"),
+                                 ("KaSA", lora.use_kasa)) if on]
     if prequantized and conflicts:
         raise ValueError(f"--model {args.model}: its linear weights are already 4-bit NF4, which "
                          f"{', '.join(conflicts)} cannot take (they need the full-precision weights)")
@@ -375,6 +393,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         train_params, adapters0 = lj.init_residual(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
         log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
             "residual weights")
+    if lora.use_kasa:  # the base a KaSA adapter acts on: its r smallest singular components dropped
+        if adapters0 is None:
+            train_params, adapters0 = lj.init_kasa(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
+        else:
+            train_params = lj.kasa_base(lora, params)
+        log("kasa: the adapted weights lose their r smallest singular components, the base that KaSA's "
+            "s * A diag(d) B acts on")
     if lora.init == "eva" and not args.init_adapter:
         lora, adapters0 = eva_init(args, model, params, tokenizer, train_ex, lora, log)
     base_apply, scheme = model.apply, None

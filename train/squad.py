@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--velora-groups", type=int, default=None, metavar="G",
       help="VeLoRA (PEFT velora_config): the backward pass keeps each adapted layer's input as G numbers per "
            "token (PEFT's default 64), from which lora_A's gradient is approximated")
+    a("--kasa", action="store_true",
+      help="KaSA (PEFT kasa_config): drop each adapted weight's r smallest singular components and train "
+           "s * A diag(d) B, with KaSA's regulariser (beta 1e-4, gamma 1e-3) added to the loss")
     a("--reduce-intruders", type=float, nargs="?", const=0.75, default=None, metavar="LAMBDA",
       help="after training, also damp the adapter's intruder dimensions, keeping LAMBDA of each (PEFT "
            "reduce_intruder_dimension; default 0.75): score that adapter too, save it to adapter_reduced/ and "
@@ -198,6 +201,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  ("--lorafa", args.lorafa)) if on]
         if clash:
             p.error(f"--velora-groups changes lora_A's gradient; not with {', '.join(clash)}")
+    if args.kasa:
+        clash = [f for f, on in (("--dora", args.dora), ("--alora", args.alora), ("--init-adapter", args.init_adapter),
+                                 ("--lorafa", args.lorafa), ("--velora-groups", args.velora_groups is not None),
+                                 ("--reduce-intruders", args.reduce_intruders is not None),
+                                 (f"--init {args.init}", args.init not in ("kaiming_uniform", "gaussian"))) if on]
+        if clash:
+            p.error(f"--kasa is its own LoRA variant on a truncated base; not with {', '.join(clash)}")
     if args.reduce_intruders is not None:
         if not 0 <= args.reduce_intruders <= 1:
             p.error(f"--reduce-intruders keeps a share of each intruder dimension: in [0, 1], got {args.reduce_intruders}")
