@@ -138,6 +138,14 @@ def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
                          "over one shared base cannot hold")
 
 
+def check_routable(configs: Mapping[str, LoraConfig], where: str) -> None:
+    """Raise, naming the adapters, unless every config is a plain factor pair on the shared base
+    (what per-example or per-token routing and sums can carry)."""
+    _no_dora(configs, where)
+    _factors_only(configs, where)
+    _plain_only(configs, where)
+
+
 def axes(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> dict[str, tuple[int, int]]:
     """{path: (n_in, n_out)} over every adapted path, which the adapters targeting it must agree on."""
     out: dict[str, tuple[int, int]] = {}

@@ -74,8 +74,7 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora", "monteclora_config",
-                "arrow_config")
+_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora", "monteclora_config")
 HEAD = "lm_head."  # PEFT's name of the (here always tied) LM head, which save_embedding_layers also writes
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -510,6 +509,9 @@ def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 def _check_supported(path: Path, cfg: Mapping[str, Any]) -> None:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not LoRA")
+    if cfg.get("arrow_config"):
+        raise ValueError(f"{path}: an Arrow router (arrow_config) holds no adapter of its own: load the task "
+                         "adapters it routes over (multi.load_bank) and route them with lora_jax.arrow")
     for k in _UNSUPPORTED:
         if cfg.get(k):
             raise ValueError(f"{path}: {k}={cfg[k]!r} is not supported (plain LoRA only)")
@@ -772,6 +774,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     cfg_path = directory / CONFIG_FILE
     cfg = read_json(cfg_path, "PEFT adapter config")
     _check_supported(cfg_path, cfg)
+    kasa = _kasa(cfg_path, cfg)
     for k in ("r", "lora_alpha"):
         if k not in cfg:
             raise ValueError(f"{cfg_path}: missing {k!r}")
@@ -801,7 +804,6 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     init = cfg.get("init_lora_weights", True)
     bias = cfg.get("bias", "none")
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
-    kasa = _kasa(cfg_path, cfg)
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
               init=init if init in (("gaussian",) if "use_kasa" in kasa else ("gaussian", "orthogonal", "eva"))
