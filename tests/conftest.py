@@ -14,7 +14,8 @@ Weights are random with std 0.2 (larger than HF's 0.02 init) so that layout mist
 in logits. Load the PyTorch reference with
 `AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager")`.
 
-`nudge_torch(model, seed)` makes a fresh PEFT adapter nonzero (noise on its trainable parameters).
+`nudge_torch(model, seed)` makes a fresh PEFT adapter nonzero (noise on its trainable parameters);
+`peft_grads(model, ids)` reads its gradients in our layout.
 """
 
 from __future__ import annotations
@@ -133,3 +134,26 @@ def nudge_torch():
                     p.add_(0.1 * torch.randn_like(p))
         return model.eval()
     return nudge
+
+
+@pytest.fixture
+def peft_grads():
+    """`grads(model, ids)`: a PEFT model's training-mode gradients of mean(logits^2) (every torch
+    dropout off, so the function is ours), as {our kernel path: {"lora_A" / "lora_B" / ...: the
+    gradient transposed to our layout}}."""
+    def grads(model, ids):
+        import torch
+
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        model.zero_grad()
+        (model(torch.tensor(ids, dtype=torch.long)).logits ** 2).mean().backward()
+        out: dict = {}
+        for n, p in model.named_parameters():
+            if p.requires_grad:  # <module>.lora_A.default.weight, <module>.lora_diag.default
+                module, k = n.removeprefix("base_model.model.").rsplit(".lora_", 1)
+                out.setdefault(module.replace(".", "/") + "/kernel", {})["lora_" + k.split(".")[0]] = p.grad.numpy().T
+        return out
+    return grads

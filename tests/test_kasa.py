@@ -23,21 +23,8 @@ TARGETS = ["query_key_value", "dense_h_to_4h"]
 KASA_WARNING = "KaSA adapters act on the truncated base"
 
 
-def _grads(pm, torch) -> dict:
-    """PEFT's gradients of mean(logits^2), {our path: {lora_A, lora_B, lora_diag}} in our layout."""
-    pm.zero_grad()
-    (pm(torch.tensor(IDS, dtype=torch.long)).logits ** 2).mean().backward()
-    out: dict = {}
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            module, k = n.removeprefix("base_model.model.").rsplit(".lora_", 1)
-            k = "lora_" + k.split(".")[0]  # lora_A.default.weight, lora_diag.default
-            out.setdefault(module.replace(".", "/") + "/kernel", {})[k] = p.grad.numpy().T
-    return out
-
-
 @pytest.mark.parametrize("scan", [False, True])
-def test_matches_peft_both_ways(scan, tiny_bloom_dir, tmp_path, nudge_torch):
+def test_matches_peft_both_ways(scan, tiny_bloom_dir, tmp_path, nudge_torch, peft_grads):
     """A PEFT KaSA adapter (A, B and the diagonal all nonzero) gives PEFT's logits, gradients and
     regulariser on `kasa_base` of the stock weights (and not on the stock weights); merging
     gives the same logits; our export loads back into PEFT with the same logits."""
@@ -52,7 +39,7 @@ def test_matches_peft_both_ways(scan, tiny_bloom_dir, tmp_path, nudge_torch):
     pm.save_pretrained(tmp_path / "theirs")
     want = pm(torch.tensor(IDS)).logits.detach().numpy()
     want_reg = float(pm.base_model._get_kasa_loss().detach())
-    want_grads = _grads(pm, torch)
+    want_grads = peft_grads(pm, IDS)
     truncated = pm.base_model.model.transformer.h[1].self_attention.query_key_value.base_layer.weight.detach().numpy()
 
     model, params = from_pretrained(tiny_bloom_dir, scan_layers=scan)

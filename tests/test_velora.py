@@ -19,28 +19,12 @@ IDS = np.array([[5, 9, 17, 33, 2, 7], [40, 41, 42, 3, 3, 3]])
 TARGETS = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_h_to_4h"]}
 
 
-def _torch_grads(pm, torch):
-    """PEFT's training-mode gradients of mean(logits^2) {our path: {lora_A, lora_B} in our layout}."""
-    pm.train()
-    for m in pm.modules():  # GPT-2's own dropouts off: the same function as ours
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    pm.zero_grad()
-    (pm(torch.tensor(IDS, dtype=torch.long)).logits ** 2).mean().backward()
-    out: dict = {}
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            module, k = n.removeprefix("base_model.model.").rsplit(".lora_", 1)
-            out.setdefault(module.replace(".", "/") + "/kernel", {})["lora_" + k[0]] = p.grad.numpy().T
-    return out
-
-
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
-def test_gradients_match_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
+def test_gradients_match_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch, peft_grads):
     """lora_A's gradient is PEFT's VeLoRA one (5 groups of 32 or 48 features: padded sub-tokens,
     scale 1.5), not plain LoRA's; lora_B's and the outputs are plain LoRA's; the file goes both
     ways (PEFT trains ours with the same gradients)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.config import VeloraConfig
     from transformers import AutoModelForCausalLM
@@ -50,7 +34,7 @@ def test_gradients_match_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp
     pm = nudge_torch(peft.get_peft_model(hf(), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS[name], velora_config=VeloraConfig(num_groups=5, scale=1.5))), seed=3)
     pm.save_pretrained(tmp_path / "theirs")
-    want = _torch_grads(pm, torch)
+    want = peft_grads(pm, IDS)
 
     model, params = from_pretrained(directory)
     got = lp.load_peft(tmp_path / "theirs", params)
@@ -74,7 +58,7 @@ def test_gradients_match_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp
         warnings.simplefilter("error", UserWarning)  # e.g. PEFT's "missing adapter keys"
         warnings.filterwarnings("ignore", "fan_in_fan_out")
         back = peft.PeftModel.from_pretrained(hf(), str(out), is_trainable=True)
-    for p, ab in _torch_grads(back, torch).items():
+    for p, ab in peft_grads(back, IDS).items():
         np.testing.assert_allclose(ab["lora_A"], want[p]["lora_A"], atol=1e-6, rtol=1e-5)
 
 
