@@ -138,6 +138,25 @@ def test_regulariser_value():
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+def test_train_step_adds_the_regulariser():
+    """train.loop's step (what `python -m train.squad --kasa` runs) adds regularizer(adapters) once
+    to the mean token loss: plain SGD moves d by the token gradient plus 2 d, over two micro-batches."""
+    from train.loop import StepConfig, make_step
+
+    def loss_fn(params, adapters, micro, rng):  # (sum of token losses, tokens): 2 tokens per micro-batch
+        return 2.0 * jnp.sum(adapters["w"]["d"] * micro["v"][0]), jnp.float32(2.0)
+    d = jnp.array([1.0, -2.0])
+    step = make_step(loss_fn, optax.sgd(0.1), StepConfig(accum=2, micro_batch=1, targets=1),
+                     regularizer=lambda a: jnp.sum(a["w"]["d"] ** 2))
+    batch = {"v": jnp.array([[[1.0, 3.0]], [[5.0, 7.0]]])}  # [accum, micro, 2]
+    trainable, _, m = step({"adapters": {"w": {"d": d}}, "params": {}}, {}, optax.sgd(0.1).init(
+        {"adapters": {"w": {"d": d}}, "params": {}}), batch, np.asarray(jax.random.key_data(jax.random.key(0))))
+    token_grad = jnp.array([6.0, 10.0]) / 2  # sum over both micro-batches of 2 v, over 4 tokens
+    np.testing.assert_allclose(trainable["adapters"]["w"]["d"], d - 0.1 * (token_grad + 2 * d), rtol=1e-6)
+    np.testing.assert_allclose(m["loss"], float(jnp.sum(d * token_grad)), rtol=1e-6)
+    np.testing.assert_allclose(m["regularizer"], 5.0)
+
+
 def test_refusals(tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
     for kw, msg in ((dict(use_dora=True), "not with use_dora"), (dict(velora_num_groups=4), "not with velora"),
                     (dict(alora_invocation_tokens=[3]), "not with alora"),
