@@ -11,7 +11,7 @@ from .config import FLAX_ATTENTION_AXES, LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Summary, alora_mask, apply, check_adapters, init,
                    init_tokens, merge, scales, summary, target_paths, token_rows, trainable_mask, unmerge)
-from .optim import TrainStep, join, labels, lorafa, loraplus, make_train_step, masked_optimizer, split
+from .optim import TrainStep, join, labels, lorafa, loraplus, make_train_step, masked_optimizer, mica, split
 from .corda import init_corda
 from .eva import EvaConfig, init_eva
 from .intruders import reduce_intruders
@@ -26,6 +26,6 @@ __all__ = [
     "merge", "unmerge", "scales", "summary", "target_paths", "trainable_mask", "init_residual", "init_loftq",
     "init_eva", "init_kasa", "kasa_base", "kasa_loss", "EvaConfig", "reduce_intruders", "init_corda", "init_lora_ga",
     "LoraGAConfig", "to_plain", "split", "join", "labels", "masked_optimizer", "make_train_step", "loraplus", "lorafa",
-    "corda", "eva", "inputs", "kasa", "lazy", "lora_ga", "optim", "quant", "sharding", "tree",
+    "mica", "corda", "eva", "inputs", "kasa", "lazy", "lora_ga", "optim", "quant", "sharding", "tree",
 ]
 __version__ = "0.1.0"

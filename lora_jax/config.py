@@ -16,7 +16,8 @@ PLAIN_INITS = ("kaiming_uniform", "gaussian", "orthogonal")  # A B = 0 from rand
 # move part of it into A B.
 DATA_INITS = ("eva", "corda", "lora_ga")
 KASA_INITS = ("kaiming_uniform", "gaussian")  # B = 0: KaSA's random diagonal then changes nothing at init
-INITS = (*PLAIN_INITS, *DATA_INITS, "pissa", "olora")  # and "pissa_niter_<n>"
+MICA = "mica"  # B = W0's minor singular directions, fixed; A = 0 trains (W0 stays as it is)
+INITS = (*PLAIN_INITS, *DATA_INITS, "pissa", "olora", MICA)  # and "pissa_niter_<n>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
@@ -78,7 +79,10 @@ class LoraConfig:
         `lora_ga.init_lora_ga`, residual base too); or one that moves part of W0 into the adapter
         (`lora.init_residual`): `pissa` (the r principal singular directions), `pissa_niter_<n>`
         (the same by a randomized SVD with n power iterations), `olora` (the first r columns of
-        W0's QR decomposition).
+        W0's QR decomposition). `mica` (PEFT's MiCA): B = the r singular directions of W0 with the
+        smallest singular values, A = 0, and B stays fixed: train with `optim.mica(config, tx)`,
+        which leaves lora_B out of the update (linear layers and embeddings; not with DoRA,
+        lora_bias, VeLoRA or aLoRA).
       use_rslora: rank-stabilised scale alpha / sqrt(rank).
       use_dora: DoRA (PEFT `use_dora`): a trained magnitude m per output feature rescales the
         adapted weight, W = m * (W0 + s*A*B) / ||W0 + s*A*B|| (column norms, not differentiated);
@@ -225,9 +229,15 @@ class LoraConfig:
             if clash:
                 raise ValueError(f"LoraConfig.use_kasa (KaSA) is its own LoRA variant; not with {' and '.join(clash)} "
                                  "(PEFT refuses the combination too)")
-            if self.init not in KASA_INITS:
+            if self.init not in KASA_INITS:  # (MiCA included: PEFT has no KaSA + MiCA variant)
                 raise ValueError(f"LoraConfig.use_kasa (KaSA) starts from B = 0 on its truncated base: init must be "
                                  f"one of {KASA_INITS}, got {self.init!r}")
+        if self.init == MICA:
+            clash = [k for k in ("use_dora", "lora_bias", "velora_num_groups", "alora_invocation_tokens")
+                     if getattr(self, k)]
+            if clash:
+                raise ValueError(f"LoraConfig.init='mica' (MiCA) trains lora_A alone on a fixed B; not with "
+                                 f"{' and '.join(clash)} (PEFT refuses the combination or freezes it at zero)")
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
 
@@ -280,7 +290,7 @@ class LoraConfig:
         """Whether `init` takes part of W0 into the adapter (PiSSA, OLoRA, CorDA, LoRA-GA): the adapters
         then act on the residual weights `init_residual` (`init_corda`, `init_lora_ga`) returns, not on
         the original ones."""
-        return self.init not in (*PLAIN_INITS, "eva")
+        return self.init not in (*PLAIN_INITS, "eva", MICA)
 
     def rank_for(self, path: str) -> int:
         """The rank used at `path` (rank_pattern overrides `rank`)."""

@@ -25,7 +25,7 @@ import numpy as np
 import quax
 
 from . import tree
-from .config import ALL_LINEAR, DATA_INITS, LoraConfig
+from .config import ALL_LINEAR, DATA_INITS, MICA, LoraConfig
 from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
 
 PyTree = Any
@@ -210,8 +210,8 @@ def init_tokens(config: LoraConfig, params: PyTree, *, dtype: Any = jnp.float32)
 
 
 def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp.float32) -> Adapters:
-    """Fresh adapters as PEFT initialises them (`config.init`): A random and B = 0, or (`orthogonal`)
-    both random with A B = 0, so LoRA starts as identity.
+    """Fresh adapters as PEFT initialises them (`config.init`): A random and B = 0, (`orthogonal`)
+    both random with A B = 0, or (`mica`) A = 0 and B from W0's SVD, so LoRA starts as identity.
 
     Args:
       config: which leaves, which rank.
@@ -232,9 +232,9 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
     flat = tree.flatten(params)
     out: Adapters = {}
     for i, p in enumerate(target_paths(config, params)):
-        if config.use_dora and isinstance(flat[p], jax.ShapeDtypeStruct):
-            raise ValueError(f"DoRA's magnitude starts at the column norms of {p!r}: init needs the weights, "
-                             f"not {type(flat[p]).__name__}")
+        if (config.use_dora or config.init == MICA) and isinstance(flat[p], jax.ShapeDtypeStruct):
+            what = "DoRA's magnitude starts at the column norms" if config.use_dora else "MiCA's B is made of the SVD"
+            raise ValueError(f"{what} of {p!r}: init needs the weights, not {type(flat[p]).__name__}")
         *stack, d_in, d_out = view = config.matrix_shape(p, flat[p].shape)
         r = config.rank_for(p)
         k = jax.random.fold_in(key, i)
@@ -244,6 +244,8 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
         elif config.init == "gaussian":  # PEFT "gaussian": N(0, 1/r^2)
             a = jax.random.normal(k, (*stack, d_in, r), dtype) / r
+        elif config.init == MICA:
+            a, b = _mica(dense(flat[p]), view, r, dtype)
         else:
             a, b = _orthogonal(k, view, r, dtype)
         gate = layer_gate(config, p, flat[p].shape)
@@ -255,6 +257,16 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         if config.use_dora:
             out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
     return out | init_tokens(config, params, dtype=dtype)
+
+
+def _mica(w: jax.Array, view: tuple[int, ...], r: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """PEFT's MiCA: A = 0 and B = the r right singular vectors of W0 [in, out] with the smallest
+    singular values (PEFT's minor left singular vectors of its (out, in) weight, as rows of B)."""
+    *stack, d_in, d_out = view
+    m = jnp.asarray(w, jnp.float32).reshape(-1, d_in, d_out)  # [prod(S), in, out]
+    with jax.default_matmul_precision("highest"):
+        vh = jax.vmap(lambda x: jnp.linalg.svd(x, full_matrices=False)[2])(m)  # [prod(S), k, out]
+    return jnp.zeros((*stack, d_in, r), dtype), vh[:, -r:].reshape(*stack, r, d_out).astype(dtype)
 
 
 def _orthogonal(key: jax.Array, view: tuple[int, ...], r: int, dtype: Any) -> tuple[jax.Array, jax.Array]:
@@ -527,19 +539,23 @@ class Summary:
 
 
 def summary(config: LoraConfig, params: PyTree, adapters: Adapters) -> Summary:
-    """Count trainable (adapters + extra trainable leaves) and total (frozen + adapters) params."""
+    """Count trainable (adapters + extra trainable leaves) and total (frozen + adapters) params; MiCA's
+    fixed lora_B counts in the total only, as in PEFT."""
     extras, _ = tree.partition(params, trainable_mask(config, params))
     per: dict[str, int] = {}
-    flat, n_adapters = tree.flatten(params), 0
+    flat, n_adapters, n_fixed = tree.flatten(params), 0, 0
     for p, ab in adapters.items():
         name = p.split("/")[-2] if "/" in p else p  # the module name, e.g. c_attn
         n = tree.count(ab)
         gate = layer_gate(config, p, flat[p].shape) if TOKENS not in ab else None
         if gate is not None:  # the stack's other layers hold zeros that never train
             n = n * int(gate.sum()) // gate.size
+        if config.init == MICA and "lora_B" in ab:
+            fixed = n * ab["lora_B"].size // tree.count(ab)
+            n, n_fixed = n - fixed, n_fixed + fixed
         per[name] = per.get(name, 0) + n
         n_adapters += n
     n_extra = tree.count(extras)
     if n_extra:
         per["full (bias / trainable)"] = n_extra
-    return Summary(trainable=n_adapters + n_extra, total=tree.count(params) + n_adapters, per_target=per)
+    return Summary(trainable=n_adapters + n_extra, total=tree.count(params) + n_adapters + n_fixed, per_target=per)

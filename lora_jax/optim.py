@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from . import tree
-from .config import LoraConfig
+from .config import MICA, LoraConfig
 from .lora import Adapters, trainable_mask
 
 PyTree = Any
@@ -117,9 +117,22 @@ def _adapter_dicts(t: PyTree) -> dict[str, Any]:
     return t["adapters"] if isinstance(t, dict) and isinstance(t.get("adapters"), dict) else t
 
 
-def lorafa_labels(trainable: PyTree) -> PyTree:
-    """LoRA-FA groups: "frozen" for lora_A, "train" for every other leaf."""
-    return tree.map_with_path(lambda p, _: "frozen" if p.rsplit("/", 1)[-1] == "lora_A" else "train", trainable)
+def _labels_freezing(leaf: str) -> Callable[[PyTree], PyTree]:
+    """labels(trainable): "frozen" for every adapter leaf named `leaf`, "train" for the rest."""
+    return lambda t: tree.map_with_path(lambda p, _: "frozen" if p.rsplit("/", 1)[-1] == leaf else "train", t)
+
+
+lorafa_labels = _labels_freezing("lora_A")  # LoRA-FA groups: lora_A "frozen", every other leaf "train"
+
+
+def mica(config: LoraConfig, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """MiCA (PEFT's `init_lora_weights="mica"`): lora_B, W0's minor singular directions, stays as
+    `init` made it; `tx` updates lora_A and the other trained leaves. lora_B gets no update and no
+    optimizer state (nor does its gradient reach `tx`'s clipping); under `jit` that gradient is
+    dead code XLA removes."""
+    if config.init != MICA:
+        raise ValueError(f"mica: the config's init is {config.init!r}, not 'mica' (whose lora_B this keeps fixed)")
+    return optax.multi_transform({"frozen": optax.set_to_zero(), "train": tx}, _labels_freezing("lora_B"))
 
 
 def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float = 1e-8
@@ -138,6 +151,8 @@ def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float
     if config.use_kasa:
         raise ValueError("lorafa projects lora_B's gradient through A alone; a KaSA update A diag(d) B also trains "
                          "d: not with use_kasa")
+    if config.init == MICA:
+        raise ValueError("lorafa trains lora_B alone, MiCA (init='mica') lora_A alone: use one or the other")
 
     def project(updates, state, params=None):
         if params is None:

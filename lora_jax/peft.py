@@ -407,8 +407,9 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_rslora": config.use_rslora,
         "modules_to_save": modules,
         # PEFT re-initialises, then loads the weights: the init names only how they started. True
-        # (not "orthogonal" / "eva", which older PEFT versions reject) for all but "gaussian".
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        # (not "orthogonal" / "eva", which older PEFT versions reject) for all but "gaussian", and
+        # "mica" (PEFT >= 0.21), which also keeps lora_B fixed when PEFT trains the adapter.
+        "init_lora_weights": config.init if config.init in ("gaussian", "mica") else True,
         "layers_to_transform": peft_layers[0],
         "layers_pattern": peft_layers[1],
         "rank_pattern": rank_pattern,
@@ -806,7 +807,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
-              init=init if init in (("gaussian",) if "use_kasa" in kasa else ("gaussian", "orthogonal", "eva"))
+              init=init if init in (("gaussian",) if kasa else ("gaussian", "orthogonal", "eva", "mica"))
               else "kaiming_uniform",
               rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,

@@ -266,6 +266,7 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--reduce-intruders", "1.5"], "--reduce-intruders keeps a share of each intruder "
                                                        "dimension: in [0, 1], got 1.5"),
                        (["--reduce-intruders", "--dora"], "--reduce-intruders changes the directions DoRA"),
+                       (["--init", "mica", "--lorafa"], "--init mica trains lora_A alone; --lorafa sets how"),
                        (["--kasa", "--dora", "--init", "pissa"],
                         "--kasa is its own LoRA variant on a truncated base; not with --dora, --init pissa"),
                        (["--reduce-intruders", "--eval-only"], "--reduce-intruders --eval-only acts on an adapter")]:
@@ -351,6 +352,23 @@ def test_kasa_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
     assert "no PEFT copy: PEFT's KaSA takes nn.Linear layers only" in capsys.readouterr().out
     assert json.loads((tmp_path / "gpt2" / "summary.json").read_text())["peft_dir"] is None
     assert not (tmp_path / "gpt2" / "peft").exists()
+
+
+def test_mica_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--init mica trains lora_A on MiCA's fixed lora_B: the saved adapter's lora_B is what lj.init
+    makes, its lora_A moved, and the PEFT export says init_lora_weights="mica"."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "mica"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "3", "--no-base-eval", "--eval-samples", "1",
+                               "--init", "mica")) == 0
+    assert "MiCA: lora_B fixed at W0's minor singular directions" in capsys.readouterr().out
+    params = from_pretrained(tiny_gpt2_dir)[1]
+    saved = checkpoint.load(out / "adapter", params)
+    start = lj.init(saved.config, params, jax.random.key(0))
+    for p, ab in saved.adapters.items():
+        np.testing.assert_array_equal(ab["lora_B"], start[p]["lora_B"])
+        assert np.abs(np.asarray(ab["lora_A"])).max() > 1e-4
+    assert json.loads((out / "peft" / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
 
 
 def test_text_loss_is_transformers_loss(tiny_gpt2_dir):

@@ -39,10 +39,12 @@ class StepConfig:
 
 def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, clip: float,
                    loraplus_ratio: float | None = None,
-                   lorafa: lj.LoraConfig | None = None) -> optax.GradientTransformation:
+                   lorafa: lj.LoraConfig | None = None,
+                   mica: lj.LoraConfig | None = None) -> optax.GradientTransformation:
     """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped;
     with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule); with `lorafa` (the
-    LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest).
+    LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest);
+    with `mica` (an init="mica" config), MiCA's lora_B frozen outside the clipping too.
 
     `apply_if_finite` leaves params and state untouched on a non-finite gradient and counts it
     (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
@@ -56,6 +58,8 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
     tx = optax.chain(optax.clip_by_global_norm(clip), opt)
     if lorafa is not None:  # lora_A's gradient never reaches the clipping, as with a frozen torch tensor
         tx = lj.lorafa(lorafa, tx)
+    if mica is not None:
+        tx = lj.mica(mica, tx)
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 

@@ -245,6 +245,9 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             n_a = sum(ab["lora_A"].size for ab in adapters.values() if "lora_A" in ab)
             log(f"LoRA-FA: lora_A frozen at its start ({n_a:,} of those params), lora_B's gradient projected "
                 "through it")
+        if lora.init == "mica":
+            n_b = sum(ab["lora_B"].size for ab in adapters.values() if "lora_B" in ab)
+            log(f"MiCA: lora_B fixed at W0's minor singular directions ({n_b:,} of those params), lora_A trains")
     else:
         trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
 
@@ -255,7 +258,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                      parallel=args.parallel)
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                         loraplus_ratio=args.loraplus_ratio if lora is not None else None,
-                        lorafa=lora if lora is not None and args.lorafa else None)
+                        lorafa=lora if lora is not None and args.lorafa else None,
+                        mica=lora if lora is not None and lora.init == "mica" else None)
     regularizer = functools.partial(lj.kasa_loss, lora) if lora is not None and lora.use_kasa else None
     runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer)
     opt_state = tx.init(trainable)
@@ -371,9 +375,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         what = "DoRA adapter, whose trained magnitude" if lora.use_dora else "KaSA adapter, whose diagonal"
         raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a {what} belongs to the "
                          "directions the reduction changes")
-    if args.lorafa and lora.use_kasa:
-        raise ValueError(f"--lorafa: --init-adapter {args.init_adapter} is a KaSA adapter, whose diagonal LoRA-FA "
-                         "does not train")
+    if args.lorafa and (lora.use_kasa or lora.init == "mica"):
+        what = "a KaSA adapter, whose diagonal" if lora.use_kasa else "a MiCA adapter, whose lora_A"
+        raise ValueError(f"--lorafa: --init-adapter {args.init_adapter} is {what} LoRA-FA does not train")
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),

@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lora-bias", action="store_true", help="lora_B gets a bias too, added to each targeted layer's bias "
                                                "(PEFT lora_bias)")
     a("--init", default="kaiming_uniform",
-      help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, orthogonal; eva: A from the "
+      help="adapter init (PEFT init_lora_weights): kaiming_uniform, gaussian, orthogonal; mica (MiCA: B = W0's "
+           "minor singular directions, kept fixed, A = 0 trains); eva: A from the "
            "principal directions of each layer's inputs on the first --init-batches training batches (answer "
            "positions), ranks redistributed across layers; or pissa / pissa_niter_<n> / olora / corda (CorDA: W0 "
            "decomposed along its inputs' covariance on --init-batches batches) / lora_ga (LoRA-GA: the directions "
@@ -172,10 +173,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.layers_to_transform = [int(i) for i in layers]
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not re.fullmatch(r"kaiming_uniform|gaussian|orthogonal|eva|corda|lora_ga|pissa|pissa_niter_\d+|olora|loftq",
+    if not re.fullmatch(r"kaiming_uniform|gaussian|orthogonal|mica|eva|corda|lora_ga|pissa|pissa_niter_\d+|olora|loftq",
                         args.init):
-        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, orthogonal, eva, corda, "
-                "lora_ga, pissa, pissa_niter_<n>, olora or loftq")
+        p.error(f"--init: unknown init {args.init!r}; expected kaiming_uniform, gaussian, orthogonal, mica, eva, "
+                "corda, lora_ga, pissa, pissa_niter_<n>, olora or loftq")
     for flag, v, inits, want, ok in (
             ("--init-batches", args.init_batches, ("eva", "corda", "lora_ga"), "a positive count", lambda n: n > 0),
             ("--eva-rho", args.eva_rho, ("eva",), "a number >= 1", lambda r: math.isfinite(r) and r >= 1),
@@ -194,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--loraplus-ratio must be a positive number, got {args.loraplus_ratio}")
     if args.lorafa and args.loraplus_ratio is not None:
         p.error("--lorafa freezes lora_A, whose rate --loraplus-ratio sets: use one or the other")
+    if args.init == "mica" and (args.lorafa or args.loraplus_ratio is not None):
+        p.error(f"--init mica trains lora_A alone; {'--lorafa' if args.lorafa else '--loraplus-ratio'} sets how "
+                "lora_B trains: use one or the other")
     if args.velora_groups is not None:
         if args.velora_groups <= 0:
             p.error(f"--velora-groups must be positive, got {args.velora_groups}")
