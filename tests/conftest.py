@@ -15,7 +15,7 @@ in logits. Load the PyTorch reference with
 `AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager")`.
 
 `nudge_torch(model, seed)` makes a fresh PEFT adapter nonzero (noise on its trainable parameters);
-`peft_grads(model, ids)` reads its gradients in our layout.
+`peft_grads(model, ids)` reads its gradients in our layout, `peft_train(model, opt, ids)` trains it.
 """
 
 from __future__ import annotations
@@ -157,3 +157,20 @@ def peft_grads():
                 out.setdefault(module.replace(".", "/") + "/kernel", {})["lora_" + k.split(".")[0]] = p.grad.numpy().T
         return out
     return grads
+
+
+@pytest.fixture
+def peft_train():
+    """`train(model, opt, ids, steps=3)`: `steps` steps of the torch optimizer `opt` on a PEFT
+    model's next-token loss over `ids`; returns the adapter's state dict (PEFT's keys) as numpy."""
+    def train(model, opt, ids, steps: int = 3):
+        import torch
+        from peft.utils import get_peft_model_state_dict
+
+        x = torch.tensor(ids, dtype=torch.long)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(x, labels=x).loss.backward()
+            opt.step()
+        return {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
+    return train

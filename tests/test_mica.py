@@ -43,13 +43,12 @@ def test_init_matches_peft(name, tiny_gpt2_dir, tiny_bloom_dir):
                                atol=1e-6)
 
 
-def test_training_matches_peft(tiny_bloom_dir, tmp_path):
+def test_training_matches_peft(tiny_bloom_dir, tmp_path, peft_train):
     """Three Adam steps on the same loss from the same start: PEFT (which loads our export's
     init_lora_weights="mica" and freezes lora_B) and lj.mica give the same lora_A, lora_B unmoved;
     the optimizer state holds Adam's moments for lora_A alone; summary counts what PEFT counts."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
-    from peft.utils import get_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     model, params = from_pretrained(tiny_bloom_dir)
@@ -60,12 +59,7 @@ def test_training_matches_peft(tiny_bloom_dir, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tiny_bloom_dir, attn_implementation="eager")
     pm = peft.PeftModel.from_pretrained(hf, str(out), is_trainable=True).eval()
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2, eps=1e-12)
-    ids = torch.tensor(IDS, dtype=torch.long)
-    for _ in range(3):
-        opt.zero_grad()
-        pm(ids, labels=ids).loss.backward()
-        opt.step()
-    theirs = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(pm).items()}
+    theirs = peft_train(pm, opt, IDS)
 
     g = lj.apply(model.apply, config)
     tx = lj.mica(config, optax.adam(1e-2, eps=1e-12))

@@ -461,13 +461,12 @@ def test_orthogonal_init_like_peft(tiny_gpt2_dir, tmp_path):
     assert json.loads((out / lp.CONFIG_FILE).read_text())["init_lora_weights"] is True
 
 
-def test_lorafa_matches_peft(tiny_gpt2_dir, tmp_path, monkeypatch):
+def test_lorafa_matches_peft(tiny_gpt2_dir, tmp_path, monkeypatch, peft_train):
     """LoRA-FA against PEFT's create_lorafa_optimizer: three steps on the same next-token loss give the
     same lora_B, lora_A untouched. (Both in fp32: PEFT's bf16 autocast of the projection is turned
     off; Adam's eps to 1e-12 on both sides, since HF's AdamW adds eps before the bias correction.)"""
     from peft.optimizers import create_lorafa_optimizer
     from peft.optimizers import lorafa as peft_lorafa
-    from peft.utils import get_peft_model_state_dict
 
     monkeypatch.setattr(peft_lorafa, "is_bf16_available", lambda *a, **k: False)
     model, params = from_pretrained(tiny_gpt2_dir)
@@ -479,12 +478,7 @@ def test_lorafa_matches_peft(tiny_gpt2_dir, tmp_path, monkeypatch):
     pm = peft.PeftModel.from_pretrained(hf_model(tiny_gpt2_dir), str(out), is_trainable=True).eval()
     opt = create_lorafa_optimizer(pm, r=4, lora_alpha=8, lr=1e-2)
     opt.param_groups[0]["eps"] = 1e-12
-    ids = torch.tensor(IDS, dtype=torch.long)
-    for _ in range(3):
-        opt.zero_grad()
-        pm(ids, labels=ids).loss.backward()
-        opt.step()
-    theirs = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(pm).items()}
+    theirs = peft_train(pm, opt, IDS)
 
     g = lj.apply(model.apply, config)
     ts = lj.make_train_step(lambda p, a, x: optax.softmax_cross_entropy_with_integer_labels(
