@@ -270,9 +270,8 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         per_out = [k for k, n in ((MAGNITUDE, d_out), (LORA_BIAS, d_out), (KASA_DIAG, r))
                    if k in spec and tuple(spec[k]["shape"]) != (*stack, n)]
         if set(spec) - {"weight"} != set(adapter_keys(config)):
-            mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config "
-                              f"(use_dora={config.use_dora}, lora_bias={config.lora_bias}, use_kasa={config.use_kasa}) "
-                              "needs "
+            mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config (use_dora="
+                              f"{config.use_dora}, lora_bias={config.lora_bias}, use_kasa={config.use_kasa}) needs "
                               f"{list(adapter_keys(config))}")
         elif per_out:
             k = per_out[0]

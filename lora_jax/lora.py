@@ -3,12 +3,11 @@
 Adapters are a flat dict keyed by the targeted leaf's '/'-joined path (what PEFT and orbax
 files hold): `{"transformer/h/0/attn/c_attn/kernel": {"lora_A": [in, r], "lora_B": [r, out]}}`,
 plus `"lora_magnitude_vector": [out]` with DoRA, `"lora_B_bias": [out]` with lora_bias and
-`"lora_diag": [r]` with KaSA (the update is then s * A diag(d) B); an
-embedding table's trained rows (`LoraConfig.trainable_tokens`) are `{table path:
-{"trainable_tokens_delta": [n, D]}}`. A stacked kernel [*S, in, out] (layers under scan) gets
-factors [*S, in, r] / [*S, r, out] (a magnitude [*S, out], a diagonal [*S, r]); a kernel with several input or
-output axes [*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix
-[*S, prod(in), prod(out)].
+`"lora_diag": [r]` with KaSA (the update is then s * A diag(d) B); an embedding table's trained
+rows (`LoraConfig.trainable_tokens`) are `{table path: {"trainable_tokens_delta": [n, D]}}`. A
+stacked kernel [*S, in, out] (layers under scan) gets factors [*S, in, r] / [*S, r, out] (a
+magnitude [*S, out], a diagonal [*S, r]); a kernel with several input or output axes
+[*S, *in, *out] (`LoraConfig.axes_pattern`) those of its matrix [*S, prod(in), prod(out)].
 """
 
 from __future__ import annotations

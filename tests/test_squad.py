@@ -349,7 +349,8 @@ def test_kasa_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
     assert predictions(again) == predictions(out)
 
     assert squad.main(cli_args(tiny_gpt2_dir, data, tmp_path / "gpt2", "--steps", "1", "--kasa", *common)) == 0
-    assert "no PEFT copy: PEFT's KaSA takes nn.Linear layers only" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no PEFT copy: PEFT's KaSA takes nn.Linear layers only" in printed and "| LoRA (KaSA) |" in printed
     assert json.loads((tmp_path / "gpt2" / "summary.json").read_text())["peft_dir"] is None
     assert not (tmp_path / "gpt2" / "peft").exists()
 

@@ -511,7 +511,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
         "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
-        "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa,
+        "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa, "kasa": lora.use_kasa,
         "alora_invocation_tokens": lora.alora_invocation_tokens and list(lora.alora_invocation_tokens),
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
