@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 import lora_jax as lj
@@ -44,9 +44,16 @@ def test_init_apply_merge_unmerge_round_trip(params, data):
     kernels = [p for p in lj.tree.flatten(params) if p.endswith("kernel")]
     chosen = data.draw(st.lists(st.sampled_from(kernels), min_size=1, unique=True))
     max_rank = min(min(lj.tree.flatten(params)[p].shape[-2:]) for p in chosen)
-    config = lj.LoraConfig(rank=data.draw(st.integers(1, max_rank)), alpha=data.draw(st.sampled_from([1.0, 4.0, 16.0])),
-                           targets="|".join(chosen), use_rslora=data.draw(st.booleans()))
-    adapters = lj.init(config, params, jax.random.key(0))
+    kasa = max_rank > 1 and data.draw(st.booleans())  # KaSA keeps at least one singular component: r < min
+    config = lj.LoraConfig(rank=data.draw(st.integers(1, max_rank - kasa)),
+                           alpha=data.draw(st.sampled_from([1.0, 4.0, 16.0])), targets="|".join(chosen),
+                           use_rslora=data.draw(st.booleans()), use_kasa=kasa)
+    event(f"use_kasa={kasa}")
+    if kasa:  # the round trip then runs on the truncated base, with a diagonal between A and B
+        params, adapters = lj.init_kasa(config, params, jax.random.key(0))
+        params = jax.tree.map(np.asarray, params)
+    else:
+        adapters = lj.init(config, params, jax.random.key(0))
     assert sorted(adapters) == sorted(chosen)
     leaves, treedef = jax.tree.flatten(adapters)
     adapters = jax.tree.unflatten(treedef, [x + 0.1 for x in leaves])  # nonzero B
