@@ -2,6 +2,7 @@
 `ArrowConfig` / `create_arrow_model`), with GenKnowSub (Belanec et al. 2025).
 
     router = arrow_router(configs, bank, general_configs, general_bank)   # once, jittable
+    router = load_router(["task_a/", "task_b/", "task_c/"], params, general=["gen/"])  # from files
     g = apply_arrow(model.apply, ArrowConfig(top_k=3))
     logits = jax.jit(g)(params, router, input_ids)
 
@@ -19,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import equinox as eqx
@@ -33,7 +35,7 @@ from . import tree
 from .config import LoraConfig
 from .lazy import FallbackError, StackedFactors, dense, lift
 from .lora import Adapters
-from .multi import check_routable
+from .multi import check_routable, load_bank
 
 PyTree = Any
 ArrayLike = jax.typing.ArrayLike
@@ -124,6 +126,23 @@ def arrow_router(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]
         out[p] = {"lora_A": jnp.moveaxis(a, 0, k), "lora_B": jnp.moveaxis(b, 0, k),
                   PROTOTYPES: jnp.moveaxis(protos, 0, k)}
     return out
+
+
+def load_router(tasks: Sequence[str | os.PathLike], params: PyTree, *,
+                general: Sequence[str | os.PathLike] = (), model_config: Any = None) -> Adapters:
+    """`arrow_router` over adapter directories (PEFT's or lora_jax's, or PEFT hub ids), as PEFT's
+    `create_arrow_model(base, task_specific_adapter_paths, ..., general_adapter_paths)` loads them;
+    GenKnowSub when `general` names any. Fully trained leaves the adapters carry are refused."""
+    bank = load_bank({f"task_{i}": s for i, s in enumerate(tasks)} | {f"gks_{i}": s for i, s in enumerate(general)},
+                     params, model_config=model_config)
+    extras = sorted(n for n, e in bank.extras.items() if e)
+    if extras:
+        raise ValueError(f"load_router: adapters {extras} also train full leaves (biases, modules), which Arrow's "
+                         "routed deltas cannot carry")
+    pick = lambda prefix, d: {n: v for n, v in d.items() if n.startswith(prefix)}  # noqa: E731
+    gks = pick("gks_", bank.configs)
+    return arrow_router(pick("task_", bank.configs), pick("task_", bank.adapters), gks or None,
+                        pick("gks_", bank.adapters) if gks else None)
 
 
 class ArrowArray(StackedFactors):
