@@ -30,6 +30,7 @@ import numpy as np
 
 from . import tree
 from .config import DATA_INITS, LoraConfig
+from .kasa import BASE_WARNING
 from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
                    target_paths, token_rows, trainable_mask)
 
@@ -324,8 +325,7 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
         warnings.warn(f"{directory}: init={config.init!r} adapters act on the residual weights that {made}, not on "
                       "the base itself; save lora_jax.to_plain's result to use them on the base", stacklevel=2)
     if config.use_kasa:
-        warnings.warn(f"{directory}: KaSA adapters act on the truncated base weights: apply them to "
-                      "lora_jax.kasa_base(config, params)", stacklevel=2)
+        warnings.warn(f"{directory}: {BASE_WARNING}", stacklevel=2)
 
     sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
     specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in set(s) - {"weight"}}

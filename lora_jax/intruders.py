@@ -25,6 +25,7 @@ from . import tree
 from .config import LoraConfig
 from .lazy import dense
 from .lora import MAGNITUDE, TOKENS, Adapters, check_adapters
+from .residual import svd_factors
 
 PyTree = Any
 
@@ -41,12 +42,9 @@ def _mitigate(w: jax.Array, a: jax.Array, b: jax.Array, scale: float, *, top_k: 
     intruder = cos < threshold
     part = (u[:, :k] * jnp.where(intruder, s[:k], 0.0)) @ vh[:k]  # [in, out]: the intruders' share of merged
     delta = (merged - (1.0 - keep) * part - w) / scale
-    ud, sd, vhd = jnp.linalg.svd(delta, full_matrices=False)
-    r = a.shape[1]
-    root = jnp.sqrt(sd[:r])
+    new_a, new_b = svd_factors(delta, a.shape[1], 1.0)  # rank r again, sqrt(S) on either side
     any_found = jnp.any(intruder)
-    return (jnp.where(any_found, ud[:, :r] * root, a), jnp.where(any_found, root[:, None] * vhd[:r], b),
-            jnp.sum(intruder))
+    return jnp.where(any_found, new_a, a), jnp.where(any_found, new_b, b), jnp.sum(intruder)
 
 
 def reduce_intruders(config: LoraConfig, params: PyTree, adapters: Adapters, *, top_k: int = 10,

@@ -26,6 +26,9 @@ from .config import LoraConfig
 from .lora import KASA_DIAG, Adapters, init, target_paths
 
 PyTree = Any
+# What loading a KaSA adapter warns (after the source's path): the base it needs is not the stock one.
+BASE_WARNING = ("KaSA adapters act on the truncated base weights: apply them to lora_jax.kasa_base(config, params), "
+                "as PEFT truncates the base when it loads them")
 
 
 def _check(config: LoraConfig, what: str) -> None:

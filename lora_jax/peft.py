@@ -51,6 +51,7 @@ from . import tree
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
 from .config import LoraConfig
+from .kasa import BASE_WARNING
 from .lazy import column_norms, dense
 from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, layer_gate, merge, resolve_tokens,
                    target_paths, token_rows)
@@ -374,6 +375,11 @@ def _token_ids(config: LoraConfig, adapters: Adapters, params: PyTree | None) ->
     return found
 
 
+def kasa_exportable(model_config: BaseConfig) -> bool:
+    """Whether PEFT takes a KaSA adapter on this model: nn.Linear layers only, not GPT-2's Conv1D."""
+    return model_config.hf_transpose_linear
+
+
 def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
                      params: PyTree | None = None, base_model_name_or_path: str | None = None,
                      layers_key: str = LAYERS_KEY, task_type: str | None = None) -> dict[str, Any]:
@@ -420,7 +426,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
     if config.alora_invocation_tokens is not None:  # written only when set: older PEFT versions reject the key
         cfg["alora_invocation_tokens"] = list(config.alora_invocation_tokens)
     if config.use_kasa:  # likewise (PEFT 0.21's KasaConfig)
-        if not model_config.hf_transpose_linear:
+        if not kasa_exportable(model_config):
             raise ValueError("PEFT export: PEFT's KaSA adapts nn.Linear layers only and refuses this model's Conv1D "
                              "ones (fan_in_fan_out, GPT-2); lora_jax's KaSA file would not load there")
         cfg["kasa_config"] = {"beta": _num(config.kasa_beta), "gamma": _num(config.kasa_gamma)}
@@ -828,9 +834,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     for p, f in factors.items():  # the config we built must reproduce PEFT's ranks and scales
         assert config.rank_for(p) == f.rank and math.isclose(config.scale_for(p), f.scale, rel_tol=1e-9), p
     if config.use_kasa:
-        warnings.warn(f"{cfg_path}: KaSA adapters act on the truncated base weights: apply them to "
-                      "lora_jax.kasa_base(config, params), as PEFT truncates the base when it loads them",
-                      stacklevel=2)
+        warnings.warn(f"{cfg_path}: {BASE_WARNING}", stacklevel=2)
     return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
 
 

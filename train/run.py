@@ -7,6 +7,7 @@ import contextlib
 import functools
 import itertools
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -123,7 +124,7 @@ def load_init_adapter(path: str, params, model):
 
     try:
         with warnings.catch_warnings():  # run() puts a KaSA adapter on its truncated base (kasa_base)
-            warnings.filterwarnings("ignore", "KaSA adapters act on the truncated base")
+            warnings.filterwarnings("ignore", ".*" + re.escape(lj.kasa.BASE_WARNING))  # after the adapter's path
             got = peft.load_adapter(path, params, model_config=model.config)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--init-adapter {e}") from None
@@ -147,7 +148,7 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
                             overwrite=True)
     size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     saved = {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir)}
-    if lora.use_kasa and not model.config.hf_transpose_linear:
+    if lora.use_kasa and not peft.kasa_exportable(model.config):
         return saved | {"peft_dir": None, "peft_skipped": "PEFT's KaSA takes nn.Linear layers only, not this "
                         "model's Conv1D (fan_in_fan_out) ones"}
     p_dir = peft.save_peft(out / f"peft{suffix}", lora, adapters, model_config=model.config, params=params,
