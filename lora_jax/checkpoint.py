@@ -31,7 +31,7 @@ import numpy as np
 from . import tree
 from .config import DATA_INITS, LoraConfig
 from .kasa import BASE_WARNING
-from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
+from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
                    target_paths, token_rows, trainable_mask)
 
 PyTree = Any
@@ -268,16 +268,17 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
         got_a, got_b = (tuple(spec.get(k, {}).get("shape", ())) for k in ("lora_A", "lora_B"))
         trained_on = tuple(spec["weight"]) if spec.get("weight") is not None else None
-        per_out = [k for k, n in ((MAGNITUDE, d_out), (LORA_BIAS, d_out), (KASA_DIAG, r))
+        per_out = [k for k, n in ((MAGNITUDE, d_out), (LORA_BIAS, d_out), (KASA_DIAG, r), (ADALORA_E, r))
                    if k in spec and tuple(spec[k]["shape"]) != (*stack, n)]
         if set(spec) - {"weight"} != set(adapter_keys(config)):
             mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config (use_dora="
-                              f"{config.use_dora}, lora_bias={config.lora_bias}, use_kasa={config.use_kasa}) needs "
+                              f"{config.use_dora}, lora_bias={config.lora_bias}, use_kasa={config.use_kasa}, adalora="
+                              f"{config.adalora is not None}) needs "
                               f"{list(adapter_keys(config))}")
         elif per_out:
             k = per_out[0]
             mismatched.append(f"{p!r}: checkpoint {k} {tuple(spec[k]['shape'])}; base parameter "
-                              f"{base} (needs {(*stack, r if k == KASA_DIAG else d_out)})")
+                              f"{base} (needs {(*stack, r if k in (KASA_DIAG, ADALORA_E) else d_out)})")
         elif (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
             mismatched.append(
                 f"{p!r}: checkpoint weight {trained_on}, lora_A {got_a}, lora_B {got_b}; "

@@ -58,6 +58,52 @@ def _as_tokens(value: Any) -> tuple[int, ...] | dict[str, tuple[int, ...]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdaLoraSchedule:
+    """AdaLoRA's rank budget (PEFT's `AdaLoraConfig` fields beyond LoRA's; `LoraConfig.rank` is
+    its `init_r`): `adalora.rank_allocator` prunes singular triplets from the total of rank x
+    (adapted matrices) down to target_r x (adapted matrices).
+
+    Attributes:
+      target_r: the mean rank left per adapted matrix at the end.
+      total_step: the number of training steps (steps count from 0, like `update_and_allocate(i)`).
+      tinit: steps before any pruning (the budget stays at its start while step <= tinit).
+      tfinal: the last steps, on the final budget (from step total_step - tfinal on).
+      deltaT: prune every deltaT steps in between (a cubic schedule from the full budget to the target).
+      beta1 / beta2: EMA rates of the sensitivity |w * g| and of its uncertainty.
+      orth_reg_weight: weight of `adalora.orth_loss`, which keeps A and B near orthogonal.
+    """
+
+    target_r: int = 8
+    total_step: int = 1
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+
+    def __post_init__(self):
+        for name in ("target_r", "total_step", "deltaT"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"AdaLoraSchedule.{name} must be a positive integer, got {v!r}")
+        for name in ("tinit", "tfinal"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"AdaLoraSchedule.{name} must be an integer >= 0, got {v!r}")
+        if self.tinit >= self.total_step - self.tfinal:
+            raise ValueError(f"AdaLoraSchedule: tinit={self.tinit} leaves no pruning phase before step "
+                             f"total_step - tfinal = {self.total_step - self.tfinal} (PEFT refuses this too)")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 1:
+                raise ValueError(f"AdaLoraSchedule.{name} must be in (0, 1), got {v!r}")
+        w = self.orth_reg_weight
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"AdaLoraSchedule.orth_reg_weight must be a number >= 0, got {w!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which leaves get low-rank adapters, and how they are initialised and scaled.
 
@@ -125,6 +171,14 @@ class LoraConfig:
         base). `kasa.kasa_loss` is the paper's regulariser, kasa_beta * sum(d^2) + kasa_gamma *
         (||B B^T - I|| + ||A^T A - I||), to add to the task loss. Linear layers only, with
         `kaiming_uniform` or `gaussian` A; not with DoRA, VeLoRA or aLoRA (nor in PEFT).
+      adalora: AdaLoRA (PEFT's `AdaLoraConfig`, an `AdaLoraSchedule` or its dict): the update is
+        A diag(E) B * alpha / (rank + 1e-5) (alpha 0: rank / (rank + 1e-5)), an SVD-like triplet per
+        rank with the singular values E (`lora_E` [*S, r], 0 at init; A and B ~ N(0, 0.02^2)); train
+        with `adalora.rank_allocator(config, tx)`, which zeroes the E entries of the least important
+        triplets down to the schedule's budget, and add `adalora.orth_loss` to the loss. `rank` is
+        PEFT's init_r. Linear layers only, `kaiming_uniform` init (standing for AdaLoRA's own);
+        not with rank_pattern / alpha_pattern (AdaLoRA sets the ranks), rsLoRA, DoRA, lora_bias,
+        VeLoRA, aLoRA, KaSA or trainable_tokens.
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -157,9 +211,17 @@ class LoraConfig:
     use_kasa: bool = False
     kasa_beta: float = 1e-4
     kasa_gamma: float = 1e-3
+    adalora: AdaLoraSchedule | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
+        if isinstance(self.adalora, Mapping):  # from JSON
+            unknown = sorted(set(self.adalora) - {f.name for f in dataclasses.fields(AdaLoraSchedule)})
+            if unknown:
+                raise ValueError(f"LoraConfig.adalora: unknown field(s) {unknown} of AdaLoraSchedule")
+            set_("adalora", AdaLoraSchedule(**self.adalora))
+        if self.adalora is not None and not isinstance(self.adalora, AdaLoraSchedule):
+            raise ValueError(f"LoraConfig.adalora must be an AdaLoraSchedule (or its dict), got {self.adalora!r}")
         set_("target_parameters", _as_pattern(self.target_parameters, "target_parameters", optional=True))
         if self.target_parameters is not None and (self.targets is None or (
                 isinstance(self.targets, Sequence) and not isinstance(self.targets, str) and not self.targets)):
@@ -238,8 +300,24 @@ class LoraConfig:
             if clash:
                 raise ValueError(f"LoraConfig.init='mica' (MiCA) trains lora_A alone on a fixed B; not with "
                                  f"{' and '.join(clash)} (PEFT refuses the combination or freezes it at zero)")
+        if self.adalora is not None:
+            self._check_adalora()
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
+
+    def _check_adalora(self) -> None:
+        clash = [k for k in ("rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "lora_bias",
+                             "velora_num_groups", "alora_invocation_tokens", "use_kasa", "trainable_tokens")
+                 if getattr(self, k)]
+        if clash:
+            raise ValueError(f"LoraConfig.adalora (AdaLoRA) sets its own ranks and scale; not with "
+                             f"{' and '.join(clash)}")
+        if self.init != "kaiming_uniform":
+            raise ValueError(f"LoraConfig.adalora (AdaLoRA) has its own init (A, B ~ N(0, 0.02^2), E = 0); leave init "
+                             f"at its default, got {self.init!r}")
+        if self.adalora.target_r > self.rank:
+            raise ValueError(f"LoraConfig.adalora.target_r={self.adalora.target_r} exceeds the initial rank "
+                             f"rank={self.rank} (PEFT's init_r) it prunes from")
 
     def _normalise_layers(self) -> None:
         layers, pattern = self.layers_to_transform, self.layers_pattern
@@ -311,9 +389,12 @@ class LoraConfig:
         return (*shape[:s], math.prod(shape[s : s + n_in]), math.prod(shape[s + n_in :]))
 
     def scale_for(self, path: str) -> float:
-        """alpha / r (or alpha / sqrt(r) with rsLoRA) at `path`, after per-path overrides."""
+        """alpha / r (or alpha / sqrt(r) with rsLoRA; AdaLoRA's alpha / (r + 1e-5)) at `path`, after
+        per-path overrides."""
         alpha = next((v for k, v in self.alpha_pattern.items() if tree.matches(k, path)), self.alpha)
         r = self.rank_for(path)
+        if self.adalora is not None:  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r for good
+            return float(alpha if alpha > 0 else r) / (r + 1e-5)
         return float(alpha) / (math.sqrt(r) if self.use_rslora else r)
 
     def to_dict(self) -> dict[str, Any]:

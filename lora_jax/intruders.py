@@ -68,9 +68,10 @@ def reduce_intruders(config: LoraConfig, params: PyTree, adapters: Adapters, *, 
     if config.use_dora:
         raise ValueError("reduce_intruders: DoRA adapters are not supported (their trained magnitude "
                          f"{MAGNITUDE!r} belongs to the directions this would change)")
-    if config.use_kasa:
-        raise ValueError("reduce_intruders: KaSA adapters are not supported (their trained singular values "
-                         "lora_diag belong to the directions this would change)")
+    if config.use_kasa or config.adalora is not None:
+        kind, leaf = ("KaSA", "lora_diag") if config.use_kasa else ("AdaLoRA", "lora_E")
+        raise ValueError(f"reduce_intruders: {kind} adapters are not supported (their trained singular values "
+                         f"{leaf} belong to the directions this would change)")
     if top_k < 1 or not 0.0 <= mitigation_lambda <= 1.0 or threshold_epsilon <= 0.0:
         raise ValueError(f"reduce_intruders: need top_k >= 1, 0 < threshold_epsilon, 0 <= mitigation_lambda <= 1; "
                          f"got top_k={top_k}, threshold_epsilon={threshold_epsilon}, "

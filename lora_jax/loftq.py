@@ -53,6 +53,9 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
                          "(init_residual): use a plain config")
     if config.use_kasa:
         raise ValueError("init_loftq fits NF4 codes of W0 itself; KaSA (use_kasa) truncates W0: use one or the other")
+    if config.adalora is not None:
+        raise ValueError("init_loftq makes plain LoRA factors; AdaLoRA (adalora) has its own init (PEFT refuses "
+                         "LoftQ with AdaLoRA too)")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"init_loftq: iters must be a positive integer, got {iters!r}")
     flat = tree.flatten(params)

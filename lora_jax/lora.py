@@ -34,6 +34,7 @@ MAGNITUDE = "lora_magnitude_vector"  # DoRA's per-output magnitude, PEFT's name
 LORA_BIAS = "lora_B_bias"  # lora_B's bias [*S, out] (lora_bias), PEFT's lora_B.bias
 TOKENS = "trainable_tokens_delta"  # trained embedding rows [n, D] (trainable_tokens), PEFT's name
 KASA_DIAG = "lora_diag"  # KaSA's trained singular values [*S, r] between A and B, PEFT's name
+ADALORA_E = "lora_E"  # AdaLoRA's singular values [*S, r] between A and B (PEFT's lora_E, (r, 1) there)
 
 
 # Where each data-driven init is made.
@@ -48,18 +49,26 @@ def check_not_data_init(config: LoraConfig) -> None:
         raise ValueError(f"init={config.init!r} is computed on data: use lora_jax.{DATA_INIT_CALLS[config.init]}")
 
 
+def diag_key(config: LoraConfig) -> str | None:
+    """The adapter's trained diagonal [*S, r] between A and B: KaSA's `lora_diag`, AdaLoRA's
+    `lora_E`, or None."""
+    return KASA_DIAG if config.use_kasa else ADALORA_E if config.adalora is not None else None
+
+
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
-    when `lora_bias`, KaSA's diagonal when `use_kasa`."""
+    when `lora_bias`, KaSA's or AdaLoRA's diagonal (`diag_key`)."""
+    diag = diag_key(config)
     return ("lora_A", "lora_B", *((MAGNITUDE,) if config.use_dora else ()),
-            *((LORA_BIAS,) if config.lora_bias else ()), *((KASA_DIAG,) if config.use_kasa else ()))
+            *((LORA_BIAS,) if config.lora_bias else ()), *((diag,) if diag else ()))
 
 
 def delta_b(ab: Mapping[str, jax.Array]) -> jax.Array:
-    """The B of the update s * A B: lora_B [*S, r, out], times KaSA's diagonal [*S, r] when the
-    adapter has one (A diag(d) B = A (d B)), so every rule and merge sees a plain factor pair."""
+    """The B of the update s * A B: lora_B [*S, r, out], times KaSA's or AdaLoRA's diagonal [*S, r]
+    when the adapter has one (A diag(d) B = A (d B)), so every rule and merge sees a plain factor pair."""
     b = ab["lora_B"]
-    return b if KASA_DIAG not in ab else (ab[KASA_DIAG][..., :, None] * b).astype(b.dtype)
+    d = next((ab[k] for k in (KASA_DIAG, ADALORA_E) if k in ab), None)
+    return b if d is None else (d[..., :, None] * b).astype(b.dtype)
 
 
 def bias_path(path: str) -> str:
@@ -109,6 +118,8 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"KaSA (use_kasa) truncates the r smallest singular components of linear layers and "
                              f"keeps at least one: {p!r} {tuple(shape)} with rank {r} is "
                              f"{'not a linear layer' if tree.leaf_name(p) not in tree.LINEAR_NAMES else 'too small'}")
+        if config.adalora is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
+            raise ValueError(f"AdaLoRA (adalora) adapts linear layers (PEFT's SVDLinear); {p!r} is not one")
         if config.velora_num_groups is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"VeLoRA (velora_num_groups) adapts linear layers; {p!r} is not one")
         if config.alora_invocation_tokens is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
@@ -118,6 +129,7 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         if config.layers_to_transform is not None and not gates[p].all():
             trains = [n for n, on in (("its DoRA magnitude", config.use_dora), ("lora_B's bias", config.lora_bias),
                                       ("KaSA's diagonal and truncation", config.use_kasa),
+                                      ("AdaLoRA's triplets (and their budget)", config.adalora is not None),
                                       ("its bias (bias='lora_only')", config.bias == "lora_only")) if on]
             if trains:
                 raise ValueError(f"layers_to_transform adapts layers {np.flatnonzero(gates[p]).tolist()} of the "
@@ -219,7 +231,8 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
       dtype: factor dtype (fp32 by default, as PEFT keeps adapters in fp32).
     Returns:
       {path: {"lora_A": [*S, in, r], "lora_B": [*S, r, out]}}; with DoRA also
-      "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too).
+      "lora_magnitude_vector": [*S, out], W0's column norms (so DoRA starts as identity too); with
+      AdaLoRA also "lora_E": [*S, r], zeros (A and B both random).
     """
     check_not_data_init(config)
     if config.changes_base:
@@ -238,7 +251,10 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         r = config.rank_for(p)
         k = jax.random.fold_in(key, i)
         b = jnp.zeros((*stack, r, d_out), dtype)
-        if config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
+        if config.adalora is not None:  # PEFT's AdaLoRA: A, B ~ N(0, 0.02^2); E = 0 below
+            a = 0.02 * jax.random.normal(k, (*stack, d_in, r), dtype)
+            b = 0.02 * jax.random.normal(jax.random.fold_in(k, 1), (*stack, r, d_out), dtype)
+        elif config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
         elif config.init == "gaussian":  # PEFT "gaussian": N(0, 1/r^2)
@@ -255,6 +271,8 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             out[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
         if config.use_dora:
             out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
+        if config.adalora is not None:
+            out[p][ADALORA_E] = jnp.zeros((*stack, r), dtype)
     return out | init_tokens(config, params, dtype=dtype)
 
 
@@ -304,7 +322,8 @@ def _check(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> d
             continue
         if set(ab) != set(keys):
             raise ValueError(f"adapter at {p!r} must hold exactly {', '.join(keys)} (use_dora={config.use_dora}, "
-                             f"lora_bias={config.lora_bias}, use_kasa={config.use_kasa}), got {sorted(ab)}")
+                             f"lora_bias={config.lora_bias}, use_kasa={config.use_kasa}, adalora="
+                             f"{config.adalora is not None}), got {sorted(ab)}")
         if LORA_BIAS in ab and bias_path(p) not in flat:
             raise ValueError(f"adapter at {p!r} has a {LORA_BIAS} but its module has no bias {bias_path(p)!r}")
         w, a, b = flat[p].shape, ab["lora_A"].shape, ab["lora_B"].shape
@@ -312,16 +331,17 @@ def _check(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> d
         r = a[-1] if len(a) >= 2 else None
         m = tuple(ab[MAGNITUDE].shape) if config.use_dora else (*stack, d_out)
         bias = tuple(ab[LORA_BIAS].shape) if config.lora_bias else (*stack, d_out)
-        diag = tuple(ab[KASA_DIAG].shape) if config.use_kasa else (*stack, r)
+        dk = diag_key(config)
+        diag = tuple(ab[dk].shape) if dk else (*stack, r)
         if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out) \
                 or bias != (*stack, d_out) or diag != (*stack, r):
             raise ValueError(
                 f"adapter at {p!r} does not fit the parameter: weight {tuple(w)}, lora_A {tuple(a)}, "
                 f"lora_B {tuple(b)}" + (f", {MAGNITUDE} {m}" if config.use_dora else "") +
                 (f", {LORA_BIAS} {bias}" if config.lora_bias else "") +
-                (f", {KASA_DIAG} {diag}" if config.use_kasa else "") + " (expected [*S, in, r], [*S, r, out]" +
+                (f", {dk} {diag}" if dk else "") + " (expected [*S, in, r], [*S, r, out]" +
                 (" and [*S, out]" if config.use_dora or config.lora_bias else "") +
-                (" and [*S, r]" if config.use_kasa else "") + ")"
+                (" and [*S, r]" if dk else "") + ")"
             )
     return tokens
 

@@ -136,6 +136,10 @@ def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
     if kasa:
         raise ValueError(f"adapters {kasa} are KaSA: they act on a base truncated for their own ranks, which {where} "
                          "over one shared base cannot hold")
+    ada = [n for n, c in configs.items() if c.adalora is not None]
+    if ada:
+        raise ValueError(f"adapters {ada} are AdaLoRA (singular values lora_E between A and B), which {where} does "
+                         "not carry: convert them to plain LoRA with lora_jax.adalora.to_lora first")
 
 
 def check_routable(configs: Mapping[str, LoraConfig], where: str) -> None:

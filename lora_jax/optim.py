@@ -148,9 +148,9 @@ def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float
     """
     if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta >= 0):
         raise ValueError(f"lorafa: delta must be a number >= 0, got {delta!r}")
-    if config.use_kasa:
-        raise ValueError("lorafa projects lora_B's gradient through A alone; a KaSA update A diag(d) B also trains "
-                         "d: not with use_kasa")
+    if config.use_kasa or config.adalora is not None:
+        raise ValueError("lorafa projects lora_B's gradient through A alone; a KaSA or AdaLoRA update A diag(d) B "
+                         "also trains d: not with use_kasa or adalora")
     if config.init == MICA:
         raise ValueError("lorafa trains lora_B alone, MiCA (init='mica') lora_A alone: use one or the other")
 

@@ -33,6 +33,7 @@ to a temporary directory renamed into place.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -50,11 +51,11 @@ import numpy as np
 from . import tree
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
-from .config import LoraConfig
+from .config import AdaLoraSchedule, LoraConfig
 from .kasa import BASE_WARNING
 from .lazy import column_norms, dense
-from .lora import (KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, layer_gate, merge, resolve_tokens,
-                   target_paths, token_rows)
+from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, diag_key, layer_gate,
+                   merge, resolve_tokens, target_paths, token_rows)
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -79,6 +80,8 @@ _UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdl
 HEAD = "lm_head."  # PEFT's name of the (here always tied) LM head, which save_embedding_layers also writes
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+ADALORA = "ADALORA"  # PEFT's peft_type of an AdaLoRA adapter
+_SCHEDULE = tuple(f.name for f in dataclasses.fields(AdaLoraSchedule))  # its AdaLoraConfig fields
 
 
 class PeftAdapter(NamedTuple):
@@ -169,7 +172,7 @@ class _Layer(NamedTuple):
     b: np.ndarray  # [r, out]
     m: np.ndarray | None  # [out], DoRA
     bias: np.ndarray | None  # [out], lora_B's bias (lora_bias)
-    d: np.ndarray | None  # [r], KaSA's diagonal
+    d: np.ndarray | None  # [r], KaSA's or AdaLoRA's diagonal
     rank: int
     alpha: float
 
@@ -200,7 +203,8 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
             return [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)]
         for (q, ai), (_, bi), m, bias, d, kept in zip(_unstack(p, a, layers_key, stacked),
                                                       _unstack(p, b, layers_key, stacked), per_layer(MAGNITUDE),
-                                                      per_layer(LORA_BIAS), per_layer(KASA_DIAG), keep):
+                                                      per_layer(LORA_BIAS), per_layer(diag_key(config) or KASA_DIAG),
+                                                      keep):
             if kept:
                 out.append(_Layer(q, ai, bi, m, bias, d, config.rank_for(p), _alpha(config, p)))
     return out
@@ -299,6 +303,12 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
     state: dict[str, np.ndarray] = {}
     for layer in _per_layer(config, adapters, layers_key):
         module = _module(layer.path)
+        if config.adalora is not None:  # parameters without ".weight"; only the kept triplets (E != 0)
+            keep = layer.d != 0
+            state[f"{PREFIX}{module}.lora_A"] = layer.a.T[keep]  # (k, in)
+            state[f"{PREFIX}{module}.lora_B"] = layer.b.T[:, keep]  # (out, k)
+            state[f"{PREFIX}{module}.{ADALORA_E}"] = layer.d[keep][:, None]  # (k, 1)
+            continue
         # Embedding: lora_embedding_A (r, V), lora_embedding_B (D, r), parameters without ".weight".
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(layer.path) else \
             ("lora_A.weight", "lora_B.weight")
@@ -423,6 +433,10 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "use_dora": config.use_dora,
         "lora_bias": config.lora_bias,
     }
+    if config.adalora is not None:  # PEFT's AdaLoraConfig: init_r and the schedule; r is unused there
+        cfg |= {"peft_type": ADALORA, "r": 8, "init_r": config.rank, "alpha_pattern": {},
+                "rank_pattern": {f"{_module(x.path)}.{ADALORA_E}": (x.d != 0).tolist() for x in layers},
+                **{k: _num(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(config.adalora).items()}}
     if config.alora_invocation_tokens is not None:  # written only when set: older PEFT versions reject the key
         cfg["alora_invocation_tokens"] = list(config.alora_invocation_tokens)
     if config.use_kasa:  # likewise (PEFT 0.21's KasaConfig)
@@ -490,6 +504,7 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weigh
 _MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
 _BIAS_KEY = re.compile(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias")
 _DIAG_KEY = re.compile(r"(?P<module>.+)\.lora_diag(?:\.[^.]+)?")
+_ADALORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[ABE])")  # AdaLoRA: parameters, no ".weight"
 
 
 class _Factors(NamedTuple):
@@ -514,8 +529,12 @@ def _peft_pattern(patterns: Mapping[str, Any], module: str, default: Any) -> Any
 
 
 def _check_supported(path: Path, cfg: Mapping[str, Any]) -> None:
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not LoRA")
+    if cfg.get("peft_type", "LORA") not in ("LORA", ADALORA):
+        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not LoRA (nor AdaLoRA)")
+    if cfg.get("peft_type") == ADALORA:
+        missing = [k for k in ("init_r", "target_r", "total_step") if cfg.get(k) is None]
+        if missing:
+            raise ValueError(f"{path}: an AdaLoRA config needs {missing}")
     if cfg.get("arrow_config"):
         raise ValueError(f"{path}: an Arrow router (arrow_config) holds no adapter of its own: load the task "
                          "adapters it routes over (multi.load_bank) and route them with lora_jax.arrow")
@@ -615,6 +634,48 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         d = _per_output(path, tensors, diags, module, ("kasa_config", kasa), "lora_diag", b.T)
         scale = alpha / (math.sqrt(r) if rslora else r)
         groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias, d)  # [in, r], [r, out], [out], [r]
+    return _stacked(groups, flat, dtype, dora=dora, lora_bias=lora_bias, diag=kasa)
+
+
+def _adalora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, _Factors]:
+    """{our path: its factors} from PEFT AdaLoRA tensors: `<module>.lora_A` (k, in), `.lora_B`
+    (out, k), `.lora_E` (k, 1), the k triplets rank_pattern kept; put back at their places among
+    init_r (the pruned ones zero, which adds nothing), so every module has rank init_r."""
+    r0, alpha = int(cfg["init_r"]), float(cfg["lora_alpha"])
+    scale = (alpha if alpha > 0 else r0) / (r0 + 1e-5)  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r
+    pattern = cfg.get("rank_pattern") or {}
+    groups: dict[str, dict[int | None, _Factors]] = {}
+    for key in tensors:
+        m = _ADALORA_KEY.fullmatch(key.removeprefix(PREFIX))
+        if m is None or m["factor"] != "A":
+            continue
+        module = m["module"]
+        a, b, e = (tensors.get(f"{PREFIX}{module}.{k}") for k in ("lora_A", "lora_B", "lora_E"))
+        if b is None or e is None:
+            raise ValueError(f"{path}: {key} has no matching lora_B / lora_E tensor")
+        k = a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or b.shape[1] != k or tuple(e.shape) != (k, 1):
+            raise ValueError(f"{path}: {module}: lora_A {a.shape}, lora_B {b.shape}, lora_E {e.shape} are not "
+                             "AdaLoRA's (k, in), (out, k), (k, 1)")
+        keep = pattern.get(f"{module}.lora_E")
+        idx = np.arange(k) if keep is None else np.flatnonzero(np.asarray(keep, bool))
+        if len(idx) != k or (keep is not None and len(keep) != r0) or k > r0:
+            raise ValueError(f"{path}: {module} holds {k} triplets; its rank_pattern entry keeps {len(idx)} of "
+                             f"{'?' if keep is None else len(keep)} and init_r is {r0}")
+        A = np.zeros((a.shape[1], r0), np.float32)  # [in, r0]
+        B, E = np.zeros((r0, b.shape[0]), np.float32), np.zeros(r0, np.float32)  # [r0, out], [r0]
+        A[:, idx], B[idx], E[idx] = np.asarray(a, np.float32).T, np.asarray(b, np.float32).T, np.asarray(e)[:, 0]
+        p, layer = _weight_path(module, flat, layers_key)
+        if _is_embedding(p):
+            raise ValueError(f"{path}: {key} is an AdaLoRA tensor, but {p!r} is an embedding table")
+        groups.setdefault(p, {})[layer] = _Factors(A, B, r0, scale, None, None, E)  # [in, r0], [r0, out], [r0]
+    return _stacked(groups, flat, dtype, dora=False, lora_bias=False, diag=True)
+
+
+def _stacked(groups: Mapping[str, Mapping[int | None, _Factors]], flat, dtype, *, dora: bool, lora_bias: bool,
+             diag: bool) -> dict[str, _Factors]:
+    """{our path: factors}: as they are for an unstacked base; per layer into one stack [L, ...] for
+    a scanned one."""
     out = {}
     cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
     for p, layers in groups.items():
@@ -631,10 +692,10 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         # DoRA: a layer PEFT left out keeps W0, so its magnitude is W0's column norms.
         M = np.array(column_norms(flat[p])) if dora else None  # [n, out]
         bias = np.zeros((n, d_out), np.float32) if lora_bias else None
-        D = np.zeros((n, r), np.float32) if kasa else None
+        D = np.zeros((n, r), np.float32) if diag else None
         for i, f in layers.items():
             A[i, :, :f.rank], B[i, :f.rank, :] = f.a, f.b * (f.scale / s)  # layers PEFT left out stay zero
-            if kasa:
+            if diag:
                 D[i, :f.rank] = f.d
             if dora:
                 M[i] = f.m
@@ -793,27 +854,32 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     if velora is not None:  # PEFT's last projection vector per module: recomputed from every batch here
         tensors = {k: v for k, v in tensors.items() if not re.search(r"\.lora_velora_embed(\.[^.]+)?$", k)}
     flat = tree.flatten(params)
-    factors = _lora_factors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
+    ada = cfg.get("peft_type") == ADALORA
+    factors = (_adalora_factors if ada else _lora_factors)(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     if not factors:
         raise ValueError(f"{weights}: no lora_A / lora_B tensors")
-    extras = _extra_leaves(weights, tensors, flat, model_config, layers_key)
+    rest = {k: v for k, v in tensors.items() if not (ada and _ADALORA_KEY.fullmatch(k.removeprefix(PREFIX)))}
+    extras = _extra_leaves(weights, rest, flat, model_config, layers_key)
     tied = [p for p in factors if _is_embedding(p) and (model_config is None or _is_tied_head(p, model_config))]
     if tied and not cfg.get("ensure_weight_tying"):
         warnings.warn(f"{cfg_path}: the LoRA on {tied[0]!r} also acts in the tied LM head under lora_jax, "
                       "as in PEFT's merged model; PEFT's unmerged model (ensure_weight_tying=false) applies it "
                       "to the lookup only, so their logits differ", stacklevel=2)
 
-    rank, alpha, rslora = int(cfg["r"]), float(cfg["lora_alpha"]), bool(cfg.get("use_rslora", False))
+    rank, alpha = int(cfg["init_r" if ada else "r"]), float(cfg["lora_alpha"])
+    rslora = bool(cfg.get("use_rslora", False))
     alpha_of = lambda r, s: s * (math.sqrt(r) if rslora else r)
-    rank_pattern = {re.escape(p.rsplit("/", 1)[0]): f.rank for p, f in factors.items() if f.rank != rank}
-    alpha_pattern = {re.escape(p.rsplit("/", 1)[0]): alpha_of(f.rank, f.scale) for p, f in factors.items()
-                     if not math.isclose(alpha_of(f.rank, f.scale), alpha, rel_tol=1e-12)}
+    # (AdaLoRA: every module at init_r with one scale, so neither pattern.)
+    rank_pattern = {} if ada else {re.escape(p.rsplit("/", 1)[0]): f.rank for p, f in factors.items() if f.rank != rank}
+    alpha_pattern = {} if ada else {re.escape(p.rsplit("/", 1)[0]): alpha_of(f.rank, f.scale)
+                                    for p, f in factors.items()
+                                    if not math.isclose(alpha_of(f.rank, f.scale), alpha, rel_tol=1e-12)}
     init = cfg.get("init_lora_weights", True)
     bias = cfg.get("bias", "none")
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
-              init=init if init in (("gaussian",) if kasa else ("gaussian", "orthogonal", "eva", "mica"))
+              init=init if not ada and init in (("gaussian",) if kasa else ("gaussian", "orthogonal", "eva", "mica"))
               else "kaiming_uniform",
               rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
@@ -821,14 +887,16 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               layers_pattern=cfg.get("layers_pattern") or None,
               alora_invocation_tokens=cfg.get("alora_invocation_tokens"),
               **({} if velora is None else {"velora_num_groups": velora[0], "velora_scale": velora[1]}),
-              **kasa)
+              **kasa, **({"adalora": AdaLoraSchedule(**{k: cfg[k] for k in _SCHEDULE if cfg.get(k) is not None})}
+                         if ada else {}))
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)
     adapters = {p: {"lora_A": jnp.asarray(f.a), "lora_B": jnp.asarray(f.b)}
                 | ({} if f.m is None else {MAGNITUDE: jnp.asarray(f.m)})
                 | ({} if f.bias is None else {LORA_BIAS: jnp.asarray(f.bias)})
-                | ({} if f.d is None else {KASA_DIAG: jnp.asarray(f.d)}) for p, f in factors.items()}
+                | ({} if f.d is None else {ADALORA_E if ada else KASA_DIAG: jnp.asarray(f.d)})
+                for p, f in factors.items()}
     adapters |= {p: {TOKENS: jnp.asarray(rows)} for p, (_, rows) in tokens.items()}
     check_adapters(config, params, adapters)
     for p, f in factors.items():  # the config we built must reproduce PEFT's ranks and scales

@@ -44,11 +44,14 @@ def test_init_apply_merge_unmerge_round_trip(params, data):
     kernels = [p for p in lj.tree.flatten(params) if p.endswith("kernel")]
     chosen = data.draw(st.lists(st.sampled_from(kernels), min_size=1, unique=True))
     max_rank = min(min(lj.tree.flatten(params)[p].shape[-2:]) for p in chosen)
-    kasa = max_rank > 1 and data.draw(st.booleans())  # KaSA keeps at least one singular component: r < min
+    # KaSA keeps at least one singular component: r < min
+    variant = data.draw(st.sampled_from(["plain", "adalora", *(["kasa"] if max_rank > 1 else [])]))
+    kasa, ada = variant == "kasa", variant == "adalora"
     config = lj.LoraConfig(rank=data.draw(st.integers(1, max_rank - kasa)),
                            alpha=data.draw(st.sampled_from([1.0, 4.0, 16.0])), targets="|".join(chosen),
-                           use_rslora=data.draw(st.booleans()), use_kasa=kasa)
-    event(f"use_kasa={kasa}")
+                           use_rslora=not ada and data.draw(st.booleans()), use_kasa=kasa,
+                           adalora={"target_r": 1, "total_step": 2} if ada else None)
+    event(f"variant={variant}")
     if kasa:  # the round trip then runs on the truncated base, with a diagonal between A and B
         params, adapters = lj.init_kasa(config, params, jax.random.key(0))
         params = jax.tree.map(np.asarray, params)

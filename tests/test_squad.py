@@ -269,7 +269,10 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--init", "mica", "--lorafa"], "--init mica trains lora_A alone; --lorafa sets how"),
                        (["--kasa", "--dora", "--init", "pissa"],
                         "--kasa is its own LoRA variant on a truncated base; not with --dora, --init pissa"),
-                       (["--reduce-intruders", "--eval-only"], "--reduce-intruders --eval-only acts on an adapter")]:
+                       (["--reduce-intruders", "--eval-only"], "--reduce-intruders --eval-only acts on an adapter"),
+                       (["--adalora", "3", "--rank", "2"], "--adalora 3: the target rank is between 1 and --rank 2"),
+                       (["--adalora", "2", "--kasa", "--rslora"],
+                        "--adalora has its own init, scale and ranks; not with --kasa, --rslora")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -353,6 +356,32 @@ def test_kasa_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
     assert "no PEFT copy: PEFT's KaSA takes nn.Linear layers only" in printed and "| LoRA (KaSA) |" in printed
     assert json.loads((tmp_path / "gpt2" / "summary.json").read_text())["peft_dir"] is None
     assert not (tmp_path / "gpt2" / "peft").exists()
+
+
+def test_adalora_through_the_cli(tiny_bloom_dir, tmp_path, capsys):
+    """--adalora trains AdaLoRA: its orthogonal regulariser logged per step, the ranks pruned to the
+    target on average by the end (reported), a PEFT AdaLoRA export that, given back with
+    --init-adapter, scores the same predictions."""
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "ada"
+    common = ["--no-base-eval", "--eval-samples", "2", "--lr", "0.05", "--targets", "query_key_value,dense_4h_to_h"]
+    assert squad.main(cli_args(tiny_bloom_dir, data, out, "--steps", "10", "--rank", "4", "--adalora", "2",
+                               *common)) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["regularizer"] > 0 for r in rows)
+    alloc = json.loads((out / "summary.json").read_text())["adalora"]
+    assert (alloc["target_r"], alloc["initial"], alloc["kept"]) == (2, 16, 8)
+    assert "| LoRA (AdaLoRA, 8 of 16 triplets) |" in printed and "AdaLoRA: 8 of 16 triplets kept" in printed
+    cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["init_r"], cfg["target_r"], cfg["total_step"], cfg["tinit"], cfg["tfinal"]) == \
+        ("ADALORA", 4, 2, 10, 1, 2)
+    assert sum(sum(v) for v in cfg["rank_pattern"].values()) == 8
+    again = tmp_path / "again"
+    assert squad.main(cli_args(tiny_bloom_dir, data, again, "--eval-only", "--init-adapter", str(out / "peft"),
+                               *common)) == 0
+    predictions = lambda d: json.loads((d / "predictions_lora.json").read_text())  # noqa: E731
+    assert predictions(again) == predictions(out)
 
 
 def test_mica_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

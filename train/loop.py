@@ -40,11 +40,13 @@ class StepConfig:
 def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, clip: float,
                    loraplus_ratio: float | None = None,
                    lorafa: lj.LoraConfig | None = None,
-                   mica: lj.LoraConfig | None = None) -> optax.GradientTransformation:
+                   mica: lj.LoraConfig | None = None,
+                   adalora: lj.LoraConfig | None = None) -> optax.GradientTransformation:
     """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped;
     with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule); with `lorafa` (the
     LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest);
-    with `mica` (an init="mica" config), MiCA's lora_B frozen outside the clipping too.
+    with `mica` (an init="mica" config), MiCA's lora_B frozen outside the clipping too; with
+    `adalora` (a config with an AdaLoRA schedule), its rank allocation on the raw gradients.
 
     `apply_if_finite` leaves params and state untouched on a non-finite gradient and counts it
     (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
@@ -60,6 +62,8 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
         tx = lj.lorafa(lorafa, tx)
     if mica is not None:
         tx = lj.mica(mica, tx)
+    if adalora is not None:  # outermost: it scores |w * g| on the raw gradients, as PEFT's does
+        tx = lj.adalora.rank_allocator(adalora, tx)
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 

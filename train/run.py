@@ -85,6 +85,26 @@ def load_data(args, tokenizer, log):
 FUSED_QKV = {"gpt2": "c_attn", "bloom": "query_key_value"}
 
 
+def adalora_schedule(args) -> lj.AdaLoraSchedule | None:
+    """--adalora's schedule over the run: pruning from a tenth of the steps on, the final allocation
+    over the last fifth."""
+    if args.adalora is None:
+        return None
+    return lj.AdaLoraSchedule(target_r=args.adalora, total_step=args.steps, tinit=args.steps // 10,
+                              tfinal=args.steps // 5)
+
+
+def adalora_ranks(lora: lj.LoraConfig, adapters) -> dict[str, Any] | None:
+    """AdaLoRA's allocation for the report: {"target_r", "kept" (triplets left of "initial"),
+    "ranks": {adapted path: rank, or one per layer of a stack}}; None for other adapters."""
+    if lora.adalora is None or adapters is None:
+        return None
+    kept = lj.adalora.kept(adapters)
+    return {"target_r": lora.adalora.target_r, "initial": sum(k.size for k in kept.values()),
+            "kept": int(sum(k.sum() for k in kept.values())),
+            "ranks": {p: k.sum(-1).tolist() for p, k in kept.items()}}
+
+
 def lora_config(args, model, tokenizer) -> lj.LoraConfig:
     """The LoRA config from flags; by default the fused QKV of the model's architecture."""
     targets = args.targets or FUSED_QKV.get(model.config.model_type, "c_attn")
@@ -92,7 +112,7 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
                          layers_to_transform=args.layers_to_transform, velora_num_groups=args.velora_groups,
-                         use_kasa=args.kasa,
+                         use_kasa=args.kasa, adalora=adalora_schedule(args),
                          alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
@@ -260,8 +280,11 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                         loraplus_ratio=args.loraplus_ratio if lora is not None else None,
                         lorafa=lora if lora is not None and args.lorafa else None,
-                        mica=lora if lora is not None and lora.init == "mica" else None)
-    regularizer = functools.partial(lj.kasa_loss, lora) if lora is not None and lora.use_kasa else None
+                        mica=lora if lora is not None and lora.init == "mica" else None,
+                        adalora=lora if lora is not None and lora.adalora is not None else None)
+    regularizer = None
+    if lora is not None and (lora.use_kasa or lora.adalora is not None):
+        regularizer = functools.partial(lj.kasa_loss if lora.use_kasa else lj.adalora.orth_loss, lora)
     runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
@@ -459,6 +482,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not finished:
             log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
             return {"stopped": True, "scores": results}
+        if lora.adalora is not None:
+            alloc = adalora_ranks(lora, adapters)
+            log(f"AdaLoRA: {alloc['kept']} of {alloc['initial']} triplets kept (target {lora.adalora.target_r} per "
+                f"matrix); ranks {alloc['ranks']}")
     g = lj.apply(model.apply, lora)
 
     def with_adapters(ab):
@@ -513,6 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
         "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
         "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa, "kasa": lora.use_kasa,
+        "adalora": adalora_ranks(lora, adapters),
         "alora_invocation_tokens": lora.alora_invocation_tokens and list(lora.alora_invocation_tokens),
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,

@@ -100,6 +100,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--kasa", action="store_true",
       help="KaSA (PEFT kasa_config): drop each adapted weight's r smallest singular components and train "
            "s * A diag(d) B, with KaSA's regulariser (beta 1e-4, gamma 1e-3) added to the loss")
+    a("--adalora", type=int, default=None, metavar="TARGET_R",
+      help="AdaLoRA (PEFT AdaLoraConfig): start at --rank triplets per adapted matrix and prune the least important "
+           "(smoothed |w * g|) down to TARGET_R per matrix on average: none pruned in the first tenth of --steps, "
+           "the final allocation held over the last fifth; AdaLoRA's orthogonal regulariser (weight 0.5) added to "
+           "the loss")
     a("--reduce-intruders", type=float, nargs="?", const=0.75, default=None, metavar="LAMBDA",
       help="after training, also damp the adapter's intruder dimensions, keeping LAMBDA of each (PEFT "
            "reduce_intruder_dimension; default 0.75): score that adapter too, save it to adapter_reduced/ and "
@@ -212,6 +217,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  (f"--init {args.init}", args.init not in ("kaiming_uniform", "gaussian"))) if on]
         if clash:
             p.error(f"--kasa is its own LoRA variant on a truncated base; not with {', '.join(clash)}")
+    if args.adalora is not None:
+        if not 0 < args.adalora <= args.rank:
+            p.error(f"--adalora {args.adalora}: the target rank is between 1 and --rank {args.rank}")
+        clash = [f for f, on in (("--dora", args.dora), ("--alora", args.alora), ("--init-adapter", args.init_adapter),
+                                 ("--lorafa", args.lorafa), ("--velora-groups", args.velora_groups is not None),
+                                 ("--kasa", args.kasa), ("--rslora", args.rslora), ("--lora-bias", args.lora_bias),
+                                 ("--loraplus-ratio", args.loraplus_ratio is not None),
+                                 ("--reduce-intruders", args.reduce_intruders is not None),
+                                 (f"--init {args.init}", args.init != "kaiming_uniform")) if on]
+        if clash:
+            p.error(f"--adalora has its own init, scale and ranks; not with {', '.join(clash)}")
     if args.reduce_intruders is not None:
         if not 0 <= args.reduce_intruders <= 1:
             p.error(f"--reduce-intruders keeps a share of each intruder dimension: in [0, 1], got {args.reduce_intruders}")
