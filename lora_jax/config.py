@@ -64,8 +64,8 @@ class AdaLoraSchedule:
     (adapted matrices) down to target_r x (adapted matrices).
 
     Attributes:
-      target_r: the mean rank left per adapted matrix at the end.
       total_step: the number of training steps (steps count from 0, like `update_and_allocate(i)`).
+      target_r: the mean rank left per adapted matrix at the end.
       tinit: steps before any pruning (the budget stays at its start while step <= tinit).
       tfinal: the last steps, on the final budget (from step total_step - tfinal on).
       deltaT: prune every deltaT steps in between (a cubic schedule from the full budget to the target).
@@ -73,8 +73,8 @@ class AdaLoraSchedule:
       orth_reg_weight: weight of `adalora.orth_loss`, which keeps A and B near orthogonal.
     """
 
+    total_step: int  # required, as in PEFT
     target_r: int = 8
-    total_step: int = 1
     tinit: int = 0
     tfinal: int = 0
     deltaT: int = 1
@@ -219,6 +219,9 @@ class LoraConfig:
             unknown = sorted(set(self.adalora) - {f.name for f in dataclasses.fields(AdaLoraSchedule)})
             if unknown:
                 raise ValueError(f"LoraConfig.adalora: unknown field(s) {unknown} of AdaLoraSchedule")
+            if "total_step" not in self.adalora:
+                raise ValueError("LoraConfig.adalora needs total_step, the number of training steps (PEFT's "
+                                 "AdaLoraConfig requires it too)")
             set_("adalora", AdaLoraSchedule(**self.adalora))
         if self.adalora is not None and not isinstance(self.adalora, AdaLoraSchedule):
             raise ValueError(f"LoraConfig.adalora must be an AdaLoraSchedule (or its dict), got {self.adalora!r}")

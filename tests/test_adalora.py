@@ -220,6 +220,8 @@ def test_to_lora_orbax_and_refusals(tiny_bloom_dir, tmp_path):
         lj.LoraConfig(rank=4, adalora={"total_step": 10})
     with pytest.raises(ValueError, match="unknown field"):
         lj.LoraConfig(adalora={"total_steps": 10})
+    with pytest.raises(ValueError, match="needs total_step"):
+        lj.LoraConfig(adalora={"target_r": 2})
     with pytest.raises(ValueError, match="AdaLoRA .* adapts linear layers"):
         lj.init(lj.LoraConfig(rank=4, targets=["word_embeddings"], adalora={"target_r": 2, "total_step": 10}),
                 params, jax.random.key(0))
