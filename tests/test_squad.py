@@ -361,7 +361,8 @@ def test_kasa_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
 def test_adalora_through_the_cli(tiny_bloom_dir, tmp_path, capsys):
     """--adalora trains AdaLoRA: its orthogonal regulariser logged per step, the ranks pruned to the
     target on average by the end (reported), a PEFT AdaLoRA export that, given back with
-    --init-adapter, scores the same predictions."""
+    --init-adapter, scores the same predictions; stopped and resumed, the same export (the
+    allocator's state is in the checkpoints)."""
     data = tiny_squad(tmp_path / "squad.json")
     out = tmp_path / "ada"
     common = ["--no-base-eval", "--eval-samples", "2", "--lr", "0.05", "--targets", "query_key_value,dense_4h_to_h"]
@@ -382,6 +383,12 @@ def test_adalora_through_the_cli(tiny_bloom_dir, tmp_path, capsys):
                                *common)) == 0
     predictions = lambda d: json.loads((d / "predictions_lora.json").read_text())  # noqa: E731
     assert predictions(again) == predictions(out)
+    split = tmp_path / "split"
+    for extra in (["--stop-after", "6"], ["--resume"]):
+        assert squad.main(cli_args(tiny_bloom_dir, data, split, "--steps", "10", "--rank", "4", "--adalora", "2",
+                                   *common, *extra)) == 0
+    weights = lambda d: (d / "peft" / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    assert weights(split) == weights(out)
 
 
 def test_mica_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
