@@ -47,7 +47,7 @@ def _peft_orth(pm, ids):
 def test_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch, peft_grads):
     """A PEFT AdaLoRA adapter (E nonzero, some triplets pruned by its rank_pattern) gives PEFT's
     logits, gradients and orthogonal regulariser, merged too; our export of it loads back into
-    PEFT, pruned triplets dropped, with the same logits."""
+    PEFT, pruned triplets dropped, with the same logits, and so does its plain-LoRA form (to_lora)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
 
@@ -92,6 +92,11 @@ def test_matches_peft_both_ways(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tmp_p
     out = lp.save_peft(tmp_path / "ours", config, got.adapters, model_config=model.config)
     cfg = json.loads((out / lp.CONFIG_FILE).read_text())
     assert (cfg["peft_type"], cfg["init_r"], cfg["target_r"], cfg["rank_pattern"]) == ("ADALORA", 4, 2, pattern)
+    back = peft.PeftModel.from_pretrained(_hf(directory), str(out)).eval()
+    np.testing.assert_allclose(back(torch.tensor(IDS)).logits.detach().numpy(), want, atol=2e-5)
+    plain_cfg, plain = adalora.to_lora(config, got.adapters)  # and as a plain PEFT LoRA file
+    out = lp.save_peft(tmp_path / "plain", plain_cfg, plain, model_config=model.config)
+    assert json.loads((out / lp.CONFIG_FILE).read_text())["peft_type"] == "LORA"
     back = peft.PeftModel.from_pretrained(_hf(directory), str(out)).eval()
     np.testing.assert_allclose(back(torch.tensor(IDS)).logits.detach().numpy(), want, atol=2e-5)
 
