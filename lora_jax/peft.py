@@ -20,7 +20,10 @@ adds `<module>.lora_magnitude_vector` (out,) per adapted module, KaSA (`use_kasa
 `kasa_config`) `<module>.lora_diag` (r,); a KaSA adapter acts on the truncated base
 `kasa.kasa_base` rebuilds from the stock one, as PEFT does on load. Trained embedding rows
 (`trainable_tokens`) are PEFT's `trainable_token_indices`, stored as the rows themselves in
-`<table>.token_adapter.trainable_tokens_delta` (n, D). A `SequenceClassifier`'s adapter is
+`<table>.token_adapter.trainable_tokens_delta` (n, D). An AdaLoRA adapter (peft_type "ADALORA",
+`LoraConfig.adalora`) is `<module>.lora_A` (k, in), `.lora_B` (out, k) and `.lora_E` (k, 1), the
+k triplets its `rank_pattern` (a bool per initial rank) keeps; on import they go back to their
+places among init_r, the pruned ones zero. A `SequenceClassifier`'s adapter is
 PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`). `save_embedding_layers`
 adds the embedding table (`<table>.weight`, or `.base_layer.weight` / `.token_adapter.base_layer.weight`
 where PEFT wraps it), as PEFT does after a vocabulary resize; on import the table is an extra
@@ -826,7 +829,7 @@ def _our_targets(cfg, paths: list[str], params, config_kw, layers_key) -> Any:
 
 def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: BaseConfig | None = None,
               dtype: Any = jnp.float32, layers_key: str = LAYERS_KEY) -> PeftAdapter:
-    """Read a PEFT LoRA adapter directory into our config, adapters and trained leaves.
+    """Read a PEFT LoRA (or AdaLoRA) adapter directory into our config, adapters and trained leaves.
 
     Args:
       directory: holds `adapter_config.json` and `adapter_model.safetensors` (or `.bin`); or a

@@ -213,6 +213,14 @@ def test_to_lora_orbax_and_refusals(tiny_bloom_dir, tmp_path):
     assert back.config == config
     np.testing.assert_array_equal(back.adapters[sorted(adapters)[0]]["lora_E"], e[0])
 
+    out = lp.save_peft(tmp_path / "peft", config, adapters, model_config=model.config)
+    cfg = json.loads((out / lp.CONFIG_FILE).read_text())
+    assert cfg["rank_pattern"] == {f"transformer.h.{i}.self_attention.query_key_value.lora_E": (e[i] != 0).tolist()
+                                   for i in range(2)}
+    np.testing.assert_allclose(g(params, lp.load_peft(out, params).adapters, IDS), want, atol=1e-5)
+    (out / lp.CONFIG_FILE).write_text(json.dumps({k: v for k, v in cfg.items() if k != "init_r"}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: an AdaLoRA config needs \['init_r'\]"):
+        lp.load_peft(out, params)
     with pytest.raises(ValueError, match="AdaLoRA .* convert them to plain LoRA with lora_jax.adalora.to_lora"):
         multi.multi(model.apply, {"x": config})
     with pytest.raises(ValueError, match="reduce_intruders: AdaLoRA adapters are not supported"):
