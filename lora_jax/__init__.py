@@ -6,7 +6,7 @@
     logits = jax.jit(g)(params, adapters, input_ids)
 """
 
-from . import adalora, corda, eva, inputs, kasa, lazy, lora_ga, optim, quant, sharding, tree
+from . import adalora, corda, eva, inputs, kasa, lazy, lora_ga, optim, quant, sharding, tree, velora
 from .config import FLAX_ATTENTION_AXES, AdaLoraSchedule, LoraConfig
 from .lazy import FallbackError, LoraArray
 from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Summary, alora_mask, apply, check_adapters, init,
@@ -28,5 +28,6 @@ __all__ = [
     "init_eva", "init_kasa", "kasa_base", "kasa_loss", "EvaConfig", "reduce_intruders", "init_corda", "init_lora_ga",
     "LoraGAConfig", "to_plain", "split", "join", "labels", "masked_optimizer", "make_train_step", "loraplus", "lorafa",
     "mica", "adalora", "corda", "eva", "inputs", "kasa", "lazy", "lora_ga", "optim", "quant", "sharding", "tree",
+    "velora",
 ]
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from . import tree
+from . import tree, velora
 from .config import DATA_INITS, LoraConfig
 from .kasa import BASE_WARNING
 from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, adapter_keys, check_adapters,
@@ -268,8 +268,9 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         want_a, want_b = (*stack, d_in, r), (*stack, r, d_out)
         got_a, got_b = (tuple(spec.get(k, {}).get("shape", ())) for k in ("lora_A", "lora_B"))
         trained_on = tuple(spec["weight"]) if spec.get("weight") is not None else None
-        per_out = [k for k, n in ((MAGNITUDE, d_out), (LORA_BIAS, d_out), (KASA_DIAG, r), (ADALORA_E, r))
-                   if k in spec and tuple(spec[k]["shape"]) != (*stack, n)]
+        need = {MAGNITUDE: d_out, LORA_BIAS: d_out, KASA_DIAG: r, ADALORA_E: r,
+                velora.EMBED: velora.width(d_in, config.velora_num_groups or 1)}  # [*S, n] each
+        per_out = [k for k, n in need.items() if k in spec and tuple(spec[k]["shape"]) != (*stack, n)]
         if set(spec) - {"weight"} != set(adapter_keys(config)):
             mismatched.append(f"{p!r}: checkpoint holds {sorted(set(spec) - {'weight'})}; the config (use_dora="
                               f"{config.use_dora}, lora_bias={config.lora_bias}, use_kasa={config.use_kasa}, adalora="
@@ -278,7 +279,7 @@ def _check_fits(directory: Path, m: Mapping[str, Any], config: LoraConfig, param
         elif per_out:
             k = per_out[0]
             mismatched.append(f"{p!r}: checkpoint {k} {tuple(spec[k]['shape'])}; base parameter "
-                              f"{base} (needs {(*stack, r if k in (KASA_DIAG, ADALORA_E) else d_out)})")
+                              f"{base} (needs {(*stack, need[k])})")
         elif (trained_on is not None and trained_on != base) or (got_a, got_b) != (want_a, want_b):
             mismatched.append(
                 f"{p!r}: checkpoint weight {trained_on}, lora_A {got_a}, lora_B {got_b}; "

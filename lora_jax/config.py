@@ -19,6 +19,7 @@ KASA_INITS = ("kaiming_uniform", "gaussian")  # B = 0: KaSA's random diagonal th
 MICA = "mica"  # B = W0's minor singular directions, fixed; A = 0 trains (W0 stays as it is)
 INITS = (*PLAIN_INITS, *DATA_INITS, "pissa", "olora", MICA)  # and "pissa_niter_<n>"
 PISSA_NITER = re.compile(r"pissa_niter_(\d+)")  # PiSSA through a randomized SVD with n power iterations
+VELORA_INIT_TYPES = ("batch_average", "random", "batch_average_once")  # PEFT's VeloraConfig.init_type
 ALL_LINEAR = "all-linear"  # PEFT's shorthand target: every linear layer except the output head
 BIASES = ("none", "all", "lora_only")
 Pattern = str | tuple[str, ...]
@@ -164,6 +165,10 @@ class LoraConfig:
         the input from it (times `velora_scale`) for lora_A's gradient, which becomes an
         approximation; outputs and the other gradients are exact. Linear layers only, through
         `apply`; `multi`'s mixed batches run such adapters as the plain LoRA they are at inference.
+      velora_init_type: PEFT's VeloraConfig.init_type: "batch_average" (the mean direction of each
+        batch, recomputed every step), or a fixed direction per matrix held in the adapter leaf
+        `lora_velora_embed` [ceil(in/G)]: "random" (drawn by `init`) or "batch_average_once"
+        (the first training batch's, `velora.init_once`; until then each batch's).
       use_kasa / kasa_beta / kasa_gamma: KaSA (PEFT's `kasa_config`, Knowledge-aware Singular-value
         Adaptation): each adapted W0 loses its r smallest singular components (`kasa.init_kasa`,
         which returns the truncated base) and the update is s * A diag(d) B with a trained
@@ -208,6 +213,7 @@ class LoraConfig:
     alora_invocation_tokens: Sequence[int] | None = None
     velora_num_groups: int | None = None
     velora_scale: float = 1.0
+    velora_init_type: str = "batch_average"
     use_kasa: bool = False
     kasa_beta: float = 1e-4
     kasa_gamma: float = 1e-3
@@ -271,6 +277,12 @@ class LoraConfig:
             if clash:
                 raise ValueError(f"LoraConfig.velora_num_groups (VeLoRA) changes plain LoRA's backward pass; not "
                                  f"with {' and '.join(clash)}")
+        if self.velora_init_type not in VELORA_INIT_TYPES:
+            raise ValueError(f"LoraConfig.velora_init_type: unknown {self.velora_init_type!r}; expected one of "
+                             f"{VELORA_INIT_TYPES}")
+        if self.velora_init_type != "batch_average" and self.velora_num_groups is None:
+            raise ValueError(f"LoraConfig.velora_init_type={self.velora_init_type!r} is VeLoRA's: set "
+                             "velora_num_groups too")
         sc = self.velora_scale
         if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not (math.isfinite(sc) and sc > 0):
             raise ValueError(f"LoraConfig.velora_scale must be a positive number, got {sc!r}")

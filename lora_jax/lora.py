@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import quax
 
-from . import tree
+from . import tree, velora
 from .config import ALL_LINEAR, DATA_INITS, MICA, LoraConfig
 from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
 
@@ -55,12 +55,18 @@ def diag_key(config: LoraConfig) -> str | None:
     return KASA_DIAG if config.use_kasa else ADALORA_E if config.adalora is not None else None
 
 
+def velora_fixed(config: LoraConfig) -> bool:
+    """Whether each adapter holds VeLoRA's fixed projection (init_type "random" / "batch_average_once")."""
+    return config.velora_num_groups is not None and config.velora_init_type in velora.FIXED
+
+
 def adapter_keys(config: LoraConfig) -> tuple[str, ...]:
     """The leaves of each adapter: lora_A, lora_B, DoRA's magnitude when `use_dora`, lora_B's bias
-    when `lora_bias`, KaSA's or AdaLoRA's diagonal (`diag_key`)."""
+    when `lora_bias`, KaSA's or AdaLoRA's diagonal (`diag_key`), VeLoRA's fixed projection."""
     diag = diag_key(config)
     return ("lora_A", "lora_B", *((MAGNITUDE,) if config.use_dora else ()),
-            *((LORA_BIAS,) if config.lora_bias else ()), *((diag,) if diag else ()))
+            *((LORA_BIAS,) if config.lora_bias else ()), *((diag,) if diag else ()),
+            *((velora.EMBED,) if velora_fixed(config) else ()))
 
 
 def delta_b(ab: Mapping[str, jax.Array]) -> jax.Array:
@@ -273,6 +279,10 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             out[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(view)).astype(dtype)  # [*S, out]
         if config.adalora is not None:
             out[p][ADALORA_E] = jnp.zeros((*stack, r), dtype)
+        if velora_fixed(config):  # PEFT: a random unit vector, or zeros until the first batch sets it
+            shape = (*stack, velora.width(d_in, config.velora_num_groups))
+            out[p][velora.EMBED] = (velora.unit(jax.random.normal(jax.random.fold_in(k, 2), shape)).astype(dtype)
+                                    if config.velora_init_type == "random" else jnp.zeros(shape, dtype))
     return out | init_tokens(config, params, dtype=dtype)
 
 
@@ -333,6 +343,11 @@ def _check(config: LoraConfig, params: PyTree, adapters: Mapping[str, Any]) -> d
         bias = tuple(ab[LORA_BIAS].shape) if config.lora_bias else (*stack, d_out)
         dk = diag_key(config)
         diag = tuple(ab[dk].shape) if dk else (*stack, r)
+        if velora_fixed(config) and len(w) >= 2:
+            want = (*stack, velora.width(d_in, config.velora_num_groups))
+            if tuple(ab[velora.EMBED].shape) != want:
+                raise ValueError(f"adapter at {p!r} has {velora.EMBED} {tuple(ab[velora.EMBED].shape)}; VeLoRA's "
+                                 f"{config.velora_num_groups} groups of its {d_in} inputs need {want}")
         if len(w) < 2 or tuple(a) != (*stack, d_in, r) or tuple(b) != (*stack, r, d_out) or m != (*stack, d_out) \
                 or bias != (*stack, d_out) or diag != (*stack, r):
             raise ValueError(
@@ -386,6 +401,7 @@ def _lora_arrays(config, params, adapters, rng, strict, tokens, mask=None) -> Py
             m=ab.get(MAGNITUDE), mask=None if mask is None else jnp.broadcast_to(mask, (*stack, *mask.shape)),
             scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
             velora=None if config.velora_num_groups is None else (config.velora_num_groups, float(config.velora_scale)),
+            velora_v=None if velora.EMBED not in ab else jax.lax.stop_gradient(ab[velora.EMBED]),
         ))
     return tree.map_with_path(swap, params)
 
@@ -572,6 +588,8 @@ def summary(config: LoraConfig, params: PyTree, adapters: Adapters) -> Summary:
         if config.init == MICA and "lora_B" in ab:
             fixed = n * ab["lora_B"].size // tree.count(ab)
             n, n_fixed = n - fixed, n_fixed + fixed
+        if velora.EMBED in ab:  # a buffer in PEFT: counted in neither
+            n -= ab[velora.EMBED].size
         per[name] = per.get(name, 0) + n
         n_adapters += n
     n_extra = tree.count(extras)

@@ -51,14 +51,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import tree
+from . import tree, velora
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
-from .config import AdaLoraSchedule, LoraConfig
+from .config import VELORA_INIT_TYPES, AdaLoraSchedule, LoraConfig
 from .kasa import BASE_WARNING
 from .lazy import column_norms, dense
 from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, diag_key, layer_gate,
-                   merge, resolve_tokens, target_paths, token_rows)
+                   merge, resolve_tokens, target_paths, token_rows, velora_fixed)
 from .models.common import SCORE, BaseConfig, CausalLM
 from .models.hf import (
     hf_key_to_path,
@@ -178,6 +178,7 @@ class _Layer(NamedTuple):
     d: np.ndarray | None  # [r], KaSA's or AdaLoRA's diagonal
     rank: int
     alpha: float
+    v: np.ndarray | None = None  # [ceil(in/G)], VeLoRA's fixed projection
 
 
 def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str) -> list[_Layer]:
@@ -209,7 +210,8 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
                                                       per_layer(LORA_BIAS), per_layer(diag_key(config) or KASA_DIAG),
                                                       keep):
             if kept:
-                out.append(_Layer(q, ai, bi, m, bias, d, config.rank_for(p), _alpha(config, p)))
+                out.append(_Layer(q, ai, bi, m, bias, d, config.rank_for(p), _alpha(config, p),
+                                  np.asarray(adapters[p][velora.EMBED]) if velora.EMBED in adapters[p] else None))
     return out
 
 
@@ -323,9 +325,10 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
             state[f"{PREFIX}{module}.lora_B.bias"] = layer.bias  # (out,), scaled by s where PEFT adds it
         if layer.d is not None:
             state[f"{PREFIX}{module}.{KASA_DIAG}"] = layer.d  # (r,)
-        if config.velora_num_groups is not None:  # PEFT's projection buffer, as it starts: batch_average
-            width = -(-layer.a.shape[0] // config.velora_num_groups)  # recomputes it at every training step
-            state[f"{PREFIX}{module}.lora_velora_embed"] = np.zeros((width,), np.float32)
+        if config.velora_num_groups is not None:  # PEFT's projection buffer: ours when fixed, else zeros as
+            v = layer.v if layer.v is not None else np.zeros(  # batch_average starts it (it recomputes it)
+                velora.width(layer.a.shape[0], config.velora_num_groups), np.float32)
+            state[f"{PREFIX}{module}.{velora.EMBED}"] = v
     for p, ab in adapters.items():
         if TOKENS in ab:
             state[f"{PREFIX}{_module(p)}.{TOKEN_KEY}"] = np.asarray(jax.device_get(ab[TOKENS]))  # (n, D)
@@ -449,7 +452,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         cfg["kasa_config"] = {"beta": _num(config.kasa_beta), "gamma": _num(config.kasa_gamma)}
     if config.velora_num_groups is not None:  # likewise (PEFT 0.21's VeloraConfig)
         cfg["velora_config"] = {"num_groups": config.velora_num_groups, "scale": _num(config.velora_scale),
-                                "init_type": "batch_average"}
+                                "init_type": config.velora_init_type}
     tokens = _token_ids(config, adapters, params)
     if tokens:
         # A list means the model's input embedding to PEFT (whose tied LM head follows it, as here).
@@ -507,6 +510,7 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?:(?P<ab>[AB])(?:\.[^.]+)?\.weigh
 _MAGNITUDE_KEY = re.compile(r"(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?")
 _BIAS_KEY = re.compile(r"(?P<module>.+)\.lora_B(?:\.[^.]+)?\.bias")
 _DIAG_KEY = re.compile(r"(?P<module>.+)\.lora_diag(?:\.[^.]+)?")
+_EMBED_KEY = re.compile(r"(?P<module>.+)\.lora_velora_embed(?:\.[^.]+)?")  # VeLoRA's projection (in/G,)
 _ADALORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<factor>[ABE])")  # AdaLoRA: parameters, no ".weight"
 
 
@@ -550,17 +554,17 @@ def _check_supported(path: Path, cfg: Mapping[str, Any]) -> None:
                          "to plain LoRA with PEFT first")
 
 
-def _velora(path: Path, cfg: Mapping[str, Any]) -> tuple[int, float] | None:
-    """(num_groups, scale) of a VeLoRA adapter's `velora_config`, or None."""
+def _velora(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Our VeLoRA fields from PEFT's `velora_config` ({} without one)."""
     v = cfg.get("velora_config")
     if v is None:
-        return None
+        return {}
     if not isinstance(v, Mapping) or "num_groups" not in v:
         raise ValueError(f"{path}: velora_config {v!r} is not PEFT's VeloraConfig (num_groups, scale, init_type)")
-    if v.get("init_type", "batch_average") != "batch_average":
-        raise ValueError(f"{path}: velora_config init_type={v['init_type']!r}: lora_jax computes VeLoRA's projection "
-                         "from each batch (init_type='batch_average') and keeps no projection state")
-    return v["num_groups"], v.get("scale", 1.0)
+    init_type = v.get("init_type", "batch_average")
+    if init_type not in VELORA_INIT_TYPES:
+        raise ValueError(f"{path}: velora_config init_type={init_type!r} is none of PEFT's {VELORA_INIT_TYPES}")
+    return {"velora_num_groups": v["num_groups"], "velora_scale": v.get("scale", 1.0), "velora_init_type": init_type}
 
 
 def _kasa(path: Path, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -853,9 +857,10 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     if not weights.is_file() and (directory / BIN_FILE).is_file():
         weights = directory / BIN_FILE  # an old PEFT save: torch pickle, read with weights_only=True
     tensors = _without_head_copies(weights, read_tensors(weights))
-    velora = _velora(cfg_path, cfg)
-    if velora is not None:  # PEFT's last projection vector per module: recomputed from every batch here
-        tensors = {k: v for k, v in tensors.items() if not re.search(r"\.lora_velora_embed(\.[^.]+)?$", k)}
+    velora_kw = _velora(cfg_path, cfg)
+    # PEFT's projection buffer per module: kept for a fixed init_type, else recomputed from every batch here
+    embeds = {m["module"]: v for k, v in tensors.items() if (m := _EMBED_KEY.fullmatch(k.removeprefix(PREFIX)))}
+    tensors = {k: v for k, v in tensors.items() if not _EMBED_KEY.fullmatch(k.removeprefix(PREFIX))}
     flat = tree.flatten(params)
     ada = cfg.get("peft_type") == ADALORA
     factors = (_adalora_factors if ada else _lora_factors)(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
@@ -889,7 +894,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               layers_to_transform=cfg.get("layers_to_transform"),
               layers_pattern=cfg.get("layers_pattern") or None,
               alora_invocation_tokens=cfg.get("alora_invocation_tokens"),
-              **({} if velora is None else {"velora_num_groups": velora[0], "velora_scale": velora[1]}),
+              **velora_kw,
               **kasa, **({"adalora": AdaLoraSchedule(**{k: cfg[k] for k in _SCHEDULE if cfg.get(k) is not None})}
                          if ada else {}))
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
@@ -901,6 +906,14 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
                 | ({} if f.d is None else {ADALORA_E if ada else KASA_DIAG: jnp.asarray(f.d)})
                 for p, f in factors.items()}
     adapters |= {p: {TOKENS: jnp.asarray(rows)} for p, (_, rows) in tokens.items()}
+    if velora_fixed(config):
+        for p in factors:
+            key = _module(p) if _stack_dim(p, layers_key) is None else None
+            if key not in embeds:
+                raise ValueError(f"{weights}: VeLoRA's {config.velora_init_type} projection for {p!r} is "
+                                 + ("missing (lora_velora_embed)" if key else "per layer; VeLoRA takes unstacked "
+                                    "params (scan_layers=False)"))
+            adapters[p][velora.EMBED] = jnp.asarray(embeds[key], dtype)
     check_adapters(config, params, adapters)
     for p, f in factors.items():  # the config we built must reproduce PEFT's ranks and scales
         assert config.rank_for(p) == f.rank and math.isclose(config.scale_for(p), f.scale, rel_tol=1e-9), p

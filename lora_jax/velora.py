@@ -8,6 +8,12 @@ of all the batch's sub-tokens (PEFT's default `init_type="batch_average"`, recom
 step). The backward pass rebuilds x ~ (x . v) v * scale and takes A's gradient from it; x's own
 gradient (g A^T) and everything in the forward pass are exact. So A's gradient is approximate,
 and each adapted matrix keeps [N, G] numbers instead of [N, in] for its backward pass.
+
+PEFT's other `init_type`s fix v instead: "random" (a random unit vector drawn at init) and
+"batch_average_once" (the first training batch's mean, `init_once`). That v is the adapter leaf
+`lora_velora_embed` [ceil(in/G)]; it gets a zero gradient and is used normalised, so an optimizer
+that sees it (weight decay included) never turns it. A v still all zero (a "batch_average_once"
+adapter before `init_once`) acts as "batch_average".
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 def _grouped(x: jax.Array, groups: int) -> jax.Array:
@@ -58,3 +65,78 @@ def _bwd(groups, scale, res, g):
 
 
 velora_matmul.defvjp(_fwd, _bwd)
+
+EMBED = "lora_velora_embed"  # the fixed projection [*S, ceil(in/G)] of init_type random / batch_average_once
+FIXED = ("random", "batch_average_once")  # PEFT's init_types that keep v fixed (the default recomputes it)
+
+
+def width(d_in: int, groups: int) -> int:
+    """The sub-token width ceil(in/G), v's length."""
+    return -(-d_in // groups)
+
+
+def unit(v: jax.Array) -> jax.Array:
+    """v / ||v|| in fp32; all ones (normalised) for a zero v, as PEFT's `_normalize_projection`."""
+    v = v.astype(jnp.float32)
+    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+    safe = jnp.where(norm > 0, v, jnp.ones_like(v))
+    return safe / jnp.linalg.norm(safe, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def velora_matmul_fixed(x: jax.Array, a: jax.Array, v: jax.Array, groups: int, scale: float) -> jax.Array:
+    """x [..., in] @ a [in, r] with VeLoRA's compressed backward along the fixed projection v
+    [ceil(in/G)] (zero: the batch's mean, as `velora_matmul`); v's gradient is zero."""
+    return x @ a
+
+
+def _fwd_fixed(x, a, v, groups, scale):
+    grouped = _grouped(x, groups)  # [N, G, ceil(in/G)]
+    fixed = jnp.linalg.norm(v.astype(jnp.float32)) > 0
+    proj = jnp.where(fixed, unit(lax.stop_gradient(v)), _projection(lax.stop_gradient(grouped)))
+    compressed = jnp.einsum("ngd,d->ng", grouped, proj.astype(x.dtype))  # [N, G]
+    return x @ a, (compressed, proj, a, jnp.zeros_like(v))
+
+
+def _bwd_fixed(groups, scale, res, g):
+    compressed, proj, a, zero_v = res
+    gx, ga = _bwd(groups, scale, (compressed, proj, a), g)
+    return gx, ga, zero_v
+
+
+velora_matmul_fixed.defvjp(_fwd_fixed, _bwd_fixed)
+
+
+def init_once(config, params, f, batch, adapters):
+    """PEFT's init_type="batch_average_once": each adapted matrix's fixed projection from one batch,
+    the first training batch (PEFT sets it in the first training forward pass): the unit mean of
+    that batch's sub-tokens of the matrix's input.
+
+    Args:
+      config: a LoraConfig with velora_init_type="batch_average_once".
+      params, f, batch: `f(params, batch)` runs the model (as for `inputs.layer_inputs`).
+      adapters: `init`'s (or a loaded) adapters, whose `lora_velora_embed` this replaces.
+    Returns:
+      the adapters with every `lora_velora_embed` set.
+    """
+    import numpy as np
+
+    from .inputs import layer_inputs  # (inputs builds on lazy, which builds on this module)
+
+    if config.velora_num_groups is None or config.velora_init_type != "batch_average_once":
+        raise ValueError(f"init_once sets VeLoRA's batch_average_once projection; this config has velora_init_type="
+                         f"{config.velora_init_type!r} (velora_num_groups={config.velora_num_groups})")
+    moments = layer_inputs(config, params, f, [batch])
+    groups, out = config.velora_num_groups, dict(adapters)
+    for p, ab in adapters.items():
+        if EMBED not in ab:
+            continue
+        if ab[EMBED].ndim != 1 or (p, 0) not in moments:
+            raise ValueError(f"init_once: {p!r} is " + ("a stack of matrices, which VeLoRA does not take"
+                             if ab[EMBED].ndim != 1 else "not used as x @ W in f(params, batch)"))
+        m = moments[(p, 0)]
+        mean = m.total / max(m.count, 1.0)  # [in]: the rows' mean, so the sub-tokens' mean below
+        w = width(mean.shape[0], groups)
+        sub = np.pad(mean, (0, groups * w - mean.shape[0])).reshape(groups, w).mean(0)  # [ceil(in/G)]
+        out[p] = {**ab, EMBED: unit(jnp.asarray(sub, jnp.float32)).astype(ab[EMBED].dtype)}
+    return out

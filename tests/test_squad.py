@@ -262,6 +262,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--lorafa", "--loraplus-ratio", "4"], "--lorafa freezes lora_A, whose rate --loraplus"),
                        (["--alora", "--init-adapter", "x"], "--alora makes a fresh aLoRA config"),
                        (["--velora-groups", "0"], "--velora-groups must be positive, got 0"),
+                       (["--velora-init", "random"], "--velora-init random chooses VeLoRA's projection: pass "
+                                                     "--velora-groups with it"),
                        (["--velora-groups", "8", "--dora"], "--velora-groups changes lora_A's gradient; not with --dora"),
                        (["--reduce-intruders", "1.5"], "--reduce-intruders keeps a share of each intruder "
                                                        "dimension: in [0, 1], got 1.5"),
@@ -317,19 +319,32 @@ def test_reduce_intruders_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
 def test_velora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     """--velora-groups trains with VeLoRA: lora_A then moves differently from a plain run's (its first
     gradients are zero either way, lora_B starting at 0 and the warmup's first rate being 0) and the
-    PEFT export carries velora_config."""
+    PEFT export carries velora_config; --velora-init batch_average_once fixes each projection from
+    the first training batch (a unit vector, in both files), and lora_A moves differently again."""
     data = tiny_squad(tmp_path / "squad.json")
     runs = {}
-    for name, extra in (("plain", []), ("velora", ["--velora-groups", "4"])):
+    for name, extra in (("plain", []), ("velora", ["--velora-groups", "4"]),
+                        ("once", ["--velora-groups", "4", "--velora-init", "batch_average_once"])):
         assert squad.main(cli_args(tiny_gpt2_dir, data, tmp_path / name, "--steps", "3", "--no-base-eval",
                                    "--eval-samples", "1", *extra)) == 0
         runs[name] = checkpoint.load(tmp_path / name / "adapter", from_pretrained(tiny_gpt2_dir)[1])
-    capsys.readouterr()
+    assert "VeLoRA: each adapted matrix's projection fixed from the first training batch" in capsys.readouterr().out
     assert runs["velora"].config.velora_num_groups == 4
     for p, ab in runs["plain"].adapters.items():
-        assert np.abs(np.asarray(runs["velora"].adapters[p]["lora_A"]) - np.asarray(ab["lora_A"])).max() > 1e-6
+        for other in ("velora", "once"):
+            assert np.abs(np.asarray(runs[other].adapters[p]["lora_A"]) - np.asarray(ab["lora_A"])).max() > 1e-6
+        assert np.abs(np.asarray(runs["once"].adapters[p]["lora_A"])
+                      - np.asarray(runs["velora"].adapters[p]["lora_A"])).max() > 1e-7
     cfg = json.loads((tmp_path / "velora" / "peft" / "adapter_config.json").read_text())
     assert cfg["velora_config"] == {"num_groups": 4, "scale": 1, "init_type": "batch_average"}
+    cfg = json.loads((tmp_path / "once" / "peft" / "adapter_config.json").read_text())
+    assert cfg["velora_config"]["init_type"] == "batch_average_once"
+    tensors = lp.read_tensors(tmp_path / "once" / "peft" / lp.WEIGHTS_FILE)
+    for p, ab in runs["once"].adapters.items():
+        v = np.asarray(ab[lj.velora.EMBED])
+        assert abs(np.linalg.norm(v) - 1) < 1e-5
+        np.testing.assert_array_equal(tensors[f"base_model.model.{p.removesuffix('/kernel').replace('/', '.')}"
+                                             ".lora_velora_embed"], v)
 
 
 def test_kasa_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):

@@ -112,6 +112,7 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
     return lj.LoraConfig(rank=args.rank, alpha=args.alpha, targets=targets, dropout=args.dropout,
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
                          layers_to_transform=args.layers_to_transform, velora_num_groups=args.velora_groups,
+                         velora_init_type=args.velora_init,
                          use_kasa=args.kasa, adalora=adalora_schedule(args),
                          alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
@@ -255,6 +256,17 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     if lora is not None:
         if adapters is None:
             adapters = lj.init(lora, params, jax.random.fold_in(key, 1))
+        if lora.velora_num_groups is not None and lora.velora_init_type == "batch_average_once" and not any(
+                np.asarray(ab[lj.velora.EMBED]).any() for ab in adapters.values() if lj.velora.EMBED in ab):
+            # PEFT takes the projection from the first training batch: the one the stream below starts with
+            # (a resumed run restores the one it took)
+            first = next(data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
+                                            buckets=data.bucket_lengths(args.max_len),
+                                            pad_id=data.pad_id_of(tokenizer), seed=args.seed))[1]
+            adapters = lj.velora.init_once(lora, params, lambda p, b: model.apply(p, b["input_ids"],
+                                                                                   b["attention_mask"]),
+                                           first, adapters)
+            log("VeLoRA: each adapted matrix's projection fixed from the first training batch")
         trainable, frozen = lj.split(lora, params, adapters)
         g = lj.apply(model.apply, lora)
 

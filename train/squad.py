@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--velora-groups", type=int, default=None, metavar="G",
       help="VeLoRA (PEFT velora_config): the backward pass keeps each adapted layer's input as G numbers per "
            "token (PEFT's default 64), from which lora_A's gradient is approximated")
+    a("--velora-init", choices=("batch_average", "random", "batch_average_once"), default="batch_average",
+      help="VeLoRA's projection (PEFT velora_config init_type): each batch's mean direction, a random one fixed "
+           "at init, or the first training batch's, fixed")
     a("--kasa", action="store_true",
       help="KaSA (PEFT kasa_config): drop each adapted weight's r smallest singular components and train "
            "s * A diag(d) B, with KaSA's regulariser (beta 1e-4, gamma 1e-3) added to the loss")
@@ -203,6 +206,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.init == "mica" and (args.lorafa or args.loraplus_ratio is not None):
         p.error(f"--init mica trains lora_A alone; {'--lorafa' if args.lorafa else '--loraplus-ratio'} sets how "
                 "lora_B trains: use one or the other")
+    if args.velora_init != "batch_average" and args.velora_groups is None:
+        p.error(f"--velora-init {args.velora_init} chooses VeLoRA's projection: pass --velora-groups with it")
     if args.velora_groups is not None:
         if args.velora_groups <= 0:
             p.error(f"--velora-groups must be positive, got {args.velora_groups}")
