@@ -146,7 +146,8 @@ def test_rank_allocation_matches_peft(tiny_gpt2_dir, tmp_path):
     ours = []
     for _ in range(10):
         adapters, state = step(adapters, state)
-        ours.append({p.removesuffix("/kernel").replace("/", "."): int(k.sum()) for p, k in adalora.kept(adapters).items()})
+        ours.append({p.removesuffix("/kernel").replace("/", "."): int(k.sum())
+                     for p, k in adalora.kept(adapters).items()})
     assert ours == theirs
     total = [sum(t.values()) for t in theirs]
     assert total[2] == 16 and total[4] < total[3] < 16 and total[-1] == 2 * 4 and len(set(theirs[-1].values())) > 1
@@ -171,7 +172,8 @@ def test_budget_schedule_matches_peft():
 
     from peft.tuners.adalora.layer import RankAllocator
 
-    for kw in ({"tinit": 2, "tfinal": 3}, {"tinit": 0, "tfinal": 0, "deltaT": 3}, {"tinit": 5, "tfinal": 20, "deltaT": 2}):
+    for kw in ({"tinit": 2, "tfinal": 3}, {"tinit": 0, "tfinal": 0, "deltaT": 3},
+               {"tinit": 5, "tfinal": 20, "deltaT": 2}):
         s = lj.AdaLoraSchedule(target_r=3, total_step=40, **kw)
         theirs = SimpleNamespace(peft_config=SimpleNamespace(**dataclasses.asdict(s)), init_bgt=96, target_bgt=36)
         assert [adalora.budget(s, i, 96, 36) for i in range(45)] == \
