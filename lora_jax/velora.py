@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import functools
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 
@@ -33,13 +37,18 @@ def _grouped(x: jax.Array, groups: int) -> jax.Array:
     return x.reshape(-1, groups, width)
 
 
+def unit(v: jax.Array) -> jax.Array:
+    """v / ||v|| in fp32; all ones (normalised) for a zero v, as PEFT's `_normalize_projection`."""
+    v = v.astype(jnp.float32)
+    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+    safe = jnp.where(norm > 0, v, jnp.ones_like(v))
+    return safe / jnp.linalg.norm(safe, axis=-1, keepdims=True)
+
+
 def _projection(grouped: jax.Array) -> jax.Array:
     """v [ceil(in/G)] fp32: the unit mean of the sub-tokens [N, G, ceil(in/G)] (all ones if that
     mean is zero, as in PEFT)."""
-    mean = grouped.astype(jnp.float32).mean(axis=(0, 1))
-    norm = jnp.linalg.norm(mean)
-    safe = jnp.where(norm > 0, mean, jnp.ones_like(mean))
-    return safe / jnp.linalg.norm(safe)
+    return unit(grouped.astype(jnp.float32).mean(axis=(0, 1)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -75,14 +84,6 @@ def width(d_in: int, groups: int) -> int:
     return -(-d_in // groups)
 
 
-def unit(v: jax.Array) -> jax.Array:
-    """v / ||v|| in fp32; all ones (normalised) for a zero v, as PEFT's `_normalize_projection`."""
-    v = v.astype(jnp.float32)
-    norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
-    safe = jnp.where(norm > 0, v, jnp.ones_like(v))
-    return safe / jnp.linalg.norm(safe, axis=-1, keepdims=True)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def velora_matmul_fixed(x: jax.Array, a: jax.Array, v: jax.Array, groups: int, scale: float) -> jax.Array:
     """x [..., in] @ a [in, r] with VeLoRA's compressed backward along the fixed projection v
@@ -107,7 +108,7 @@ def _bwd_fixed(groups, scale, res, g):
 velora_matmul_fixed.defvjp(_fwd_fixed, _bwd_fixed)
 
 
-def init_once(config, params, f, batch, adapters):
+def init_once(config: Any, params: Any, f: Callable[[Any, Any], Any], batch: Any, adapters: dict) -> dict:
     """PEFT's init_type="batch_average_once": each adapted matrix's fixed projection from one batch,
     the first training batch (PEFT sets it in the first training forward pass): the unit mean of
     that batch's sub-tokens of the matrix's input.
@@ -119,8 +120,6 @@ def init_once(config, params, f, batch, adapters):
     Returns:
       the adapters with every `lora_velora_embed` set.
     """
-    import numpy as np
-
     from .inputs import layer_inputs  # (inputs builds on lazy, which builds on this module)
 
     if config.velora_num_groups is None or config.velora_init_type != "batch_average_once":
