@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from .config import AdaLoraSchedule, LoraConfig
-from .lora import ADALORA_E, Adapters
+from .lora import ADALORA_E, Adapters, orth_norms
 from .optim import _adapter_dicts
 
 PyTree = Any
@@ -150,16 +150,11 @@ def orth_loss(config: LoraConfig, adapters: Adapters) -> jax.Array:
     schedule = _check(config, "orth_loss")
     terms = []
     for ab in _triplets(_adapter_dicts(adapters)).values():
-        a, b = ab["lora_A"].astype(jnp.float32), ab["lora_B"].astype(jnp.float32)  # [*S, in, r], [*S, r, out]
+        a, b = ab["lora_A"], ab["lora_B"]  # [*S, in, r], [*S, r, out]
         # A triplet with A's column and B's row both zero is absent (a PEFT file pruned it; load_peft
         # pads it back as zeros): PEFT's loaded model has no row or column for it in A^T A or B B^T.
         present = lax.stop_gradient((a != 0).any(-2) | (b != 0).any(-1))  # [*S, r]
-        pair = present[..., :, None] & present[..., None, :]  # [*S, r, r]
-        eye = jnp.eye(a.shape[-1])
-        for cov in (jnp.swapaxes(a, -1, -2) @ a, b @ jnp.swapaxes(b, -1, -2)):  # [*S, r, r]
-            sq = jnp.sum(jnp.where(pair, cov - eye, 0.0) ** 2, axis=(-2, -1))
-            norm = jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)  # no NaN gradient at 0
-            terms.append(norm.reshape(-1))
+        terms += [n.reshape(-1) for n in orth_norms(a, b, present)]
     if not terms:
         raise ValueError(f"orth_loss: the adapters hold no AdaLoRA adapter (a {ADALORA_E!r} leaf)")
     return schedule.orth_reg_weight * jnp.mean(jnp.concatenate(terms))

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from . import tree
 from .config import LoraConfig
-from .lora import KASA_DIAG, Adapters, init, target_paths
+from .lora import KASA_DIAG, Adapters, init, orth_norms, target_paths
 
 PyTree = Any
 # What loading a KaSA adapter warns (after the source's path): the base it needs is not the stock one.
@@ -99,11 +99,7 @@ def kasa_loss(config: LoraConfig, adapters: Adapters) -> jax.Array:
         if KASA_DIAG not in ab:
             continue
         f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
-        a, b, d = f32(ab["lora_A"]), f32(ab["lora_B"]), f32(ab[KASA_DIAG])  # [*S, in, r], [*S, r, out], [*S, r]
-        eye = jnp.eye(d.shape[-1], dtype=jnp.float32)
-        gram_b = jnp.einsum("...ro,...qo->...rq", b, b)  # [*S, r, r]: PEFT's B^T B for its (out, r) B
-        gram_a = jnp.einsum("...ir,...iq->...rq", a, a)  # [*S, r, r]: PEFT's A A^T for its (r, in) A
-        fro = lambda m: jnp.sqrt(jnp.sum(m * m, axis=(-2, -1)))  # noqa: E731
-        total = total + config.kasa_beta * jnp.sum(d * d) + config.kasa_gamma * jnp.sum(
-            fro(gram_b - eye) + fro(gram_a - eye))
+        d = f32(ab[KASA_DIAG])  # [*S, r]
+        orth_a, orth_b = orth_norms(ab["lora_A"], ab["lora_B"])  # [*S] each
+        total = total + config.kasa_beta * jnp.sum(d * d) + config.kasa_gamma * jnp.sum(orth_b + orth_a)
     return total

@@ -39,7 +39,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from . import tree
-from .velora import velora_matmul, velora_matmul_fixed
+from .velora import velora_matmul
 
 ArrayLike = jax.typing.ArrayLike
 
@@ -267,9 +267,8 @@ def _factored(lora: LoraArray, x: jax.Array, dn, kwargs, *, lora_is_lhs: bool):
     if lora.velora is None:
         t = lax.dot_general(xd, first.astype(x.dtype), dn_xw, **kw)  # [*batch, *x_free, *stack_free, r]
     elif n == 2 and wc[0] == 0 and not xb:  # x @ A, its input kept compressed for A's gradient
-        xm = jnp.moveaxis(xd, xc[0], -1)
-        t = velora_matmul(xm, first.astype(x.dtype), *lora.velora) if lora.velora_v is None else \
-            velora_matmul_fixed(xm, first.astype(x.dtype), lora.velora_v, *lora.velora)  # [*x_free, r]
+        t = velora_matmul(jnp.moveaxis(xd, xc[0], -1), first.astype(x.dtype), lora.velora_v,
+                          *lora.velora)  # [*x_free, r]
     else:
         raise ValueError(f"VeLoRA compresses the input of x @ A for one matrix; {lora.name!r} "
                          f"{tuple(lora.w.shape)} is used {'transposed' if wc[0] == n - 1 else 'as a stack'} here")

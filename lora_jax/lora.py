@@ -77,6 +77,22 @@ def delta_b(ab: Mapping[str, jax.Array]) -> jax.Array:
     return b if d is None else (d[..., :, None] * b).astype(b.dtype)
 
 
+def orth_norms(a: jax.Array, b: jax.Array, present: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(||A^T A - I||_F, ||B B^T - I||_F), each [*S], in fp32 for factors a [*S, in, r] and b
+    [*S, r, out] (PEFT's A A^T and B^T B for its (r, in) A and (out, r) B): the orthogonality
+    penalties of KaSA's and AdaLoRA's regularisers. `present` [*S, r] keeps those triplets' rows
+    and columns only; the gradient at a zero norm is zero, not NaN."""
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    eye = jnp.eye(a.shape[-1], dtype=jnp.float32)
+    pair = None if present is None else present[..., :, None] & present[..., None, :]  # [*S, r, r]
+    out = []
+    for gram in (jnp.einsum("...ir,...iq->...rq", a, a), jnp.einsum("...ro,...qo->...rq", b, b)):  # [*S, r, r]
+        m = gram - eye if pair is None else jnp.where(pair, gram - eye, 0.0)
+        sq = jnp.sum(m * m, axis=(-2, -1))
+        out.append(jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0))
+    return out[0], out[1]
+
+
 def bias_path(path: str) -> str:
     """The bias leaf of the module whose weight is at `path` (`.../c_attn/kernel` -> `.../c_attn/bias`)."""
     return path.rsplit("/", 1)[0] + "/bias"

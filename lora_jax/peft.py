@@ -201,13 +201,13 @@ def _per_layer(config: LoraConfig, adapters: Mapping[str, Any], layers_key: str)
         gate = layer_gate(config, p, (*a.shape[:-1], b.shape[-1])) if stacked else None
         keep = [True] * (a.shape[0] if stacked else 1) if gate is None else list(gate)
 
-        def per_layer(k: str) -> list[np.ndarray | None]:  # DoRA's magnitude, lora_B's bias [out], KaSA's [r]
-            if k not in adapters[p]:
+        def per_layer(k: str | None) -> list[np.ndarray | None]:  # DoRA's magnitude, lora_B's bias [out], a diag [r]
+            if k is None or k not in adapters[p]:
                 return [None] * (a.shape[0] if stacked else 1)
             return [x for _, x in _unstack(p, np.asarray(adapters[p][k]), layers_key, stacked)]
         for (q, ai), (_, bi), m, bias, d, kept in zip(_unstack(p, a, layers_key, stacked),
                                                       _unstack(p, b, layers_key, stacked), per_layer(MAGNITUDE),
-                                                      per_layer(LORA_BIAS), per_layer(diag_key(config) or KASA_DIAG),
+                                                      per_layer(LORA_BIAS), per_layer(diag_key(config)),
                                                       keep):
             if kept:
                 out.append(_Layer(q, ai, bi, m, bias, d, config.rank_for(p), _alpha(config, p),

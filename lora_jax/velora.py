@@ -51,26 +51,31 @@ def _projection(grouped: jax.Array) -> jax.Array:
     return unit(grouped.astype(jnp.float32).mean(axis=(0, 1)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def velora_matmul(x: jax.Array, a: jax.Array, groups: int, scale: float) -> jax.Array:
-    """x [..., in] @ a [in, r], with VeLoRA's compressed backward for `a`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def velora_matmul(x: jax.Array, a: jax.Array, v: jax.Array | None, groups: int, scale: float) -> jax.Array:
+    """x [..., in] @ a [in, r], with VeLoRA's compressed backward for `a`: along the fixed
+    projection v [ceil(in/G)] (its gradient zero), or the batch's mean when v is None or zero."""
     return x @ a
 
 
-def _fwd(x, a, groups, scale):
+def _fwd(x, a, v, groups, scale):
     grouped = _grouped(x, groups)  # [N, G, ceil(in/G)], built once for the projection and the compression
-    v = _projection(jax.lax.stop_gradient(grouped))
-    compressed = jnp.einsum("ngd,d->ng", grouped, v.astype(x.dtype))  # [N, G]: all the backward keeps
-    return x @ a, (compressed, v, a)
+    batch = lambda: _projection(lax.stop_gradient(grouped))  # noqa: E731
+    if v is None:
+        proj = batch()
+    else:  # a zero v (batch_average_once not yet set) stands for the batch's mean; the mean runs only then
+        proj = lax.cond(jnp.any(v != 0), lambda: unit(lax.stop_gradient(v)), batch)
+    compressed = jnp.einsum("ngd,d->ng", grouped, proj.astype(x.dtype))  # [N, G]: all the backward keeps
+    return x @ a, (compressed, proj, a, None if v is None else jnp.zeros_like(v))
 
 
 def _bwd(groups, scale, res, g):
-    compressed, v, a = res
+    compressed, proj, a, zero_v = res
     d, r = a.shape
     gx = g @ a.T.astype(g.dtype)  # [..., in], exact
-    rebuilt = (compressed.astype(g.dtype)[..., None] * v.astype(g.dtype)).reshape(compressed.shape[0], -1)[:, :d]
+    rebuilt = (compressed.astype(g.dtype)[..., None] * proj.astype(g.dtype)).reshape(compressed.shape[0], -1)[:, :d]
     ga = (scale * rebuilt).T @ g.reshape(-1, r)  # [in, r]
-    return gx.astype(g.dtype), ga.astype(a.dtype)
+    return gx.astype(g.dtype), ga.astype(a.dtype), zero_v
 
 
 velora_matmul.defvjp(_fwd, _bwd)
@@ -82,30 +87,6 @@ FIXED = ("random", "batch_average_once")  # PEFT's init_types that keep v fixed 
 def width(d_in: int, groups: int) -> int:
     """The sub-token width ceil(in/G), v's length."""
     return -(-d_in // groups)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def velora_matmul_fixed(x: jax.Array, a: jax.Array, v: jax.Array, groups: int, scale: float) -> jax.Array:
-    """x [..., in] @ a [in, r] with VeLoRA's compressed backward along the fixed projection v
-    [ceil(in/G)] (zero: the batch's mean, as `velora_matmul`); v's gradient is zero."""
-    return x @ a
-
-
-def _fwd_fixed(x, a, v, groups, scale):
-    grouped = _grouped(x, groups)  # [N, G, ceil(in/G)]
-    fixed = jnp.linalg.norm(v.astype(jnp.float32)) > 0
-    proj = jnp.where(fixed, unit(lax.stop_gradient(v)), _projection(lax.stop_gradient(grouped)))
-    compressed = jnp.einsum("ngd,d->ng", grouped, proj.astype(x.dtype))  # [N, G]
-    return x @ a, (compressed, proj, a, jnp.zeros_like(v))
-
-
-def _bwd_fixed(groups, scale, res, g):
-    compressed, proj, a, zero_v = res
-    gx, ga = _bwd(groups, scale, (compressed, proj, a), g)
-    return gx, ga, zero_v
-
-
-velora_matmul_fixed.defvjp(_fwd_fixed, _bwd_fixed)
 
 
 def init_once(config: Any, params: Any, f: Callable[[Any, Any], Any], batch: Any, adapters: dict) -> dict:
