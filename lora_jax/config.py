@@ -105,6 +105,55 @@ class AdaLoraSchedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class BdLoraConfig:
+    """BD-LoRA's layout (PEFT's `BdLoraConfig`): which adapted modules get a block-diagonal lora_A
+    or lora_B, so that a tensor-parallel server sharded `nblocks` ways computes them without extra
+    communication (row-sharded layers, such as attention out and MLP down projections: A;
+    column-sharded ones, such as QKV and MLP up: B).
+
+    Attributes:
+      target_modules_bd_a / target_modules_bd_b: names matched as PEFT does, as substrings of
+        the module's dotted name (`transformer.h.0.mlp.dense_4h_to_h`); a module may match one side only.
+      nblocks: the number of diagonal blocks (the serving shard count); it divides that side's
+        dimensions (A: in and r; B: r and out).
+      match_strict: every adapted module must match a side (else plain LoRA and BD-LoRA mix).
+    """
+
+    target_modules_bd_a: tuple[str, ...] = ()
+    target_modules_bd_b: tuple[str, ...] = ()
+    nblocks: int = 1
+    match_strict: bool = True
+
+    def __post_init__(self):
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            v = getattr(self, name)
+            v = () if v is None else (v,) if isinstance(v, str) else v
+            if not (isinstance(v, Sequence) and all(isinstance(n, str) and n for n in v)):
+                raise ValueError(f"BdLoraConfig.{name} must be a list of module names, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, tuple(v))
+        n = self.nblocks
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"BdLoraConfig.nblocks must be a positive integer, got {n!r}")
+        if not isinstance(self.match_strict, bool):
+            raise ValueError(f"BdLoraConfig.match_strict must be true or false, got {self.match_strict!r}")
+
+    def side(self, module: str) -> str | None:
+        """"a" or "b": which factor of the adapter on `module` (a dotted name) is block-diagonal;
+        None for a plain one. A module both sides name, or (match_strict) neither, is refused."""
+        a = any(n in module for n in self.target_modules_bd_a)
+        b = any(n in module for n in self.target_modules_bd_b)
+        if a and b:
+            raise ValueError(f"BD-LoRA: module {module!r} matches both target_modules_bd_a "
+                             f"{list(self.target_modules_bd_a)} and target_modules_bd_b "
+                             f"{list(self.target_modules_bd_b)}")
+        if self.match_strict and not (a or b):
+            raise ValueError(f"BD-LoRA: adapted module {module!r} matches neither target_modules_bd_a "
+                             f"{list(self.target_modules_bd_a)} nor target_modules_bd_b "
+                             f"{list(self.target_modules_bd_b)}; name it, or set match_strict=False")
+        return "a" if a else "b" if b else None
+
+
+@dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which leaves get low-rank adapters, and how they are initialised and scaled.
 
@@ -184,6 +233,13 @@ class LoraConfig:
         PEFT's init_r. Linear layers only, `kaiming_uniform` init (standing for AdaLoRA's own);
         not with rank_pattern / alpha_pattern (AdaLoRA sets the ranks), rsLoRA, DoRA, lora_bias,
         VeLoRA, aLoRA, KaSA or trainable_tokens.
+      use_bdlora: BD-LoRA (PEFT's `use_bdlora`, a `BdLoraConfig` or its dict): the modules it names
+        get a block-diagonal lora_A or lora_B of `nblocks` blocks. The factor keeps its full
+        [*S, in, r] / [*S, r, out] shape with zeros off the blocks, which `apply` and `merge` mask
+        out, so those entries get no gradient and never train; PEFT files hold the blocks alone.
+        A block-diagonal A starts as PEFT's, U(+-sqrt(6 / (in/nblocks))). Linear
+        layers only, `kaiming_uniform` or `gaussian` init; not with DoRA, lora_bias, VeLoRA, aLoRA,
+        KaSA or AdaLoRA (PEFT has no such combinations either).
       trainable_tokens: token ids whose embedding rows train in full, the rest of the table
         frozen (PEFT `trainable_token_indices`, e.g. new special tokens): a list for the params'
         one embedding table (a leaf named `embedding`), or {module name: ids}, such as
@@ -218,9 +274,17 @@ class LoraConfig:
     kasa_beta: float = 1e-4
     kasa_gamma: float = 1e-3
     adalora: AdaLoraSchedule | None = None
+    use_bdlora: BdLoraConfig | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
+        if isinstance(self.use_bdlora, Mapping):  # from JSON (PEFT's field names)
+            unknown = sorted(set(self.use_bdlora) - {f.name for f in dataclasses.fields(BdLoraConfig)})
+            if unknown:
+                raise ValueError(f"LoraConfig.use_bdlora: unknown field(s) {unknown} of BdLoraConfig")
+            set_("use_bdlora", BdLoraConfig(**self.use_bdlora))
+        if self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
+            raise ValueError(f"LoraConfig.use_bdlora must be a BdLoraConfig (or its dict), got {self.use_bdlora!r}")
         if isinstance(self.adalora, Mapping):  # from JSON
             unknown = sorted(set(self.adalora) - {f.name for f in dataclasses.fields(AdaLoraSchedule)})
             if unknown:
@@ -317,6 +381,15 @@ class LoraConfig:
                                  f"{' and '.join(clash)} (PEFT refuses the combination or freezes it at zero)")
         if self.adalora is not None:
             self._check_adalora()
+        if self.use_bdlora is not None:
+            clash = [k for k in ("use_dora", "lora_bias", "velora_num_groups", "alora_invocation_tokens", "use_kasa",
+                                 "adalora") if getattr(self, k)]
+            if clash:
+                raise ValueError(f"LoraConfig.use_bdlora (BD-LoRA) is its own LoRA variant; not with "
+                                 f"{' and '.join(clash)} (PEFT refuses the combination or drops it)")
+            if self.init not in ("kaiming_uniform", "gaussian"):
+                raise ValueError(f"LoraConfig.use_bdlora (BD-LoRA) starts from B = 0 with its blocks masked: init must "
+                                 f"be 'kaiming_uniform' or 'gaussian', got {self.init!r}")
         if not isinstance(self.bias, str) or self.bias not in BIASES:
             raise ValueError(f"LoraConfig.bias: unknown bias {self.bias!r}; expected one of {BIASES}")
 
@@ -422,6 +495,8 @@ class LoraConfig:
                   "alora_invocation_tokens"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
+        if d["use_bdlora"] is not None:
+            d["use_bdlora"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["use_bdlora"].items()}
         return d
 
     def to_json(self) -> str:

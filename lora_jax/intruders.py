@@ -72,6 +72,9 @@ def reduce_intruders(config: LoraConfig, params: PyTree, adapters: Adapters, *, 
         kind, leaf = ("KaSA", "lora_diag") if config.use_kasa else ("AdaLoRA", "lora_E")
         raise ValueError(f"reduce_intruders: {kind} adapters are not supported (their trained singular values "
                          f"{leaf} belong to the directions this would change)")
+    if config.use_bdlora is not None:
+        raise ValueError("reduce_intruders: BD-LoRA adapters are not supported (new factors from an SVD are not "
+                         "block-diagonal); convert them first with lora_jax.bdlora.to_lora")
     if top_k < 1 or not 0.0 <= mitigation_lambda <= 1.0 or threshold_epsilon <= 0.0:
         raise ValueError(f"reduce_intruders: need top_k >= 1, 0 < threshold_epsilon, 0 <= mitigation_lambda <= 1; "
                          f"got top_k={top_k}, threshold_epsilon={threshold_epsilon}, "

@@ -56,6 +56,9 @@ def init_loftq(config: LoraConfig, params: PyTree, *, iters: int = 1, block_size
     if config.adalora is not None:
         raise ValueError("init_loftq makes plain LoRA factors; AdaLoRA (adalora) has its own init (PEFT refuses "
                          "LoftQ with AdaLoRA too)")
+    if config.use_bdlora is not None:
+        raise ValueError("init_loftq makes its factors from an SVD, which are not BD-LoRA's (use_bdlora) "
+                         "block-diagonal ones")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"init_loftq: iters must be a positive integer, got {iters!r}")
     flat = tree.flatten(params)

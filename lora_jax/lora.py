@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import quax
 
-from . import tree, velora
+from . import bdlora, tree, velora
 from .config import ALL_LINEAR, DATA_INITS, MICA, LoraConfig
 from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
 
@@ -146,6 +146,11 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
             raise ValueError(f"VeLoRA (velora_num_groups) adapts linear layers; {p!r} is not one")
         if config.alora_invocation_tokens is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
             raise ValueError(f"aLoRA (alora_invocation_tokens) adapts linear layers; {p!r} is not one")
+        if config.use_bdlora is not None:
+            if bdlora.side(config, p) is not None and tree.leaf_name(p) not in tree.LINEAR_NAMES:
+                raise ValueError(f"BD-LoRA (use_bdlora) makes linear layers' factors block-diagonal; {p!r} is not "
+                                 "one (exclude it from target_modules_bd_a / _bd_b)")
+            bdlora.check_shape(config, p, view[-2], r, view[-1])
         if config.init == "orthogonal" and r % 2:
             raise ValueError(f"init='orthogonal' needs an even rank; {p!r} has rank {r}")
         if config.layers_to_transform is not None and not gates[p].all():
@@ -285,6 +290,10 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a, b = _mica(dense(flat[p]), view, r, dtype)
         else:
             a, b = _orthogonal(k, view, r, dtype)
+        if bdlora.side(config, p) == "a":  # PEFT: torch's default kaiming_uniform_ (a=0) over in/nblocks inputs
+            bound = math.sqrt(6.0 / (d_in // config.use_bdlora.nblocks))
+            a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
+        a, b = bdlora.masked(config, p, a, b)
         gate = layer_gate(config, p, flat[p].shape)
         if gate is not None:
             a, b = a * gate[..., None, None], b * gate[..., None, None]
@@ -411,8 +420,9 @@ def _lora_arrays(config, params, adapters, rng, strict, tokens, mask=None) -> Py
         if TOKENS in ab:
             return _token_array(w, tokens[path], ab[TOKENS], strict, path)
         stack = ab["lora_A"].shape[:-2]
+        a, b = bdlora.masked(config, path, ab["lora_A"], delta_b(ab))  # BD-LoRA: off-block zeros get no gradient
         return as_matrix(jax.lax.stop_gradient(w), *config.axes_for(path), lambda view: LoraArray(
-            w=view, a=ab["lora_A"], b=delta_b(ab),
+            w=view, a=a, b=b,
             key=_dropout_keys(rng if config.dropout > 0 else None, index[path], stack),
             m=ab.get(MAGNITUDE), mask=None if mask is None else jnp.broadcast_to(mask, (*stack, *mask.shape)),
             scale=config.scale_for(path), dropout=config.dropout, strict=strict, name=path,
@@ -539,7 +549,8 @@ def merge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
     # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
     # buffer is the dense one the merged weight can reuse.
     params = tree.map_with_path(lambda p, w: dense(w) if p in adapters else w, params)
-    return _merge_jit(scales(config, adapters), params, adapters, 1.0, _token_items(tokens, adapters))
+    return _merge_jit(scales(config, adapters), params, bdlora.mask_adapters(config, adapters), 1.0,
+                      _token_items(tokens, adapters))
 
 
 def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
@@ -552,7 +563,7 @@ def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:
         raise ValueError("unmerge cannot restore the embedding rows that trainable_tokens replaced; keep a copy "
                          "of the base params instead")
     check_adapters(config, params, adapters)
-    return _merge_jit(scales(config, adapters), params, adapters, -1.0, ())
+    return _merge_jit(scales(config, adapters), params, bdlora.mask_adapters(config, adapters), -1.0, ())
 
 
 def trainable_mask(config: LoraConfig, params: PyTree) -> PyTree:
@@ -606,6 +617,9 @@ def summary(config: LoraConfig, params: PyTree, adapters: Adapters) -> Summary:
             n, n_fixed = n - fixed, n_fixed + fixed
         if velora.EMBED in ab:  # a buffer in PEFT: counted in neither
             n -= ab[velora.EMBED].size
+        if "lora_A" in ab:  # BD-LoRA's masked zeros: PEFT holds the blocks alone
+            off = bdlora.off_block_count(config, p, ab["lora_A"].shape, ab["lora_B"].shape)
+            n -= off if gate is None else off * int(gate.sum()) // gate.size
         per[name] = per.get(name, 0) + n
         n_adapters += n
     n_extra = tree.count(extras)

@@ -140,6 +140,10 @@ def _plain_only(configs: Mapping[str, LoraConfig], where: str) -> None:
     if ada:
         raise ValueError(f"adapters {ada} are AdaLoRA (singular values lora_E between A and B), which {where} does "
                          "not carry: convert them to plain LoRA with lora_jax.adalora.to_lora first")
+    bd = [n for n, c in configs.items() if c.use_bdlora is not None]
+    if bd:  # padding or stacking ranks would move the blocks that the config's mask keeps
+        raise ValueError(f"adapters {bd} are BD-LoRA (block-diagonal factors), which {where} does not carry: "
+                         "convert them to plain LoRA with lora_jax.bdlora.to_lora first")
 
 
 def check_routable(configs: Mapping[str, LoraConfig], where: str) -> None:

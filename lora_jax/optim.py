@@ -151,6 +151,9 @@ def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float
     if config.use_kasa or config.adalora is not None:
         raise ValueError("lorafa projects lora_B's gradient through A alone; a KaSA or AdaLoRA update A diag(d) B "
                          "also trains d: not with use_kasa or adalora")
+    if config.use_bdlora is not None:
+        raise ValueError("lorafa projects lora_B's gradient through A across all r rows, which a BD-LoRA "
+                         "(use_bdlora) block-diagonal B cannot follow")
     if config.init == MICA:
         raise ValueError("lorafa trains lora_B alone, MiCA (init='mica') lora_A alone: use one or the other")
 

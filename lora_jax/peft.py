@@ -23,7 +23,9 @@ adds `<module>.lora_magnitude_vector` (out,) per adapted module, KaSA (`use_kasa
 `<table>.token_adapter.trainable_tokens_delta` (n, D). An AdaLoRA adapter (peft_type "ADALORA",
 `LoraConfig.adalora`) is `<module>.lora_A` (k, in), `.lora_B` (out, k) and `.lora_E` (k, 1), the
 k triplets its `rank_pattern` (a bool per initial rank) keeps; on import they go back to their
-places among init_r, the pruned ones zero. A `SequenceClassifier`'s adapter is
+places among init_r, the pruned ones zero. A BD-LoRA adapter (`use_bdlora`) holds only the
+diagonal blocks of its block-diagonal factor, stacked along the rows: lora_A (r, in/n) or lora_B
+(out, r/n) for n blocks; here that factor is the full block-diagonal matrix. A `SequenceClassifier`'s adapter is
 PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`). `save_embedding_layers`
 adds the embedding table (`<table>.weight`, or `.base_layer.weight` / `.token_adapter.base_layer.weight`
 where PEFT wraps it), as PEFT does after a vocabulary resize; on import the table is an extra
@@ -51,10 +53,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import tree, velora
+from . import bdlora, tree, velora
 from .checkpoint import MANIFEST, AdapterCheckpoint, atomic_directory, read_json, trainable_leaves
 from .checkpoint import load as checkpoint_load
-from .config import VELORA_INIT_TYPES, AdaLoraSchedule, LoraConfig
+from .config import VELORA_INIT_TYPES, AdaLoraSchedule, BdLoraConfig, LoraConfig
 from .kasa import BASE_WARNING
 from .lazy import column_norms, dense
 from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, diag_key, layer_gate,
@@ -79,7 +81,7 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "use_bdlora", "monteclora_config")
+_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "monteclora_config")
 HEAD = "lm_head."  # PEFT's name of the (here always tied) LM head, which save_embedding_layers also writes
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -317,8 +319,12 @@ def peft_state_dict(config: LoraConfig, adapters: Adapters, *, model_config: Bas
         # Embedding: lora_embedding_A (r, V), lora_embedding_B (D, r), parameters without ".weight".
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(layer.path) else \
             ("lora_A.weight", "lora_B.weight")
-        state[f"{PREFIX}{module}.{a_key}"] = layer.a.T  # [in, r] -> (r, in)
-        state[f"{PREFIX}{module}.{b_key}"] = layer.b.T  # [r, out] -> (out, r)
+        a, b, side = layer.a.T, layer.b.T, bdlora.side(config, layer.path)  # (r, in), (out, r)
+        if side is not None:  # BD-LoRA: PEFT holds the diagonal blocks alone, (r, in/n) or (out, r/n)
+            a, b = (bdlora.blocks(a, config.use_bdlora.nblocks), b) if side == "a" else \
+                (a, bdlora.blocks(b, config.use_bdlora.nblocks))
+        state[f"{PREFIX}{module}.{a_key}"] = a
+        state[f"{PREFIX}{module}.{b_key}"] = b
         if layer.m is not None:
             state[f"{PREFIX}{module}.{MAGNITUDE}"] = layer.m  # (out,)
         if layer.bias is not None:
@@ -391,9 +397,13 @@ def _token_ids(config: LoraConfig, adapters: Adapters, params: PyTree | None) ->
     return found
 
 
-def kasa_exportable(model_config: BaseConfig) -> bool:
-    """Whether PEFT takes a KaSA adapter on this model: nn.Linear layers only, not GPT-2's Conv1D."""
-    return model_config.hf_transpose_linear
+def peft_refusal(config: LoraConfig, model_config: BaseConfig) -> str | None:
+    """Why PEFT would refuse `config`'s adapter on this model, or None: its KaSA and BD-LoRA
+    variants adapt nn.Linear layers only, not GPT-2's Conv1D (fan_in_fan_out) ones."""
+    kind = "KaSA" if config.use_kasa else "BD-LoRA" if config.use_bdlora is not None else None
+    if kind is None or model_config.hf_transpose_linear:
+        return None
+    return f"PEFT's {kind} takes nn.Linear layers only, not this model's Conv1D (fan_in_fan_out) ones"
 
 
 def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
@@ -445,10 +455,12 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
                 **{k: _num(v) if isinstance(v, float) else v for k, v in dataclasses.asdict(config.adalora).items()}}
     if config.alora_invocation_tokens is not None:  # written only when set: older PEFT versions reject the key
         cfg["alora_invocation_tokens"] = list(config.alora_invocation_tokens)
+    refusal = peft_refusal(config, model_config)
+    if refusal:
+        raise ValueError(f"PEFT export: {refusal} (GPT-2); the file would not load there")
+    if config.use_bdlora is not None:  # likewise (PEFT 0.21's BdLoraConfig)
+        cfg["use_bdlora"] = config.to_dict()["use_bdlora"]
     if config.use_kasa:  # likewise (PEFT 0.21's KasaConfig)
-        if not kasa_exportable(model_config):
-            raise ValueError("PEFT export: PEFT's KaSA adapts nn.Linear layers only and refuses this model's Conv1D "
-                             "ones (fan_in_fan_out, GPT-2); lora_jax's KaSA file would not load there")
         cfg["kasa_config"] = {"beta": _num(config.kasa_beta), "gamma": _num(config.kasa_gamma)}
     if config.velora_num_groups is not None:  # likewise (PEFT 0.21's VeloraConfig)
         cfg["velora_config"] = {"num_groups": config.velora_num_groups, "scale": _num(config.velora_scale),
@@ -615,6 +627,7 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
     diags = {mm["module"]: key for key in tensors if (mm := _DIAG_KEY.fullmatch(key.removeprefix(PREFIX)))}
     mags = {mm["module"]: key for key in tensors if (mm := _MAGNITUDE_KEY.fullmatch(key.removeprefix(PREFIX)))}
     biases = {mm["module"]: key for key in tensors if (mm := _BIAS_KEY.fullmatch(key.removeprefix(PREFIX)))}
+    bd = _bdlora(path, cfg)
     groups: dict[str, dict[int | None, _Factors]] = {}
     for key, x in tensors.items():
         k = key.removeprefix(PREFIX)
@@ -627,6 +640,8 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         if b_key not in tensors:
             raise ValueError(f"{path}: {key} has no matching lora_B tensor")
         a, b = np.asarray(x, np.float32), np.asarray(tensors[b_key], np.float32)
+        if bd is not None and a.ndim == 2 and b.ndim == 2:  # BD-LoRA: the diagonal blocks alone
+            a, b = _unblock(path, bd, module, a, b)
         r = a.shape[0]
         if a.ndim != 2 or b.shape[1:] != (r,):
             raise ValueError(f"{path}: {module}: lora_A {a.shape} and lora_B {b.shape} are not (r, in) / (out, r)")
@@ -641,7 +656,53 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         d = _per_output(path, tensors, diags, module, ("kasa_config", kasa), "lora_diag", b.T)
         scale = alpha / (math.sqrt(r) if rslora else r)
         groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias, d)  # [in, r], [r, out], [out], [r]
+        if bd is not None:
+            _check_bd_path(path, bd, module, p, groups[p])
     return _stacked(groups, flat, dtype, dora=dora, lora_bias=lora_bias, diag=kasa)
+
+
+def _check_bd_path(path: Path, bd: BdLoraConfig, module: str, p: str, layers: Mapping[int | None, _Factors]) -> None:
+    """Refuse a BD-LoRA module whose blocks our path would not keep: PEFT's patterns must give our
+    (possibly stacked) path the module's side, and the layers of a stack one rank (padding moves blocks)."""
+    theirs = bd.side(module)
+    try:
+        ours = bd.side(bdlora.module_name(p))
+    except ValueError:
+        ours = "?"
+    if ours != theirs:
+        raise ValueError(f"{path}: BD-LoRA's patterns give {module!r} the block-diagonal side {theirs!r} but the "
+                         f"stacked {p!r} side {ours!r}: load it into unstacked params (scan_layers=False)")
+    ranks = sorted({f.rank for f in layers.values()})
+    if theirs is not None and len(ranks) > 1:
+        raise ValueError(f"{path}: BD-LoRA modules stacked into {p!r} have ranks {ranks}; padding them to one "
+                         "would move their diagonal blocks: load it into unstacked params (scan_layers=False)")
+
+
+def _bdlora(path: Path, cfg: Mapping[str, Any]) -> BdLoraConfig | None:
+    """PEFT's `use_bdlora` as our BdLoraConfig (None without one)."""
+    v = cfg.get("use_bdlora")
+    if v is None:
+        return None
+    try:
+        return BdLoraConfig(**v)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: use_bdlora {v!r} is not PEFT's BdLoraConfig: {e}") from None
+
+
+def _unblock(path: Path, bd: BdLoraConfig, module: str, a: np.ndarray, b: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """A BD-LoRA module's (r, in/n) lora_A or (out, r/n) lora_B as the full block-diagonal (r, in) / (out, r)."""
+    try:
+        side = bd.side(module)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    n = bd.nblocks
+    # PEFT's blocks of a (r, in) A or an (out, r) B, stacked along the rows: (r, in/n) or (out, r/n)
+    if (side == "a" and a.shape[0] % n) or (side == "b" and (b.shape[0] % n or b.shape[1] * n != a.shape[0])):
+        x, want = (a, "(r, in/n)") if side == "a" else (b, f"(out, r/n) with r = {a.shape[0]}")
+        raise ValueError(f"{path}: {module}: BD-LoRA lora_{side.upper()} {x.shape} is not {n} diagonal blocks "
+                         f"{want}: check use_bdlora's nblocks")
+    return (bdlora.unblocks(a, n), b) if side == "a" else (a, bdlora.unblocks(b, n)) if side == "b" else (a, b)
 
 
 def _adalora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str, _Factors]:
@@ -858,6 +919,7 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
         weights = directory / BIN_FILE  # an old PEFT save: torch pickle, read with weights_only=True
     tensors = _without_head_copies(weights, read_tensors(weights))
     velora_kw = _velora(cfg_path, cfg)
+    bd = _bdlora(cfg_path, cfg)
     # PEFT's projection buffer per module: kept for a fixed init_type, else recomputed from every batch here
     embeds = {m["module"]: v for k, v in tensors.items() if (m := _EMBED_KEY.fullmatch(k.removeprefix(PREFIX)))}
     tensors = {k: v for k, v in tensors.items() if not _EMBED_KEY.fullmatch(k.removeprefix(PREFIX))}
@@ -887,8 +949,9 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
-              init=init if not ada and init in (("gaussian",) if kasa else ("gaussian", "orthogonal", "eva", "mica"))
-              else "kaiming_uniform",
+              init=init if not ada and init in (("gaussian",) if kasa or bd else
+                                                ("gaussian", "orthogonal", "eva", "mica")) else "kaiming_uniform",
+              use_bdlora=bd,
               rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
               layers_to_transform=cfg.get("layers_to_transform"),

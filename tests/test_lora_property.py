@@ -44,13 +44,20 @@ def test_init_apply_merge_unmerge_round_trip(params, data):
     kernels = [p for p in lj.tree.flatten(params) if p.endswith("kernel")]
     chosen = data.draw(st.lists(st.sampled_from(kernels), min_size=1, unique=True))
     max_rank = min(min(lj.tree.flatten(params)[p].shape[-2:]) for p in chosen)
+    # BD-LoRA with 2 blocks: an even rank, and even inputs (block-diagonal A) or outputs (B)
+    sides = [s for s, i in (("a", -2), ("b", -1)) if all(lj.tree.flatten(params)[p].shape[i] % 2 == 0 for p in chosen)]
     # KaSA keeps at least one singular component: r < min
-    variant = data.draw(st.sampled_from(["plain", "adalora", *(["kasa"] if max_rank > 1 else [])]))
-    kasa, ada = variant == "kasa", variant == "adalora"
-    config = lj.LoraConfig(rank=data.draw(st.integers(1, max_rank - kasa)),
-                           alpha=data.draw(st.sampled_from([1.0, 4.0, 16.0])), targets="|".join(chosen),
+    variant = data.draw(st.sampled_from(["plain", "adalora", *(["kasa"] if max_rank > 1 else []),
+                                         *(["bdlora"] if max_rank > 1 and sides else [])]))
+    kasa, ada, bd = variant == "kasa", variant == "adalora", None
+    rank = data.draw(st.integers(1, max_rank - kasa))
+    if variant == "bdlora":
+        rank = 2 * max(1, rank // 2)
+        side = data.draw(st.sampled_from(sides))
+        bd = lj.BdLoraConfig(**{f"target_modules_bd_{side}": [lj.bdlora.module_name(p) for p in chosen]}, nblocks=2)
+    config = lj.LoraConfig(rank=rank, alpha=data.draw(st.sampled_from([1.0, 4.0, 16.0])), targets="|".join(chosen),
                            use_rslora=not ada and data.draw(st.booleans()), use_kasa=kasa,
-                           adalora={"target_r": 1, "total_step": 2} if ada else None)
+                           adalora={"target_r": 1, "total_step": 2} if ada else None, use_bdlora=bd)
     event(f"variant={variant}")
     if kasa:  # the round trip then runs on the truncated base, with a diagonal between A and B
         params, adapters = lj.init_kasa(config, params, jax.random.key(0))

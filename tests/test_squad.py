@@ -274,7 +274,10 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--reduce-intruders", "--eval-only"], "--reduce-intruders --eval-only acts on an adapter"),
                        (["--adalora", "3", "--rank", "2"], "--adalora 3: the target rank is between 1 and --rank 2"),
                        (["--adalora", "2", "--kasa", "--rslora"],
-                        "--adalora has its own init, scale and ranks; not with --kasa, --rslora")]:
+                        "--adalora has its own init, scale and ranks; not with --kasa, --rslora"),
+                       (["--bdlora-blocks", "0"], "--bdlora-blocks must be positive, got 0"),
+                       (["--bdlora-blocks", "2", "--lora-bias", "--init", "pissa"], "--bdlora-blocks is its own LoRA "
+                        "variant (block-diagonal factors); not with --lora-bias, --init pissa")]:
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
@@ -404,6 +407,42 @@ def test_adalora_through_the_cli(tiny_bloom_dir, tmp_path, capsys):
                                    *common, *extra)) == 0
     weights = lambda d: (d / "peft" / "adapter_model.safetensors").read_bytes()  # noqa: E731
     assert weights(split) == weights(out)
+
+
+def test_bdlora_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys):
+    """--bdlora-blocks trains BD-LoRA on every linear layer of BLOOM: the PEFT export holds the
+    blocks alone (as many numbers as the summary's trainable count) and, given back with
+    --init-adapter, scores the same predictions. GPT-2's Conv1D layers get no PEFT copy."""
+    from safetensors.numpy import load_file
+
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "bd"
+    common = ["--no-base-eval", "--eval-samples", "2", "--lr", "0.05"]
+    assert squad.main(cli_args(tiny_bloom_dir, data, out, "--steps", "3", "--bdlora-blocks", "2",
+                               "--targets", "all-linear", *common)) == 0
+    printed = capsys.readouterr().out
+    assert "| LoRA (BD-LoRA, 2 blocks) |" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["bdlora"]["nblocks"] == 2
+    cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_bdlora"] == {"target_modules_bd_a": ["self_attention.dense", "dense_4h_to_h"],
+                                 "target_modules_bd_b": ["query_key_value", "dense_h_to_4h"], "nblocks": 2,
+                                 "match_strict": True}
+    tensors = load_file(out / "peft" / "adapter_model.safetensors")
+    m = "base_model.model.transformer.h.0."
+    assert tensors[m + "mlp.dense_4h_to_h.lora_A.weight"].shape == (4, 96)  # (r, in/2)
+    assert tensors[m + "self_attention.query_key_value.lora_B.weight"].shape == (144, 2)  # (out, r/2)
+    assert summary["trainable_params"] == sum(v.size for v in tensors.values())
+    again = tmp_path / "again"
+    assert squad.main(cli_args(tiny_bloom_dir, data, again, "--eval-only", "--init-adapter", str(out / "peft"),
+                               *common)) == 0
+    predictions = lambda d: json.loads((d / "predictions_lora.json").read_text())  # noqa: E731
+    assert predictions(again) == predictions(out)
+
+    assert squad.main(cli_args(tiny_gpt2_dir, data, tmp_path / "gpt2", "--steps", "1", "--bdlora-blocks", "2",
+                               *common)) == 0
+    assert "no PEFT copy: PEFT's BD-LoRA takes nn.Linear layers only" in capsys.readouterr().out
+    assert not (tmp_path / "gpt2" / "peft").exists()
 
 
 def test_mica_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

@@ -63,7 +63,8 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
     tags = [quantized, summary.get("init") if summary.get("init") not in (None, "kaiming_uniform") else None,
             summary.get("loraplus_ratio") and f"LoRA+ x{summary['loraplus_ratio']:g}", summary.get("kasa") and "KaSA",
             summary.get("adalora") and f"AdaLoRA, {summary['adalora']['kept']} of {summary['adalora']['initial']} "
-                                       "triplets"]
+                                       "triplets",
+            summary.get("bdlora") and f"BD-LoRA, {summary['bdlora']['nblocks']} blocks"]
     tags = [t for t in tags if t]
     lora = ("QLoRA" if quantized else "LoRA") + (f" ({', '.join(tags)})" if tags else "")  # e.g. "LoRA (pissa)"
     if summary.get("eval_only"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import itertools
 import math
@@ -83,6 +84,9 @@ def load_data(args, tokenizer, log):
 
 
 FUSED_QKV = {"gpt2": "c_attn", "bloom": "query_key_value"}
+# --bdlora-blocks: (block-diagonal lora_A: the row-sharded layers, lora_B: the column-sharded ones)
+BD_SIDES = {"gpt2": (("c_proj",), ("c_attn", "c_fc")),
+            "bloom": (("self_attention.dense", "dense_4h_to_h"), ("query_key_value", "dense_h_to_4h"))}
 
 
 def adalora_schedule(args) -> lj.AdaLoraSchedule | None:
@@ -92,6 +96,17 @@ def adalora_schedule(args) -> lj.AdaLoraSchedule | None:
         return None
     return lj.AdaLoraSchedule(target_r=args.adalora, total_step=args.steps, tinit=args.steps // 10,
                               tfinal=args.steps // 5)
+
+
+def bdlora_layout(args, model) -> lj.BdLoraConfig | None:
+    """--bdlora-blocks's layout: which of the model's layers get a block-diagonal A or B."""
+    if args.bdlora_blocks is None:
+        return None
+    kind = model.config.model_type
+    if kind not in BD_SIDES:
+        raise ValueError(f"--bdlora-blocks: no layout for model type {kind!r}; known: {sorted(BD_SIDES)}")
+    a, b = BD_SIDES[kind]
+    return lj.BdLoraConfig(target_modules_bd_a=a, target_modules_bd_b=b, nblocks=args.bdlora_blocks)
 
 
 def adalora_ranks(lora: lj.LoraConfig, adapters) -> dict[str, Any] | None:
@@ -113,7 +128,7 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
                          use_rslora=args.rslora, use_dora=args.dora, lora_bias=args.lora_bias,
                          layers_to_transform=args.layers_to_transform, velora_num_groups=args.velora_groups,
                          velora_init_type=args.velora_init,
-                         use_kasa=args.kasa, adalora=adalora_schedule(args),
+                         use_kasa=args.kasa, adalora=adalora_schedule(args), use_bdlora=bdlora_layout(args, model),
                          alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
@@ -158,9 +173,9 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
     peft<suffix>/. Returns paths and sizes.
 
     Adapters trained on PiSSA / OLoRA residual weights are saved as plain LoRA on the original
-    weights (`to_plain`, rank 2r), given `initial`, the adapters they started from. A KaSA adapter
-    on GPT-2's Conv1D layers gets no PEFT copy (PEFT's KaSA refuses those layers): the result then
-    says why under "peft_skipped"."""
+    weights (`to_plain`, rank 2r), given `initial`, the adapters they started from. A KaSA or BD-LoRA
+    adapter on GPT-2's Conv1D layers gets no PEFT copy (PEFT refuses those variants there): the
+    result then says why under "peft_skipped"."""
     from lora_jax import checkpoint, peft
 
     if lora.changes_base:
@@ -169,9 +184,9 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
                             overwrite=True)
     size = lambda d: sum(f.stat().st_size for f in Path(d).rglob("*") if f.is_file())
     saved = {"adapter_dir": str(a_dir), "adapter_bytes": size(a_dir)}
-    if lora.use_kasa and not peft.kasa_exportable(model.config):
-        return saved | {"peft_dir": None, "peft_skipped": "PEFT's KaSA takes nn.Linear layers only, not this "
-                        "model's Conv1D (fan_in_fan_out) ones"}
+    refusal = peft.peft_refusal(lora, model.config)
+    if refusal:
+        return saved | {"peft_dir": None, "peft_skipped": refusal}
     p_dir = peft.save_peft(out / f"peft{suffix}", lora, adapters, model_config=model.config, params=params,
                            dtype=dtype, base_model_name_or_path=base_model, overwrite=True)
     return saved | {"peft_dir": str(p_dir), "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
@@ -407,13 +422,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora = lora_config(args, model, tokenizer)
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
     check_invocation(lora, {"training": train_ex, "validation": val_ex})
-    if args.reduce_intruders is not None and (lora.use_dora or lora.use_kasa):
-        what = "DoRA adapter, whose trained magnitude" if lora.use_dora else "KaSA adapter, whose diagonal"
-        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a {what} belongs to the "
+    if args.reduce_intruders is not None and (lora.use_dora or lora.use_kasa or lora.use_bdlora is not None):
+        what = ("DoRA adapter, whose trained magnitude belongs to" if lora.use_dora else "KaSA adapter, whose "
+                "diagonal belongs to" if lora.use_kasa else "BD-LoRA adapter, whose blocks do not survive")
+        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a {what} the "
                          "directions the reduction changes")
-    if args.lorafa and (lora.use_kasa or lora.init == "mica"):
-        what = "a KaSA adapter, whose diagonal" if lora.use_kasa else "a MiCA adapter, whose lora_A"
-        raise ValueError(f"--lorafa: --init-adapter {args.init_adapter} is {what} LoRA-FA does not train")
+    if args.lorafa and (lora.use_kasa or lora.init == "mica" or lora.use_bdlora is not None):
+        what = ("a KaSA adapter, whose diagonal LoRA-FA does not train" if lora.use_kasa else
+                "a MiCA adapter, whose lora_A LoRA-FA does not train" if lora.init == "mica" else
+                "a BD-LoRA adapter, whose blocks LoRA-FA's projection of lora_B's gradient does not keep")
+        raise ValueError(f"--lorafa: --init-adapter {args.init_adapter} is {what}")
     # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
     prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
@@ -553,6 +571,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
         "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa, "kasa": lora.use_kasa,
         "adalora": adalora_ranks(lora, adapters),
+        "bdlora": lora.use_bdlora and dataclasses.asdict(lora.use_bdlora),
         "alora_invocation_tokens": lora.alora_invocation_tokens and list(lora.alora_invocation_tokens),
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,

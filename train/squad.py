@@ -108,6 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "(smoothed |w * g|) down to TARGET_R per matrix on average: none pruned in the first tenth of --steps, "
            "the final allocation held over the last fifth; AdaLoRA's orthogonal regulariser (weight 0.5) added to "
            "the loss")
+    a("--bdlora-blocks", type=int, default=None, metavar="N",
+      help="BD-LoRA (PEFT use_bdlora): block-diagonal factors of N blocks, for a server sharding each layer N ways "
+           "(lora_A in the row-sharded attention-out and MLP-down layers, lora_B in the column-sharded QKV and "
+           "MLP-up ones)")
     a("--reduce-intruders", type=float, nargs="?", const=0.75, default=None, metavar="LAMBDA",
       help="after training, also damp the adapter's intruder dimensions, keeping LAMBDA of each (PEFT "
            "reduce_intruder_dimension; default 0.75): score that adapter too, save it to adapter_reduced/ and "
@@ -233,6 +237,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  (f"--init {args.init}", args.init != "kaiming_uniform")) if on]
         if clash:
             p.error(f"--adalora has its own init, scale and ranks; not with {', '.join(clash)}")
+    if args.bdlora_blocks is not None:
+        if args.bdlora_blocks <= 0:
+            p.error(f"--bdlora-blocks must be positive, got {args.bdlora_blocks}")
+        clash = [f for f, on in (("--dora", args.dora), ("--alora", args.alora), ("--init-adapter", args.init_adapter),
+                                 ("--lorafa", args.lorafa), ("--velora-groups", args.velora_groups is not None),
+                                 ("--kasa", args.kasa), ("--adalora", args.adalora is not None),
+                                 ("--lora-bias", args.lora_bias),
+                                 ("--reduce-intruders", args.reduce_intruders is not None),
+                                 (f"--init {args.init}", args.init not in ("kaiming_uniform", "gaussian"))) if on]
+        if clash:
+            p.error(f"--bdlora-blocks is its own LoRA variant (block-diagonal factors); not with {', '.join(clash)}")
     if args.reduce_intruders is not None:
         if not 0 <= args.reduce_intruders <= 1:
             p.error(f"--reduce-intruders keeps a share of each intruder dimension: in [0, 1], got {args.reduce_intruders}")
