@@ -52,17 +52,19 @@ def cli_args(model_dir, data, out, *extra):
             "--lr", "1e-2", "--warmup", "1", "--log-every", "1", *extra]
 
 
-def losses(out: Path, run: str = "lora") -> list[float]:
+def losses(out: Path, run: str = "lora", key: str = "loss") -> list[float]:
+    """The run's training losses in metrics.jsonl (key="val_loss": its validation losses, --eval-every)."""
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["run"] == run]
+    return [r[key] for r in rows if r["run"] == run and key in r]
 
 
 def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json", malformed=True)
     out = tmp_path / "run"
     assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--dora", "--targets", "all-linear",
-                               "--layers-to-transform", "1")) == 0
+                               "--layers-to-transform", "1", "--eval-every", "1")) == 0
     printed = capsys.readouterr().out
+    assert "lora step 2: validation loss" in printed
     assert "| base model |" in printed and "| LoRA |" in printed and "trainable params" in printed
     # malformed records are skipped and counted, never fatal
     assert "skipped 3 malformed" in printed and "'no_answer': 1" in printed and "'empty_context': 1" in printed
@@ -78,6 +80,22 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     assert len(manifest["adapters"]) == 4  # layer 1's c_attn, attn c_proj, c_fc, mlp c_proj
     peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
     assert peft_cfg["use_dora"] is True and peft_cfg["layers_to_transform"] == [1]
+    # --eval-every 1: the validation loss after each step; the last one is the saved adapter's mean
+    # answer-token loss on the scored questions (first gold answer + EOS), computed here example by example
+    val = losses(out, key="val_loss")
+    assert len(val) == 2 and val[1] < val[0] and summary["val_loss"] == {"lora": val[1]}
+    model, params = from_pretrained(tiny_gpt2_dir)
+    saved = lp.load_adapter(out / "adapter", params)
+    g = lj.apply(model.apply, saved.config)
+    from train import data as squad_data
+    from transformers import AutoTokenizer
+    records = squad_data.load_split(data, "validation").records[:4]  # --eval-samples 4
+    total = count = 0.0
+    for e in squad_data.encode(AutoTokenizer.from_pretrained(tiny_gpt2_dir), records, 48, train=True).examples:
+        logp = jax.nn.log_softmax(g(params, saved.adapters, e.tokens[None, :-1])[0].astype(np.float32))
+        t = np.arange(e.target_start - 1, len(e.tokens) - 1)  # logits at t predict tokens[t + 1]
+        total, count = total - float(logp[t, e.tokens[t + 1]].sum()), count + len(t)
+    np.testing.assert_allclose(val[1], total / count, rtol=1e-4)
 
     # Continue from the exported PEFT adapter: its config (rank 4) replaces the flags (rank 2);
     # this time on an NF4 base (QLoRA), scored before and after.
@@ -176,7 +194,8 @@ def _run_subprocess(args, devices: int):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-PARALLEL_ARGS = ["--steps", "3", "--no-base-eval", "--eval-samples", "1", "--eval-batch-size", "1"]
+PARALLEL_ARGS = ["--steps", "3", "--no-base-eval", "--eval-samples", "1", "--eval-batch-size", "1",
+                 "--eval-every", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +211,21 @@ def one_device_losses(one_device):
     return losses(one_device)
 
 
+@pytest.fixture(scope="module")
+def one_device_val(one_device):
+    val = losses(one_device, key="val_loss")
+    assert len(val) == 2  # --eval-every 2 over 3 steps: after steps 2 and 3
+    return val
+
+
 @pytest.mark.parametrize("parallel", ["jit", "pmap", "fsdp"])
-def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel, one_device, one_device_losses):
+def test_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel, one_device, one_device_losses,
+                                         one_device_val):
     data = tiny_squad(tmp_path / "squad.json")
     _run_subprocess(cli_args(tiny_gpt2_dir, data, tmp_path / parallel, *PARALLEL_ARGS, "--parallel", parallel),
                     devices=4)
     np.testing.assert_allclose(losses(tmp_path / parallel), one_device_losses, rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / parallel, key="val_loss"), one_device_val, rtol=1e-5)
     preds = json.loads((tmp_path / parallel / "predictions_lora.json").read_text())
     assert len(preds) == 1 and preds == json.loads((one_device / "predictions_lora.json").read_text())
     summary = json.loads((tmp_path / parallel / "summary.json").read_text())
@@ -214,7 +242,8 @@ def test_remat_gives_the_same_losses(tiny_gpt2_dir, tmp_path, one_device_losses)
 
 
 @pytest.mark.parametrize("parallel, port", [("jit", 12000), ("fsdp", 13000)])
-def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, parallel, port, one_device, one_device_losses):
+def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, parallel, port, one_device, one_device_losses,
+                                        one_device_val):
     """jax.distributed over 2 processes on 127.0.0.1 (2 devices each under fsdp: the state is split
     over both processes), same global batch: same loss trajectory and answers."""
     data = tiny_squad(tmp_path / "squad.json")
@@ -230,6 +259,7 @@ def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, parallel, port,
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     np.testing.assert_allclose(losses(tmp_path / "two"), one_device_losses, rtol=1e-5)
+    np.testing.assert_allclose(losses(tmp_path / "two", key="val_loss"), one_device_val, rtol=1e-5)
     preds = json.loads((tmp_path / "two" / "predictions_lora.json").read_text())
     assert preds == json.loads((one_device / "predictions_lora.json").read_text())
     if parallel == "fsdp":
@@ -276,6 +306,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--adalora", "2", "--kasa", "--rslora"],
                         "--adalora has its own init, scale and ranks; not with --kasa, --rslora"),
                        (["--bdlora-blocks", "0"], "--bdlora-blocks must be positive, got 0"),
+                       (["--eval-every", "0"], "--eval-every must be positive, got 0"),
+                       (["--eval-only", "--eval-every", "5"], "--eval-only trains nothing, so it takes no --eval-every"),
                        (["--bdlora-blocks", "2", "--lora-bias", "--init", "pissa"], "--bdlora-blocks is its own LoRA "
                         "variant (block-diagonal factors); not with --lora-bias, --init pissa")]:
         with pytest.raises(SystemExit):

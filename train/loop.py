@@ -1,7 +1,8 @@
 """The jitted training step: loss on the target tokens only, gradient accumulation with
 `lax.scan`, clipping, non-finite guard, and data parallelism: `jit` with the batch sharded and
 the state replicated, `pmap`, or `fsdp` (the batch, the frozen weights, the trainable leaves and
-the optimizer state all sharded over the devices).
+the optimizer state all sharded over the devices). `make_eval` is the same loss without a
+gradient or dropout, for the validation loss (--eval-every), placed the same way.
 
 Only the trainable tree ({"adapters", "params": extra trainable leaves}) is differentiated and
 carried by the optimizer; frozen parameters are a read-only argument.
@@ -129,6 +130,22 @@ def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_n
     return step
 
 
+def make_eval(loss_fn, axis_name: str | None = None):
+    """evaluate(trainable, frozen, batch [accum, micro, T]) -> (sum of token losses, target tokens),
+    summed over the micro-batches (and the devices under pmap); `loss_fn` gets no rng, so no dropout."""
+    def evaluate(trainable, frozen, batch):
+        params, adapters = lj.join(trainable, frozen)
+
+        def body(carry, micro):
+            l, n = loss_fn(params, adapters, micro, None)
+            return (carry[0] + l, carry[1] + n), None
+        (l, n), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), batch)
+        if axis_name is not None:
+            l, n = jax.lax.psum((l, n), axis_name)
+        return l, n
+    return evaluate
+
+
 def _global(x, where: NamedSharding):
     """A global array from a host value every process holds whole (each takes its shards)."""
     x = np.asarray(x)
@@ -160,17 +177,23 @@ class Runner:
     (jit, pmap) or split over all devices (fsdp).
     """
 
-    def __init__(self, loss_fn, tx, cfg: StepConfig, regularizer: Callable[[Any], jax.Array] | None = None):
+    def __init__(self, loss_fn, tx, cfg: StepConfig, regularizer: Callable[[Any], jax.Array] | None = None,
+                 eval_loss_fn=None):
         if cfg.parallel not in PARALLEL:
             raise ValueError(f"--parallel must be one of {PARALLEL}, got {cfg.parallel!r}")
         self.cfg, self.tx = cfg, tx
         n = jax.device_count()
         if cfg.micro_batch % n:
             raise ValueError(f"--batch-size {cfg.micro_batch} is not divisible by the {n} devices")
+        self._eval = None
         if cfg.parallel == "pmap":
             step = make_step(loss_fn, tx, cfg, axis_name="data", regularizer=regularizer)
             self._step = jax.pmap(step, axis_name="data", in_axes=(0, None, 0, 0, None), donate_argnums=(0, 2))
+            if eval_loss_fn is not None:
+                self._eval = jax.pmap(make_eval(eval_loss_fn, "data"), axis_name="data", in_axes=(0, None, 0))
         else:
+            if eval_loss_fn is not None:
+                self._eval = jax.jit(make_eval(eval_loss_fn))
             self._mesh = data_mesh()
             self._replicated = NamedSharding(self._mesh, P())
             self._batch_sharding = NamedSharding(self._mesh, P(None, "data"))  # [accum, micro, T]
@@ -201,19 +224,37 @@ class Runner:
             return jax.tree.map(lambda x: np.asarray(x[0]), (trainable, opt_state))
         return jax.tree.map(_host, (trainable, opt_state))
 
-    def step(self, trainable, frozen, opt_state, batch: dict[str, np.ndarray], rng: np.ndarray):
-        """One optimizer step on the global host batch {k: [accum * micro, T]}; rng: uint32 key data."""
+    def _put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The global host batch {k: [accum * micro, T]} as the step takes it: [accum, micro, T]
+        sharded over the data axis, or (pmap) this process's devices' rows [n, accum, micro / devices, T]."""
         a, m = self.cfg.accum, self.cfg.micro_batch
         batch = {k: v.reshape(a, m, *v.shape[1:]) for k, v in batch.items()}  # [accum, micro, T]
         if self.cfg.parallel == "pmap":
             n, per = jax.local_device_count(), m // jax.device_count()
             lo = jax.process_index() * n * per  # this process's devices hold rows [lo, lo + n * per)
             # [n, accum, micro / devices, T]: each device a contiguous slice of every micro-batch
-            batch = {k: np.moveaxis(v[:, lo:lo + n * per].reshape(a, n, per, *v.shape[2:]), 1, 0)
-                     for k, v in batch.items()}
-            trainable, opt_state, metrics = self._step(trainable, frozen, opt_state, batch, rng)
+            return {k: np.moveaxis(v[:, lo:lo + n * per].reshape(a, n, per, *v.shape[2:]), 1, 0)
+                    for k, v in batch.items()}
+        return {k: _global(v, self._batch_sharding) for k, v in batch.items()}
+
+    def step(self, trainable, frozen, opt_state, batch: dict[str, np.ndarray], rng: np.ndarray):
+        """One optimizer step on the global host batch {k: [accum * micro, T]}; rng: uint32 key data."""
+        if self.cfg.parallel == "pmap":
+            trainable, opt_state, metrics = self._step(trainable, frozen, opt_state, self._put_batch(batch), rng)
             return trainable, opt_state, jax.tree.map(lambda x: x[0], metrics)
         if self._step is None:
             raise RuntimeError("Runner.put_state must place the state before the first fsdp step")
-        batch = {k: _global(v, self._batch_sharding) for k, v in batch.items()}
-        return self._step(trainable, frozen, opt_state, batch, _global(rng, self._replicated))
+        return self._step(trainable, frozen, opt_state, self._put_batch(batch), _global(rng, self._replicated))
+
+    def evaluate(self, trainable, frozen, batches) -> tuple[float, int]:
+        """(mean token loss, target tokens) of the state over fixed global host batches, without
+        dropout or any update (the `eval_loss_fn` given at construction)."""
+        if self._eval is None:
+            raise RuntimeError("Runner.evaluate needs eval_loss_fn at construction")
+        total, count = 0.0, 0.0
+        for batch in batches:
+            l, n = self._eval(trainable, frozen, self._put_batch(batch))
+            if self.cfg.parallel == "pmap":
+                l, n = l[0], n[0]
+            total, count = total + float(l), count + float(n)
+        return total / max(count, 1.0), int(count)

@@ -28,7 +28,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def loss_plot(metrics: Path, png: Path) -> None:
-    """Training loss against step, one line per run (lora / full)."""
+    """Training loss against step, one line per run (lora / full); the validation loss
+    (--eval-every) dashed in the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -37,8 +38,11 @@ def loss_plot(metrics: Path, png: Path) -> None:
     rows = read_metrics(metrics)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for run in dict.fromkeys(r["run"] for r in rows):
-        pts = [(r["step"], r["loss"]) for r in rows if r["run"] == run]
-        ax.plot(*zip(*pts), label=run)
+        pts = [(r["step"], r["loss"]) for r in rows if r["run"] == run and "loss" in r]
+        (line,) = ax.plot(*zip(*pts), label=run)
+        val = [(r["step"], r["val_loss"]) for r in rows if r["run"] == run and "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "--o", color=line.get_color(), markersize=3, label=f"{run} (validation)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (answer tokens)")
     ax.set_yscale("log")

@@ -83,6 +83,19 @@ def load_data(args, tokenizer, log):
     return enc_train.examples, enc_val.examples, val_records
 
 
+def loss_examples(args, tokenizer, records, log) -> tuple:
+    """--eval-every's validation set: the scored questions as training examples (prompt, first
+    gold answer, EOS), whose answer-token loss is the training loss's counterpart."""
+    if not args.eval_every:
+        return ()
+    enc = data.encode(tokenizer, records, args.max_len, train=True, full_sequence_loss=args.full_sequence_loss)
+    if enc.skipped.get("too_long"):
+        log(f"validation loss: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
+    if not enc.examples:
+        raise ValueError(f"--eval-every: no validation example fits --max-len {args.max_len}")
+    return enc.examples
+
+
 FUSED_QKV = {"gpt2": "c_attn", "bloom": "query_key_value"}
 # --bdlora-blocks: (block-diagonal lora_A: the row-sharded layers, lora_B: the column-sharded ones)
 BD_SIDES = {"gpt2": (("c_proj",), ("c_attn", "c_fc")),
@@ -262,8 +275,9 @@ def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
 
 
 def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | None, lr: float,
-          out: Path, tag: str, log, adapters=None) -> tuple[Any, Any, list[dict], bool]:
-    """Train LoRA adapters (or, with lora=None, every parameter).
+          out: Path, tag: str, log, adapters=None, val_examples=()) -> tuple[Any, Any, list[dict], bool]:
+    """Train LoRA adapters (or, with lora=None, every parameter). With --eval-every, the mean
+    answer-token loss on `val_examples` (encoded as training examples) is logged as it trains.
 
     Returns (params, adapters, history, finished); finished is False after --stop-after.
     """
@@ -312,7 +326,13 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     regularizer = None
     if lora is not None and (lora.use_kasa or lora.adalora is not None):
         regularizer = functools.partial(lj.kasa_loss if lora.use_kasa else lj.adalora.orth_loss, lora)
-    runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer)
+    rows = args.batch_size * args.grad_accum
+    pad, buckets = data.pad_id_of(tokenizer), data.bucket_lengths(args.max_len)
+    val_batches = [data.make_train_batch(val_examples[i:i + rows], rows, buckets, pad)
+                   for i in range(0, len(val_examples), rows)] if args.eval_every else []
+    val_loss = target_loss(logits, _targets_per_row(val_examples, args.full_sequence_loss, args.max_len)) \
+        if val_batches else None
+    runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer, eval_loss_fn=val_loss)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
     start = 0
@@ -330,10 +350,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         log(f"{tag}: fsdp over {jax.device_count()} devices: {held / 2**20:.2f} MiB of weights and optimizer "
             f"state per device ({whole / 2**20:.2f} MiB in all)")
 
-    rows = args.batch_size * args.grad_accum
     per_epoch = data.batches_per_epoch(len(examples), rows)
-    stream = data.train_batches(examples, batch_size=rows, buckets=data.bucket_lengths(args.max_len),
-                                pad_id=data.pad_id_of(tokenizer), seed=args.seed,
+    stream = data.train_batches(examples, batch_size=rows, buckets=buckets, pad_id=pad, seed=args.seed,
                                 start=data.DataPosition.from_step(start, per_epoch))
     history: list[dict] = []
     primary = jax.process_index() == 0
@@ -369,8 +387,18 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                     metrics_file.write(report.json_line(rec))
                     metrics_file.flush()
                 t_last, tok_since = now, 0
+            if val_batches and (done % args.eval_every == 0 or done == args.steps):
+                v, n = runner.evaluate(trainable_d, frozen_d, val_batches)
+                rec = {"run": tag, "step": done, "val_loss": v, "val_tokens": n}
+                history.append(rec)
+                if metrics_file is not None:
+                    metrics_file.write(report.json_line(rec))
+                    metrics_file.flush()
+                log(f"{tag} step {done}: validation loss {v:.4f} ({n} answer tokens)")
+                t_last = time.perf_counter()  # the evaluation is not training throughput
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}" if history else "-")
+            speed = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed[-1]:.0f}" if speed else "-")
             if done % args.checkpoint_every == 0 or done == end:
                 t_host, o_host = runner.get_state(trainable_d, opt_d)
                 nxt = data.DataPosition.from_step(done, per_epoch)
@@ -414,6 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Everything that can reject the input runs before the output directory is created.
     model, params, tokenizer = load_model(args)
     train_ex, val_ex, val_records = load_data(args, tokenizer, log)
+    val_loss_ex = loss_examples(args, tokenizer, val_records, log)
     adapters0 = None
     if args.init_adapter:
         lora, adapters0, params = load_init_adapter(args.init_adapter, params, model)
@@ -502,13 +531,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with timed("eval_base"):
             results["base"], samples["base"] = evaluate(base_apply, for_eval(args, params), model, tokenizer,
                                                         val_ex, val_records, **eval_kw)
+    history: list[dict] = []
     if args.eval_only:  # score --init-adapter's adapter as it is (if one was given)
         lora_params, adapters = train_params, adapters0
     else:
         with timed("train_lora"):
             lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_ex,
                                                              lora=lora, lr=args.lr, out=out, tag="lora", log=log,
-                                                             adapters=adapters0)
+                                                             adapters=adapters0, val_examples=val_loss_ex)
         if not finished:
             log(f"stopped after {args.stop_after} steps (--stop-after); continue with --resume --output-dir {out}")
             return {"stopped": True, "scores": results}
@@ -546,7 +576,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.full_finetune:
         with timed("train_full"):
             full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
-                                                 lr=args.full_lr, out=out, tag="full", log=log)
+                                                 lr=args.full_lr, out=out, tag="full", log=log,
+                                                 val_examples=val_loss_ex)
         history += full_hist
         log("scoring the fully fine-tuned model ...")
         with timed("eval_full"):
@@ -575,6 +606,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "alora_invocation_tokens": lora.alora_invocation_tokens and list(lora.alora_invocation_tokens),
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
+        "val_loss": {r["run"]: r["val_loss"] for r in history if "val_loss" in r} or None,  # the last, per run
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "reduce_intruders": intruders if reduced is not None else None,
     }

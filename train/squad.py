@@ -154,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="stop this invocation after N steps, with a checkpoint (continue later with --resume)")
     a("--skip-nonfinite", action="store_true", help="skip steps with a non-finite loss/gradient instead of stopping")
     a("--log-every", type=int, default=10, help="metrics.jsonl / progress-bar update interval (steps)")
+    a("--eval-every", type=int, default=None, metavar="N",
+      help="every N steps and at the end, the mean answer-token loss on the scored validation questions "
+           "(teacher-forced, no dropout): logged, in metrics.jsonl as val_loss, dashed in loss.png")
     a("--no-progress", action="store_true", help="no progress bar (logs only)")
     a("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
       help="multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
@@ -174,6 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.stop_after is not None and args.stop_after <= 0:
         p.error(f"--stop-after must be positive, got {args.stop_after}")
+    if args.eval_every is not None and args.eval_every <= 0:
+        p.error(f"--eval-every must be positive, got {args.eval_every}")
     if args.coordinator and (args.num_processes is None or args.process_id is None):
         p.error("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if args.eval_samples < 0:
@@ -258,6 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_only:
         clash = [f for f, on in (("--full-finetune", args.full_finetune), ("--resume", args.resume),
                                  ("--stop-after", args.stop_after is not None),
+                                 ("--eval-every", args.eval_every is not None),
                                  (f"--init {args.init}", args.init != "kaiming_uniform")) if on]
         if clash:
             p.error(f"--eval-only trains nothing, so it takes no {', '.join(clash)}")
