@@ -81,7 +81,8 @@ LAYERS_KEY = "h"  # the path component holding the layer stack: transformer/h/{i
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "float16": np.float16, "fp16": np.float16,
            "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 # PEFT options whose adapters are not plain LoRA (or that change the base weights).
-_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora", "monteclora_config")
+_UNSUPPORTED = ("layer_replication", "target_parameters", "use_qalora")
+SAMPLER = ".lora_monteclora_sampler."  # MonteCLoRA's training-time sampler: <module>.lora_monteclora_sampler.<name>
 HEAD = "lm_head."  # PEFT's name of the (here always tied) LM head, which save_embedding_layers also writes
 TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # <table module>.token_adapter.trainable_tokens_delta: (n, D)
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
@@ -918,6 +919,14 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     if not weights.is_file() and (directory / BIN_FILE).is_file():
         weights = directory / BIN_FILE  # an old PEFT save: torch pickle, read with weights_only=True
     tensors = _without_head_copies(weights, read_tensors(weights))
+    if cfg.get("monteclora_config"):
+        sampler = {k for k in tensors if SAMPLER in k}
+        tensors = {k: v for k, v in tensors.items() if k not in sampler}
+        modules = len({k.split(SAMPLER)[0] for k in sampler})
+        warnings.warn(f"{cfg_path}: a MonteCLoRA adapter: its sampler ({len(sampler)} tensors over {modules} "
+                      "modules) perturbs lora_A in training only, so it is loaded as the plain LoRA it is at "
+                      "inference and in PEFT's merge; lora_jax does not train that sampler, and re-exports plain "
+                      "LoRA", stacklevel=2)
     velora_kw = _velora(cfg_path, cfg)
     bd = _bdlora(cfg_path, cfg)
     # PEFT's projection buffer per module: kept for a fixed init_type, else recomputed from every batch here

@@ -147,6 +147,35 @@ def test_peft_made_adapter_imports(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tm
     np.testing.assert_allclose(np.asarray(logits), want, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_monteclora_adapter_imports_as_its_inference_lora(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path, nudge_torch):
+    """A PEFT MonteCLoRA adapter (every factor and sampler parameter nonzero) gives PEFT's eval-mode
+    logits and merge, where its sampler does not act; the sampler's tensors are dropped with a
+    warning that counts them, and the re-export is the plain LoRA PEFT loads to the same logits."""
+    from peft.tuners.lora.config import MontecloraConfig
+
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    target = {"gpt2": "c_attn", "bloom": "query_key_value"}[name]
+    pm = nudge_torch(peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=[target], monteclora_config=MontecloraConfig(num_samples=4))), seed=2)
+    pm.save_pretrained(tmp_path / "theirs")
+    want = torch_logits(pm)
+    model, params = from_pretrained(base_dir)
+    with pytest.warns(UserWarning, match=r"MonteCLoRA adapter: its sampler \(8 tensors over 2 modules\) perturbs "
+                                         "lora_A in training only"):
+        got = lp.load_peft(tmp_path / "theirs", params)
+    block = "attn" if name == "gpt2" else "self_attention"
+    assert got.config.rank == 4 and sorted(got.adapters) == [f"transformer/h/{i}/{block}/{target}/kernel" for i in (0, 1)]
+    np.testing.assert_allclose(np.asarray(lj.apply(model.apply, got.config)(params, got.adapters, IDS)), want,
+                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(np.asarray(model.apply(lj.merge(got.config, jax.tree.map(jnp.array, params),
+                                                               got.adapters), IDS)), want, atol=ATOL, rtol=0)
+    ours = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    assert "monteclora_config" not in json.loads((ours / lp.CONFIG_FILE).read_text())
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(hf_model(base_dir), str(ours))), want,
+                               atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_peft_layers_to_transform_and_exclude_modules_import(scan, tiny_gpt2_dir, tmp_path, nudge_torch):
     """PEFT adapters that skip layers (`layers_to_transform`) or modules (`exclude_modules`) load as

@@ -133,7 +133,7 @@ def test_peft_files_with_the_resized_table_both_ways(tiny_gpt2_dir, tmp_path, nu
 
 @pytest.mark.parametrize("key, msg", [("kasa_config", "kasa_config {'some': 'settings'} is not PEFT's KasaConfig"),
                                       ("arrow_config", r"an Arrow router \(arrow_config\) holds no adapter"),
-                                      ("monteclora_config", "monteclora_config=")])
+                                      ("use_qalora", "use_qalora="), ("layer_replication", "layer_replication=")])
 def test_peft_variants_that_change_the_forward_are_refused(key, msg, tiny_gpt2_dir, tmp_path):
     model, params = from_pretrained(tiny_gpt2_dir)
     config = lj.LoraConfig(rank=2, targets=["c_attn"])
