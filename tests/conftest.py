@@ -174,3 +174,23 @@ def peft_train():
             opt.step()
         return {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
     return train
+
+
+@pytest.fixture
+def jax_train():
+    """`train(loss, tx, config, params, adapters, batch, steps) -> (trainable, frozen, first, last)`:
+    `steps` jitted `lj.make_train_step` steps of `loss(params, adapters, batch)` on one batch, from
+    `lj.split(config, params, adapters)`; first and last are the losses of the first and last step."""
+    def train(loss, tx, config, params, adapters, batch, steps: int):
+        import jax
+
+        import lora_jax as lj
+
+        trainable, frozen = lj.split(config, params, adapters)
+        step = lj.make_train_step(loss, tx)
+        state, run, first = step.init(trainable), jax.jit(step.step), None
+        for _ in range(steps):
+            trainable, state, value = run(trainable, frozen, state, batch)
+            first = value if first is None else first
+        return trainable, frozen, float(first), float(value)
+    return train

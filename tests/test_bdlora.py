@@ -88,7 +88,7 @@ def test_matches_peft_both_ways(scan, tiny_bloom_dir, tmp_path, nudge_torch, pef
     np.testing.assert_allclose(back(torch.tensor(IDS)).logits.detach().numpy(), want, atol=1e-5)
 
 
-def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path):
+def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path, jax_train):
     """init: a block-diagonal A drawn as PEFT's (uniform within sqrt(6 / (in/n))), B = 0, so the model
     starts as the base. Adam steps train the blocks and leave the off-block zeros exactly zero;
     stray off-block values change neither apply nor merge; the orbax checkpoint round-trips."""
@@ -115,14 +115,8 @@ def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path):
     def loss(params, adapters, ids):
         logits = g(params, adapters, ids[:, :-1])
         return -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1).mean()
-    trainable, frozen = lj.split(config, params, adapters)
-    step = lj.make_train_step(loss, optax.adamw(1e-2, weight_decay=0.1))
-    state, first = step.init(trainable), None
-    run = jax.jit(step.step)
-    for _ in range(4):
-        trainable, state, value = run(trainable, frozen, state, IDS)
-        first = value if first is None else first
-    assert float(value) < float(first)
+    trainable, _, first, last = jax_train(loss, optax.adamw(1e-2, weight_decay=0.1), config, params, adapters, IDS, 4)
+    assert last < first
     trained = trainable["adapters"]
     for p, k in ((OUT, "lora_A"), (QKV, "lora_B")):
         x = np.asarray(trained[p][k])

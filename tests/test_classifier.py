@@ -110,7 +110,7 @@ def _xent(clf, config):
 
 
 @pytest.mark.parametrize("arch, target", [("gpt2", "c_attn"), ("bloom", "query_key_value")])
-def test_lora_classifier_is_peft_seq_cls_both_ways(clf_dirs, tmp_path, arch, target, nudge_torch):
+def test_lora_classifier_is_peft_seq_cls_both_ways(clf_dirs, tmp_path, arch, target, nudge_torch, jax_train):
     """LoRA on the fused QKV + the head trained in full (PEFT's SEQ_CLS): trained here, exported,
     loaded by PEFT on transformers' classifier (same logits), read back, merged; and an adapter
     PEFT made for SEQ_CLS runs here with PEFT's logits."""
@@ -123,15 +123,8 @@ def test_lora_classifier_is_peft_seq_cls_both_ways(clf_dirs, tmp_path, arch, tar
     ids, mask = _ids(clf.config.pad_token_id)
     batch = {"ids": ids, "mask": mask, "labels": np.array([0, 1, 2, 1])}
     g, loss = _xent(clf, config)
-    train = lj.make_train_step(loss, optax.adam(3e-2))
-    trainable, frozen = lj.split(config, params, adapters)
-    opt_state = train.init(trainable)
-    step = jax.jit(train.step)
-    first = None
-    for _ in range(5):
-        trainable, opt_state, value = step(trainable, frozen, opt_state, batch)
-        first = value if first is None else first
-    assert value < 0.5 * first
+    trainable, frozen, first, last = jax_train(loss, optax.adam(3e-2), config, params, adapters, batch, 5)
+    assert last < 0.5 * first
     tuned, adapters = lj.join(trainable, frozen)
     assert not np.array_equal(tuned["score"]["kernel"], params["score"]["kernel"])
     ours = np.asarray(g(tuned, adapters, ids, mask))

@@ -78,7 +78,7 @@ def test_matches_peft_both_ways(scan, tiny_bloom_dir, tmp_path, nudge_torch, pef
     np.testing.assert_allclose(back(torch.tensor(IDS)).logits.detach().numpy(), want, atol=1e-5)
 
 
-def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path):
+def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path, jax_train):
     """init_kasa: the base loses exactly its r smallest singular values, B = 0 (so the model is the
     truncated base), a random diagonal; scanned params truncate per layer as unrolled ones do.
     A few steps of task loss + kasa_loss train all three leaves, and the orbax checkpoint comes
@@ -106,14 +106,8 @@ def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path):
         logits = g(params, adapters, ids[:, :-1])
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], -1).mean()
         return nll + lj.kasa_loss(config, adapters)
-    trainable, frozen = lj.split(config, base, adapters)
-    step = lj.make_train_step(loss, optax.adam(1e-2))
-    state, first = step.init(trainable), None
-    run = jax.jit(step.step)
-    for _ in range(4):
-        trainable, state, value = run(trainable, frozen, state, IDS)
-        first = value if first is None else first
-    assert float(value) < float(first)
+    trainable, _, first, last = jax_train(loss, optax.adam(1e-2), config, base, adapters, IDS, 4)
+    assert last < first
     for k in ("lora_A", "lora_B", "lora_diag"):
         assert np.abs(np.asarray(trainable["adapters"][p][k] - adapters[p][k])).max() > 1e-3, k
 
