@@ -27,7 +27,8 @@ Adapters = dict[str, dict[str, jax.Array]]
 
 
 def module_name(path: str) -> str:
-    """PEFT's dotted module name that BD-LoRA's patterns are matched in (`.../c_attn/kernel` -> `....c_attn`)."""
+    """The dotted module name BD-LoRA's patterns are matched in, as PEFT matches them
+    (`transformer/h/0/attn/c_attn/kernel` -> `transformer.h.0.attn.c_attn`)."""
     return path.rsplit("/", 1)[0].replace("/", ".")
 
 

@@ -470,6 +470,11 @@ def test_bdlora_through_the_cli(tiny_gpt2_dir, tiny_bloom_dir, tmp_path, capsys)
                                *common)) == 0
     predictions = lambda d: json.loads((d / "predictions_lora.json").read_text())  # noqa: E731
     assert predictions(again) == predictions(out)
+    for flag, said in (("--reduce-intruders", "whose blocks the reduction's new factors break"),
+                       ("--lorafa", "whose blocks LoRA-FA's projection of lora_B's gradient does not keep")):
+        assert squad.main(cli_args(tiny_bloom_dir, data, tmp_path / "no", "--init-adapter", str(out / "peft"),
+                                   flag, *common)) == 1
+        assert said in capsys.readouterr().err and not (tmp_path / "no").exists()
 
     assert squad.main(cli_args(tiny_gpt2_dir, data, tmp_path / "gpt2", "--steps", "1", "--bdlora-blocks", "2",
                                *common)) == 0

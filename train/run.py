@@ -452,10 +452,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
     check_invocation(lora, {"training": train_ex, "validation": val_ex})
     if args.reduce_intruders is not None and (lora.use_dora or lora.use_kasa or lora.use_bdlora is not None):
-        what = ("DoRA adapter, whose trained magnitude belongs to" if lora.use_dora else "KaSA adapter, whose "
-                "diagonal belongs to" if lora.use_kasa else "BD-LoRA adapter, whose blocks do not survive")
-        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is a {what} the "
-                         "directions the reduction changes")
+        what = ("a DoRA adapter, whose trained magnitude belongs to the directions the reduction changes"
+                if lora.use_dora else "a KaSA adapter, whose diagonal belongs to the directions the reduction "
+                "changes" if lora.use_kasa else "a BD-LoRA adapter, whose blocks the reduction's new factors break")
+        raise ValueError(f"--reduce-intruders: --init-adapter {args.init_adapter} is {what}")
     if args.lorafa and (lora.use_kasa or lora.init == "mica" or lora.use_bdlora is not None):
         what = ("a KaSA adapter, whose diagonal LoRA-FA does not train" if lora.use_kasa else
                 "a MiCA adapter, whose lora_A LoRA-FA does not train" if lora.init == "mica" else
