@@ -114,6 +114,20 @@ def test_sigkill_during_checkpoint_save_then_resume(setup):
     _assert_same(final_trainable(out), reference)
 
 
+def test_checkpoints_after_the_resumed_step_are_dropped(tmp_path):
+    """orbax silently skips saving a step below its latest one: a run resumed from step 3 (say, after
+    a kill) must first drop the --keep-best checkpoint it had saved at step 5, or its new bests vanish."""
+    ck = TrainCheckpoints(tmp_path / "best", keep=1)
+    ck.save(5, {"a": np.ones(2)}, {}, {"val_loss": 1.0})
+    ck.save(2, {"a": np.zeros(2)}, {}, {"val_loss": 0.5})
+    assert ck.manager.all_steps() == [5]  # skipped, without an error
+    ck.drop_after(3)
+    ck.save(2, {"a": np.zeros(2)}, {}, {"val_loss": 0.5})
+    assert ck.manager.all_steps() == [2] and ck.read_meta(2)["val_loss"] == 0.5
+    np.testing.assert_array_equal(ck.restore({"a": np.ones(2)}, {}, 2)[0]["a"], np.zeros(2))
+    ck.close()
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoint(setup, capsys):
     model, data, _, tmp = setup
     out = tmp / "nan"

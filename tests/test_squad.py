@@ -58,6 +58,52 @@ def losses(out: Path, run: str = "lora", key: str = "loss") -> list[float]:
     return [r[key] for r in rows if r["run"] == run and key in r]
 
 
+def answer_loss(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_len: int = 48) -> float:
+    """The saved adapter's mean answer-token loss (first gold answer + EOS) on the first n
+    validation questions, computed example by example: what --eval-every reports."""
+    from transformers import AutoTokenizer
+
+    from train import data as squad_data
+    model, params = from_pretrained(model_dir)
+    saved = lp.load_adapter(adapter, params)
+    g = lj.apply(model.apply, saved.config)
+    records = squad_data.load_split(data, "validation").records[:n]
+    total = count = 0.0
+    for e in squad_data.encode(AutoTokenizer.from_pretrained(model_dir), records, max_len, train=True).examples:
+        logp = jax.nn.log_softmax(g(params, saved.adapters, e.tokens[None, :-1])[0].astype(np.float32))
+        t = np.arange(e.target_start - 1, len(e.tokens) - 1)  # logits at t predict tokens[t + 1]
+        total, count = total - float(logp[t, e.tokens[t + 1]].sum()), count + len(t)
+    return total / count
+
+
+def test_keep_best_and_an_earlier_runs_checkpoints(tiny_gpt2_dir, tmp_path, capsys):
+    """--keep-best scores and saves the step of the lowest validation loss (here step 2 of 6 at a
+    too-large lr); a run stopped and resumed keeps the same one. A fresh run in a directory holding
+    an earlier run's checkpoints removes them, so its --resume continues its own steps."""
+    data = tiny_squad(tmp_path / "squad.json")
+    flags = ["--steps", "6", "--no-base-eval", "--eval-every", "1", "--keep-best", "--lr", "0.5", "--checkpoint-every",
+             "2"]
+    straight = tmp_path / "straight"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, straight, *flags)) == 0
+    val = losses(straight, key="val_loss")
+    best = int(np.argmin(val)) + 1
+    assert best == 2 and f"--keep-best keeps step 2 of 6, the lowest validation loss ({val[1]:.4f})" in \
+        capsys.readouterr().out
+    assert json.loads((straight / "summary.json").read_text())["best_step"] == {"lora": 2}
+    np.testing.assert_allclose(answer_loss(tiny_gpt2_dir, data, straight / "adapter"), val[1], rtol=1e-4)
+
+    split = tmp_path / "split"  # an earlier run (6 steps, other lr) left checkpoints 4 and 6 here
+    assert squad.main(cli_args(tiny_gpt2_dir, data, split, "--steps", "6", "--no-base-eval", "--checkpoint-every",
+                               "2")) == 0
+    assert squad.main(cli_args(tiny_gpt2_dir, data, split, *flags, "--stop-after", "3")) == 0
+    assert "removed the checkpoints of an earlier run" in capsys.readouterr().out
+    assert squad.main(cli_args(tiny_gpt2_dir, data, split, *flags, "--resume")) == 0
+    assert "resumed lora from step 3" in capsys.readouterr().out
+    weights = lambda d: (d / "peft" / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    assert weights(split) == weights(straight)
+    assert json.loads((split / "summary.json").read_text())["best_step"] == {"lora": 2}
+
+
 def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json", malformed=True)
     out = tmp_path / "run"
@@ -84,18 +130,7 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     # answer-token loss on the scored questions (first gold answer + EOS), computed here example by example
     val = losses(out, key="val_loss")
     assert len(val) == 2 and val[1] < val[0] and summary["val_loss"] == {"lora": val[1]}
-    model, params = from_pretrained(tiny_gpt2_dir)
-    saved = lp.load_adapter(out / "adapter", params)
-    g = lj.apply(model.apply, saved.config)
-    from train import data as squad_data
-    from transformers import AutoTokenizer
-    records = squad_data.load_split(data, "validation").records[:4]  # --eval-samples 4
-    total = count = 0.0
-    for e in squad_data.encode(AutoTokenizer.from_pretrained(tiny_gpt2_dir), records, 48, train=True).examples:
-        logp = jax.nn.log_softmax(g(params, saved.adapters, e.tokens[None, :-1])[0].astype(np.float32))
-        t = np.arange(e.target_start - 1, len(e.tokens) - 1)  # logits at t predict tokens[t + 1]
-        total, count = total - float(logp[t, e.tokens[t + 1]].sum()), count + len(t)
-    np.testing.assert_allclose(val[1], total / count, rtol=1e-4)
+    np.testing.assert_allclose(val[1], answer_loss(tiny_gpt2_dir, data, out / "adapter"), rtol=1e-4)
 
     # Continue from the exported PEFT adapter: its config (rank 4) replaces the flags (rank 2);
     # this time on an NF4 base (QLoRA), scored before and after.
@@ -307,7 +342,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                         "--adalora has its own init, scale and ranks; not with --kasa, --rslora"),
                        (["--bdlora-blocks", "0"], "--bdlora-blocks must be positive, got 0"),
                        (["--eval-every", "0"], "--eval-every must be positive, got 0"),
-                       (["--eval-only", "--eval-every", "5"], "--eval-only trains nothing, so it takes no --eval-every"),
+                       (["--keep-best"], "--keep-best keeps the step of the lowest validation loss: pass --eval-every"),
+                       (["--eval-only", "--eval-every", "5"],
+                        "--eval-only trains nothing, so it takes no --eval-every"),
                        (["--bdlora-blocks", "2", "--lora-bias", "--init", "pissa"], "--bdlora-blocks is its own LoRA "
                         "variant (block-diagonal factors); not with --lora-bias, --init pissa")]:
         with pytest.raises(SystemExit):

@@ -9,6 +9,7 @@ import functools
 import itertools
 import math
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 import lora_jax as lj
 from lora_jax import quant
@@ -335,6 +337,9 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer, eval_loss_fn=val_loss)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
+    # --keep-best: the trainable leaves of the lowest validation loss so far, kept on disk so --resume sees them
+    best = TrainCheckpoints(out / "checkpoints" / f"{tag}_best", keep=1) if args.keep_best else None
+    best_step, best_loss = None, math.inf
     start = 0
     if args.resume and ckpt.latest_step() is not None:
         trainable, opt_state, meta = ckpt.restore(trainable, opt_state)
@@ -342,6 +347,10 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         log(f"resumed {tag} from step {start} ({ckpt.directory})")
     elif args.resume:
         log(f"--resume: no checkpoint for {tag} under {ckpt.directory}; starting from step 0")
+    if best is not None:  # the best of the steps before `start` (one saved after it belongs to a lost future)
+        best.drop_after(start)
+        best_step = best.latest_step()
+        best_loss = math.inf if best_step is None else float(best.read_meta(best_step)["val_loss"])
     trainable_d, opt_d = runner.put_state(trainable, opt_state)
     frozen_d = runner.put_frozen(frozen)
     if args.parallel == "fsdp":
@@ -395,6 +404,9 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                     metrics_file.write(report.json_line(rec))
                     metrics_file.flush()
                 log(f"{tag} step {done}: validation loss {v:.4f} ({n} answer tokens)")
+                if best is not None and v < best_loss:
+                    best_step, best_loss = done, v
+                    best.save(done, runner.get_state(trainable_d, opt_d)[0], {}, {"val_loss": v})
                 t_last = time.perf_counter()  # the evaluation is not training throughput
             bar.update(1)
             speed = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
@@ -411,6 +423,13 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     if skipped:
         log(f"{tag}: skipped {skipped} steps with a non-finite loss or gradient")
     t_host, _ = runner.get_state(trainable_d, opt_d)
+    if best is not None:
+        if end == args.steps and best_step is not None:
+            if best_step != end:
+                t_host = best.restore(t_host, {}, best_step)[0]
+            log(f"{tag}: --keep-best keeps step {best_step} of {end}, the lowest validation loss ({best_loss:.4f})")
+            history.append({"run": tag, "best_step": best_step, "best_val_loss": best_loss})
+        best.close()
     new_params, adapters = lj.join(t_host, frozen) if lora is not None else (t_host["params"], {})
     return new_params, adapters, history, end == args.steps
 
@@ -511,8 +530,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{scheme}: frozen params {dense_bytes / 2**20:.2f} MiB -> {quant.nbytes(params) / 2**20:.2f} MiB")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if primary and not args.resume and not args.eval_only and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
+    if not args.resume and not args.eval_only:  # a fresh run: an earlier run's metrics and checkpoints go
+        if primary and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+        if primary and (out / "checkpoints").exists():
+            # orbax skips saving a step that exists, and --resume takes the latest: stale ones must not stay
+            shutil.rmtree(out / "checkpoints")
+            log(f"removed the checkpoints of an earlier run in {out / 'checkpoints'} (no --resume)")
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("lora_jax: earlier checkpoints removed")
 
     eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
                    max_new_tokens=args.max_new_tokens)
@@ -607,6 +633,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "val_loss": {r["run"]: r["val_loss"] for r in history if "val_loss" in r} or None,  # the last, per run
+        "best_step": {r["run"]: r["best_step"] for r in history if "best_step" in r} or None,  # --keep-best
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "reduce_intruders": intruders if reduced is not None else None,
     }

@@ -157,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-every", type=int, default=None, metavar="N",
       help="every N steps and at the end, the mean answer-token loss on the scored validation questions "
            "(teacher-forced, no dropout): logged, in metrics.jsonl as val_loss, dashed in loss.png")
+    a("--keep-best", action="store_true",
+      help="with --eval-every: score, save and export the adapter of the lowest validation loss, not the last "
+           "step's (kept under checkpoints/<run>_best, so --resume keeps it too)")
     a("--no-progress", action="store_true", help="no progress bar (logs only)")
     a("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
       help="multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
@@ -179,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--stop-after must be positive, got {args.stop_after}")
     if args.eval_every is not None and args.eval_every <= 0:
         p.error(f"--eval-every must be positive, got {args.eval_every}")
+    if args.keep_best and args.eval_every is None:
+        p.error("--keep-best keeps the step of the lowest validation loss: pass --eval-every N with it")
     if args.coordinator and (args.num_processes is None or args.process_id is None):
         p.error("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if args.eval_samples < 0:

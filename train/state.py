@@ -53,6 +53,17 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def drop_after(self, step: int) -> None:
+        """Delete the checkpoints of steps after `step` (a resumed run goes on from `step`; orbax
+        would not save a step below a later one)."""
+        for s in self.manager.all_steps():
+            if s > step:
+                self.manager.delete(s)
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The meta dict saved with `step` (its arrays left on disk)."""
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
     def restore(self, trainable_like: PyTree, opt_state_like: PyTree, step: int | None = None):
         """(trainable, opt_state, meta) of `step` (default: the latest complete checkpoint)."""
         step = self.latest_step() if step is None else step
