@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from .config import AdaLoraSchedule, LoraConfig
-from .lora import ADALORA_E, Adapters, orth_norms
+from .lora import ADALORA_E, Adapters, delta_b, orth_norms
 from .optim import _adapter_dicts
 
 PyTree = Any
@@ -180,7 +180,7 @@ def to_lora(config: LoraConfig, adapters: Adapters) -> tuple[LoraConfig, Adapter
             continue
         e = np.asarray(ab[ADALORA_E], np.float32)  # [*S, r]
         a = np.asarray(ab["lora_A"], np.float32)
-        b = np.asarray(ab["lora_B"], np.float32) * e[..., :, None]  # [*S, r, out]
+        b = np.asarray(delta_b(ab), np.float32)  # diag(E) B [*S, r, out]
         keep = e != 0
         k = max(1, int(keep.sum(-1).max()))
         # Per matrix, the kept triplets first (stable order), then the pruned ones, cut to k.

@@ -153,6 +153,21 @@ class BdLoraConfig:
         return "a" if a else "b" if b else None
 
 
+def _nested(value: Any, cls: type, name: str, required: tuple[str, str] | None = None) -> Any:
+    """LoraConfig's field `name`: a `cls` as given, or built from its dict (as JSON gives it, unknown
+    keys and a missing `required[0]` refused by name); None stays None."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"LoraConfig.{name}: unknown field(s) {unknown} of {cls.__name__}")
+        if required is not None and required[0] not in value:
+            raise ValueError(f"LoraConfig.{name} needs {required[0]}, {required[1]}")
+        value = cls(**value)
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"LoraConfig.{name} must be an instance of {cls.__name__} (or its dict), got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Which leaves get low-rank adapters, and how they are initialised and scaled.
@@ -278,23 +293,9 @@ class LoraConfig:
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # frozen: normalise once, here
-        if isinstance(self.use_bdlora, Mapping):  # from JSON (PEFT's field names)
-            unknown = sorted(set(self.use_bdlora) - {f.name for f in dataclasses.fields(BdLoraConfig)})
-            if unknown:
-                raise ValueError(f"LoraConfig.use_bdlora: unknown field(s) {unknown} of BdLoraConfig")
-            set_("use_bdlora", BdLoraConfig(**self.use_bdlora))
-        if self.use_bdlora is not None and not isinstance(self.use_bdlora, BdLoraConfig):
-            raise ValueError(f"LoraConfig.use_bdlora must be a BdLoraConfig (or its dict), got {self.use_bdlora!r}")
-        if isinstance(self.adalora, Mapping):  # from JSON
-            unknown = sorted(set(self.adalora) - {f.name for f in dataclasses.fields(AdaLoraSchedule)})
-            if unknown:
-                raise ValueError(f"LoraConfig.adalora: unknown field(s) {unknown} of AdaLoraSchedule")
-            if "total_step" not in self.adalora:
-                raise ValueError("LoraConfig.adalora needs total_step, the number of training steps (PEFT's "
-                                 "AdaLoraConfig requires it too)")
-            set_("adalora", AdaLoraSchedule(**self.adalora))
-        if self.adalora is not None and not isinstance(self.adalora, AdaLoraSchedule):
-            raise ValueError(f"LoraConfig.adalora must be an AdaLoraSchedule (or its dict), got {self.adalora!r}")
+        set_("use_bdlora", _nested(self.use_bdlora, BdLoraConfig, "use_bdlora"))
+        set_("adalora", _nested(self.adalora, AdaLoraSchedule, "adalora", required=(
+            "total_step", "the number of training steps (PEFT's AdaLoraConfig requires it too)")))
         set_("target_parameters", _as_pattern(self.target_parameters, "target_parameters", optional=True))
         if self.target_parameters is not None and (self.targets is None or (
                 isinstance(self.targets, Sequence) and not isinstance(self.targets, str) and not self.targets)):

@@ -281,6 +281,9 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         if config.adalora is not None:  # PEFT's AdaLoRA: A, B ~ N(0, 0.02^2); E = 0 below
             a = 0.02 * jax.random.normal(k, (*stack, d_in, r), dtype)
             b = 0.02 * jax.random.normal(jax.random.fold_in(k, 1), (*stack, r, d_out), dtype)
+        elif bdlora.side(config, p) == "a":  # PEFT: torch's default kaiming_uniform_ (a=0) over in/nblocks inputs
+            bound = math.sqrt(6.0 / (d_in // config.use_bdlora.nblocks))
+            a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
         elif config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
@@ -290,9 +293,6 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
             a, b = _mica(dense(flat[p]), view, r, dtype)
         else:
             a, b = _orthogonal(k, view, r, dtype)
-        if bdlora.side(config, p) == "a":  # PEFT: torch's default kaiming_uniform_ (a=0) over in/nblocks inputs
-            bound = math.sqrt(6.0 / (d_in // config.use_bdlora.nblocks))
-            a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
         a, b = bdlora.masked(config, p, a, b)
         gate = layer_gate(config, p, flat[p].shape)
         if gate is not None:

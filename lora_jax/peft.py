@@ -658,13 +658,15 @@ def _lora_factors(path: Path, tensors, cfg, flat, layers_key, dtype) -> dict[str
         scale = alpha / (math.sqrt(r) if rslora else r)
         groups.setdefault(p, {})[layer] = _Factors(a.T, b.T, r, scale, mag, bias, d)  # [in, r], [r, out], [out], [r]
         if bd is not None:
-            _check_bd_path(path, bd, module, p, groups[p])
+            _check_bd_side(path, bd, module, p)
+    if bd is not None:
+        _check_bd_ranks(path, bd, groups)
     return _stacked(groups, flat, dtype, dora=dora, lora_bias=lora_bias, diag=kasa)
 
 
-def _check_bd_path(path: Path, bd: BdLoraConfig, module: str, p: str, layers: Mapping[int | None, _Factors]) -> None:
-    """Refuse a BD-LoRA module whose blocks our path would not keep: PEFT's patterns must give our
-    (possibly stacked) path the module's side, and the layers of a stack one rank (padding moves blocks)."""
+def _check_bd_side(path: Path, bd: BdLoraConfig, module: str, p: str) -> None:
+    """Refuse a BD-LoRA module whose blocks our (possibly stacked) path would not keep: PEFT's
+    patterns must give that path the module's side."""
     theirs = bd.side(module)
     try:
         ours = bd.side(bdlora.module_name(p))
@@ -673,10 +675,15 @@ def _check_bd_path(path: Path, bd: BdLoraConfig, module: str, p: str, layers: Ma
     if ours != theirs:
         raise ValueError(f"{path}: BD-LoRA's patterns give {module!r} the block-diagonal side {theirs!r} but the "
                          f"stacked {p!r} side {ours!r}: load it into unstacked params (scan_layers=False)")
-    ranks = sorted({f.rank for f in layers.values()})
-    if theirs is not None and len(ranks) > 1:
-        raise ValueError(f"{path}: BD-LoRA modules stacked into {p!r} have ranks {ranks}; padding them to one "
-                         "would move their diagonal blocks: load it into unstacked params (scan_layers=False)")
+
+
+def _check_bd_ranks(path: Path, bd: BdLoraConfig, groups: Mapping[str, Mapping[int | None, _Factors]]) -> None:
+    """Refuse a stack of BD-LoRA modules of several ranks: padding them to one would move their blocks."""
+    for p, layers in groups.items():
+        ranks = sorted({f.rank for f in layers.values()})
+        if len(ranks) > 1 and bd.side(bdlora.module_name(p)) is not None:  # (_check_bd_side vetted that side)
+            raise ValueError(f"{path}: BD-LoRA modules stacked into {p!r} have ranks {ranks}; padding them to one "
+                             "would move their diagonal blocks: load it into unstacked params (scan_layers=False)")
 
 
 def _bdlora(path: Path, cfg: Mapping[str, Any]) -> BdLoraConfig | None:
@@ -930,8 +937,9 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     velora_kw = _velora(cfg_path, cfg)
     bd = _bdlora(cfg_path, cfg)
     # PEFT's projection buffer per module: kept for a fixed init_type, else recomputed from every batch here
-    embeds = {m["module"]: v for k, v in tensors.items() if (m := _EMBED_KEY.fullmatch(k.removeprefix(PREFIX)))}
-    tensors = {k: v for k, v in tensors.items() if not _EMBED_KEY.fullmatch(k.removeprefix(PREFIX))}
+    found = {k: m["module"] for k in tensors if (m := _EMBED_KEY.fullmatch(k.removeprefix(PREFIX)))}
+    embeds = {module: tensors[k] for k, module in found.items()}
+    tensors = {k: v for k, v in tensors.items() if k not in found}
     flat = tree.flatten(params)
     ada = cfg.get("peft_type") == ADALORA
     factors = (_adalora_factors if ada else _lora_factors)(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))

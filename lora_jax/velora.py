@@ -25,16 +25,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 
 def _grouped(x: jax.Array, groups: int) -> jax.Array:
     """x [..., in] -> [N, G, ceil(in/G)], the features zero-padded to G groups (PEFT's sub-tokens)."""
     d = x.shape[-1]
-    width = -(-d // groups)
-    x = jnp.pad(x.reshape(-1, d), ((0, 0), (0, groups * width - d)))
-    return x.reshape(-1, groups, width)
+    w = width(d, groups)
+    x = jnp.pad(x.reshape(-1, d), ((0, 0), (0, groups * w - d)))
+    return x.reshape(-1, groups, w)
 
 
 def unit(v: jax.Array) -> jax.Array:
@@ -115,8 +114,7 @@ def init_once(config: Any, params: Any, f: Callable[[Any, Any], Any], batch: Any
             raise ValueError(f"init_once: {p!r} is " + ("a stack of matrices, which VeLoRA does not take"
                              if ab[EMBED].ndim != 1 else "not used as x @ W in f(params, batch)"))
         m = moments[(p, 0)]
-        mean = m.total / max(m.count, 1.0)  # [in]: the rows' mean, so the sub-tokens' mean below
-        w = width(mean.shape[0], groups)
-        sub = np.pad(mean, (0, groups * w - mean.shape[0])).reshape(groups, w).mean(0)  # [ceil(in/G)]
-        out[p] = {**ab, EMBED: unit(jnp.asarray(sub, jnp.float32)).astype(ab[EMBED].dtype)}
+        mean = jnp.asarray(m.total / max(m.count, 1.0), jnp.float32)  # [in]: the rows' mean
+        # the unit mean of its sub-tokens is that of all the batch's sub-tokens
+        out[p] = {**ab, EMBED: _projection(_grouped(mean[None], groups)).astype(ab[EMBED].dtype)}
     return out

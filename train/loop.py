@@ -246,14 +246,18 @@ class Runner:
             raise RuntimeError("Runner.put_state must place the state before the first fsdp step")
         return self._step(trainable, frozen, opt_state, self._put_batch(batch), _global(rng, self._replicated))
 
-    def evaluate(self, trainable, frozen, batches) -> tuple[float, int]:
-        """(mean token loss, target tokens) of the state over fixed global host batches, without
+    def put_batches(self, batches) -> list:
+        """Global host batches placed as `evaluate` takes them, so fixed ones move to the devices once."""
+        return [self._put_batch(b) for b in batches]
+
+    def evaluate(self, trainable, frozen, placed) -> tuple[float, int]:
+        """(mean token loss, target tokens) of the state over batches from `put_batches`, without
         dropout or any update (the `eval_loss_fn` given at construction)."""
         if self._eval is None:
             raise RuntimeError("Runner.evaluate needs eval_loss_fn at construction")
         total, count = 0.0, 0.0
-        for batch in batches:
-            l, n = self._eval(trainable, frozen, self._put_batch(batch))
+        for batch in placed:
+            l, n = self._eval(trainable, frozen, batch)
             if self.cfg.parallel == "pmap":
                 l, n = l[0], n[0]
             total, count = total + float(l), count + float(n)

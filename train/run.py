@@ -366,8 +366,15 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     primary = jax.process_index() == 0
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
     bar = report.progress(args.steps, start, tag, disable=args.no_progress or not primary)
-    skipped = 0
+    skipped, speed = 0, "-"
     t_last, tok_since = time.perf_counter(), 0
+    val_placed = runner.put_batches(val_batches)  # once: the same batches at every evaluation
+
+    def record(rec: dict) -> None:
+        history.append(rec)
+        if metrics_file is not None:
+            metrics_file.write(report.json_line(rec))
+            metrics_file.flush()
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     try:
         for step in range(start, end):
@@ -391,26 +398,18 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                        "tokens_per_s": tok_since / (now - t_last), "skipped_nonfinite": skipped}
                 if "regularizer" in m:
                     rec["regularizer"] = float(m["regularizer"])
-                history.append(rec)
-                if metrics_file is not None:
-                    metrics_file.write(report.json_line(rec))
-                    metrics_file.flush()
-                t_last, tok_since = now, 0
-            if val_batches and (done % args.eval_every == 0 or done == args.steps):
-                v, n = runner.evaluate(trainable_d, frozen_d, val_batches)
-                rec = {"run": tag, "step": done, "val_loss": v, "val_tokens": n}
-                history.append(rec)
-                if metrics_file is not None:
-                    metrics_file.write(report.json_line(rec))
-                    metrics_file.flush()
+                record(rec)
+                t_last, tok_since, speed = now, 0, f"{rec['tokens_per_s']:.0f}"
+            if val_placed and (done % args.eval_every == 0 or done == args.steps):
+                v, n = runner.evaluate(trainable_d, frozen_d, val_placed)
+                record({"run": tag, "step": done, "val_loss": v, "val_tokens": n})
                 log(f"{tag} step {done}: validation loss {v:.4f} ({n} answer tokens)")
                 if best is not None and v < best_loss:
                     best_step, best_loss = done, v
                     best.save(done, runner.get_state(trainable_d, opt_d)[0], {}, {"val_loss": v})
                 t_last = time.perf_counter()  # the evaluation is not training throughput
             bar.update(1)
-            speed = [r["tokens_per_s"] for r in history if "tokens_per_s" in r]
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed[-1]:.0f}" if speed else "-")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=speed)
             if done % args.checkpoint_every == 0 or done == end:
                 t_host, o_host = runner.get_state(trainable_d, opt_d)
                 nxt = data.DataPosition.from_step(done, per_epoch)
