@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from lora_jax.models import (  # noqa: E402
     BloomConfig,
+    beam_search,
     CausalLM,
     GPT2Config,
     convert_hf_state_dict,
@@ -185,6 +186,74 @@ def test_sampling(ckpt):
     np.testing.assert_array_equal(top1, gpt2_greedy(ckpt["gpt2"]))
     with pytest.raises(ValueError, match="rng"):
         generate(model.apply, params, ids, mask, temperature=1.0, **kw)
+
+
+def hf_beam_search(d: Path, ids, mask, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' beam search: (new tokens [B*n, L] cut where its longest answer ends, scores [B*n])."""
+    with torch.no_grad():
+        out = hf_model(d).generate(
+            torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False, output_scores=True,
+            return_dict_in_generate=True, **kw,
+        )
+    return out.sequences[:, T:].numpy(), out.sequences_scores.numpy()
+
+
+# (arch, scanned, beams, returned, early_stopping, [length_penalty, ...]): beams, early_stopping and
+# the model are compiled in; the length penalty and the EOS ids are traced, so each row compiles once.
+BEAM_CASES = [
+    ("gpt2", False, 3, 3, False, [1.0, 0.0, 2.0]),
+    ("gpt2", False, 2, 1, True, [1.0]),
+    ("gpt2", False, 2, 2, "never", [2.0, -1.0]),
+    ("bloom", False, 3, 2, False, [1.0, -2.0]),
+    ("bloom", True, 3, 3, "never", [0.5, -1.0]),
+]
+
+
+@pytest.mark.parametrize("arch,scan,beams,n,early,penalties", BEAM_CASES,
+                         ids=[f"{a}{'-scanned' if s else ''}-{k}beams-{e}" for a, s, k, _, e, _ in BEAM_CASES])
+def test_beam_search_matches_transformers(ckpt, arch, scan, beams, n, early, penalties):
+    """Tokens and sequences_scores equal transformers' generate(num_beams=...) on left-padded prompts,
+    with hypotheses that end early: the EOS ids are tokens the greedy answers pick."""
+    d = ckpt[arch]
+    model, params = jax_model(d, scan)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    ids, mask = batch(pad_id=pad)
+    greedy = np.asarray(generate(model.apply, params, ids, mask, model=model, max_new_tokens=8,
+                                 eos_token_id=None, pad_token_id=pad))
+    eos = [int(greedy[0, 2]), int(greedy[1, 4])]
+    # transformers fills finished hypotheses with `pad_token_id or eos[0]`: a nonzero pad for the test.
+    fill = 5
+    kw = dict(max_new_tokens=8, num_beams=beams, num_return_sequences=n, early_stopping=early,
+              eos_token_id=eos, pad_token_id=fill)
+    ended_early = 0
+    for penalty in penalties:
+        tokens, scores = beam_search(model.apply, params, ids, mask, model=model, length_penalty=penalty, **kw)
+        assert tokens.shape == (len(PADS), n, 8) and scores.shape == (len(PADS), n)
+        tokens, scores = np.asarray(tokens).reshape(-1, 8), np.asarray(scores).reshape(-1)
+        ref, ref_scores = hf_beam_search(d, ids, mask, length_penalty=penalty, **kw)
+        np.testing.assert_array_equal(tokens[:, :ref.shape[1]], ref)
+        assert (tokens[:, ref.shape[1]:] == fill).all()
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-6, atol=1e-4)
+        ended_early += int(np.isin(tokens[:, :-1], eos).any())
+    assert ended_early  # the search had finished hypotheses to rank, not only full-length ones
+    best = generate(model.apply, params, ids, mask, model=model, length_penalty=penalties[-1], **kw)
+    np.testing.assert_array_equal(np.asarray(best), tokens)
+
+
+def test_beam_search_refusals(ckpt):
+    model, params = jax_model(ckpt["gpt2"])
+    ids, mask = batch(pad_id=0)
+    kw = dict(model=model, max_new_tokens=4)
+    with pytest.raises(ValueError, match="num_return_sequences must be an int from 1 to num_beams=2, got 3"):
+        beam_search(model.apply, params, ids, mask, num_beams=2, num_return_sequences=3, **kw)
+    with pytest.raises(ValueError, match="early_stopping must be True, False or 'never', got 'always'"):
+        beam_search(model.apply, params, ids, mask, num_beams=2, early_stopping="always", **kw)
+    with pytest.raises(ValueError, match="num_beams must be a positive int, got 0"):
+        beam_search(model.apply, params, ids, mask, num_beams=0, **kw)
+    with pytest.raises(ValueError, match="beam sampling is not supported"):
+        generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, rng=jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs num_beams >= it"):
+        generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -103,22 +103,30 @@ def test_hotswappable_adapters_share_one_compile(setup, scan):
 
 
 def test_mixed_batch_generates_each_row_with_its_adapter(setup):
-    """KV-cache generation over a mixed batch: each row's tokens are those its adapter alone gives."""
-    from lora_jax.models import generate
+    """KV-cache generation over a mixed batch, greedy and by beam search: each row's tokens are those
+    its adapter alone gives."""
+    from lora_jax.models import beam_search, generate
 
     model, params, bank, _ = setup
     m = multi.multi(model.apply, CONFIGS)
     names = ["b", None, "a", "c"]
     ids, mask = jnp.asarray(IDS[:4]), jnp.ones((4, IDS.shape[1]), jnp.int32)
     aid = m.ids(names)
-    out = generate(lambda p, *a, **k: m.mixed(p, bank, *a, adapter_ids=aid, **k), params, ids, mask, model=model,
-                   max_new_tokens=3, eos_token_id=None)
+    kw = dict(model=model, max_new_tokens=3, eos_token_id=None)
+    out = generate(lambda p, *a, **k: m.mixed(p, bank, *a, adapter_ids=aid, **k), params, ids, mask, **kw)
+    # Beam search runs on the 4 prompts, then on 4 * 3 beams (row b * 3 + k): the ids follow the rows.
+    beams, _ = beam_search(lambda p, x, *a, **k: m.mixed(p, bank, x, *a, **k,
+                                                         adapter_ids=jnp.repeat(aid, x.shape[0] // len(aid))),
+                           params, ids, mask, num_beams=3, **kw)
     for i, n in enumerate(names):
         f = model.apply if n is None else (
             lambda p, *a, n=n, **k: lj.apply(model.apply, CONFIGS[n])(p, bank[n], *a, **k))
-        one = generate(f, params, ids[i:i + 1], mask[i:i + 1], model=model, max_new_tokens=3, eos_token_id=None)
+        one = generate(f, params, ids[i:i + 1], mask[i:i + 1], **kw)
         np.testing.assert_array_equal(out[i], one[0], err_msg=f"row {i} ({n})")
+        one, _ = beam_search(f, params, ids[i:i + 1], mask[i:i + 1], num_beams=3, **kw)
+        np.testing.assert_array_equal(beams[i], one[0], err_msg=f"row {i} ({n}), beam search")
     assert len({tuple(np.asarray(r)) for r in out}) > 1
+    assert len({tuple(np.asarray(r[0])) for r in beams}) > 1
 
 
 def test_mixed_batch_refuses_other_uses(setup):

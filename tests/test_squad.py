@@ -104,6 +104,29 @@ def test_keep_best_and_an_earlier_runs_checkpoints(tiny_gpt2_dir, tmp_path, caps
     assert json.loads((split / "summary.json").read_text())["best_step"] == {"lora": 2}
 
 
+def peft_beam_answers(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_prompt: int = 44,
+                      **beam_kw) -> dict[str, str]:
+    """The answers of transformers' beam search over PEFT's model of an exported adapter, prompt by
+    prompt (unpadded), for the first n validation questions."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train import data as squad_data
+    from train.evaluate import decode_answer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    records = squad_data.load_split(data, "validation").records[:n]
+    out = {}
+    for e in squad_data.encode(tok, records, max_prompt, train=False).examples:
+        with torch.no_grad():
+            seq = model.generate(input_ids=torch.tensor(e.tokens[None]), do_sample=False,
+                                 pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, **beam_kw)
+        out[e.id] = decode_answer(tok, seq[0, len(e.tokens):].numpy(), tok.eos_token_id)
+    return out
+
+
 def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json", malformed=True)
     out = tmp_path / "run"
@@ -159,6 +182,19 @@ def test_two_step_run_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         s = json.loads((scored / "summary.json").read_text())
         assert s["eval_only"] and s["steps"] == 0 and s["scores"]["lora"] == summary["scores"]["lora"]
         assert not (scored / "metrics.jsonl").exists() and not (scored / "adapter").exists()
+
+    # --num-beams: the answers of transformers' beam search (max 4 new tokens) over PEFT's model of
+    # the exported DoRA adapter.
+    beams = tmp_path / "beams"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, beams, "--eval-only", "--no-base-eval", "--init-adapter",
+                               str(out / "peft"), "--num-beams", "3", "--length-penalty", "-1")) == 0
+    assert "beam search: 3 beams, length penalty -1)" in capsys.readouterr().out
+    s = json.loads((beams / "summary.json").read_text())
+    assert s["num_beams"] == 3 and s["length_penalty"] == -1
+    answers = json.loads((beams / "predictions_lora.json").read_text())
+    assert answers != trained  # not the greedy answers
+    assert answers == peft_beam_answers(tiny_gpt2_dir, data, out / "peft", num_beams=3, length_penalty=-1.0,
+                                        max_new_tokens=4)
 
 
 def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
@@ -342,6 +378,9 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                         "--adalora has its own init, scale and ranks; not with --kasa, --rslora"),
                        (["--bdlora-blocks", "0"], "--bdlora-blocks must be positive, got 0"),
                        (["--eval-every", "0"], "--eval-every must be positive, got 0"),
+                       (["--num-beams", "0"], "--num-beams must be positive, got 0"),
+                       (["--length-penalty", "2"],
+                        "--length-penalty 2.0 ranks beam-search answers: pass --num-beams"),
                        (["--keep-best"], "--keep-best keeps the step of the lowest validation loss: pass --eval-every"),
                        (["--eval-only", "--eval-every", "5"],
                         "--eval-only trains nothing, so it takes no --eval-every"),

@@ -1,4 +1,5 @@
-"""SQuAD evaluation: batched KV-cache greedy generation, decoding, official EM/F1; LM loss on text."""
+"""SQuAD evaluation: batched KV-cache generation (greedy or beam search), decoding, official EM/F1; LM loss
+on text."""
 
 from __future__ import annotations
 
@@ -24,12 +25,15 @@ def decode_answer(tokenizer, tokens: np.ndarray, eos_id: int) -> str:
 
 
 def predict(apply_fn: Callable[..., Any], params, model, tokenizer, examples: Sequence[data.Encoded], *,
-            batch_size: int, buckets: Sequence[int], max_new_tokens: int) -> dict[str, str]:
-    """Greedy answers {id: text} for eval prompts; one compile per prompt bucket."""
+            batch_size: int, buckets: Sequence[int], max_new_tokens: int, num_beams: int = 1,
+            length_penalty: float = 1.0) -> dict[str, str]:
+    """Answers {id: text} for eval prompts, greedy or the best of a beam search; one compile per
+    prompt bucket."""
     eos = int(tokenizer.eos_token_id)
     pad = data.pad_id_of(tokenizer)
     gen = jax.jit(lambda p, ids, mask: generate(apply_fn, p, ids, mask, model=model, max_new_tokens=max_new_tokens,
-                                                eos_token_id=eos, pad_token_id=pad))
+                                                eos_token_id=eos, pad_token_id=pad, num_beams=num_beams,
+                                                length_penalty=length_penalty))
     out: dict[str, str] = {}
     for batch in data.eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad):
         new = np.asarray(gen(params, batch["input_ids"], batch["attention_mask"]))  # [B, max_new_tokens]

@@ -540,7 +540,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             multihost_utils.sync_global_devices("lora_jax: earlier checkpoints removed")
 
     eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
-                   max_new_tokens=args.max_new_tokens)
+                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty)
     results: dict[str, dict] = {}
     samples: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
@@ -634,6 +634,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "val_loss": {r["run"]: r["val_loss"] for r in history if "val_loss" in r} or None,  # the last, per run
         "best_step": {r["run"]: r["best_step"] for r in history if "best_step" in r} or None,  # --keep-best
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
+        "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

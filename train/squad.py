@@ -125,7 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--full-sequence-loss", action="store_true", help="loss on every token, not only the answer + EOS")
     a("--eval-samples", type=int, default=None, help="validation questions to score (0 = all)")
     a("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
-    a("--max-new-tokens", type=int, default=None, help="greedy tokens generated per answer")
+    a("--max-new-tokens", type=int, default=None, help="tokens generated per answer at most")
+    a("--num-beams", type=int, default=1,
+      help="answers by beam search with this many beams (transformers' generate(num_beams=...)); 1 = greedy")
+    a("--length-penalty", type=float, default=1.0,
+      help="with --num-beams: a finished answer scores its summed log-probability / length**LENGTH_PENALTY")
     a("--no-base-eval", action="store_true", help="skip scoring the base model")
     a("--eval-only", action="store_true",
       help="no training: score the base model and, with --init-adapter, that adapter (a lora_jax or PEFT adapter)")
@@ -175,13 +179,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, k) is None:
             setattr(args, k, v)
     for name in ("steps", "batch_size", "grad_accum", "rank", "max_len", "eval_batch_size", "max_new_tokens",
-                 "checkpoint_every", "log_every"):
+                 "num_beams", "checkpoint_every", "log_every"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.stop_after is not None and args.stop_after <= 0:
         p.error(f"--stop-after must be positive, got {args.stop_after}")
     if args.eval_every is not None and args.eval_every <= 0:
         p.error(f"--eval-every must be positive, got {args.eval_every}")
+    if not math.isfinite(args.length_penalty):
+        p.error(f"--length-penalty must be a finite number, got {args.length_penalty}")
+    if args.length_penalty != 1.0 and args.num_beams == 1:
+        p.error(f"--length-penalty {args.length_penalty} ranks beam-search answers: pass --num-beams N (> 1) with it")
     if args.keep_best and args.eval_every is None:
         p.error("--keep-best keeps the step of the lowest validation loss: pass --eval-every N with it")
     if args.coordinator and (args.num_processes is None or args.process_id is None):

@@ -6,6 +6,7 @@
     hidden = model.apply(params, input_ids, return_hidden=True)      # [B, T, D]
     answer = model.apply(params, input_ids, positions=pos)           # [B, K, V] at pos [B, K] only
     new_tokens = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32)
+    best = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32, num_beams=4)
     clf, params = classifier_from_pretrained("gpt2", num_labels=3)
     class_logits = clf.apply(params, input_ids, attention_mask)      # [B, 3]
     model, params = resize_token_embeddings(model, params, len(tokenizer))  # after adding tokens
@@ -22,7 +23,7 @@ from lora_jax.models.common import (
     stack_layers,
     unstack_layers,
 )
-from lora_jax.models.generate import generate, sample_logits
+from lora_jax.models.generate import beam_search, generate, sample_logits
 from lora_jax.models.resize import resize_token_embeddings
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.models.hf import (
@@ -49,6 +50,7 @@ __all__ = [
     "GPT2Config",
     "Params",
     "SequenceClassifier",
+    "beam_search",
     "classifier_from_pretrained",
     "convert_hf_state_dict",
     "from_pretrained",

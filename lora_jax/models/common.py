@@ -465,6 +465,17 @@ class CausalLM:
             "index": jnp.int32(0),
         }
 
+    @staticmethod
+    def cache_rows(cache: Cache, rows: jax.Array) -> Cache:
+        """The cache of the sequences `rows` [B'] (indices into its batch, repeats allowed): how
+        beam search follows each beam's history."""
+        return {
+            "k": jnp.take(cache["k"], rows, axis=1),  # [L, B', S, H, D]
+            "v": jnp.take(cache["v"], rows, axis=1),
+            "mask": jnp.take(cache["mask"], rows, axis=0),  # [B', S]
+            "index": cache["index"],
+        }
+
 
 SCORE = "score"  # HF's sequence-classification head: Linear(hidden, num_labels, bias=False)
 

@@ -1,7 +1,10 @@
-"""Jitted KV-cache generation: greedy or sampling (temperature, top-k, top-p), stop at EOS.
+"""Jitted KV-cache generation: greedy, sampling (temperature, top-k, top-p) or beam search; stop at EOS.
 
     new = generate(model.apply, params, ids, mask, model=model, max_new_tokens=20,
                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # [B, 20]
+    best = generate(model.apply, params, ids, mask, model=model, max_new_tokens=20, num_beams=4)
+    tokens, scores = beam_search(model.apply, params, ids, mask, model=model, max_new_tokens=20,
+                                 num_beams=4, num_return_sequences=2)  # [B, 2, 20], [B, 2]
 
 `apply_fn` has the signature of `CausalLM.apply`, so a closure applying LoRA adapters works:
 `generate(lambda p, *a, **k: lora_apply(p, adapters, *a, **k), params, ...)`. The prefill and
@@ -18,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models import beam
 from lora_jax.models.common import BaseConfig, CausalLM, Params
 
 
@@ -95,6 +99,26 @@ def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperatu
     return jax.lax.while_loop(cond, body, state)[4]
 
 
+def _special_tokens(
+    model: CausalLM | None, config: BaseConfig | None, eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None,
+) -> tuple[CausalLM, tuple[int, ...], int]:
+    """(model, EOS ids, pad id): the config's EOS unless given; pad = config's pad, else EOS, else 0."""
+    if model is None:
+        if config is None:
+            raise ValueError("generate needs model= or config=")
+        model = CausalLM(config)
+    cfg = model.config
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+    eos = () if eos_token_id is None else (
+        (int(eos_token_id),) if isinstance(eos_token_id, int) else tuple(int(e) for e in eos_token_id)
+    )
+    if pad_token_id is None:
+        pad_token_id = next(p for p in (cfg.pad_token_id, *eos, 0) if p is not None)
+    return model, eos, int(pad_token_id)
+
+
 def generate(
     apply_fn: Callable[..., Any],
     params: Params,
@@ -110,6 +134,10 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     rng: jax.Array | None = None,
+    num_beams: int = 1,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
 ) -> jax.Array:
     """Generate `max_new_tokens` after left-padded prompts.
 
@@ -123,21 +151,28 @@ def generate(
       pad_token_id: fills rows after EOS (default: config's pad, else EOS, else 0).
       temperature: 0 = greedy; > 0 samples (needs `rng`), optionally restricted to the top-k
         tokens and/or the top-p probability mass.
+      num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
+        `beam_search` (transformers' beam search) and returns its best num_return_sequences
+        hypotheses per prompt, rows b * num_return_sequences + i.
     Returns:
-      [B, max_new_tokens] int32 new tokens; after a row's EOS only `pad_token_id`.
+      [B * num_return_sequences, max_new_tokens] int32 new tokens; after a row's EOS only
+      `pad_token_id`.
     """
-    if model is None:
-        if config is None:
-            raise ValueError("generate needs model= or config=")
-        model = CausalLM(config)
-    cfg = model.config
-    if eos_token_id is None:
-        eos_token_id = cfg.eos_token_id
-    eos = () if eos_token_id is None else (
-        (int(eos_token_id),) if isinstance(eos_token_id, int) else tuple(int(e) for e in eos_token_id)
-    )
-    if pad_token_id is None:
-        pad_token_id = next(p for p in (cfg.pad_token_id, *eos, 0) if p is not None)
+    if num_beams != 1:
+        if temperature != 0:
+            raise ValueError(f"beam search (num_beams={num_beams}) is deterministic: temperature must be 0, "
+                             f"got {temperature!r} (beam sampling is not supported)")
+        tokens, _ = beam_search(
+            apply_fn, params, input_ids, attention_mask, model=model, config=config,
+            max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
+            length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
+        return tokens.reshape(-1, tokens.shape[-1])  # [B * num_return_sequences, N]
+    if num_return_sequences != 1:
+        raise ValueError(f"num_return_sequences={num_return_sequences!r} needs num_beams >= it; greedy and "
+                         "sampled generation return one row per prompt (repeat the prompts to sample more)")
+    model, eos, pad_token_id = _special_tokens(model, config, eos_token_id, pad_token_id)
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")
@@ -152,3 +187,55 @@ def generate(
         max_new_tokens=int(max_new_tokens), greedy=greedy,
         top_k=top_k, use_top_p=top_p is not None,
     )
+
+
+def beam_search(
+    apply_fn: Callable[..., Any],
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    model: CausalLM | None = None,
+    config: BaseConfig | None = None,
+    max_new_tokens: int,
+    num_beams: int,
+    num_return_sequences: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Beam search after left-padded prompts: transformers' `generate(num_beams=...)`.
+
+    Args:
+      apply_fn, params, input_ids, attention_mask, model / config, eos_token_id, pad_token_id: as
+        in `generate`. `apply_fn` runs once on the B prompts, then on B * num_beams rows (row
+        b * num_beams + k: beam k of prompt b), so per-row data in a closure must follow the
+        rows: `adapter_ids=jnp.repeat(ids, x.shape[0] // B)` for `multi.mixed`.
+      num_beams: beams kept per prompt.
+      num_return_sequences: how many of the best hypotheses to return (at most num_beams).
+      length_penalty: a finished hypothesis scores sum(log p) / length**length_penalty, length
+        counting its new tokens (EOS included); > 0 favours longer ones.
+      early_stopping: True (stop once num_beams hypotheses are finished), False (once no running
+        beam could beat the worst finished one at its current length) or "never" (at any length).
+    Returns:
+      tokens [B, num_return_sequences, max_new_tokens] int32, best first, `pad_token_id` after a
+      hypothesis' EOS; scores [B, num_return_sequences] float32 (transformers' sequences_scores).
+    """
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
+            or not 1 <= num_return_sequences <= num_beams:
+        raise ValueError(f"num_return_sequences must be an int from 1 to num_beams={num_beams}, "
+                         f"got {num_return_sequences!r}")
+    if not (isinstance(early_stopping, bool) or early_stopping == "never"):
+        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    model, eos, pad = _special_tokens(model, config, eos_token_id, pad_token_id)
+    if attention_mask is None:
+        attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+    tokens, scores = beam.search(
+        apply_fn, model, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad), jnp.float32(length_penalty),
+        max_new_tokens=int(max_new_tokens), num_beams=num_beams, early_stopping=early_stopping,
+    )
+    return tokens[:, :num_return_sequences], scores[:, :num_return_sequences]
