@@ -240,6 +240,48 @@ def test_beam_search_matches_transformers(ckpt, arch, scan, beams, n, early, pen
     np.testing.assert_array_equal(np.asarray(best), tokens)
 
 
+# (arch, num_beams, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+PROCESSOR_CASES = [("gpt2", 1, 1.5, 2, 5), ("bloom", 1, None, 3, None), ("gpt2", 3, 0.8, 3, 4),
+                   ("bloom", 2, 1.5, 1, 2)]
+
+
+@pytest.mark.parametrize("arch,beams,penalty,ngram,min_new", PROCESSOR_CASES,
+                         ids=[f"{c[0]}-{c[1]}beams" for c in PROCESSOR_CASES])
+def test_logits_processors_match_transformers(ckpt, arch, beams, penalty, ngram, min_new):
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens give transformers' tokens (and
+    beam scores) row by row on the unpadded prompts, here on a left-padded batch: the pads are no
+    part of a row's history (transformers would count them)."""
+    d = ckpt[arch]
+    model, params = jax_model(d)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    ids, mask = batch(pad_id=pad)
+    plain = np.asarray(generate(model.apply, params, ids, mask, model=model, max_new_tokens=8, pad_token_id=pad))
+    eos = int(plain[0, 1])  # row 0 would end after one token without min_new_tokens
+    kw = dict(max_new_tokens=8, eos_token_id=eos, pad_token_id=5, repetition_penalty=penalty,
+              no_repeat_ngram_size=ngram, min_new_tokens=min_new)
+    if beams == 1:
+        out = np.asarray(generate(model.apply, params, ids, mask, model=model, **kw))
+        assert not np.array_equal(out, plain)
+        top1 = generate(model.apply, params, ids, mask, model=model, temperature=0.5, top_k=1, rng=jax.random.key(0),
+                        **kw)
+        np.testing.assert_array_equal(top1, out)  # sampling sees the same processed logits
+    else:
+        out, scores = map(np.asarray, beam_search(model.apply, params, ids, mask, model=model, num_beams=beams, **kw))
+        out, scores = out[:, 0], scores[:, 0]
+    for b, p in enumerate(PADS):
+        hf_kw = {k: v for k, v in kw.items() if v is not None}
+        with torch.no_grad():
+            ref = hf_model(d).generate(torch.tensor(ids[b:b + 1, p:]), do_sample=False, num_beams=beams,
+                                       output_scores=True, return_dict_in_generate=True, **hf_kw)
+        new = ref.sequences[0, T - p:].numpy()
+        np.testing.assert_array_equal(out[b, :len(new)], new, err_msg=f"row {b}")
+        assert (out[b, len(new):] == 5).all()
+        if beams > 1:
+            np.testing.assert_allclose(scores[b], ref.sequences_scores[0].numpy(), rtol=1e-6, atol=1e-4)
+    if min_new:
+        assert (out[:, :min_new] != eos).all()
+
+
 def test_beam_search_refusals(ckpt):
     model, params = jax_model(ckpt["gpt2"])
     ids, mask = batch(pad_id=0)
@@ -254,6 +296,13 @@ def test_beam_search_refusals(ckpt):
         generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, rng=jax.random.key(0), **kw)
     with pytest.raises(ValueError, match="num_return_sequences=2 needs num_beams >= it"):
         generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
+    for bad, msg in [(dict(repetition_penalty=0.0), "repetition_penalty must be a positive number, got 0.0"),
+                     (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an int >= 0, got -1"),
+                     (dict(min_new_tokens=1.5), "min_new_tokens must be an int >= 0, got 1.5")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(model.apply, params, ids, mask, **bad, **kw)
+        with pytest.raises(ValueError, match=msg):
+            beam_search(model.apply, params, ids, mask, num_beams=2, **bad, **kw)
 
 
 # ----------------------------------------------------------------------------- loading

@@ -19,6 +19,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lora_jax.models import processors
+
 NEG = -1.0e9  # transformers' score of an impossible candidate
 
 
@@ -28,11 +30,13 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("apply_fn", "model", "max_new_tokens", "num_beams", "early_stopping")
+    jax.jit, static_argnames=("apply_fn", "model", "max_new_tokens", "num_beams", "early_stopping", "penalize",
+                              "ngram")
 )
-def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, length_penalty, *,
-           max_new_tokens, num_beams, early_stopping):
-    """(tokens [B, K, N], scores [B, K]) of the K best finished hypotheses, best first."""
+def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, length_penalty, penalty, min_new, *,
+           max_new_tokens, num_beams, early_stopping, penalize, ngram):
+    """(tokens [B, K, N], scores [B, K]) of the K best finished hypotheses, best first; penalty,
+    min_new, penalize, ngram: `processors.process`'s."""
     B, T = input_ids.shape
     K, N = num_beams, max_new_tokens
     M = max(2, 1 + eos_ids.shape[0]) * K  # candidates kept per step (eos_ids [E]; none = [-1])
@@ -44,6 +48,7 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
     V = logits.shape[-1]
     logits = jnp.repeat(logits[:, 0], K, axis=0)  # [B*K, V]
     cache = model.cache_rows(cache, jnp.repeat(jnp.arange(B), K))
+    prompt = jnp.repeat(processors.prompt_history(input_ids, attention_mask), K, axis=0)  # [B*K, T]
 
     def decode(tok, cache):
         ones = jnp.ones((B * K, 1), jnp.int32)
@@ -53,7 +58,9 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
     def body(state):
         t, logits, cache, run_seq, run_score, seq, score, finished, hopeful, _ = state
         # Every continuation of every running beam: [B, K*V] summed log-probabilities.
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(B, K, V)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B*K, V]
+        logp = processors.process(logp, prompt, run_seq.reshape(B * K, N), t, eos_ids, penalty, min_new,
+                                  penalize=penalize, ngram=ngram).reshape(B, K, V)
         logp = (logp + run_score[:, :, None]).reshape(B, K * V)
         top_score, top_idx = jax.lax.top_k(logp, M)  # [B, M]
         beam, tok = top_idx // V, top_idx % V

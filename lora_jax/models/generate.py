@@ -1,4 +1,5 @@
-"""Jitted KV-cache generation: greedy, sampling (temperature, top-k, top-p) or beam search; stop at EOS.
+"""Jitted KV-cache generation: greedy, sampling (temperature, top-k, top-p) or beam search, with
+transformers' repetition penalty, n-gram blocking and minimum length; stop at EOS.
 
     new = generate(model.apply, params, ids, mask, model=model, max_new_tokens=20,
                    eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # [B, 20]
@@ -21,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models import beam
+from lora_jax.models import beam, processors
 from lora_jax.models.common import BaseConfig, CausalLM, Params
 
 
@@ -57,17 +58,23 @@ def sample_logits(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "model", "max_new_tokens", "greedy", "top_k", "use_top_p"),
+    static_argnames=("apply_fn", "model", "max_new_tokens", "greedy", "top_k", "use_top_p", "penalize", "ngram"),
 )
 def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperature, top_p, eos_ids,
-              pad, *, max_new_tokens, greedy, top_k, use_top_p):
-    # eos_ids [E] and pad are traced: changing them does not recompile.
+              pad, penalty, min_new, *, max_new_tokens, greedy, top_k, use_top_p, penalize, ngram):
+    # eos_ids [E], pad, penalty and min_new are traced: changing them does not recompile.
     B, T = input_ids.shape
     N = max_new_tokens
-    sample = functools.partial(
+    prompt = processors.prompt_history(input_ids, attention_mask)  # [B, T]
+    warp = functools.partial(
         sample_logits, temperature=temperature, top_k=top_k,
         top_p=top_p if use_top_p else None, greedy=greedy,
     )
+
+    def sample(logits, rng, out, t):
+        logits = processors.process(logits.astype(jnp.float32), prompt, out, t, eos_ids, penalty, min_new,
+                                    penalize=penalize, ngram=ngram)
+        return warp(logits, rng)
 
     def step_logits(ids, mask, cache):
         # The LM head on the last position only: no [B, T, V] logits. It runs inside apply_fn,
@@ -79,8 +86,9 @@ def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperatu
     cache = model.init_cache(B, T + N)
     logits, cache = step_logits(input_ids, attention_mask, cache)  # prefill
     rng, sub = jax.random.split(rng)
-    tok = sample(logits, sub)  # [B]
-    out = jnp.full((B, N), pad, jnp.int32).at[:, 0].set(tok)
+    out = jnp.full((B, N), pad, jnp.int32)
+    tok = sample(logits, sub, out, 0)  # [B]
+    out = out.at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids)
 
     def cond(state):
@@ -91,7 +99,7 @@ def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperatu
         step, tok, cache, done, out, rng = state
         logits, cache = step_logits(tok[:, None], jnp.ones((B, 1), jnp.int32), cache)
         rng, sub = jax.random.split(rng)
-        nxt = jnp.where(done, pad, sample(logits, sub))  # [B]; finished rows emit pad
+        nxt = jnp.where(done, pad, sample(logits, sub, out, step))  # [B]; finished rows emit pad
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
         return step + 1, nxt, cache, done | jnp.isin(nxt, eos_ids), out, rng
 
@@ -138,6 +146,9 @@ def generate(
     num_return_sequences: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int | None = None,
 ) -> jax.Array:
     """Generate `max_new_tokens` after left-padded prompts.
 
@@ -154,10 +165,16 @@ def generate(
       num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
         `beam_search` (transformers' beam search) and returns its best num_return_sequences
         hypotheses per prompt, rows b * num_return_sequences + i.
+      repetition_penalty, no_repeat_ngram_size, min_new_tokens: transformers' logits processors
+        (None = off): the logits of tokens the row holds (prompt and new, pads excluded) divided
+        by the penalty (multiplied where negative); a token that would repeat an n-gram of the
+        row banned; EOS banned before min_new_tokens new tokens.
     Returns:
       [B * num_return_sequences, max_new_tokens] int32 new tokens; after a row's EOS only
       `pad_token_id`.
     """
+    process = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                   min_new_tokens=min_new_tokens)
     if num_beams != 1:
         if temperature != 0:
             raise ValueError(f"beam search (num_beams={num_beams}) is deterministic: temperature must be 0, "
@@ -166,13 +183,14 @@ def generate(
             apply_fn, params, input_ids, attention_mask, model=model, config=config,
             max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
+            pad_token_id=pad_token_id, **process,
         )
         return tokens.reshape(-1, tokens.shape[-1])  # [B * num_return_sequences, N]
     if num_return_sequences != 1:
         raise ValueError(f"num_return_sequences={num_return_sequences!r} needs num_beams >= it; greedy and "
                          "sampled generation return one row per prompt (repeat the prompts to sample more)")
     model, eos, pad_token_id = _special_tokens(model, config, eos_token_id, pad_token_id)
+    penalty, ngram, min_new = processors.check(**process)
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")
@@ -183,9 +201,9 @@ def generate(
         jnp.asarray(attention_mask, jnp.int32),
         jax.random.key(0) if rng is None else rng,
         jnp.float32(1.0 if greedy else temperature), jnp.float32(1.0 if top_p is None else top_p),
-        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id),
+        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id), jnp.float32(penalty), jnp.int32(min_new),
         max_new_tokens=int(max_new_tokens), greedy=greedy,
-        top_k=top_k, use_top_p=top_p is not None,
+        top_k=top_k, use_top_p=top_p is not None, penalize=penalty != 1, ngram=ngram,
     )
 
 
@@ -204,12 +222,16 @@ def beam_search(
     early_stopping: bool | str = False,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    repetition_penalty: float | None = None,
+    no_repeat_ngram_size: int | None = None,
+    min_new_tokens: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search after left-padded prompts: transformers' `generate(num_beams=...)`.
 
     Args:
-      apply_fn, params, input_ids, attention_mask, model / config, eos_token_id, pad_token_id: as
-        in `generate`. `apply_fn` runs once on the B prompts, then on B * num_beams rows (row
+      apply_fn, params, input_ids, attention_mask, model / config, eos_token_id, pad_token_id,
+        repetition_penalty, no_repeat_ngram_size, min_new_tokens: as in `generate` (the
+        processors act on the log-probabilities, as in transformers). `apply_fn` runs once on the B prompts, then on B * num_beams rows (row
         b * num_beams + k: beam k of prompt b), so per-row data in a closure must follow the
         rows: `adapter_ids=jnp.repeat(ids, x.shape[0] // B)` for `multi.mixed`.
       num_beams: beams kept per prompt.
@@ -231,11 +253,13 @@ def beam_search(
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     model, eos, pad = _special_tokens(model, config, eos_token_id, pad_token_id)
+    penalty, ngram, min_new = processors.check(repetition_penalty, no_repeat_ngram_size, min_new_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
     tokens, scores = beam.search(
         apply_fn, model, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad), jnp.float32(length_penalty),
-        max_new_tokens=int(max_new_tokens), num_beams=num_beams, early_stopping=early_stopping,
+        jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad), jnp.float32(length_penalty), jnp.float32(penalty),
+        jnp.int32(min_new), max_new_tokens=int(max_new_tokens), num_beams=num_beams, early_stopping=early_stopping,
+        penalize=penalty != 1, ngram=ngram,
     )
     return tokens[:, :num_return_sequences], scores[:, :num_return_sequences]

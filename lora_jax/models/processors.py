@@ -1,0 +1,67 @@
+"""transformers' logits processors for generation, in its order: repetition penalty, no repeated
+n-grams, a minimum of new tokens. Greedy and sampled generation apply them to the logits, beam
+search to the log-probabilities, as transformers does.
+
+Each row's history is its prompt (pads excluded, so a left-padded row generates what the
+unpadded one does; transformers counts the pad tokens too) and the tokens generated so far.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def check(repetition_penalty: float | None, no_repeat_ngram_size: int | None,
+          min_new_tokens: int | None) -> tuple[float, int, int]:
+    """(repetition_penalty, no_repeat_ngram_size, min_new_tokens) checked, None = off (1.0, 0, 0)."""
+    p = 1.0 if repetition_penalty is None else repetition_penalty
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0 or p == float("inf"):
+        raise ValueError(f"repetition_penalty must be a positive number, got {repetition_penalty!r}")
+    n = no_repeat_ngram_size or 0
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
+    m = min_new_tokens or 0
+    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+        raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
+    return float(p), n, m
+
+
+def prompt_history(input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """The prompts [B, T] with -1 at the pads: the part of the history that does not change."""
+    return jnp.where(attention_mask > 0, input_ids, -1)
+
+
+def process(scores: jax.Array, prompt: jax.Array, new: jax.Array, t: jax.Array, eos_ids: jax.Array,
+            penalty: jax.Array, min_new: jax.Array, *, penalize: bool, ngram: int) -> jax.Array:
+    """scores [R, V] for the next token of rows whose history is prompt [R, T] (-1 = pad) and the
+    first t of new [R, N] (the rest ignored); eos_ids [E] (-1 = none). Traced: `penalty` (seen
+    tokens' scores / penalty if > 0, else * penalty; applied if `penalize`), `min_new` (EOS banned
+    while t < min_new). Compiled in: `ngram` (0 = off; else a token that would repeat an n-gram
+    of the row is banned)."""
+    R, V = scores.shape
+    T = prompt.shape[1]
+    hist = jnp.concatenate([prompt, new], axis=1)  # [R, L = T + N]
+    L = hist.shape[1]
+    known = (jnp.arange(L) < T + t) & (hist >= 0)  # [R, L]
+    rows = jnp.arange(R)[:, None]
+
+    def ban(mask: jax.Array, ids: jax.Array) -> jax.Array:
+        """[R, V] True at ids [R, K] where mask [R, K] (index V: dropped by the scatter)."""
+        return jnp.zeros((R, V), bool).at[rows, jnp.where(mask, ids, V)].set(True, mode="drop")
+
+    if penalize:
+        scores = jnp.where(ban(known, hist), jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+    if ngram == 1:  # every token seen so far
+        scores = jnp.where(ban(known, hist), -jnp.inf, scores)
+    elif ngram and L >= ngram:
+        # The n-gram that starts at i is hist[i : i + n]: its first n - 1 tokens against the row's
+        # last n - 1; a match bans the token that completed it.
+        S = L - ngram + 1  # starts
+        last = jax.lax.dynamic_slice_in_dim(hist, T + t - (ngram - 1), ngram - 1, axis=1)  # [R, n-1]
+        windows = jnp.stack([hist[:, j:j + S] for j in range(ngram - 1)], axis=-1)  # [R, S, n-1]
+        match = jnp.all(windows == last[:, None, :], axis=-1) & (jnp.arange(S) <= T + t - ngram)  # [R, S]
+        nxt = hist[:, ngram - 1:]  # [R, S]
+        scores = jnp.where(ban(match & (nxt >= 0), nxt), -jnp.inf, scores)
+    eos = jnp.zeros((V,), bool).at[jnp.where(eos_ids >= 0, eos_ids, V)].set(True, mode="drop")  # [V]
+    return jnp.where(eos & (t < min_new), -jnp.inf, scores)
