@@ -1,6 +1,8 @@
-"""4-bit NormalFloat frozen weights (QLoRA), stored as bitsandbytes stores them.
+"""Quantized frozen weights, stored as bitsandbytes stores them: 4-bit NormalFloat (QLoRA) or
+8-bit rows (LLM.int8's weight layout, transformers' `load_in_8bit`).
 
     qparams = quant.quantize(params)                 # every linear kernel -> NF4 (embeddings stay)
+    qparams = quant.quantize(params, scheme="int8")  # or int8, one scale per output feature
     g = lj.apply(model.apply, config)                # LoRA on top, as with dense params
     logits = jax.jit(g)(qparams, adapters, ids)
     base_logits = jax.jit(quant.apply(model.apply))(qparams, ids)   # no adapters
@@ -14,6 +16,13 @@ With `double_quant=True` (QLoRA's double quantization, bitsandbytes' `compress_s
 the absmax are stored too: minus their mean, in blocks of 256, as 8-bit codes of bitsandbytes'
 dynamic map with an fp32 scale per block, 4.127 bits per weight in all. `from_bnb` takes the
 same bytes from a checkpoint transformers saved from a bitsandbytes 4-bit model.
+
+`scheme="int8"` stores each output feature's weights (a row of the torch Linear) as int8 codes
+round(w * 127 / absmax) with the row's fp32 absmax (bitsandbytes' `int8_vectorwise_quant` of
+the fp16 weight, its SCB): 8 bits per weight plus 32 per row. `from_bnb` takes a `load_in_8bit`
+checkpoint's `weight` and `SCB` as they are. The matmul uses the dequantized weight
+(codes * absmax / 127); bitsandbytes' int8 kernel quantizes the activations as well (and keeps
+outlier features in fp16), so its logits differ from these by that activation rounding.
 
 Inside `quax.quaxify` (which `lj.apply` runs) a matmul with it dequantizes the weight to the
 compute dtype right where the matmul runs, and the backward pass dequantizes again rather than
@@ -55,10 +64,11 @@ BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes acc
 
 
 class QuantizedArray(Stacked):
-    """An NF4 weight [*S, in, out]: codes [*S, ceil(in*out / block) * block / 2] uint8 and
-    absmax [*S, nb = ceil(in*out / block)], fp32, or with double quantization uint8 codes of
-    DYNAMIC with absmax2 [*S, ceil(nb / 256)] fp32 and offset [*S] fp32. `dtype_` is the dtype
-    it dequantizes to."""
+    """A quantized weight [*S, in, out]. `scheme` "nf4": codes [*S, ceil(in*out / block) * block
+    / 2] uint8 and absmax [*S, nb = ceil(in*out / block)], fp32, or with double quantization
+    uint8 codes of DYNAMIC with absmax2 [*S, ceil(nb / 256)] fp32 and offset [*S] fp32. "int8":
+    codes [*S, out * in] int8 (torch's (out, in), row-major) and absmax [*S, out] fp32
+    (bitsandbytes' SCB), block_size = in. `dtype_` is the dtype it dequantizes to."""
 
     codes: jax.Array
     absmax: jax.Array
@@ -67,6 +77,7 @@ class QuantizedArray(Stacked):
     matrix: tuple[int, int] = eqx.field(static=True)  # (in, out)
     dtype_: Any = eqx.field(static=True)
     block_size: int = eqx.field(static=True)
+    scheme: str = eqx.field(static=True, default="nf4")
 
     def aval(self):
         return jax.core.ShapedArray((*self.codes.shape[:-1], *self.matrix), self.dtype_)
@@ -78,6 +89,8 @@ class QuantizedArray(Stacked):
         return dequantize_absmax(self.absmax, self.absmax2, self.offset)
 
     def materialise(self) -> jax.Array:
+        if self.scheme == "int8":
+            return dequantize_int8(self.codes, self.absmax, self.matrix, self.dtype_)
         return dequantize_nf4(self.codes, self.scales(), self.matrix, self.block_size, self.dtype_)
 
     def map(self, fn) -> "QuantizedArray":
@@ -161,13 +174,40 @@ def dequantize_nf4(codes: jax.Array, absmax: jax.Array, matrix: tuple[int, int],
     return jnp.swapaxes(vals.reshape(*stack, d_out, d_in), -1, -2).astype(dtype)  # [*S, in, out]
 
 
+INT8_STEP = np.float32(7.874015718698502e-3)  # 1 / 127 as bitsandbytes multiplies by it
+
+
+def quantize_int8(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(codes int8 [*S, out * in], absmax fp32 [*S, out]) of w [*S, in, out]: bitsandbytes'
+    `int8_vectorwise_quant` of the torch weight (out, in) in fp16, rounding half to even."""
+    *stack, d_in, d_out = w.shape
+    rows = jnp.swapaxes(w, -1, -2).astype(jnp.float16).astype(jnp.float32)  # [*S, out, in]
+    absmax = jnp.max(jnp.abs(rows), axis=-1)  # [*S, out]
+    # 1 / absmax, then * 127: torch computes `127.0 / t` as reciprocal(t) * 127, which rounds differently
+    scale = jnp.reciprocal(jnp.where(absmax == 0, 1.0, absmax)) * jnp.float32(127.0)  # an all-zero row: codes 0
+    codes = jnp.round(rows * scale[..., None]).astype(jnp.int8)
+    return codes.reshape(*stack, d_out * d_in), absmax
+
+
+def dequantize_int8(codes: jax.Array, absmax: jax.Array, matrix: tuple[int, int], dtype: Any) -> jax.Array:
+    """The weight [*S, in, out] in `dtype` from int8 row codes and row absmax (codes * absmax / 127)."""
+    d_in, d_out = matrix
+    rows = codes.reshape(*codes.shape[:-1], d_out, d_in).astype(jnp.float32)  # [*S, out, in]
+    vals = rows * lax.stop_gradient(absmax)[..., None] * INT8_STEP
+    return jnp.swapaxes(vals, -1, -2).astype(dtype)  # [*S, in, out]
+
+
 def _is_float(x: Any) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating) and not tree.is_value(x)
 
 
+SCHEMES = ("nf4", "int8")
+
+
 def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclude: str | Sequence[str] | None = None,
-             block_size: int = 64, double_quant: bool = False, dtype: Any = None) -> PyTree:
-    """params with the selected weight matrices as NF4 `QuantizedArray`s (the rest untouched).
+             block_size: int | None = None, double_quant: bool = False, dtype: Any = None,
+             scheme: str = "nf4") -> PyTree:
+    """params with the selected weight matrices as `QuantizedArray`s (the rest untouched).
 
     Args:
       params: a parameter tree.
@@ -176,13 +216,21 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
         which the linear weights (`kernel`, `weight`, `w`) are taken; biases, norms and embedding
         tables stay as they are.
       exclude: leaves never quantized (same pattern forms).
-      block_size: values per absmax (bitsandbytes' `blocksize`; QLoRA uses 64).
-      double_quant: store the absmax in 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
+      block_size: NF4 values per absmax (bitsandbytes' `blocksize`; default 64, QLoRA's).
+      double_quant: store the NF4 absmax in 8 bits too (bitsandbytes' `bnb_4bit_use_double_quant`).
       dtype: the compute dtype they dequantize to (default: each weight's own dtype).
+      scheme: "nf4" (4 bits, `load_in_4bit`) or "int8" (8 bits per weight, one absmax per
+        output feature, `load_in_8bit`; no block_size or double_quant).
     Returns:
       The new tree. Use it through `lj.apply(f, config)` or `quant.apply(f)`.
     """
-    if block_size not in BLOCK_SIZES:
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize: scheme {scheme!r} is not one of {SCHEMES}")
+    if scheme == "int8" and (block_size is not None or double_quant):
+        raise ValueError("quantize: scheme 'int8' keeps one absmax per output feature (bitsandbytes' LLM.int8 "
+                         "layout); block_size and double_quant are NF4's")
+    block_size = 64 if block_size is None else block_size
+    if scheme == "nf4" and block_size not in BLOCK_SIZES:
         raise ValueError(f"quantize: block_size {block_size!r} is not one of {BLOCK_SIZES}")
     flat = tree.flatten(params)
     chosen = tree.linear_paths(flat) if targets == ALL_LINEAR else tree.select(targets, list(flat))
@@ -204,6 +252,10 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
     def q(path, x):
         if path not in chosen_set:
             return x
+        if scheme == "int8":
+            codes, absmax = jax.jit(quantize_int8)(x)
+            return QuantizedArray(codes, absmax, None, None, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype),
+                                  x.shape[-2], "int8")
         codes, absmax = quant(x, block_size)
         absmax2 = offset = None
         if double_quant:
@@ -214,19 +266,42 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
 
 
 BNB_STATE = ".quant_state.bitsandbytes__"  # + quant type: the JSON blob transformers saves per 4-bit weight
+BNB_SCB = ".SCB"  # an 8-bit weight's row absmax: `<module>.SCB` beside `<module>.weight`
+
+
+def is_bnb(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict holds weights transformers saved from a bitsandbytes 4- or 8-bit model."""
+    return any(BNB_STATE in k or k.endswith(BNB_SCB) for k in state)
 
 
 def from_bnb(state: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
-    """A state dict as transformers saves a bitsandbytes 4-bit model (`load_in_4bit` then
-    `save_pretrained`), with each quantized `<module>.weight` as one `QuantizedArray` [in, out].
+    """A state dict as transformers saves a bitsandbytes 4- or 8-bit model (`load_in_4bit` /
+    `load_in_8bit`, then `save_pretrained`), with each quantized `<module>.weight` as one
+    `QuantizedArray` [in, out].
 
     bitsandbytes stores `<w>` (packed codes), `<w>.absmax`, `<w>.quant_map`,
     `<w>.quant_state.bitsandbytes__nf4` (JSON: shape (out, in), blocksize, dtype, nested offset)
     and, under double quantization, `<w>.nested_absmax` / `<w>.nested_quant_map`: our layout, so
-    the bytes are taken as they are. Other tensors pass through. `dtype`: the compute dtype
-    (default: the dtype the weights were quantized from).
+    the bytes are taken as they are. An 8-bit weight is `<module>.weight` (int8 (out, in)) with
+    `<module>.SCB` (its rows' absmax) and `<module>.weight_format` (0: row-major, the only one).
+    Other tensors pass through. `dtype`: the compute dtype (default: the dtype the 4-bit weights
+    were quantized from; float32 for 8-bit ones, whose checkpoints do not say).
     """
     out = dict(state)
+    for key in [k for k in state if k.endswith(BNB_SCB)]:
+        module = key[: -len(BNB_SCB)]
+        name, scb = module + ".weight", np.asarray(out.pop(key), np.float32)
+        fmt = out.pop(module + ".weight_format", None)
+        if fmt is not None and int(np.asarray(fmt)) != 0:
+            raise ValueError(f"{module}.weight_format is {int(np.asarray(fmt))}: only bitsandbytes' row-major int8 "
+                             "weights (format 0) load")
+        w = out.get(name)
+        if w is None or np.asarray(w).dtype != np.int8 or np.asarray(w).ndim != 2 or scb.shape != (w.shape[0],):
+            raise ValueError(f"{key} {scb.shape}: an 8-bit weight's row absmax without its int8 (out, in) weight "
+                             f"{name}" + ("" if w is None else f" (got {np.asarray(w).dtype} {tuple(w.shape)})"))
+        d_out, d_in = w.shape
+        out[name] = QuantizedArray(jnp.asarray(np.asarray(w).reshape(-1)), jnp.asarray(scb), None, None, (d_in, d_out),
+                                   jnp.dtype(dtype or jnp.float32), d_in, "int8")
     for key in [k for k in state if BNB_STATE in k]:
         name, kind = key.split(BNB_STATE)
         meta = json.loads(bytes(np.asarray(out.pop(key), np.uint8)).decode())

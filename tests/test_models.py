@@ -382,8 +382,9 @@ def test_clear_errors(ckpt):
         convert_hf_state_dict(cfg, {**good, "transformer.h.7.mlp.dense_h_to_4h.bias": np.zeros(192)})
     with pytest.raises(ValueError, match=key.replace(".", r"\.") + r": got \(144, 47\), expected \(144, 48\)"):
         convert_hf_state_dict(cfg, {**good, key: good[key][:, :47]})
-    with pytest.raises(ValueError, match=r"8-bit \(LLM\.int8\) weights, e\.g\. " + key.replace(".", r"\.") + r"\.SCB"):
-        convert_hf_state_dict(cfg, {**good, key: good[key].astype(np.int8), key + ".SCB": np.ones(144, np.float32)})
+    scb = key.removesuffix(".weight") + ".SCB"  # a bitsandbytes 8-bit weight's row absmax, of the wrong length
+    with pytest.raises(ValueError, match=scb.replace(".", r"\.") + r" \(143,\): an 8-bit weight's row absmax without"):
+        convert_hf_state_dict(cfg, {**good, key: good[key].astype(np.int8), scb: np.ones(143, np.float32)})
     untied = {**good, "lm_head.weight": good["transformer.word_embeddings.weight"] + 1}
     with pytest.raises(ValueError, match="lm_head.weight"):
         convert_hf_state_dict(cfg, untied)

@@ -344,7 +344,7 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit):
         squad.main(["--quantize", "nf4", "--full-finetune", "--output-dir", str(tmp_path / "x")])
-    assert "--full-finetune trains the weights that --quantize freezes" in capsys.readouterr().err
+    assert "--full-finetune trains the weights that --quantize nf4 freezes" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         squad.main(["--double-quant", "--output-dir", str(tmp_path / "x")])
     assert "--double-quant quantizes the scales of --quantize nf4" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
                                        "triplets",
             summary.get("bdlora") and f"BD-LoRA, {summary['bdlora']['nblocks']} blocks"]
     tags = [t for t in tags if t]
-    lora = ("QLoRA" if quantized else "LoRA") + (f" ({', '.join(tags)})" if tags else "")  # e.g. "LoRA (pissa)"
+    qlora = quantized and quantized.startswith("nf4")  # QLoRA is LoRA on a 4-bit NF4 base; on int8 it stays LoRA
+    lora = ("QLoRA" if qlora else "LoRA") + (f" ({', '.join(tags)})" if tags else "")  # e.g. "LoRA (pissa)"
     if summary.get("eval_only"):
         lora = f"adapter {summary['adapter']}"
     reduced = summary.get("reduce_intruders")

@@ -33,6 +33,7 @@ from .state import TrainCheckpoints, write_json
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODEL = ASSETS / "world_model"  # the small GPT-2 that train/pretrain_world.py produced
 EMBEDDED_DATA = ASSETS / "world"  # the generated SQuAD-format QA set (train/make_assets.py)
+QUANTIZED = {"nf4": "4-bit NF4", "int8": "8-bit (LLM.int8 rows)"}  # a prequantized checkpoint's weights, in words
 
 
 class NonFiniteError(RuntimeError):
@@ -479,14 +480,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "a MiCA adapter, whose lora_A LoRA-FA does not train" if lora.init == "mica" else
                 "a BD-LoRA adapter, whose blocks LoRA-FA's projection of lora_B's gradient does not keep")
         raise ValueError(f"--lorafa: --init-adapter {args.init_adapter} is {what}")
-    # A checkpoint saved from a bitsandbytes 4-bit model loads with NF4 linear weights.
-    prequantized = any(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(params).values())
+    # A checkpoint saved from a bitsandbytes 4- or 8-bit model loads with quantized linear weights.
+    prequantized = next((x.scheme for x in lj.tree.flatten(params).values() if isinstance(x, quant.QuantizedArray)),
+                        None)
     conflicts = [f for f, on in (("--full-finetune", args.full_finetune),
                                  (f"--quantize {args.quantize}", args.quantize),
                                  (f"--init {lora.init}", lora.changes_base or args.init == "eva"),
                                  ("KaSA", lora.use_kasa)) if on]
     if prequantized and conflicts:
-        raise ValueError(f"--model {args.model}: its linear weights are already 4-bit NF4, which "
+        raise ValueError(f"--model {args.model}: its linear weights are already {QUANTIZED[prequantized]}, which "
                          f"{', '.join(conflicts)} cannot take (they need the full-precision weights)")
     train_params = params  # what LoRA trains on: the base, or PiSSA / OLoRA / CorDA / LoRA-GA's residual of it
     if lora.changes_base and args.init_adapter:
@@ -509,15 +511,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora, adapters0 = eva_init(args, model, params, tokenizer, train_ex, lora, log)
     base_apply, scheme = model.apply, None
     if prequantized:
-        scheme, base_apply = "nf4 checkpoint", quant.apply(model.apply)
+        scheme, base_apply = f"{prequantized} checkpoint", quant.apply(model.apply)
         log(f"{scheme}: frozen params {quant.nbytes(params) / 2**20:.2f} MiB")
     if args.quantize:
         scheme = args.quantize + (" + double quant" if args.double_quant else "")
         dense_bytes = quant.nbytes(params)
-        q = lambda p: quant.quantize(p, block_size=args.quant_block_size, double_quant=args.double_quant)  # noqa: E731
+        q = lambda p: quant.quantize(p, block_size=args.quant_block_size, double_quant=args.double_quant,  # noqa: E731
+                                     scheme=args.quantize)
         if args.init == "loftq":  # the base and the adapters together: every linear weight NF4, as q() gives it
             n = args.loftq_iter or 1
-            params_q, adapters0 = lj.init_loftq(lora, params, iters=n, block_size=args.quant_block_size,
+            params_q, adapters0 = lj.init_loftq(lora, params, iters=n, block_size=args.quant_block_size or 64,
                                                 double_quant=args.double_quant)
             log(f"init loftq ({n} iteration{'s' if n > 1 else ''}): the NF4 codes and the adapters fit the "
                 "full-precision weights together")

@@ -6,6 +6,7 @@ generated SQuAD-format QA set whose validation entities never occur in training)
     python -m train.squad                       # ~5 min on 2 CPU cores; prints the EM/F1 table
     python -m train.squad --full-finetune       # adds a full fine-tuning baseline row
     python -m train.squad --quantize nf4        # QLoRA: the frozen linear weights in 4-bit NF4
+    python -m train.squad --quantize int8       # LoRA on 8-bit frozen linear weights (load_in_8bit's layout)
 
 Online, the seeds' run (BLOOM-560m, r=16, alpha=32, dropout 0.05, fused QKV, 100 steps,
 batch 4 x accumulation 4, lr 1e-3, warmup 100):
@@ -146,9 +147,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="gradient checkpointing: recompute each layer's activations in the backward pass (less memory)")
     a("--remat-policy", default=None,
       help="with --remat: what to keep, a name in jax.checkpoint_policies (e.g. dots_with_no_batch_dims_saveable)")
-    a("--quantize", choices=("nf4",), default=None,
-      help="QLoRA: hold the frozen linear weights in 4-bit NF4 (bitsandbytes' layout) while LoRA trains")
-    a("--quant-block-size", type=int, default=64, help="weights per NF4 absmax block (bitsandbytes blocksize)")
+    a("--quantize", choices=("nf4", "int8"), default=None,
+      help="hold the frozen linear weights quantized while LoRA trains: nf4 = QLoRA's 4-bit NormalFloat, int8 = "
+           "8 bits with a scale per output feature (transformers' load_in_8bit layout); bitsandbytes' bytes")
+    a("--quant-block-size", type=int, default=None, help="weights per NF4 absmax block (bitsandbytes blocksize; 64)")
     a("--double-quant", action="store_true",
       help="with --quantize: store the NF4 absmax in 8 bits too (QLoRA's double quantization)")
     a("--seed", type=int, default=0, help="seed for adapters, data order and dropout")
@@ -284,10 +286,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error("--eval-only --no-base-eval scores nothing: pass --init-adapter, or score the base")
     if args.remat_policy and not args.remat:
         p.error("--remat-policy says what --remat keeps; pass --remat with it")
-    if args.double_quant and not args.quantize:
+    if args.double_quant and args.quantize != "nf4":
         p.error("--double-quant quantizes the scales of --quantize nf4; pass --quantize nf4 with it")
+    if args.quant_block_size is not None and args.quantize != "nf4":
+        p.error("--quant-block-size sets the NF4 blocks of --quantize nf4; pass --quantize nf4 with it")
+    if args.init == "loftq" and args.quantize == "int8":
+        p.error("--init loftq fits the adapters to 4-bit NF4 codes: pass --quantize nf4 with it, not int8")
     if args.quantize and args.full_finetune:
-        p.error("--full-finetune trains the weights that --quantize freezes in 4 bits; use one or the other")
+        p.error(f"--full-finetune trains the weights that --quantize {args.quantize} freezes; use one or the other")
     return args
 
 

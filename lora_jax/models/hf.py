@@ -28,7 +28,7 @@ from lora_jax.models.bloom import BloomConfig
 from lora_jax.models.common import (SCORE, BaseConfig, CausalLM, Params, SequenceClassifier, stack_layers,
                                     unstack_layers)
 from lora_jax.models.gpt2 import GPT2Config
-from lora_jax.quant import BNB_STATE, QuantizedArray, from_bnb
+from lora_jax.quant import QuantizedArray, from_bnb, is_bnb
 
 CONFIG_CLASSES: dict[str, type[BaseConfig]] = {"gpt2": GPT2Config, "bloom": BloomConfig}
 
@@ -180,12 +180,11 @@ def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray], *
     """HF tensors (numpy) -> unrolled param tree in `config.param_dtype`, fully checked; with
     `num_labels`, a sequence classifier's (`score.weight` included).
 
-    Raises ValueError naming every missing tensor, unexpected tensor and wrong shape.
+    Raises ValueError naming every missing tensor, unexpected tensor and wrong shape. Tensors
+    saved from a bitsandbytes 4- or 8-bit model become `quant.QuantizedArray`s (`quant.from_bnb`).
     """
-    int8 = sorted(k for k in state if k.endswith(".SCB"))
-    if int8:
-        raise ValueError(f"checkpoint holds bitsandbytes 8-bit (LLM.int8) weights, e.g. {int8[0]}; only full-precision "
-                         "and 4-bit NF4 checkpoints load")
+    if is_bnb(state):
+        state = from_bnb(state)
     body = config.replace(scan_layers=False)
     model = CausalLM(body) if num_labels is None else SequenceClassifier(body, num_labels)
     expected = _flatten(model.param_shapes())
@@ -326,8 +325,9 @@ def from_pretrained(
       remat: rematerialise each layer in the backward pass, with `remat_policy`.
       compute_dtype: activation dtype (default: `dtype`); bfloat16 on GPU picks cuDNN attention.
 
-    A checkpoint saved from a bitsandbytes 4-bit (NF4) model loads with its linear weights as
-    `quant.QuantizedArray`s, the bytes unchanged: run it through `lj.apply` or `quant.apply`.
+    A checkpoint saved from a bitsandbytes 4-bit (NF4) or 8-bit model loads with its linear
+    weights as `quant.QuantizedArray`s, the bytes unchanged: run it through `lj.apply` or
+    `quant.apply`.
     """
     config, state = _read_checkpoint(name_or_path, param_dtype=dtype, compute_dtype=compute_dtype,
                                      scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
@@ -343,7 +343,7 @@ def _read_checkpoint(name_or_path: str | os.PathLike, **overrides: Any) -> tuple
     directory = resolve_pretrained_dir(name_or_path)
     config = load_config(directory / "config.json", **overrides)
     state = load_hf_state_dict(directory)
-    if any(BNB_STATE in k for k in state):  # saved by transformers from a bitsandbytes 4-bit model
+    if is_bnb(state):  # saved by transformers from a bitsandbytes 4- or 8-bit model
         state = from_bnb(state)
     return config, state
 
@@ -372,7 +372,8 @@ def classifier_from_pretrained(
                                      attention_impl=attention_impl)
     score = state.get(f"{SCORE}.weight")
     if isinstance(score, QuantizedArray):
-        raise ValueError(f"{name_or_path}: {SCORE}.weight is stored in 4 bits; only a full-precision head loads")
+        raise ValueError(f"{name_or_path}: {SCORE}.weight is stored in {score.scheme}; only a full-precision head "
+                         "loads")
     if score is not None:  # (num_labels, hidden), torch orientation
         if num_labels is not None and num_labels != score.shape[0]:
             raise ValueError(f"{name_or_path}: {SCORE}.weight {tuple(score.shape)} holds {score.shape[0]} labels, "
