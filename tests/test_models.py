@@ -282,7 +282,7 @@ def test_logits_processors_match_transformers(ckpt, arch, beams, penalty, ngram,
         assert (out[:, :min_new] != eos).all()
 
 
-def test_beam_search_refusals(ckpt):
+def test_generation_refusals(ckpt):
     model, params = jax_model(ckpt["gpt2"])
     ids, mask = batch(pad_id=0)
     kw = dict(model=model, max_new_tokens=4)
@@ -296,13 +296,18 @@ def test_beam_search_refusals(ckpt):
         generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, rng=jax.random.key(0), **kw)
     with pytest.raises(ValueError, match="num_return_sequences=2 needs num_beams >= it"):
         generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
-    for bad, msg in [(dict(repetition_penalty=0.0), "repetition_penalty must be a positive number, got 0.0"),
+    # Positions count real tokens: rows of 4 (row 2: 6 pads) fit 60 new tokens in 64 positions.
+    assert generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}).shape == (1, 60)
+    for bad, msg in [(dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
+                     (dict(max_new_tokens=55), r"a prompt of 10 tokens \+ max_new_tokens 55 exceeds the model's "
+                                                "max_position_embeddings 64"),
+                     (dict(repetition_penalty=0.0), "repetition_penalty must be a positive number, got 0.0"),
                      (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an int >= 0, got -1"),
                      (dict(min_new_tokens=1.5), "min_new_tokens must be an int >= 0, got 1.5")]:
         with pytest.raises(ValueError, match=msg):
-            generate(model.apply, params, ids, mask, **bad, **kw)
+            generate(model.apply, params, ids, mask, **{**kw, **bad})
         with pytest.raises(ValueError, match=msg):
-            beam_search(model.apply, params, ids, mask, num_beams=2, **bad, **kw)
+            beam_search(model.apply, params, ids, mask, num_beams=2, **{**kw, **bad})
 
 
 # ----------------------------------------------------------------------------- loading

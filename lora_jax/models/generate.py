@@ -16,6 +16,7 @@ reuse the compilation.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -107,16 +108,27 @@ def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperatu
     return jax.lax.while_loop(cond, body, state)[4]
 
 
-def _special_tokens(
+def _setup(
     model: CausalLM | None, config: BaseConfig | None, eos_token_id: int | Sequence[int] | None,
-    pad_token_id: int | None,
+    pad_token_id: int | None, input_ids: Any, attention_mask: Any, max_new_tokens: int,
 ) -> tuple[CausalLM, tuple[int, ...], int]:
-    """(model, EOS ids, pad id): the config's EOS unless given; pad = config's pad, else EOS, else 0."""
+    """(model, EOS ids, pad id): the config's EOS unless given; pad = config's pad, else EOS, else 0.
+    Checks that the new tokens fit the model's positions, where the prompts are concrete (under
+    jit their lengths are not known)."""
     if model is None:
         if config is None:
             raise ValueError("generate needs model= or config=")
         model = CausalLM(config)
     cfg = model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    limit = getattr(cfg, "max_position_embeddings", None)  # GPT-2's learned positions; BLOOM's ALiBi has none
+    if limit is not None and not any(isinstance(x, jax.core.Tracer) for x in (input_ids, attention_mask)):
+        # Positions count real tokens, so left padding takes none.
+        longest = jnp.shape(input_ids)[1] if attention_mask is None else int(jnp.max(jnp.sum(attention_mask > 0, 1)))
+        if longest + max_new_tokens > limit:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings {limit}")
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id
     eos = () if eos_token_id is None else (
@@ -189,7 +201,8 @@ def generate(
     if num_return_sequences != 1:
         raise ValueError(f"num_return_sequences={num_return_sequences!r} needs num_beams >= it; greedy and "
                          "sampled generation return one row per prompt (repeat the prompts to sample more)")
-    model, eos, pad_token_id = _special_tokens(model, config, eos_token_id, pad_token_id)
+    model, eos, pad_token_id = _setup(model, config, eos_token_id, pad_token_id, input_ids, attention_mask,
+                                      max_new_tokens)
     penalty, ngram, min_new = processors.check(**process)
     greedy = temperature == 0
     if not greedy and rng is None:
@@ -244,22 +257,22 @@ def beam_search(
       tokens [B, num_return_sequences, max_new_tokens] int32, best first, `pad_token_id` after a
       hypothesis' EOS; scores [B, num_return_sequences] float32 (transformers' sequences_scores).
     """
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, numbers.Integral) or num_beams < 1:
         raise ValueError(f"num_beams must be a positive int, got {num_beams!r}")
-    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int) \
+    if isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, numbers.Integral) \
             or not 1 <= num_return_sequences <= num_beams:
         raise ValueError(f"num_return_sequences must be an int from 1 to num_beams={num_beams}, "
                          f"got {num_return_sequences!r}")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
-    model, eos, pad = _special_tokens(model, config, eos_token_id, pad_token_id)
+    model, eos, pad = _setup(model, config, eos_token_id, pad_token_id, input_ids, attention_mask, max_new_tokens)
     penalty, ngram, min_new = processors.check(repetition_penalty, no_repeat_ngram_size, min_new_tokens)
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
     tokens, scores = beam.search(
         apply_fn, model, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
         jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad), jnp.float32(length_penalty), jnp.float32(penalty),
-        jnp.int32(min_new), max_new_tokens=int(max_new_tokens), num_beams=num_beams, early_stopping=early_stopping,
-        penalize=penalty != 1, ngram=ngram,
+        jnp.int32(min_new), max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
+        early_stopping=early_stopping, penalize=penalty != 1, ngram=ngram,
     )
     return tokens[:, :num_return_sequences], scores[:, :num_return_sequences]
