@@ -298,6 +298,10 @@ def test_generation_refusals(ckpt):
         generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
     # Positions count real tokens: rows of 4 (row 2: 6 pads) fit 60 new tokens in 64 positions.
     assert generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}).shape == (1, 60)
+    # Under jit the real lengths are unknown: only the padded length is checked.
+    traced = jax.jit(lambda i, m: generate(model.apply, params, i, m, **{**kw, "max_new_tokens": 60}))
+    np.testing.assert_array_equal(traced(ids[2:], mask[2:]),
+                                  generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}))
     for bad, msg in [(dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
                      (dict(max_new_tokens=55), r"a prompt of 10 tokens \+ max_new_tokens 55 exceeds the model's "
                                                 "max_position_embeddings 64"),

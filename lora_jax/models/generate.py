@@ -123,12 +123,15 @@ def _setup(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     limit = getattr(cfg, "max_position_embeddings", None)  # GPT-2's learned positions; BLOOM's ALiBi has none
-    if limit is not None and not any(isinstance(x, jax.core.Tracer) for x in (input_ids, attention_mask)):
-        # Positions count real tokens, so left padding takes none.
-        longest = jnp.shape(input_ids)[1] if attention_mask is None else int(jnp.max(jnp.sum(attention_mask > 0, 1)))
-        if longest + max_new_tokens > limit:
-            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                             f"max_position_embeddings {limit}")
+    longest = jnp.shape(input_ids)[1]
+    if limit is not None and attention_mask is not None and longest + max_new_tokens > limit:
+        try:  # positions count real tokens, so left padding takes none
+            longest = int(jnp.max(jnp.sum(jnp.asarray(attention_mask) > 0, axis=1)))
+        except jax.errors.ConcretizationTypeError:  # under jit: the real lengths are not known
+            longest = 0
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings {limit}")
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id
     eos = () if eos_token_id is None else (
