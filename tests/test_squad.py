@@ -103,6 +103,27 @@ def test_keep_best_and_an_earlier_runs_checkpoints(tiny_gpt2_dir, tmp_path, caps
     assert weights(split) == weights(straight)
     assert json.loads((split / "summary.json").read_text())["best_step"] == {"lora": 2}
 
+    # --early-stopping 2: no lower loss at steps 3 and 4, so training stops at 4 and keeps step 2,
+    # the adapter of the 6-step run; so does a run stopped at 3 and resumed (it stops at 4 again),
+    # and --resume after the stop trains no further.
+    early = tmp_path / "early"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, early, *flags, "--early-stopping", "2")) == 0
+    printed = capsys.readouterr().out
+    assert "no lower validation loss in 2 evaluations since step 2; training stops at step 4 of 6" in printed
+    assert "lora stopped early at step 4" in printed
+    assert len(losses(early)) == 4 and losses(early, key="val_loss") == val[:4]
+    s = json.loads((early / "summary.json").read_text())
+    assert s["early_stop"] == {"lora": 4} and s["best_step"] == {"lora": 2} and weights(early) == weights(straight)
+    resumed = tmp_path / "early_resumed"
+    assert squad.main(cli_args(tiny_gpt2_dir, data, resumed, *flags, "--early-stopping", "2", "--stop-after", "3")) == 0
+    for _ in range(2):
+        assert squad.main(cli_args(tiny_gpt2_dir, data, resumed, *flags, "--early-stopping", "2", "--resume")) == 0
+        assert weights(resumed) == weights(straight)
+        assert json.loads((resumed / "summary.json").read_text())["early_stop"] == {"lora": 4}
+    assert "--early-stopping stopped this run at step 4 already (2 evaluations after step 2)" in \
+        capsys.readouterr().out
+    assert len(losses(resumed)) == 4
+
 
 def peft_beam_answers(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_prompt: int = 44,
                       **beam_kw) -> dict[str, str]:
@@ -382,6 +403,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--length-penalty", "2"],
                         "--length-penalty 2.0 ranks beam-search answers: pass --num-beams"),
                        (["--keep-best"], "--keep-best keeps the step of the lowest validation loss: pass --eval-every"),
+                       (["--eval-every", "5", "--early-stopping", "3"],
+                        "--early-stopping 3: a positive patience (in evaluations), with --eval-every N --keep-best"),
                        (["--eval-only", "--eval-every", "5"],
                         "--eval-only trains nothing, so it takes no --eval-every"),
                        (["--bdlora-blocks", "2", "--lora-bias", "--init", "pissa"], "--bdlora-blocks is its own LoRA "

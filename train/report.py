@@ -82,6 +82,7 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
         "",
         f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "
         f"({summary['model']}, " + ("evaluation only" if summary.get("eval_only") else f"{summary['steps']} steps")
+        + "".join(f", {run} stopped early at step {s}" for run, s in (summary.get("early_stop") or {}).items())
         + (f", beam search: {summary['num_beams']} beams, length penalty {summary['length_penalty']:g}"
            if summary.get("num_beams", 1) > 1 else "") + ")",
         "",

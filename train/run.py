@@ -282,7 +282,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     """Train LoRA adapters (or, with lora=None, every parameter). With --eval-every, the mean
     answer-token loss on `val_examples` (encoded as training examples) is logged as it trains.
 
-    Returns (params, adapters, history, finished); finished is False after --stop-after.
+    Returns (params, adapters, history, finished); finished is False after --stop-after, True after
+    --early-stopping.
     """
     key = jax.random.key(args.seed)
     if lora is not None:
@@ -352,6 +353,13 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         best.drop_after(start)
         best_step = best.latest_step()
         best_loss = math.inf if best_step is None else float(best.read_meta(best_step)["val_loss"])
+    # --early-stopping: evaluations since the best one (so far: those after it up to `start`)
+    waited = 0 if best_step is None else sum(1 for k in range(best_step + 1, start + 1)
+                                             if k % args.eval_every == 0 or k == args.steps)
+    stopped = start if args.early_stopping and waited >= args.early_stopping else None
+    if stopped is not None:
+        log(f"{tag}: --early-stopping stopped this run at step {start} already ({waited} evaluations after step "
+            f"{best_step})")
     trainable_d, opt_d = runner.put_state(trainable, opt_state)
     frozen_d = runner.put_frozen(frozen)
     if args.parallel == "fsdp":
@@ -378,7 +386,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             metrics_file.flush()
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     try:
-        for step in range(start, end):
+        for step in range(start, end if stopped is None else start):
             pos, batch = next(stream)
             rng = np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.fold_in(key, 2), step)))
             new_t, new_o, m = runner.step(trainable_d, frozen_d, opt_d, batch, rng)
@@ -406,15 +414,23 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                 record({"run": tag, "step": done, "val_loss": v, "val_tokens": n})
                 log(f"{tag} step {done}: validation loss {v:.4f} ({n} answer tokens)")
                 if best is not None and v < best_loss:
-                    best_step, best_loss = done, v
+                    best_step, best_loss, waited = done, v, 0
                     best.save(done, runner.get_state(trainable_d, opt_d)[0], {}, {"val_loss": v})
+                else:
+                    waited += 1
+                if args.early_stopping and waited >= args.early_stopping and done < args.steps:
+                    stopped = done
+                    log(f"{tag}: --early-stopping: no lower validation loss in {waited} evaluations since step "
+                        f"{best_step}; training stops at step {done} of {args.steps}")
                 t_last = time.perf_counter()  # the evaluation is not training throughput
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=speed)
-            if done % args.checkpoint_every == 0 or done == end:
+            if done % args.checkpoint_every == 0 or done == end or stopped is not None:
                 t_host, o_host = runner.get_state(trainable_d, opt_d)
                 nxt = data.DataPosition.from_step(done, per_epoch)
                 ckpt.save(done, t_host, o_host, {"epoch": nxt.epoch, "index": nxt.index, "seed": args.seed})
+            if stopped is not None:
+                break
     finally:
         bar.close()
         if metrics_file is not None:
@@ -423,15 +439,18 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     if skipped:
         log(f"{tag}: skipped {skipped} steps with a non-finite loss or gradient")
     t_host, _ = runner.get_state(trainable_d, opt_d)
+    finished = end == args.steps or stopped is not None
+    if stopped is not None:
+        history.append({"run": tag, "early_stop": stopped})
     if best is not None:
-        if end == args.steps and best_step is not None:
+        if finished and best_step is not None:
             if best_step != end:
                 t_host = best.restore(t_host, {}, best_step)[0]
             log(f"{tag}: --keep-best keeps step {best_step} of {end}, the lowest validation loss ({best_loss:.4f})")
             history.append({"run": tag, "best_step": best_step, "best_val_loss": best_loss})
         best.close()
     new_params, adapters = lj.join(t_host, frozen) if lora is not None else (t_host["params"], {})
-    return new_params, adapters, history, end == args.steps
+    return new_params, adapters, history, finished
 
 
 def for_eval(args, params):
@@ -636,6 +655,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "val_loss": {r["run"]: r["val_loss"] for r in history if "val_loss" in r} or None,  # the last, per run
         "best_step": {r["run"]: r["best_step"] for r in history if "best_step" in r} or None,  # --keep-best
+        "early_stop": {r["run"]: r["early_stop"] for r in history if "early_stop" in r} or None,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "reduce_intruders": intruders if reduced is not None else None,

@@ -166,6 +166,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--keep-best", action="store_true",
       help="with --eval-every: score, save and export the adapter of the lowest validation loss, not the last "
            "step's (kept under checkpoints/<run>_best, so --resume keeps it too)")
+    a("--early-stopping", type=int, default=None, metavar="PATIENCE",
+      help="with --eval-every and --keep-best: stop training after PATIENCE evaluations without a lower validation "
+           "loss (transformers' EarlyStoppingCallback); the best step is the one scored, saved and exported")
     a("--no-progress", action="store_true", help="no progress bar (logs only)")
     a("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
       help="multi-process: host:port of process 0 (env JAX_COORDINATOR_ADDRESS)")
@@ -194,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--length-penalty {args.length_penalty} ranks beam-search answers: pass --num-beams N (> 1) with it")
     if args.keep_best and args.eval_every is None:
         p.error("--keep-best keeps the step of the lowest validation loss: pass --eval-every N with it")
+    if args.early_stopping is not None and (args.early_stopping <= 0 or not args.keep_best):
+        p.error(f"--early-stopping {args.early_stopping}: a positive patience (in evaluations), with --eval-every N "
+                "--keep-best (the step it keeps is the best one)")
     if args.coordinator and (args.num_processes is None or args.process_id is None):
         p.error("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if args.eval_samples < 0:
