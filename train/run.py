@@ -446,7 +446,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         if finished and best_step is not None:
             if best_step != end:
                 t_host = best.restore(t_host, {}, best_step)[0]
-            log(f"{tag}: --keep-best keeps step {best_step} of {end}, the lowest validation loss ({best_loss:.4f})")
+            last = end if stopped is None else stopped
+            log(f"{tag}: --keep-best keeps step {best_step} of {last}, the lowest validation loss ({best_loss:.4f})")
             history.append({"run": tag, "best_step": best_step, "best_val_loss": best_loss})
         best.close()
     new_params, adapters = lj.join(t_host, frozen) if lora is not None else (t_host["params"], {})

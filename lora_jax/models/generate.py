@@ -135,7 +135,7 @@ def _setup(
     if eos_token_id is None:
         eos_token_id = cfg.eos_token_id
     eos = () if eos_token_id is None else (
-        (int(eos_token_id),) if isinstance(eos_token_id, int) else tuple(int(e) for e in eos_token_id)
+        (int(eos_token_id),) if isinstance(eos_token_id, numbers.Integral) else tuple(int(e) for e in eos_token_id)
     )
     if pad_token_id is None:
         pad_token_id = next(p for p in (cfg.pad_token_id, *eos, 0) if p is not None)
@@ -247,9 +247,10 @@ def beam_search(
     Args:
       apply_fn, params, input_ids, attention_mask, model / config, eos_token_id, pad_token_id,
         repetition_penalty, no_repeat_ngram_size, min_new_tokens: as in `generate` (the
-        processors act on the log-probabilities, as in transformers). `apply_fn` runs once on the B prompts, then on B * num_beams rows (row
-        b * num_beams + k: beam k of prompt b), so per-row data in a closure must follow the
-        rows: `adapter_ids=jnp.repeat(ids, x.shape[0] // B)` for `multi.mixed`.
+        processors act on the log-probabilities, as in transformers). `apply_fn` runs once on
+        the B prompts, then on B * num_beams rows (row b * num_beams + k: beam k of prompt b),
+        so per-row data in a closure must follow the rows:
+        `adapter_ids=jnp.repeat(ids, x.shape[0] // B)` for `multi.mixed`.
       num_beams: beams kept per prompt.
       num_return_sequences: how many of the best hypotheses to return (at most num_beams).
       length_penalty: a finished hypothesis scores sum(log p) / length**length_penalty, length

@@ -8,6 +8,9 @@ unpadded one does; transformers counts the pad tokens too) and the tokens genera
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import jax
 import jax.numpy as jnp
 
@@ -16,15 +19,15 @@ def check(repetition_penalty: float | None, no_repeat_ngram_size: int | None,
           min_new_tokens: int | None) -> tuple[float, int, int]:
     """(repetition_penalty, no_repeat_ngram_size, min_new_tokens) checked, None = off (1.0, 0, 0)."""
     p = 1.0 if repetition_penalty is None else repetition_penalty
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p > 0 or p == float("inf"):
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < math.inf:
         raise ValueError(f"repetition_penalty must be a positive number, got {repetition_penalty!r}")
     n = no_repeat_ngram_size or 0
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"no_repeat_ngram_size must be an int >= 0, got {no_repeat_ngram_size!r}")
     m = min_new_tokens or 0
-    if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m < 0:
         raise ValueError(f"min_new_tokens must be an int >= 0, got {min_new_tokens!r}")
-    return float(p), n, m
+    return float(p), int(n), int(m)
 
 
 def prompt_history(input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
