@@ -5,6 +5,8 @@ in 4 bits load as they are (library and CLI)."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,6 +97,49 @@ def _logits(model) -> np.ndarray:
         return model(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
 
 
+def dequantized_reference(base_dir, dequantized: dict):
+    """transformers' fp32 model of `base_dir` with the linear weights `dequantized` {module: (out, in)}."""
+    ref = _hf_model(base_dir)
+    with torch.no_grad():
+        for mod_name, w in dequantized.items():
+            mod = ref.get_submodule(mod_name)
+            mod.weight.copy_(w.T if type(mod).__name__ == "Conv1D" else w)  # Conv1D holds (in, out)
+    return ref
+
+
+def lora_both_ways(model, qparams, reference, targets, tmp_path, nudge_torch) -> tuple[np.ndarray, object]:
+    """On quantized params whose dequantized weights `reference()` holds: a PEFT-made adapter gives
+    PEFT's logits here, and one trained here (3 Adam steps; the weights stay quantized) gives its
+    logits here once PEFT loads it. Returns (those logits, the exported PEFT directory)."""
+    want_base = _logits(reference())
+    pm = nudge_torch(peft.get_peft_model(reference(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)),
+                     seed=1)
+    pm.save_pretrained(tmp_path / "peft_made")
+    got = lp.load_peft(tmp_path / "peft_made", qparams, model_config=model.config)
+    g = jax.jit(lj.apply(model.apply, got.config, strict=True))
+    np.testing.assert_allclose(np.asarray(g(qparams, got.adapters, IDS)), _logits(pm), atol=ATOL, rtol=0)
+
+    config = lj.LoraConfig(rank=4, alpha=8, targets=targets)
+    apply = lj.apply(model.apply, config)
+
+    def loss_fn(p, a, ids):
+        return optax.softmax_cross_entropy_with_integer_labels(apply(p, a, ids)[:, :-1], ids[:, 1:]).mean()
+
+    ts = lj.make_train_step(loss_fn, optax.adam(1e-2))
+    trainable, frozen = lj.split(config, qparams, lj.init(config, qparams, jax.random.key(0)))
+    opt, step = ts.init(trainable), jax.jit(ts.step)
+    for _ in range(3):
+        trainable, opt, _ = step(trainable, frozen, opt, IDS)
+    qp, adapters = lj.join(trainable, frozen)
+    assert all(isinstance(lj.tree.flatten(qp)[p], quant.QuantizedArray) for p in adapters)
+    ours = np.asarray(jax.jit(apply)(qp, adapters, IDS))
+    assert np.abs(ours - want_base).max() > 100 * ATOL
+    out = lp.save_peft(tmp_path / "ours", config, adapters, model_config=model.config)
+    np.testing.assert_allclose(_logits(peft.PeftModel.from_pretrained(reference(), str(out)).eval()), ours,
+                               atol=ATOL, rtol=0)
+    return ours, out
+
+
 @pytest.mark.parametrize("name,scan", [("gpt2", False), ("bloom", True)])
 def test_qlora_matches_bitsandbytes_and_peft(name, scan, wide_dirs, tmp_path, nudge_torch):
     """quantize() of a checkpoint holds the codes and absmax transformers' 4-bit loading
@@ -120,46 +165,12 @@ def test_qlora_matches_bitsandbytes_and_peft(name, scan, wide_dirs, tmp_path, nu
         dequantized[mod_name] = bnb_functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)  # (out, in)
     assert len(dequantized) == 4 * model.config.num_layers
 
-    def reference():
-        ref = _hf_model(base_dir)
-        with torch.no_grad():
-            for mod_name, w in dequantized.items():
-                mod = ref.get_submodule(mod_name)
-                mod.weight.copy_(w.T if type(mod).__name__ == "Conv1D" else w)  # Conv1D holds (in, out)
-        return ref
-
+    reference = functools.partial(dequantized_reference, base_dir, dequantized)
     want_base = _logits(reference())
     base = np.asarray(jax.jit(quant.apply(model.apply))(qparams, IDS))
     np.testing.assert_allclose(base, want_base, atol=ATOL, rtol=0)
     assert np.abs(np.asarray(model.apply(params, IDS)) - want_base).max() > 100 * ATOL  # NF4 did round
-
-    # PEFT-made adapter on the NF4 base -> here.
-    pm = nudge_torch(peft.get_peft_model(reference(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)),
-                     seed=1)
-    pm.save_pretrained(tmp_path / "peft_made")
-    got = lp.load_peft(tmp_path / "peft_made", qparams, model_config=model.config)
-    g = jax.jit(lj.apply(model.apply, got.config, strict=True))
-    np.testing.assert_allclose(np.asarray(g(qparams, got.adapters, IDS)), _logits(pm), atol=ATOL, rtol=0)
-
-    # Trained here on the NF4 base (the weights stay NF4) -> PEFT.
-    config = lj.LoraConfig(rank=4, alpha=8, targets=targets)
-    apply = lj.apply(model.apply, config)
-
-    def loss_fn(p, a, ids):
-        return optax.softmax_cross_entropy_with_integer_labels(apply(p, a, ids)[:, :-1], ids[:, 1:]).mean()
-
-    ts = lj.make_train_step(loss_fn, optax.adam(1e-2))
-    trainable, frozen = lj.split(config, qparams, lj.init(config, qparams, jax.random.key(0)))
-    opt, step = ts.init(trainable), jax.jit(ts.step)
-    for _ in range(3):
-        trainable, opt, _ = step(trainable, frozen, opt, IDS)
-    qp, adapters = lj.join(trainable, frozen)
-    assert all(isinstance(lj.tree.flatten(qp)[p], quant.QuantizedArray) for p in adapters)
-    ours = np.asarray(jax.jit(apply)(qp, adapters, IDS))
-    assert np.abs(ours - want_base).max() > 100 * ATOL
-    out = lp.save_peft(tmp_path / "ours", config, adapters, model_config=model.config)
-    np.testing.assert_allclose(_logits(peft.PeftModel.from_pretrained(reference(), str(out)).eval()), ours,
-                               atol=ATOL, rtol=0)
+    ours, out = lora_both_ways(model, qparams, reference, targets, tmp_path, nudge_torch)
     # On transformers' own 4-bit model it loads and applies too; bitsandbytes' CPU forward (bf16
     # absmax) only lets us check it to a few percent of what the adapter changes.
     on_4bit = peft.PeftModel.from_pretrained(_bnb_model(base_dir), str(out)).eval()

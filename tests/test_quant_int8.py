@@ -5,14 +5,14 @@ trains on int8 weights, made here or loaded."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lora_jax as lj
-from lora_jax import peft as lp
 from lora_jax import quant
 from lora_jax.models import from_pretrained
 
@@ -20,8 +20,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 12], [1, 2, 3, 4, 5, 6, 7, 300]], np.int32)
-ATOL = 1e-4
+from test_quant_bnb import ATOL, IDS, _logits, dequantized_reference, lora_both_ways  # noqa: E402
 
 
 def test_int8_codes_equal_bitsandbytes():
@@ -60,11 +59,6 @@ def _int8_model(directory):
                                                 device_map="cpu", attn_implementation="eager").eval()
 
 
-def _logits(model) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor(IDS, dtype=torch.long)).logits.float().numpy()
-
-
 @pytest.mark.parametrize("name,scan", [("gpt2", False), ("bloom", True)])
 def test_int8_base_matches_transformers_and_peft(name, scan, wide_dirs, tmp_path, nudge_torch):
     """quantize(scheme="int8") of a checkpoint holds the codes and SCB of transformers' load_in_8bit
@@ -73,8 +67,6 @@ def test_int8_base_matches_transformers_and_peft(name, scan, wide_dirs, tmp_path
     PEFT-made adapter on it and an adapter trained here on the int8 base (and loaded by PEFT) all
     give its logits. On transformers' own 8-bit model (whose kernel rounds the activations to int8
     too) that adapter changes the logits as it does here, to within that rounding."""
-    from transformers import AutoModelForCausalLM
-
     base_dir = wide_dirs[name]
     targets = {"gpt2": ["c_attn", "c_fc"], "bloom": ["query_key_value", "dense_4h_to_h"]}[name]
     model, params = from_pretrained(base_dir, scan_layers=scan)
@@ -100,46 +92,12 @@ def test_int8_base_matches_transformers_and_peft(name, scan, wide_dirs, tmp_path
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-    def reference():
-        ref = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
-        with torch.no_grad():
-            for mod_name, w in dequantized.items():
-                mod = ref.get_submodule(mod_name)
-                mod.weight.copy_(w.T if type(mod).__name__ == "Conv1D" else w)  # Conv1D holds (in, out)
-        return ref
-
+    reference = functools.partial(dequantized_reference, base_dir, dequantized)
     want_base = _logits(reference())
     base = np.asarray(jax.jit(quant.apply(model.apply))(loaded, IDS))
     np.testing.assert_allclose(base, want_base, atol=ATOL, rtol=0)
     assert np.abs(np.asarray(model.apply(params, IDS)) - want_base).max() > 10 * ATOL  # int8 did round
-
-    # PEFT-made adapter on the int8 base -> here.
-    pm = nudge_torch(peft.get_peft_model(reference(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets)),
-                     seed=1)
-    pm.save_pretrained(tmp_path / "peft_made")
-    got = lp.load_peft(tmp_path / "peft_made", qparams, model_config=model.config)
-    g = jax.jit(lj.apply(model.apply, got.config, strict=True))
-    np.testing.assert_allclose(np.asarray(g(qparams, got.adapters, IDS)), _logits(pm), atol=ATOL, rtol=0)
-
-    # Trained here on the int8 base (the weights stay int8) -> PEFT.
-    config = lj.LoraConfig(rank=4, alpha=8, targets=targets)
-    apply = lj.apply(model.apply, config)
-
-    def loss_fn(p, a, ids):
-        return optax.softmax_cross_entropy_with_integer_labels(apply(p, a, ids)[:, :-1], ids[:, 1:]).mean()
-
-    ts = lj.make_train_step(loss_fn, optax.adam(1e-2))
-    trainable, frozen = lj.split(config, qparams, lj.init(config, qparams, jax.random.key(0)))
-    opt, step = ts.init(trainable), jax.jit(ts.step)
-    for _ in range(3):
-        trainable, opt, _ = step(trainable, frozen, opt, IDS)
-    qp, adapters = lj.join(trainable, frozen)
-    assert all(isinstance(lj.tree.flatten(qp)[p], quant.QuantizedArray) for p in adapters)
-    ours = np.asarray(jax.jit(apply)(qp, adapters, IDS))
-    assert np.abs(ours - want_base).max() > 100 * ATOL
-    out = lp.save_peft(tmp_path / "ours", config, adapters, model_config=model.config)
-    np.testing.assert_allclose(_logits(peft.PeftModel.from_pretrained(reference(), str(out)).eval()), ours,
-                               atol=ATOL, rtol=0)
+    ours, out = lora_both_ways(model, qparams, reference, targets, tmp_path, nudge_torch)
     on_int8 = _logits(peft.PeftModel.from_pretrained(_int8_model(base_dir), str(out)).eval())
     bnb_base = _logits(_int8_model(base_dir))
     effect = ours - want_base
