@@ -121,6 +121,41 @@ def test_missing_file_and_all_invalid(tmp_path):
         load_split(tmp_path, "validation")  # found via the dev-v1.1.json alias
 
 
+def test_squad_v2_unanswerable_questions(tmp_path, tok):
+    """SQuAD v2.0: the official layout (version "v2.0", is_impossible, plausible_answers) keeps its
+    unanswerable questions with no answers; flat records without an answer are unanswerable only
+    in v2.0 data (v2=True), else malformed as in v1.1. Their training target is EOS alone, and an
+    over-long context keeps its start."""
+    ctx = "Ada lives in Paris."
+    doc = squad_doc((ctx, [qa("ok", "Where does Ada live?", "Paris", 13),
+                           {"id": "no", "question": "Where does Bob live?", "answers": [], "is_impossible": True,
+                            "plausible_answers": [{"text": "Paris", "answer_start": 13}]},
+                           {"id": "bad", "question": "Who?", "answers": []}]))
+    doc["version"] = "v2.0"
+    (tmp_path / "v2.json").write_text(json.dumps(doc))
+    res = load_squad_file(tmp_path / "v2.json")
+    assert res.v2 and res.unanswerable == 2 and res.num_skipped == 0
+    assert [(r.id, r.answers, r.answerable) for r in res.records] == [
+        ("ok", ("Paris",), True), ("no", (), False), ("bad", (), False)]
+    doc["version"] = "1.1"  # v1.1: "is_impossible" still says so; an answer-less record is malformed
+    (tmp_path / "v1.json").write_text(json.dumps(doc))
+    res = load_squad_file(tmp_path / "v1.json")
+    assert [r.id for r in res.records] == ["ok", "no"] and res.skipped["no_answer"] == 1 and res.v2
+    flat = [{"id": "x", "context": ctx, "question": "Who?", "answers": {"text": [], "answer_start": []}}]
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    with pytest.raises(ValueError, match="no valid question-answer record"):
+        load_squad_file(tmp_path / "flat.json")
+    res = load_split(tmp_path / "flat.json", "train", v2=True)
+    assert res.v2 and res.unanswerable == 1 and not parse_records(flat).records
+
+    no = next(r for r in load_squad_file(tmp_path / "v2.json").records if r.id == "no")
+    (ex,) = encode(tok, [no], 64, train=True).examples
+    assert tok.decode(ex.tokens[ex.target_start:]) == EOS  # the empty answer
+    long = QARecord("long", " ".join(WORDS * 3) + ".", "Who is Ada?", (), ())
+    (ev,) = encode(tok, [long], 40, train=False).examples
+    assert len(ev.tokens) <= 40 and tok.decode(ev.tokens).startswith("CONTEXT\n" + WORDS[0])
+
+
 _text = st.text(alphabet="ab .", max_size=12)
 _answers = st.one_of(
     st.lists(st.fixed_dictionaries({"text": _text, "answer_start": st.integers(-2, 15)}), max_size=3),

@@ -1,9 +1,9 @@
-"""The official SQuAD v1.1 EM/F1 on hand-checked examples."""
+"""The official SQuAD v1.1 and v2.0 EM/F1 on hand-checked examples."""
 
 import pytest
 
 from train.data import QARecord
-from train.metrics import exact_match, f1, normalize_answer, squad_scores
+from train.metrics import exact_match, f1, f1_v2, normalize_answer, squad_scores, squad_v2_scores
 
 
 @pytest.mark.parametrize(
@@ -63,3 +63,29 @@ def test_squad_scores_max_over_golds_and_missing_predictions():
 
 def test_squad_scores_empty():
     assert squad_scores({}, []) == {"exact_match": 0.0, "f1": 0.0}
+
+
+def test_squad_v2_scores_by_hand():
+    """evaluate-v2.0.py: an unanswerable question's only gold is the empty answer; empty against
+    non-empty scores 0, empty against empty 1 (EM and F1); gold answers that normalise to nothing
+    are dropped; HasAns / NoAns split by whether the record has answers."""
+    records = [
+        _rec("a", "the cat", "cat"),
+        _rec("c", "Paris"),
+        _rec("d", "The"),  # normalises to nothing: its gold becomes "" (still a HasAns question)
+        _rec("e", "Paris"),
+        QARecord("b", "ctx", "q?", (), ()),
+        QARecord("b2", "ctx", "q?", (), ()),
+    ]
+    preds = {"a": "a cat", "c": "", "d": "", "e": "Paris France", "b": "", "b2": "something"}
+    s = squad_v2_scores(preds, records)
+    # EM: a 1, c 0, d 1, e 0 | b 1, b2 0. F1: a 1, c 0, d 1, e 2*(1/2*1)/(3/2) = 2/3 | b 1, b2 0.
+    assert s["total"] == 6 and s["has_answer"]["total"] == 4 and s["no_answer"]["total"] == 2
+    assert s["exact_match"] == pytest.approx(100 * 3 / 6) and s["f1"] == pytest.approx(100 * (3 + 2 / 3) / 6)
+    assert s["has_answer"]["exact_match"] == pytest.approx(50) and s["has_answer"]["f1"] == pytest.approx(
+        100 * (2 + 2 / 3) / 4)
+    assert s["no_answer"] == {"exact_match": 50.0, "f1": 50.0, "total": 2}
+    assert f1_v2("the", "a") == 1.0 and f1("the", "a") == 0.0  # where v2.0 and v1.1 part
+    # Without unanswerable records only the HasAns part is reported; a missing prediction scores 0.
+    assert set(squad_v2_scores({"c": "Paris"}, records[:2])) == {"exact_match", "f1", "total", "has_answer"}
+    assert squad_v2_scores({"c": "Paris"}, records[:2])["exact_match"] == 50.0

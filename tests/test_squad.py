@@ -58,7 +58,7 @@ def losses(out: Path, run: str = "lora", key: str = "loss") -> list[float]:
     return [r[key] for r in rows if r["run"] == run and key in r]
 
 
-def answer_loss(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_len: int = 48) -> float:
+def answer_loss(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_len: int = 48, v2: bool = False) -> float:
     """The saved adapter's mean answer-token loss (first gold answer + EOS) on the first n
     validation questions, computed example by example: what --eval-every reports."""
     from transformers import AutoTokenizer
@@ -67,13 +67,49 @@ def answer_loss(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_len:
     model, params = from_pretrained(model_dir)
     saved = lp.load_adapter(adapter, params)
     g = lj.apply(model.apply, saved.config)
-    records = squad_data.load_split(data, "validation").records[:n]
+    records = squad_data.load_split(data, "validation", v2=v2).records[:n]
     total = count = 0.0
     for e in squad_data.encode(AutoTokenizer.from_pretrained(model_dir), records, max_len, train=True).examples:
         logp = jax.nn.log_softmax(g(params, saved.adapters, e.tokens[None, :-1])[0].astype(np.float32))
         t = np.arange(e.target_start - 1, len(e.tokens) - 1)  # logits at t predict tokens[t + 1]
         total, count = total - float(logp[t, e.tokens[t + 1]].sum()), count + len(t)
     return total / count
+
+
+def test_squad_v2_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--version-2-with-negative on flat records, some without an answer: those are unanswerable
+    (v1.1 would skip them as malformed), train to the empty answer (their answer-token loss is
+    EOS's) and are scored by evaluate-v2.0's rules, the questions with and without an answer also
+    apart."""
+    from train import data as squad_data
+    from train.metrics import squad_v2_scores
+
+    rows = []
+    for i, name in enumerate(NAMES):
+        place = PLACES[i % len(PLACES)]
+        ctx = f"{name} lives in {place}."
+        rows += [{"id": f"q{i}", "context": ctx, "question": f"Where does {name} live?",
+                  "answers": {"text": [place], "answer_start": [ctx.index(place)]}},
+                 {"id": f"n{i}", "context": ctx, "question": f"What does {name} eat?",
+                  "answers": {"text": [], "answer_start": []}}]
+    path = tmp_path / "v2.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert squad_data.load_split(path, "train").skipped["no_answer"] == 8
+    out = tmp_path / "run"
+    assert squad.main(cli_args(tiny_gpt2_dir, path, out, "--steps", "2", "--eval-every", "2",
+                               "--version-2-with-negative")) == 0
+    printed = capsys.readouterr().out
+    assert "16 records from" in printed and "(8 unanswerable, SQuAD v2.0)" in printed
+    assert "SQuAD v2.0 EM/F1 on 4 validation questions" in printed
+    assert "| LoRA | has answer (2) |" in printed and "| base model | no answer (2) |" in printed
+    s = json.loads((out / "summary.json").read_text())
+    records = squad_data.load_split(path, "validation", v2=True).records[:4]
+    assert s["squad_version"] == "2.0" and [r.answerable for r in records] == [True, False, True, False]
+    for run in ("base", "lora"):
+        preds = json.loads((out / f"predictions_{run}.json").read_text())
+        assert s["scores"][run] == squad_v2_scores(preds, records)
+    np.testing.assert_allclose(losses(out, key="val_loss")[-1],
+                               answer_loss(tiny_gpt2_dir, path, out / "adapter", v2=True), rtol=1e-4)
 
 
 def test_keep_best_and_an_earlier_runs_checkpoints(tiny_gpt2_dir, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """SQuAD-format data: loading + validation, the seeds' prompt, tokenisation, fixed-shape batches.
 
 Sources (`load_split`):
-  * `"squad"`: the Hugging Face `squad` dataset via `datasets.load_dataset` (needs the hub);
-  * a SQuAD v1.1 JSON file `{"data": [{"title", "paragraphs": [{"context", "qas": [{"id",
+  * `"squad"` / `"squad_v2"`: the Hugging Face datasets via `datasets.load_dataset` (need the hub);
+  * a SQuAD v1.1 / v2.0 JSON file `{"data": [{"title", "paragraphs": [{"context", "qas": [{"id",
     "question", "answers": [{"text", "answer_start"}]}]}]}]}`;
   * a flat JSON list / JSONL file of records `{"id", "context", "question", "answers"}` with
     HF-style answers `{"text": [...], "answer_start": [...]}` (or a list of `{"text",
@@ -12,6 +12,12 @@ Sources (`load_split`):
 
 Malformed records are skipped and counted by reason (`SKIP_REASONS`), never fatal; a file that is
 not SQuAD-shaped at all raises one `ValueError` naming the path and the expected layout.
+
+SQuAD v2.0 adds unanswerable questions: a record with `"is_impossible": true` (the official
+files, whose `"version"` is "v2.0"), or, in v2.0 data (`squad_v2`, such a file, or `v2=True`),
+one with no answer, becomes a `QARecord` with no answers; its target is EOS alone (the empty
+answer), and it is scored by the v2.0 rules (`train.metrics`). In v1.1 data a record without an
+answer stays a malformed one (`no_answer`).
 
 Tokens: `CONTEXT\\n{context}\\n\\nQUESTION\\n{question}\\n\\nANSWER\\n` then `{answer}` + EOS. The
 pieces are tokenised separately (header, context, question tail, answer) so train and eval
@@ -34,6 +40,7 @@ all-ones attention mask, so no attention row is fully masked (which can give NaN
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -48,17 +55,18 @@ _HEAD = "CONTEXT\n"
 _TAIL = "\n\nQUESTION\n{question}\n\nANSWER\n"
 ANSWER_MARKER = "\n\nANSWER\n"  # what every prompt ends with: --alora's invocation
 
-HF_DATASET_NAMES = ("squad", "rajpurkar/squad")
+HF_DATASET_NAMES = ("squad", "rajpurkar/squad", "squad_v2", "rajpurkar/squad_v2")
+HF_V2_NAMES = ("squad_v2", "rajpurkar/squad_v2")
 SKIP_REASONS = (
     "malformed",  # not a dict, a field missing or of the wrong type, broken JSON line
     "empty_context",
     "empty_question",
-    "no_answer",  # no answer given, or only empty answer texts
+    "no_answer",  # no answer given, or only empty answer texts (v1.1 data; v2.0 keeps them as unanswerable)
     "answer_not_in_context",  # no answer text occurs in the context
     "duplicate_id",  # ids key the predictions, so a repeated id would collide
 )
 _EXPECTED_LAYOUT = (
-    'a SQuAD v1.1 JSON object {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", '
+    'a SQuAD v1.1 / v2.0 JSON object {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", '
     '"question", "answers": [{"text", "answer_start"}]}]}]}]}, or a JSON list / JSONL file of '
     'records {"id", "context", "question", "answers": {"text": [...], "answer_start": [...]}}'
 )
@@ -69,13 +77,18 @@ _EXPECTED_LAYOUT = (
 
 @dataclass(frozen=True)
 class QARecord:
-    """One question with its gold answers; every answer is `context[start:start+len(text)]`."""
+    """One question with its gold answers; every answer is `context[start:start+len(text)]`.
+    No answers: an unanswerable SQuAD v2.0 question, whose right answer is the empty one."""
 
     id: str
     context: str
     question: str
     answers: tuple[str, ...]
     answer_starts: tuple[int, ...]
+
+    @property
+    def answerable(self) -> bool:
+        return bool(self.answers)
 
 
 @dataclass(frozen=True)
@@ -89,23 +102,31 @@ class LoadResult:
     records: tuple[QARecord, ...]
     skipped: Mapping[str, int]
     repaired: int = 0
+    v2: bool = False  # SQuAD v2.0 data (asked for, said by the source, or holding unanswerable questions)
 
     @property
     def num_skipped(self) -> int:
         return sum(self.skipped.values())
 
+    @property
+    def unanswerable(self) -> int:
+        """SQuAD v2.0 questions without an answer among the records."""
+        return sum(not r.answerable for r in self.records)
+
 
 class _Tally:
     """Mutable counters used while parsing; frozen into a LoadResult at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, v2: bool = False) -> None:
+        self.v2 = v2  # SQuAD v2.0: a question without an answer is unanswerable, not malformed
         self.records: list[QARecord] = []
         self.skipped: Counter[str] = Counter()
         self.repaired = 0
         self.seen_ids: set[str] = set()
 
     def result(self) -> LoadResult:
-        return LoadResult(tuple(self.records), {r: self.skipped[r] for r in SKIP_REASONS}, self.repaired)
+        v2 = self.v2 or any(not r.answerable for r in self.records)
+        return LoadResult(tuple(self.records), {r: self.skipped[r] for r in SKIP_REASONS}, self.repaired, v2)
 
 
 def _is_int(x: Any) -> bool:
@@ -170,6 +191,13 @@ def _add_record(tally: _Tally, obj: Any) -> None:
         tally.skipped["empty_question"] += 1
         return
     pairs = [(t, s) for t, s in pairs if t.strip()]
+    if obj.get("is_impossible") is True or (tally.v2 and not pairs):  # SQuAD v2.0: unanswerable
+        if rid in tally.seen_ids:
+            tally.skipped["duplicate_id"] += 1
+            return
+        tally.seen_ids.add(rid)
+        tally.records.append(QARecord(rid, context, question, (), ()))
+        return
     if not pairs:
         tally.skipped["no_answer"] += 1
         return
@@ -212,17 +240,19 @@ def _looks_like_squad(item: Any) -> bool:
     return isinstance(item, Mapping) and ("paragraphs" in item or ("context" in item and "question" in item))
 
 
-def parse_records(items: Iterable[Any]) -> LoadResult:
+def parse_records(items: Iterable[Any], *, v2: bool = False) -> LoadResult:
     """Validate SQuAD articles and/or flat records; never raises on bad items.
 
     Args:
-        items: SQuAD v1.1 articles (dicts with "paragraphs") and/or flat records.
+        items: SQuAD v1.1 / v2.0 articles (dicts with "paragraphs") and/or flat records.
+        v2: SQuAD v2.0 data: a question without an answer is unanswerable (kept, with no
+            answers), not malformed. `"is_impossible": true` says so in any case.
 
     Returns:
         A LoadResult; `len(records) + num_skipped` equals the number of flat records given
         (a broken article or paragraph counts as one "malformed").
     """
-    tally = _Tally()
+    tally = _Tally(v2)
     for item in items:
         if isinstance(item, Mapping) and "paragraphs" in item:
             _add_article(tally, item)
@@ -234,8 +264,9 @@ def parse_records(items: Iterable[Any]) -> LoadResult:
 # ----------------------------------------------------------------------------- sources
 
 
-def _read_items(path: Path) -> tuple[list[Any], int]:
-    """The top-level items of a JSON / JSONL file and the number of unparseable JSONL lines."""
+def _read_items(path: Path) -> tuple[list[Any], int, bool]:
+    """The top-level items of a JSON / JSONL file, the number of unparseable JSONL lines, and
+    whether the file says it is SQuAD v2 (`"version": "v2.0"`)."""
     text = path.read_text(encoding="utf-8")
     try:
         top = json.loads(text)
@@ -249,17 +280,18 @@ def _read_items(path: Path) -> tuple[list[Any], int]:
                     bad += 1
         if not items:
             raise ValueError(f"{path}: not JSON or JSONL; expected {_EXPECTED_LAYOUT}") from None
-        return items, bad
+        return items, bad, False
     if isinstance(top, Mapping) and isinstance(top.get("data"), list):
-        return top["data"], 0
+        return top["data"], 0, str(top.get("version", "")).lstrip("v").startswith("2")
     if isinstance(top, list):
-        return top, 0
+        return top, 0, False
     kind = f"a JSON object with keys {sorted(top)[:8]}" if isinstance(top, Mapping) else f"a JSON {type(top).__name__}"
     raise ValueError(f"{path}: found {kind}; expected {_EXPECTED_LAYOUT}")
 
 
-def load_squad_file(path: str | Path) -> LoadResult:
-    """Load and validate a local SQuAD v1.1 JSON or flat JSON/JSONL file.
+def load_squad_file(path: str | Path, *, v2: bool = False) -> LoadResult:
+    """Load and validate a local SQuAD v1.1 / v2.0 JSON or flat JSON/JSONL file (v2.0 rules when
+    `v2` or the file's `"version"` says 2).
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -268,21 +300,22 @@ def load_squad_file(path: str | Path) -> LoadResult:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD data file not found: {path}")
-    items, bad_lines = _read_items(path)
+    items, bad_lines, file_v2 = _read_items(path)
     if not any(_looks_like_squad(it) for it in items):
         raise ValueError(f"{path}: no SQuAD article or record found; expected {_EXPECTED_LAYOUT}")
-    result = parse_records(items)
+    result = parse_records(items, v2=v2 or file_v2)
     if bad_lines:
         skipped = dict(result.skipped)
         skipped["malformed"] += bad_lines
-        result = LoadResult(result.records, skipped, result.repaired)
+        result = dataclasses.replace(result, skipped=skipped)
     if not result.records:
         raise ValueError(f"{path}: no valid question-answer record (skipped: {dict(result.skipped)})")
     return result
 
 
-def load_hf_squad(split: str, name: str = "squad") -> LoadResult:
-    """Load a split of the Hugging Face SQuAD dataset (needs the hub or a warm cache)."""
+def load_hf_squad(split: str, name: str = "squad", *, v2: bool = False) -> LoadResult:
+    """Load a split of the Hugging Face SQuAD dataset (needs the hub or a warm cache); `squad_v2`
+    (or `v2`) keeps its unanswerable questions."""
     import datasets  # imported lazily: slow to import and only needed online
 
     try:
@@ -292,12 +325,12 @@ def load_hf_squad(split: str, name: str = "squad") -> LoadResult:
             f"could not load {name!r} split {split!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "Pass --data PATH to a local SQuAD file, or omit --data for the embedded offline world set."
         ) from e
-    return parse_records(ds)
+    return parse_records(ds, v2=v2 or name in HF_V2_NAMES)
 
 
 _SPLIT_FILES = {
-    "train": ("train.json", "train.jsonl", "train-v1.1.json"),
-    "validation": ("validation.json", "validation.jsonl", "dev.json", "dev.jsonl", "dev-v1.1.json"),
+    "train": ("train.json", "train.jsonl", "train-v1.1.json", "train-v2.0.json"),
+    "validation": ("validation.json", "validation.jsonl", "dev.json", "dev.jsonl", "dev-v1.1.json", "dev-v2.0.json"),
 }
 
 
@@ -318,15 +351,16 @@ def resolve_split_path(data: str | Path, split: str) -> Path:
     )
 
 
-def load_split(data: str | Path, split: str) -> LoadResult:
-    """Load `split` ("train" / "validation") from `"squad"` (the hub), a directory or a file.
+def load_split(data: str | Path, split: str, *, v2: bool = False) -> LoadResult:
+    """Load `split` ("train" / "validation") from `"squad"` / `"squad_v2"` (the hub), a directory
+    or a file; `v2`: SQuAD v2.0 rules (see the module docstring) whatever the source says.
 
     A single file serves whichever split is asked for. Existing local paths win over the hub
     names, so a directory called `squad` is read from disk.
     """
     if not Path(data).exists() and str(data) in HF_DATASET_NAMES:
-        return load_hf_squad(split, name=str(data))
-    return load_squad_file(resolve_split_path(data, split))
+        return load_hf_squad(split, name=str(data), v2=v2)
+    return load_squad_file(resolve_split_path(data, split), v2=v2)
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -403,7 +437,8 @@ def encode(
 
     Args:
         tokenizer: a transformers fast tokenizer (offset mappings are needed).
-        records: validated records; training uses the first gold answer.
+        records: validated records; training uses the first gold answer (an unanswerable one:
+            the empty answer, EOS alone).
         max_len: the most tokens per example (training: prompt + answer + EOS; eval: prompt).
         train: append the answer and EOS, and mark the targets.
         full_sequence_loss: targets are every token after the first, not just answer + EOS.
@@ -419,16 +454,17 @@ def encode(
     ctx_of = {c: (ctx_enc["input_ids"][i], ctx_enc["offset_mapping"][i]) for i, c in enumerate(contexts)}
     head = _ids(tokenizer, [_HEAD])[0]
     tails = _ids(tokenizer, [_TAIL.format(question=r.question) for r in records])
-    answers = _ids(tokenizer, [r.answers[0] for r in records]) if train else [[]] * len(records)
+    answers = _ids(tokenizer, [r.answers[0] if r.answerable else "" for r in records]) if train \
+        else [[]] * len(records)
     eos = [int(tokenizer.eos_token_id)] if train else []
 
     out, too_long, n_truncated = [], 0, 0
     for rec, tail, ans in zip(records, tails, answers):
         ctx_ids, offsets = ctx_of[rec.context]
-        start = rec.answer_starts[0]
-        span = _token_span(offsets, start, start + len(rec.answers[0]))
-        if window == "start" and not train:
-            span = None
+        span = None  # keep the context's start: no answer to centre on, or window="start"
+        if rec.answerable and (train or window == "answer"):
+            start = rec.answer_starts[0]
+            span = _token_span(offsets, start, start + len(rec.answers[0]))
         budget = max_len - len(head) - len(tail) - len(ans) - len(eos)
         win = choose_window(len(ctx_ids), budget, span) if budget > 0 else None
         if win is None:

@@ -13,7 +13,7 @@ import numpy as np
 from lora_jax.models import generate
 
 from . import data
-from .metrics import squad_scores
+from .metrics import squad_scores, squad_v2_scores
 
 
 def decode_answer(tokenizer, tokens: np.ndarray, eos_id: int) -> str:
@@ -43,11 +43,13 @@ def predict(apply_fn: Callable[..., Any], params, model, tokenizer, examples: Se
     return out
 
 
-def evaluate(apply_fn, params, model, tokenizer, examples, records, **kw) -> tuple[dict[str, float], dict[str, str]]:
-    """(scores {"exact_match", "f1"}, predictions) on the encoded eval examples."""
+def evaluate(apply_fn, params, model, tokenizer, examples, records, *, v2: bool = False,
+             **kw) -> tuple[dict[str, Any], dict[str, str]]:
+    """(scores {"exact_match", "f1"} (v2: with `has_answer` / `no_answer` parts), predictions) on
+    the encoded eval examples; an empty answer (EOS first) is the v2.0 "no answer"."""
     preds = predict(apply_fn, params, model, tokenizer, examples, **kw)
     by_id = {r.id: r for r in records}
-    return squad_scores(preds, [by_id[i] for i in preds]), preds
+    return (squad_v2_scores if v2 else squad_scores)(preds, [by_id[i] for i in preds]), preds
 
 
 def text_loss(apply_fn: Callable[..., Any], params, tokenizer, texts: Sequence[str], *, max_len: int,

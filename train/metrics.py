@@ -1,9 +1,13 @@
-"""The official SQuAD v1.1 evaluation (exact match and token F1), as in `evaluate-v1.1.py`.
+"""The official SQuAD evaluations (exact match and token F1): v1.1 as in `evaluate-v1.1.py`, v2.0
+as in `evaluate-v2.0.py`.
 
 Normalise: lowercase, drop every `string.punctuation` character, replace the articles
 a/an/the with a space, collapse whitespace. EM is normalised equality; F1 is the bag-of-tokens
 overlap (0 when nothing overlaps). Each prediction scores the max over its gold answers; the
-dataset score is the mean x 100.
+dataset score is the mean x 100. v2.0 drops gold answers that normalise to nothing; a question
+left without one (unanswerable) has the empty answer as its only gold, and an empty prediction
+or gold gets F1 1 if both are empty, else 0. It reports the questions with and without an answer
+apart too (HasAns / NoAns).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 _PUNCT = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -76,3 +80,35 @@ def squad_scores(predictions: Mapping[str, str], records: Iterable[HasAnswers]) 
     if n == 0:
         return {"exact_match": 0.0, "f1": 0.0}
     return {"exact_match": 100.0 * em_total / n, "f1": 100.0 * f1_total / n}
+
+
+def f1_v2(prediction: str, ground_truth: str) -> float:
+    """evaluate-v2.0.py's `compute_f1`: as `f1`, but 1.0 when both normalise to nothing."""
+    pred_tokens, gold_tokens = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    return f1(prediction, ground_truth)
+
+
+def squad_v2_scores(predictions: Mapping[str, str], records: Iterable[HasAnswers]) -> dict[str, Any]:
+    """SQuAD v2.0 EM and F1 (x100) of `predictions` over `records`, and the same over the records
+    with an answer (`has_answer`) and without (`no_answer`), each with its `total`.
+
+    evaluate-v2.0.py with its default no-answer threshold; a record without a prediction scores 0
+    (the official script skips it in the overall mean and fails on it in the HasAns / NoAns ones).
+    """
+    scored: dict[str, list[tuple[float, float]]] = {"has_answer": [], "no_answer": []}
+    for rec in records:
+        golds = [a for a in rec.answers if normalize_answer(a)] or [""]
+        pred = predictions.get(rec.id)
+        em = 0.0 if pred is None else max(exact_match(pred, g) for g in golds)
+        f = 0.0 if pred is None else max(f1_v2(pred, g) for g in golds)
+        scored["has_answer" if rec.answers else "no_answer"].append((em, f))
+
+    def mean(rows: list[tuple[float, float]]) -> dict[str, Any]:
+        n = len(rows)
+        return {"exact_match": 100.0 * sum(e for e, _ in rows) / n if n else 0.0,
+                "f1": 100.0 * sum(f for _, f in rows) / n if n else 0.0, "total": n}
+
+    return {**mean(scored["has_answer"] + scored["no_answer"]),
+            **{part: mean(rows) for part, rows in scored.items() if rows}}

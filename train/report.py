@@ -80,7 +80,7 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
              "reduced": reduced and f"{lora}, intruders reduced (lambda {reduced['mitigation_lambda']:g})"}
     lines = [
         "",
-        f"SQuAD v1.1 EM/F1 on {summary['eval_questions']} validation questions "
+        f"SQuAD v{summary.get('squad_version', '1.1')} EM/F1 on {summary['eval_questions']} validation questions "
         f"({summary['model']}, " + ("evaluation only" if summary.get("eval_only") else f"{summary['steps']} steps")
         + "".join(f", {run} stopped early at step {s}" for run, s in (summary.get("early_stop") or {}).items())
         + (f", beam search: {summary['num_beams']} beams, length penalty {summary['length_penalty']:g}"
@@ -90,6 +90,11 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
         "|---|---|---|",
     ]
     lines += [f"| {names[k]} | {v['exact_match']:.1f} | {v['f1']:.1f} |" for k, v in scores.items()]
+    halves = [(k, p, v[p]) for k, v in scores.items() for p in ("has_answer", "no_answer") if p in v]  # SQuAD v2.0
+    if halves:
+        lines += ["", "| model | questions | EM | F1 |", "|---|---|---|---|"]
+        lines += [f"| {names[k]} | {p.replace('_', ' ')} ({s['total']}) | {s['exact_match']:.1f} | {s['f1']:.1f} |"
+                  for k, p, s in halves]
     if summary.get("trainable_params") is not None:
         lines += ["", f"{'adapter' if summary.get('eval_only') else 'trainable'} params: "
                       f"{summary['trainable_params']:,} of {summary['total_params']:,} "
@@ -114,6 +119,6 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
         for i in ids:
             r = by_id[i]
             lines.append(f"  Q: {r.question}")
-            lines.append(f"     gold: {r.answers[0]!r}" + "".join(
+            lines.append(f"     gold: {r.answers[0] if r.answers else '(no answer)'!r}" + "".join(
                 f" | {k}: {samples[k].get(i, '')!r}" for k in samples))
     return "\n".join(lines)

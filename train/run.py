@@ -62,12 +62,14 @@ def load_model(args):
 
 
 def load_data(args, tokenizer, log):
+    """(training examples, eval prompts, the scored validation records, whether it is SQuAD v2.0)."""
     source = args.data or EMBEDDED_DATA
     splits = {}
     for split in ("train", "validation"):
-        res = data.load_split(source, split)
+        res = data.load_split(source, split, v2=args.version_2_with_negative)
         skipped = {k: v for k, v in res.skipped.items() if v}
         log(f"{split}: {len(res.records)} records from {source}" +
+            (f" ({res.unanswerable} unanswerable, SQuAD v2.0)" if res.v2 else "") +
             (f"; skipped {res.num_skipped} malformed: {skipped}" if res.num_skipped else "") +
             (f"; repaired {res.repaired} answer starts" if res.repaired else ""))
         splits[split] = res
@@ -83,7 +85,7 @@ def load_data(args, tokenizer, log):
             log(f"{name}: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
     if not enc_train.examples:
         raise ValueError(f"no training example fits --max-len {args.max_len}")
-    return enc_train.examples, enc_val.examples, val_records
+    return enc_train.examples, enc_val.examples, val_records, splits["train"].v2 or splits["validation"].v2
 
 
 def loss_examples(args, tokenizer, records, log) -> tuple:
@@ -480,7 +482,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     log = report.logger(args.no_progress) if primary else (lambda _msg: None)
     # Everything that can reject the input runs before the output directory is created.
     model, params, tokenizer = load_model(args)
-    train_ex, val_ex, val_records = load_data(args, tokenizer, log)
+    train_ex, val_ex, val_records, squad_v2 = load_data(args, tokenizer, log)
     val_loss_ex = loss_examples(args, tokenizer, val_records, log)
     adapters0 = None
     if args.init_adapter:
@@ -563,7 +565,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             multihost_utils.sync_global_devices("lora_jax: earlier checkpoints removed")
 
     eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
-                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty)
+                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                   v2=squad_v2)
     results: dict[str, dict] = {}
     samples: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
@@ -659,6 +662,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "early_stop": {r["run"]: r["early_stop"] for r in history if "early_stop" in r} or None,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
+        "squad_version": "2.0" if squad_v2 else "1.1",
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.add_argument
     a("--model", default=None, help="HF model id or local checkpoint dir (default: the embedded world model)")
     a("--tokenizer", default=None, help="tokenizer id or dir, if not the model's own")
-    a("--data", default=None, help="'squad' (HF datasets), a SQuAD JSON/JSONL file or a dir with train/validation "
-                                   "files (default: the embedded world QA set)")
+    a("--data", default=None, help="'squad' or 'squad_v2' (HF datasets), a SQuAD v1.1 / v2.0 JSON/JSONL file or a dir "
+                                   "with train/validation files (default: the embedded world QA set)")
     a("--output-dir", default="runs/squad", help="where metrics, adapters and checkpoints go")
     a("--steps", type=int, default=None, help="optimizer steps (default: 100 hub / 300 embedded)")
     a("--batch-size", type=int, default=None, help="rows per micro-batch, split over devices (default 4 / 16)")
@@ -124,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="dtype of the exported PEFT adapter tensors")
     a("--max-len", type=int, default=None, help="max tokens per example; contexts are cut around the answer")
     a("--full-sequence-loss", action="store_true", help="loss on every token, not only the answer + EOS")
+    a("--version-2-with-negative", action="store_true",
+      help="SQuAD v2.0: questions without an answer are unanswerable (trained to answer nothing, EOS alone) "
+           "rather than malformed, and scoring follows evaluate-v2.0.py; automatic for --data squad_v2, a file "
+           "whose version is v2.0, or records with is_impossible")
     a("--eval-samples", type=int, default=None, help="validation questions to score (0 = all)")
     a("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     a("--max-new-tokens", type=int, default=None, help="tokens generated per answer at most")
