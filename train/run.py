@@ -666,7 +666,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:
-        for name, preds in samples.items():  # {id: answer}: the official evaluate-v1.1.py input
+        for name, preds in samples.items():  # {id: answer}: the official evaluate-v1.1.py / v2.0.py input
             write_json(out / f"predictions_{name}.json", preds)
         write_json(out / "summary.json", summary)
         if not args.eval_only:

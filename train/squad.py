@@ -1,4 +1,4 @@
-"""LoRA fine-tuning of a causal LM on SQuAD v1.1, with EM/F1 before and after.
+"""LoRA fine-tuning of a causal LM on SQuAD v1.1 (or v2.0), with EM/F1 before and after.
 
 Run (offline, on what the project ships: a small GPT-2 pretrained on a generated world, and a
 generated SQuAD-format QA set whose validation entities never occur in training):
@@ -12,6 +12,7 @@ Online, the seeds' run (BLOOM-560m, r=16, alpha=32, dropout 0.05, fused QKV, 100
 batch 4 x accumulation 4, lr 1e-3, warmup 100):
 
     python -m train.squad --model bigscience/bloom-560m --data squad --dtype bfloat16
+    python -m train.squad --model gpt2 --data squad_v2  # SQuAD v2.0, unanswerable questions included
 
 Outputs in --output-dir: metrics.jsonl, loss.png, summary.json, the orbax adapter (adapter/),
 its PEFT export (peft/), and training checkpoints (checkpoints/, for --resume).
