@@ -260,7 +260,7 @@ def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
     LoRA [trained | PiSSA start] of rank 2r on the original weights."""
     data = tiny_squad(tmp_path / "squad.json")
     common = ["--steps", "4", "--no-base-eval", "--checkpoint-every", "2", "--dropout", "0.1", "--init", "pissa",
-              "--loraplus-ratio", "4", "--quantize", "nf4", "--lora-bias"]
+              "--loraplus-ratio", "4", "--quantize", "nf4", "--lora-bias", "--lr-scheduler", "cosine"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert squad.main(cli_args(tiny_gpt2_dir, data, straight, *common)) == 0
     assert "| QLoRA (nf4, pissa, LoRA+ x4) |" in capsys.readouterr().out
@@ -279,6 +279,11 @@ def test_resume_gives_identical_adapters(tiny_gpt2_dir, tmp_path, capsys):
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
     assert losses(straight) == losses(split)
+    # --lr-scheduler cosine (warmup 1 of 4 updates, peak 1e-2): the logged rate of each update
+    from train.loop import make_schedule
+    want = [float(make_schedule(1e-2, steps=4, warmup=1, kind="cosine")(k)) for k in range(4)]
+    assert losses(split, key="lr") == losses(straight, key="lr") == want and want[1] > want[2] > want[3] > 0
+    assert json.loads((straight / "summary.json").read_text())["lr_scheduler"] == "cosine"
 
     peft_cfg = json.loads((straight / "peft" / "adapter_config.json").read_text())
     assert peft_cfg["r"] == 8 and peft_cfg["lora_alpha"] == 16 and peft_cfg["init_lora_weights"] is True
@@ -392,6 +397,30 @@ def test_two_processes_match_one_device(tiny_gpt2_dir, tmp_path, parallel, port,
     assert preds == json.loads((one_device / "predictions_lora.json").read_text())
     if parallel == "fsdp":
         assert "lora: fsdp over 4 devices" in outs[0][0]
+
+
+@pytest.mark.parametrize("warmup", [5, 0])
+def test_lr_schedules_are_transformers(warmup):
+    """Each --lr-scheduler gives, update by update, the learning rate of transformers' get_scheduler
+    of that name over a torch optimizer (LambdaLR: update k uses the k-th value)."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_scheduler
+
+    from train.loop import SCHEDULES, make_schedule
+    assert SCHEDULES == squad.LR_SCHEDULERS
+    steps, lr = 20, 3e-3
+    for kind in SCHEDULES:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        ref = get_scheduler(kind, opt, num_warmup_steps=warmup, num_training_steps=steps)
+        want = []
+        for _ in range(steps):
+            want.append(opt.param_groups[0]["lr"])
+            opt.step()
+            ref.step()
+        got = [float(make_schedule(lr, steps=steps, warmup=warmup, kind=kind)(k)) for k in range(steps)]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9, err_msg=kind)
+    with pytest.raises(ValueError, match="unknown lr schedule 'cosine_with_restarts'"):
+        make_schedule(lr, steps=steps, warmup=warmup, kind="cosine_with_restarts")
 
 
 def test_bad_flags_fail_cleanly(tmp_path, capsys):

@@ -38,12 +38,33 @@ class StepConfig:
     parallel: str = "jit"
 
 
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' lr_scheduler_type names
+
+
+def make_schedule(lr: float, *, steps: int, warmup: int, kind: str = "linear") -> optax.Schedule:
+    """transformers' `get_scheduler(kind, ...)` as an optax schedule of the update count: linear
+    warmup from 0 over `warmup` updates, then linear decay to 0 at `steps` ("linear"), a half cosine
+    to 0 ("cosine"), or the peak held ("constant_with_warmup"); "constant" has no warmup."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown lr schedule {kind!r}; expected one of {SCHEDULES}")
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    warmup = min(warmup, steps)
+    rest = max(steps - warmup, 1)
+    after = {"linear": optax.linear_schedule(lr, 0.0, rest),
+             "cosine": optax.cosine_decay_schedule(lr, rest),
+             "constant_with_warmup": optax.constant_schedule(lr)}[kind]
+    return optax.join_schedules([optax.linear_schedule(0.0 if warmup else lr, lr, max(warmup, 1)), after], [warmup])
+
+
 def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, clip: float,
+                   schedule: str = "linear",
                    loraplus_ratio: float | None = None,
                    lorafa: lj.LoraConfig | None = None,
                    mica: lj.LoraConfig | None = None,
                    adalora: lj.LoraConfig | None = None) -> optax.GradientTransformation:
-    """AdamW with linear warmup then linear decay, global-norm clipping, non-finite updates skipped;
+    """AdamW on `make_schedule(..., kind=schedule)` (warmup, then linear decay by default),
+    global-norm clipping, non-finite updates skipped;
     with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule); with `lorafa` (the
     LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest);
     with `mica` (an init="mica" config), MiCA's lora_B frozen outside the clipping too; with
@@ -52,10 +73,7 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
     `apply_if_finite` leaves params and state untouched on a non-finite gradient and counts it
     (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
     """
-    warmup = min(warmup, steps)
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0 if warmup else lr, lr, max(warmup, 1)),
-         optax.linear_schedule(lr, 0.0, max(steps - warmup, 1))], [warmup])
+    sched = make_schedule(lr, steps=steps, warmup=warmup, kind=schedule)
     adamw = lambda rate: optax.adamw(rate, weight_decay=weight_decay)  # noqa: E731
     opt = adamw(sched) if loraplus_ratio is None else lj.loraplus(adamw, sched, loraplus_ratio)
     tx = optax.chain(optax.clip_by_global_norm(clip), opt)

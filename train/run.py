@@ -26,7 +26,7 @@ from lora_jax.models import from_pretrained, load_tokenizer
 
 from . import data, report
 from .evaluate import evaluate, text_loss
-from .loop import Runner, StepConfig, make_optimizer, put_fsdp, target_loss
+from .loop import Runner, StepConfig, make_optimizer, make_schedule, put_fsdp, target_loss
 from .state import TrainCheckpoints, write_json
 
 
@@ -324,7 +324,9 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size,
                      targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
                      parallel=args.parallel)
+    lr_at = make_schedule(lr, steps=args.steps, warmup=args.warmup, kind=args.lr_scheduler)  # for the log
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
+                        schedule=args.lr_scheduler,
                         loraplus_ratio=args.loraplus_ratio if lora is not None else None,
                         lorafa=lora if lora is not None and args.lorafa else None,
                         mica=lora if lora is not None and lora.init == "mica" else None,
@@ -406,6 +408,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             if done % args.log_every == 0 or done == args.steps:
                 now = time.perf_counter()
                 rec = {"run": tag, "step": done, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                       "lr": float(lr_at(step)),  # the rate of this update (lora_B's under LoRA+ is a multiple)
                        "tokens_per_s": tok_since / (now - t_last), "skipped_nonfinite": skipped}
                 if "regularizer" in m:
                     rec["regularizer"] = float(m["regularizer"])
@@ -662,7 +665,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "early_stop": {r["run"]: r["early_stop"] for r in history if "early_stop" in r} or None,
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
-        "squad_version": "2.0" if squad_v2 else "1.1",
+        "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

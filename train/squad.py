@@ -27,6 +27,8 @@ import re
 import sys
 from typing import Any
 
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # train.loop.SCHEDULES (not imported: jax)
+
 # Defaults per setting: the seeds' run for real checkpoints, a CPU-sized run for the embedded one.
 PRESETS: dict[str, dict[str, Any]] = {
     "hub": dict(steps=100, batch_size=4, grad_accum=4, lr=1e-3, warmup=100, rank=16, alpha=32.0, dropout=0.05,
@@ -55,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch-size", type=int, default=None, help="rows per micro-batch, split over devices (default 4 / 16)")
     a("--grad-accum", type=int, default=None, help="micro-batches per step, accumulated with lax.scan (default 4 / 1)")
     a("--lr", type=float, default=None, help="peak AdamW learning rate for LoRA (default 1e-3 / 3e-3)")
-    a("--warmup", type=int, default=None, help="linear warmup steps, then linear decay (default 100 / 30)")
+    a("--warmup", type=int, default=None, help="linear warmup steps, then --lr-scheduler (default 100 / 30)")
+    a("--lr-scheduler", choices=LR_SCHEDULERS, default="linear",
+      help="after the warmup: linear decay to 0, a half cosine to 0, or the peak held (transformers' "
+           "lr_scheduler_type); constant has no warmup")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--clip", type=float, default=1.0, help="global gradient-norm clipping")
     a("--rank", type=int, default=None, help="LoRA rank r (default 16)")
