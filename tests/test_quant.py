@@ -30,14 +30,15 @@ def _nudged(config, params):
     return jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("scan,dora,double", [(False, False, False), (True, False, True), (True, True, False)])
-def test_lora_on_nf4_equals_the_dequantized_model(scan, dora, double):
-    """LoRA (and DoRA) over NF4 weights (double-quantized or not) computes what it computes over
-    the dequantized weights, values and gradients, unrolled and scanned, factored under
-    strict=True; the merged strategy agrees; merge() gives dense adapted weights and leaves the
-    others NF4."""
+@pytest.mark.parametrize("scan,dora,double,scheme", [(False, False, False, "nf4"), (True, False, True, "nf4"),
+                                                     (True, True, False, "nf4"), (False, True, False, "int8")])
+def test_lora_on_nf4_equals_the_dequantized_model(scan, dora, double, scheme):
+    """LoRA (and DoRA) over NF4 weights (double-quantized or not) or int8 ones computes what it
+    computes over the dequantized weights, values and gradients, unrolled and scanned, factored
+    under strict=True; the merged strategy agrees; merge() gives dense adapted weights and leaves
+    the others quantized."""
     model, params = _gpt2(scan)
-    qparams = quant.quantize(params, double_quant=double)
+    qparams = quant.quantize(params, double_quant=double) if scheme == "nf4" else quant.quantize(params, scheme=scheme)
     dense = quant.dequantize(qparams)
     assert sum(isinstance(x, quant.QuantizedArray) for x in lj.tree.flatten(qparams).values()) == (4 if scan else 8)
     config = lj.LoraConfig(rank=4, alpha=8, targets=["c_attn", "c_fc"], use_dora=dora)
@@ -84,10 +85,12 @@ def test_summary_multi_and_merged_export_on_nf4(tmp_path):
                                atol=1e-5)
 
 
-def test_nf4_train_step_memory_is_the_codes_not_dense_weights():
-    """Compiled memory of a QLoRA train step (GPT-2 shapes, 4 layers, d=256): the frozen weights
-    take under 0.2x their fp32 bytes, and the step's temporaries stay below the dense weights'
-    size, unrolled and scanned (no layer's dequantized weight is held across the passes)."""
+@pytest.mark.parametrize("scheme,saved", [("nf4", 0.8), ("int8", 0.7)])
+def test_nf4_train_step_memory_is_the_codes_not_dense_weights(scheme, saved):
+    """Compiled memory of a QLoRA (or int8) train step (GPT-2 shapes, 4 layers, d=256): the frozen
+    weights take under 0.2x (int8: 0.3x) their fp32 bytes, and the step's temporaries stay below
+    the dense weights' size, unrolled and scanned (no layer's dequantized weight is held across
+    the passes)."""
     config = lj.LoraConfig(rank=8, alpha=16, targets=["c_attn"])
     ids = jnp.zeros((2, 16), jnp.int32)
 
@@ -105,8 +108,8 @@ def test_nf4_train_step_memory_is_the_codes_not_dense_weights():
     for scan in (False, True):
         model, params = _gpt2(scan, d=256, layers=4)
         weights = sum(x.nbytes for p, x in lj.tree.flatten(params).items() if p.endswith("kernel"))
-        dense, nf4 = memory(model, params), memory(model, quant.quantize(params))
-        assert nf4.argument_size_in_bytes < dense.argument_size_in_bytes - 0.8 * weights
+        dense, nf4 = memory(model, params), memory(model, quant.quantize(params, scheme=scheme))
+        assert nf4.argument_size_in_bytes < dense.argument_size_in_bytes - saved * weights
         assert nf4.temp_size_in_bytes < 0.5 * weights, (scan, nf4.temp_size_in_bytes, weights)
 
 
