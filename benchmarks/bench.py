@@ -25,7 +25,9 @@ covers only the last `--answer-tokens` tokens of each row. lora_jax builds logit
 the full [B, T, V] logits and upcasts them to fp32 in its loss — that difference is the point
 of the case, not an unfairness in the setup. Run only when named: QLoRA, the frozen linear
 weights in 4-bit NF4 (`qlora`: `lora_jax.quant`; `peft-qlora`: transformers' bitsandbytes
-4-bit model under PEFT, eager and without gradient checkpointing, as `peft`).
+4-bit model under PEFT, eager and without gradient checkpointing, as `peft`), and the same on
+8-bit weights (`int8-lora`, `quant.quantize(scheme="int8")`; `peft-int8`, transformers'
+`load_in_8bit` model).
 
 FLOPs per token (MFU): LoRA 4*N + attention, full fine-tuning 6*N + attention, where N counts
 the layer matmul weights plus the LM head (the head only at loss positions in SQuAD-shaped
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime
 import importlib.metadata
 import json
@@ -79,7 +82,7 @@ class Case:
     strategy: str | None = None  # lora_jax.apply strategy
     compile: bool = False  # torch.compile (PEFT)
     squad: bool = False  # loss on the last answer tokens only
-    nf4: bool = False  # frozen linear weights in 4-bit NF4 (QLoRA)
+    quant: str | None = None  # frozen linear weights quantized: "nf4" (QLoRA) or "int8" (load_in_8bit)
 
 
 CASES: dict[str, Case] = {
@@ -91,10 +94,12 @@ CASES: dict[str, Case] = {
     "squad-lora": Case("jax", "lora", "factored", squad=True),
     "squad-peft": Case("peft", "lora", squad=True),
     "squad-peft-compile": Case("peft", "lora", compile=True, squad=True),
-    "qlora": Case("jax", "lora", "factored", nf4=True),
-    "peft-qlora": Case("peft", "lora", nf4=True),
+    "qlora": Case("jax", "lora", "factored", quant="nf4"),
+    "peft-qlora": Case("peft", "lora", quant="nf4"),
+    "int8-lora": Case("jax", "lora", "factored", quant="int8"),
+    "peft-int8": Case("peft", "lora", quant="int8"),
 }
-DEFAULT_CASES = [c for c, case in CASES.items() if not case.nf4]  # the issue's cases; QLoRA on request
+DEFAULT_CASES = [c for c, case in CASES.items() if not case.quant]  # the issue's cases; quantized ones on request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,8 +247,9 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
     model = CausalLM(cfg)
     key = jax.random.key(0)
     params = model.param_shapes() if abstract else model.init_params(key)
-    if case.nf4:
-        params = jax.eval_shape(quant.quantize, params) if abstract else quant.quantize(params)
+    if case.quant:
+        q = functools.partial(quant.quantize, scheme=case.quant)
+        params = jax.eval_shape(q, params) if abstract else q(params)
     # Rows are unpadded, so the mask is left out: the model then uses causal attention, the
     # cuDNN fast path (peft_anchor.py passes no attention mask either).
     if full:
@@ -364,10 +370,11 @@ def run_peft_case(spec: Spec) -> dict[str, Any]:
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model_config(spec)
     model = AutoModelForCausalLM.from_config(hf_config(cfg))  # random init, train mode
-    if case.nf4:  # bitsandbytes quantizes while loading: go through a checkpoint
+    if case.quant:  # bitsandbytes quantizes while loading: go through a checkpoint
         from transformers import BitsAndBytesConfig
 
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype) \
+            if case.quant == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             model = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=qc, dtype=dtype, device_map=dev,

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a top-level folder, not an installed package
 
@@ -104,20 +106,22 @@ def test_lora_step_flops_and_memory_vs_full_finetuning():
     assert m_lora["temp"] < m_full["temp"]
 
 
-def test_qlora_step_keeps_lora_flops_with_a_quarter_of_the_weight_bytes():
+@pytest.mark.parametrize("case,bits", [("qlora", 4.5), ("int8-lora", 8 + 32 / 768)])
+def test_qlora_step_keeps_lora_flops_with_a_quarter_of_the_weight_bytes(case, bits):
     """The `qlora` case (NF4 frozen linear weights) of the GPT-2 124M step: the same matmul FLOPs
     as LoRA give or take the dequantization, its 85M linear weights held in 4.5 bits instead of
-    32, and no more temporaries than LoRA's."""
+    32, and no more temporaries than LoRA's; the `int8-lora` case likewise in 8 bits plus an fp32
+    absmax per row of 768 (c_proj's rows of 3072 take less)."""
     lora, info = _compile("lora")
-    qlora, _ = _compile("qlora")
+    qlora, _ = _compile(case)
     f_lora, f_q = bench.compiled_flops(lora), bench.compiled_flops(qlora)
     m_lora, m_q = bench.compiled_bytes(lora), bench.compiled_bytes(qlora)
     cfg = info["config"]
     linear = 12 * cfg.num_layers * cfg.hidden_size**2  # c_attn 3D^2, attn c_proj D^2, mlp 2 x 4D^2
-    print(f"\nGPT-2 124M, batch 1 x seq 128, fp32: QLoRA {f_q / 1e9:.2f} GFLOP vs LoRA {f_lora / 1e9:.2f}; "
+    print(f"\nGPT-2 124M, batch 1 x seq 128, fp32: {case} {f_q / 1e9:.2f} GFLOP vs LoRA {f_lora / 1e9:.2f}; "
           f"arguments {m_q['argument'] / 2**20:.0f} vs {m_lora['argument'] / 2**20:.0f} MiB, "
           f"temp {m_q['temp'] / 2**20:.0f} vs {m_lora['temp'] / 2**20:.0f} MiB")
     assert f_lora <= f_q <= 1.05 * f_lora
     saved = m_lora["argument"] - m_q["argument"]
-    assert saved >= linear * (4 - 4.5 / 8) * 0.99  # fp32 -> 4 bits + an fp32 absmax per 64
+    assert saved >= linear * (4 - bits / 8) * 0.99  # fp32 -> 4 bits + an fp32 absmax per 64 (int8: per row)
     assert m_q["temp"] <= m_lora["temp"]
