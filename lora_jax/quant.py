@@ -246,14 +246,14 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
         if not _is_float(x) or x.ndim < 2:
             raise ValueError(f"quantize: {p!r} ({getattr(x, 'dtype', type(x).__name__)}, shape "
                              f"{tuple(getattr(x, 'shape', ()))}) is not a float matrix or a stack of matrices")
-    quant = jax.jit(quantize_nf4, static_argnums=1)
+    quant, quant8 = jax.jit(quantize_nf4, static_argnums=1), jax.jit(quantize_int8)
     chosen_set = set(chosen)
 
     def q(path, x):
         if path not in chosen_set:
             return x
         if scheme == "int8":
-            codes, absmax = jax.jit(quantize_int8)(x)
+            codes, absmax = quant8(x)
             return QuantizedArray(codes, absmax, None, None, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype),
                                   x.shape[-2], "int8")
         codes, absmax = quant(x, block_size)

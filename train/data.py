@@ -191,25 +191,19 @@ def _add_record(tally: _Tally, obj: Any) -> None:
         tally.skipped["empty_question"] += 1
         return
     pairs = [(t, s) for t, s in pairs if t.strip()]
-    if obj.get("is_impossible") is True or (tally.v2 and not pairs):  # SQuAD v2.0: unanswerable
-        if rid in tally.seen_ids:
-            tally.skipped["duplicate_id"] += 1
-            return
-        tally.seen_ids.add(rid)
-        tally.records.append(QARecord(rid, context, question, (), ()))
-        return
-    if not pairs:
+    unanswerable = obj.get("is_impossible") is True or (tally.v2 and not pairs)  # SQuAD v2.0: no answers
+    if not pairs and not unanswerable:
         tally.skipped["no_answer"] += 1
         return
     answers, starts, repaired = [], [], 0
-    for text, start in pairs:
+    for text, start in [] if unanswerable else pairs:
         found = _locate(context, text, start)
         if found is None:
             continue
         repaired += found != start
         answers.append(text)
         starts.append(found)
-    if not answers:
+    if not answers and not unanswerable:
         tally.skipped["answer_not_in_context"] += 1
         return
     if rid in tally.seen_ids:

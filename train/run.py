@@ -650,6 +650,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             suffix="_reduced") if primary else {}
         intruders |= {"mitigation_lambda": args.reduce_intruders, "context_loss": context_loss, **kept}
     summ = lj.summary(lora, lora_params, adapters) if adapters is not None else None
+
+    def per_run(key: str) -> dict[str, Any] | None:
+        """{run: the last value of `key` in its history} (val_loss; best_step for --keep-best; early_stop)."""
+        return {r["run"]: r[key] for r in history if key in r} or None
     summary = {
         "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
@@ -660,9 +664,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "alora_invocation_tokens": lora.alora_invocation_tokens and list(lora.alora_invocation_tokens),
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
-        "val_loss": {r["run"]: r["val_loss"] for r in history if "val_loss" in r} or None,  # the last, per run
-        "best_step": {r["run"]: r["best_step"] for r in history if "best_step" in r} or None,  # --keep-best
-        "early_stop": {r["run"]: r["early_stop"] for r in history if "early_stop" in r} or None,
+        "val_loss": per_run("val_loss"), "best_step": per_run("best_step"), "early_stop": per_run("early_stop"),
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,

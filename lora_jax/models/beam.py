@@ -31,12 +31,12 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit, static_argnames=("apply_fn", "model", "max_new_tokens", "num_beams", "early_stopping", "penalize",
-                              "ngram")
+                              "ngram", "floor")
 )
 def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, length_penalty, penalty, min_new, *,
-           max_new_tokens, num_beams, early_stopping, penalize, ngram):
+           max_new_tokens, num_beams, early_stopping, penalize, ngram, floor):
     """(tokens [B, K, N], scores [B, K]) of the K best finished hypotheses, best first; penalty,
-    min_new, penalize, ngram: `processors.process`'s."""
+    min_new, penalize, ngram, floor: `processors.process`'s."""
     B, T = input_ids.shape
     K, N = num_beams, max_new_tokens
     M = max(2, 1 + eos_ids.shape[0]) * K  # candidates kept per step (eos_ids [E]; none = [-1])
@@ -60,7 +60,7 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
         # Every continuation of every running beam: [B, K*V] summed log-probabilities.
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B*K, V]
         logp = processors.process(logp, prompt, run_seq.reshape(B * K, N), t, eos_ids, penalty, min_new,
-                                  penalize=penalize, ngram=ngram).reshape(B, K, V)
+                                  penalize=penalize, ngram=ngram, floor=floor).reshape(B, K, V)
         logp = (logp + run_score[:, :, None]).reshape(B, K * V)
         top_score, top_idx = jax.lax.top_k(logp, M)  # [B, M]
         beam, tok = top_idx // V, top_idx % V

@@ -59,11 +59,13 @@ def sample_logits(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("apply_fn", "model", "max_new_tokens", "greedy", "top_k", "use_top_p", "penalize", "ngram"),
+    static_argnames=("apply_fn", "model", "max_new_tokens", "greedy", "top_k", "use_top_p", "penalize", "ngram",
+                     "floor"),
 )
 def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperature, top_p, eos_ids,
-              pad, penalty, min_new, *, max_new_tokens, greedy, top_k, use_top_p, penalize, ngram):
-    # eos_ids [E], pad, penalty and min_new are traced: changing them does not recompile.
+              pad, penalty, min_new, *, max_new_tokens, greedy, top_k, use_top_p, penalize, ngram, floor):
+    # eos_ids [E], pad, penalty and min_new are traced: changing them does not recompile (switching a
+    # processor on or off does: off, it costs nothing per step).
     B, T = input_ids.shape
     N = max_new_tokens
     prompt = processors.prompt_history(input_ids, attention_mask)  # [B, T]
@@ -74,7 +76,7 @@ def _generate(apply_fn, model, params, input_ids, attention_mask, rng, temperatu
 
     def sample(logits, rng, out, t):
         logits = processors.process(logits.astype(jnp.float32), prompt, out, t, eos_ids, penalty, min_new,
-                                    penalize=penalize, ngram=ngram)
+                                    penalize=penalize, ngram=ngram, floor=floor)
         return warp(logits, rng)
 
     def step_logits(ids, mask, cache):
@@ -219,7 +221,7 @@ def generate(
         jnp.float32(1.0 if greedy else temperature), jnp.float32(1.0 if top_p is None else top_p),
         jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id), jnp.float32(penalty), jnp.int32(min_new),
         max_new_tokens=int(max_new_tokens), greedy=greedy,
-        top_k=top_k, use_top_p=top_p is not None, penalize=penalty != 1, ngram=ngram,
+        top_k=top_k, use_top_p=top_p is not None, penalize=penalty != 1, ngram=ngram, floor=min_new > 0,
     )
 
 
@@ -277,6 +279,6 @@ def beam_search(
         apply_fn, model, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
         jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad), jnp.float32(length_penalty), jnp.float32(penalty),
         jnp.int32(min_new), max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
-        early_stopping=early_stopping, penalize=penalty != 1, ngram=ngram,
+        early_stopping=early_stopping, penalize=penalty != 1, ngram=ngram, floor=min_new > 0,
     )
     return tokens[:, :num_return_sequences], scores[:, :num_return_sequences]

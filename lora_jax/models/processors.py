@@ -36,12 +36,15 @@ def prompt_history(input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array
 
 
 def process(scores: jax.Array, prompt: jax.Array, new: jax.Array, t: jax.Array, eos_ids: jax.Array,
-            penalty: jax.Array, min_new: jax.Array, *, penalize: bool, ngram: int) -> jax.Array:
+            penalty: jax.Array, min_new: jax.Array, *, penalize: bool, ngram: int, floor: bool) -> jax.Array:
     """scores [R, V] for the next token of rows whose history is prompt [R, T] (-1 = pad) and the
     first t of new [R, N] (the rest ignored); eos_ids [E] (-1 = none). Traced: `penalty` (seen
     tokens' scores / penalty if > 0, else * penalty; applied if `penalize`), `min_new` (EOS banned
-    while t < min_new). Compiled in: `ngram` (0 = off; else a token that would repeat an n-gram
-    of the row is banned)."""
+    while t < min_new; applied if `floor`). Compiled in: `ngram` (0 = off; else a token that would
+    repeat an n-gram of the row is banned). With all three off, `scores` as they are (no work per
+    step)."""
+    if not (penalize or ngram or floor):
+        return scores
     R, V = scores.shape
     T = prompt.shape[1]
     hist = jnp.concatenate([prompt, new], axis=1)  # [R, L = T + N]
@@ -66,5 +69,7 @@ def process(scores: jax.Array, prompt: jax.Array, new: jax.Array, t: jax.Array, 
         match = jnp.all(windows == last[:, None, :], axis=-1) & (jnp.arange(S) <= T + t - ngram)  # [R, S]
         nxt = hist[:, ngram - 1:]  # [R, S]
         scores = jnp.where(ban(match & (nxt >= 0), nxt), -jnp.inf, scores)
+    if not floor:
+        return scores
     eos = jnp.zeros((V,), bool).at[jnp.where(eos_ids >= 0, eos_ids, V)].set(True, mode="drop")  # [V]
     return jnp.where(eos & (t < min_new), -jnp.inf, scores)
