@@ -481,10 +481,11 @@ def _check_mask(config: LoraConfig, adapters: Adapters, strategy: str) -> None:
         raise ValueError(f"lora_mask applies the adapter on some tokens only, which {' and '.join(every)} cannot")
 
 
-def alora_mask(config: LoraConfig, input_ids: jax.Array) -> jax.Array:
+def alora_mask(config: LoraConfig, input_ids: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """aLoRA's tokens (PEFT's alora_offsets): [B, T] True from the start of the last occurrence of
     `config.alora_invocation_tokens` in each row of input_ids [B, T] to the row's end; all False in a
-    row without it (the base model there). Jittable."""
+    row without it (the base model there). With `segment_ids` [B, T] (packed rows, `CausalLM.apply`'s),
+    each sequence of a row is one such row of its own: its last invocation on, to its end. Jittable."""
     if config.alora_invocation_tokens is None:
         raise ValueError("alora_mask: the config has no alora_invocation_tokens")
     ids = jnp.asarray(input_ids)
@@ -494,8 +495,16 @@ def alora_mask(config: LoraConfig, input_ids: jax.Array) -> jax.Array:
     hit = jnp.ones((ids.shape[0], t - n + 1), bool)  # [B, T-n+1]: the invocation starts here
     for j, tok in enumerate(config.alora_invocation_tokens):
         hit &= ids[:, j : t - n + 1 + j] == tok
-    start = jnp.max(jnp.where(hit, jnp.arange(t - n + 1), -1), axis=1)  # [B]; -1: absent
-    return (jnp.arange(t)[None, :] >= start[:, None]) & (start[:, None] >= 0)
+    if segment_ids is None:
+        start = jnp.max(jnp.where(hit, jnp.arange(t - n + 1), -1), axis=1)  # [B]; -1: absent
+        return (jnp.arange(t)[None, :] >= start[:, None]) & (start[:, None] >= 0)
+    seg = jnp.asarray(segment_ids)
+    for j in range(1, n):  # an invocation lies within one sequence
+        hit &= seg[:, j : t - n + 1 + j] == seg[:, : t - n + 1]
+    hit &= seg[:, : t - n + 1] > 0
+    mine = hit[:, None, :] & (seg[:, :, None] == seg[:, None, : t - n + 1])  # [B, T, T-n+1]: in token t's sequence
+    start = jnp.max(jnp.where(mine, jnp.arange(t - n + 1), -1), axis=2)  # [B, T]; -1: absent
+    return (jnp.arange(t)[None, :] >= start) & (start >= 0)
 
 
 def _bias_paths(adapters: Adapters) -> dict[str, str]:

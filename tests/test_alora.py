@@ -28,6 +28,11 @@ def test_alora_mask_marks_the_last_invocation_onwards():
     np.testing.assert_array_equal(lj.alora_mask(config, IDS), want)
     np.testing.assert_array_equal(jax.jit(lambda x: lj.alora_mask(config, x))(IDS), want)
     assert not lj.alora_mask(config, IDS[:, :1]).any()
+    # Packed (segment_ids): each sequence as its own row; an invocation across two sequences is none.
+    packed, seg = IDS.reshape(1, -1), np.repeat(np.arange(1, 4), 8)[None]
+    np.testing.assert_array_equal(lj.alora_mask(config, packed, seg), want.reshape(1, -1))
+    cut = np.array([[42, 99, 5, 42, 99, 6, 0, 0]]), np.array([[1, 1, 1, 1, 2, 2, 0, 0]])  # 42 | 99 split
+    np.testing.assert_array_equal(lj.alora_mask(config, *cut), [[1, 1, 1, 1, 0, 0, 0, 0]])
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
@@ -57,6 +62,10 @@ def test_matches_peft_alora_both_ways(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_p
     np.testing.assert_array_equal(logits[1], base[1])  # no invocation: the base model, exactly
     np.testing.assert_array_equal(logits[0, :2], base[0, :2])  # before it too
     assert np.abs(logits[0, 2:] - base[0, 2:]).max() > 1e-2
+    # The three rows packed into one (segment_ids): each sequence still gets PEFT's logits of its own row.
+    packed, seg = IDS.reshape(1, -1), np.repeat(np.arange(1, 4), IDS.shape[1])[None]
+    np.testing.assert_allclose(np.asarray(g(params, got.adapters, packed, segment_ids=seg, lora_mask=lj.alora_mask(
+        got.config, packed, seg)))[0], want.reshape(-1, want.shape[-1]), atol=1e-4, rtol=0)
 
     out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
     assert json.loads((out / lp.CONFIG_FILE).read_text())["alora_invocation_tokens"] == INVOKE

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 from train.data import (
     SKIP_REASONS,
     DataPosition,
+    Encoded,
     QARecord,
     batches_per_epoch,
     bucket_for,
@@ -21,6 +22,8 @@ from train.data import (
     format_prompt,
     load_split,
     load_squad_file,
+    make_train_batch,
+    pack,
     pad_id_of,
     parse_records,
     train_batches,
@@ -285,6 +288,55 @@ def test_resume_from_position_yields_the_same_batches(tok):
             assert all(np.array_equal(got[k], want[k]) for k in want)
     epoch0, epoch1 = full[:per_epoch], full[per_epoch : 2 * per_epoch]
     assert not all(np.array_equal(a["input_ids"], b["input_ids"]) for (_, a), (_, b) in zip(epoch0, epoch1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(2, 40), min_size=1, max_size=60), st.integers(40, 64))
+def test_pack_places_every_example_once_within_the_row(sizes, row_len):
+    examples = [Encoded(f"e{i}", np.arange(n, dtype=np.int32), 1, False) for i, n in enumerate(sizes)]
+    rows = pack(examples, row_len)
+    assert sorted(e.id for r in rows for e in r.examples) == sorted(e.id for e in examples)
+    assert all(0 < r.length <= row_len for r in rows)
+    order = {e.id: i for i, e in enumerate(examples)}
+    assert all([order[e.id] for e in r.examples] == sorted(order[e.id] for e in r.examples) for r in rows)
+    # best-fit decreasing: no two rows could share one, and within 11/9 OPT + 1 (at most the lower bound's)
+    assert all(a.length + b.length > row_len for a in rows for b in rows if a is not b)
+    assert len(rows) <= 11 / 9 * -(-sum(r.length for r in rows) // row_len) + 1
+    assert pack(examples, row_len) == rows  # deterministic
+
+
+def test_packed_batches_hold_each_example_as_its_own_row(tok):
+    """A packed batch is the examples' own rows side by side: the same ids, labels and loss targets,
+    numbered by segment; train_batches streams the rows as it streams examples."""
+    examples = encode(tok, _records(9), 64, train=True).examples
+    rows = pack(examples, 128)
+    assert len(rows) < len(examples)  # several to a row
+    b = make_train_batch(rows[:3], 4, bucket_lengths(128), pad_id_of(tok))
+    seg = b["segment_ids"]
+    assert np.array_equal(b["attention_mask"], (seg > 0).astype(np.int32)) and not seg[3].any()  # filler row
+    for i, row in enumerate(rows[:3]):
+        at = 0
+        for k, e in enumerate(row.examples, 1):
+            alone = make_train_batch([e], 1, (b["input_ids"].shape[1],), pad_id_of(tok))
+            n = e.length
+            assert (seg[i, at:at + n] == k).all()
+            for key in ("input_ids", "labels", "loss_mask"):
+                assert np.array_equal(b[key][i, at:at + n], alone[key][0, :n])
+            at += n
+        assert not seg[i, at:].any() and not b["loss_mask"][i, at:].any()
+    stream = train_batches(rows, batch_size=4, buckets=bucket_lengths(128), pad_id=pad_id_of(tok), seed=0)
+    served = [next(stream)[1] for _ in range(batches_per_epoch(len(rows), 4))]
+    assert sum(int(s["loss_mask"].sum()) for s in served) == sum(e.targets for e in examples)
+    assert all((s["segment_ids"].max(axis=1) == [len(r.examples) for r in rows_of(s, rows)]).all() for s in served)
+    with pytest.raises(ValueError, match="an example of 41 input tokens does not fit rows of 40"):
+        pack([Encoded("long", np.zeros(42, np.int32), 1, False)], 40)
+
+
+def rows_of(batch, rows):
+    """The `pack` rows a packed batch holds (its real rows, by their input ids)."""
+    by_ids = {tuple(np.concatenate([e.tokens[:-1] for e in r.examples])): r for r in rows}
+    real = batch["segment_ids"].any(axis=1)
+    return [by_ids[tuple(ids[seg > 0])] for ids, seg in zip(batch["input_ids"][real], batch["segment_ids"][real])]
 
 
 def test_eval_batches_left_pad_and_cover_everything(tok):

@@ -105,6 +105,30 @@ def test_logits_match_transformers(ckpt, arch, scan):
         np.testing.assert_allclose(padded[b, p:], ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_packed_rows_match_transformers_per_sequence(ckpt, arch, scan):
+    """Packed rows (segment_ids): every sequence's logits are transformers' on that sequence alone,
+    whatever sits beside it; pads stay finite."""
+    d = ckpt[arch]
+    model, params = jax_model(d, scan)
+    lengths = [[4, 7, 3], [14], [5, 5], []]  # per row; 16 slots, the rest padding (row 3 all padding)
+    ids = np.random.RandomState(1).randint(4, 320, (len(lengths), 16)).astype(np.int32)
+    seg = np.zeros_like(ids)
+    for b, row in enumerate(lengths):
+        seg[b, :sum(row)] = np.repeat(np.arange(1, len(row) + 1), row)
+    out = np.asarray(jax.jit(functools.partial(model.apply, segment_ids=seg))(params, ids))
+    assert np.isfinite(out).all()
+    for b, row in enumerate(lengths):
+        for start, n in zip(np.cumsum([0, *row[:-1]]), row):
+            np.testing.assert_allclose(out[b, start:start + n], hf_logits(d, ids[b:b + 1, start:start + n])[0],
+                                       atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="segment_ids replaces attention_mask"):
+        model.apply(params, ids, seg > 0, segment_ids=seg)
+    with pytest.raises(ValueError, match=r"segment_ids shape \(4, 15\)"):
+        model.apply(params, ids, segment_ids=seg[:, 1:])
+
+
 @pytest.mark.parametrize(
     "arch,scan", [("gpt2", False), ("bloom", False), ("bloom", True)], ids=["gpt2", "bloom", "bloom-scanned"]
 )

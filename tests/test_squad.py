@@ -687,6 +687,75 @@ def test_text_loss_is_transformers_loss(tiny_gpt2_dir):
     assert got == pytest.approx(total / count, rel=1e-5)
 
 
+@pytest.mark.parametrize("alora", [False, True], ids=["lora", "alora"])
+def test_packed_loss_and_gradient_are_the_unpacked_ones(tiny_bloom_dir, tmp_path, alora):
+    """The job's loss on packed rows (--packing) is the sum of each example's unpacked loss terms, and
+    so is its gradient: the same sum and target count, with dropout off; with --alora too, the
+    adapter acting from each packed prompt's own ANSWER marker on."""
+    from transformers import AutoTokenizer
+
+    from train import data as squad_data
+    from train.loop import target_loss
+    from train.run import lora_logits
+
+    model, params = from_pretrained(tiny_bloom_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_bloom_dir)
+    records = squad_data.load_split(tiny_squad(tmp_path / "squad.json"), "train").records
+    examples = squad_data.encode(tok, records, 48, train=True).examples
+    rows = squad_data.pack(examples, 120)
+    assert len(rows) < len(examples)
+    marker = tok(squad_data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
+    config = lj.LoraConfig(rank=4, alpha=8, targets=["query_key_value", "dense_h_to_4h"],
+                           alora_invocation_tokens=marker if alora else None)
+    adapters = jax.tree.map(lambda x: x + 0.05, lj.init(config, params, jax.random.key(1)))
+    pad = squad_data.pad_id_of(tok)
+    loss = lambda batch, k: jax.value_and_grad(  # noqa: E731
+        lambda a: target_loss(lora_logits(model, config), k)(params, a, jax.tree.map(jax.numpy.asarray, batch),
+                                                               None), has_aux=True)(adapters)
+    (total, count), grads = loss(squad_data.make_train_batch(examples, len(examples), (48,), pad),
+                                 max(e.targets for e in examples))
+    (p_total, p_count), p_grads = loss(squad_data.make_train_batch(rows, len(rows), (120,), pad),
+                                       max(r.targets for r in rows))
+    assert p_count == count == sum(e.targets for e in examples)
+    np.testing.assert_allclose(p_total, total, rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), p_grads, grads)
+
+
+def test_packing_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
+    """--packing: the examples share rows (the count is logged and in summary.json); the first step's
+    loss, at the zero-delta start, is transformers' mean answer-token loss over the examples it packed
+    (all of them here); the validation loss stays unpacked, the saved adapter's own."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train import data as squad_data
+
+    data = tiny_squad(tmp_path / "squad.json")
+    out = tmp_path / "packed"
+    args = cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--packing", "--eval-every", "2")
+    args[args.index("--max-len") + 1] = "128"  # two examples a row (positions restart: 64 suffice)
+    assert squad.main(args) == 0
+    printed = capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    rows = s["packing"]["rows"]
+    assert s["packing"]["examples"] == 8 and rows <= 4  # 8 rows a step: every example in the first one
+    assert f"--packing: 8 training examples in {rows} rows of 128 tokens" in printed
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
+    records = squad_data.load_split(data, "train").records
+    total = count = 0.0
+    for e in squad_data.encode(tok, records, 128, train=True).examples:
+        ids = torch.tensor(e.tokens[None], dtype=torch.long)
+        labels = ids.clone()
+        labels[0, :e.target_start] = -100  # the answer and EOS alone
+        with torch.no_grad():
+            total += float(hf(ids, labels=labels).loss) * e.targets
+        count += e.targets
+    assert losses(out)[0] == pytest.approx(total / count, rel=1e-5)
+    np.testing.assert_allclose(losses(out, key="val_loss")[-1],
+                               answer_loss(tiny_gpt2_dir, data, out / "adapter", max_len=128), rtol=1e-4)
+
+
 def test_lorafa_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     """--lorafa trains lora_B alone: the saved lora_A is the run's initial one, lora_B moved."""
     data = tiny_squad(tmp_path / "squad.json")

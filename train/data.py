@@ -36,6 +36,12 @@ Batches (all numpy, fixed shapes: rows = `batch_size`, length = the smallest buc
     `position_ids` int32 [B, T], `ids` list[str] (`""` on filler rows), `valid` bool [B].
 Filler rows (to complete the last batch) have `loss_mask == 0` / `valid == False` and an
 all-ones attention mask, so no attention row is fully masked (which can give NaNs).
+
+Packing (`pack`, TRL's `packing=True` without cross-contamination): training examples side by
+side in rows of `max_len` tokens, each row's batch entry then also holding `segment_ids` int32
+[B, T] (the examples numbered 1, 2, ... in the row, 0 for padding; `CausalLM.apply(...,
+segment_ids=)`), and `attention_mask` = `segment_ids > 0`. Every example keeps its own positions
+and sees only itself, so its loss terms are those of its unpacked row; fewer pad slots are computed.
 """
 
 from __future__ import annotations
@@ -374,6 +380,16 @@ class Encoded:
     target_start: int
     truncated: bool
 
+    @property
+    def length(self) -> int:
+        """Input tokens in a training row: tokens[:-1]."""
+        return len(self.tokens) - 1
+
+    @property
+    def targets(self) -> int:
+        """Loss targets."""
+        return len(self.tokens) - self.target_start
+
 
 @dataclass(frozen=True)
 class EncodeResult:
@@ -497,22 +513,74 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
 
 
-def make_train_batch(examples: Sequence[Encoded], batch_size: int, buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded, shifted training batch of exactly `batch_size` rows (see module doc)."""
+@dataclass(frozen=True)
+class Packed:
+    """Training examples that share one row (`pack`), in order."""
+
+    examples: tuple[Encoded, ...]
+
+    @property
+    def length(self) -> int:
+        """The row's input tokens."""
+        return sum(e.length for e in self.examples)
+
+    @property
+    def targets(self) -> int:
+        """The row's loss targets."""
+        return sum(e.targets for e in self.examples)
+
+
+def pack(examples: Sequence[Encoded], row_len: int) -> tuple[Packed, ...]:
+    """Examples into rows of at most `row_len` input tokens: best-fit decreasing (the longest
+    first, each into the open row it fills most), which leaves few pad slots. Deterministic; every
+    example lands in exactly one row, the rows' examples in their original order."""
+    if not examples:
+        raise ValueError("pack: no examples")
+    sizes = [e.length for e in examples]
+    if max(sizes) > row_len:
+        raise ValueError(f"pack: an example of {max(sizes)} input tokens does not fit rows of {row_len}")
+    rows: list[list[int]] = []
+    by_space: list[list[int]] = [[] for _ in range(row_len + 1)]  # free slots -> the open rows with that many
+    for i in sorted(range(len(examples)), key=lambda i: -sizes[i]):
+        space = next((s for s in range(sizes[i], row_len + 1) if by_space[s]), None)
+        if space is None:
+            r, space = len(rows), row_len
+            rows.append([])
+        else:
+            r = by_space[space].pop()
+        rows[r].append(i)
+        by_space[space - sizes[i]].append(r)
+    return tuple(Packed(tuple(examples[i] for i in sorted(row))) for row in rows)
+
+
+def make_train_batch(examples: Sequence[Encoded] | Sequence[Packed], batch_size: int, buckets: Sequence[int],
+                     pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded, shifted training batch of exactly `batch_size` rows (see module doc); rows of
+    `Packed` examples add their `segment_ids`."""
     if not 0 < len(examples) <= batch_size:
         raise ValueError(f"need 1..{batch_size} examples, got {len(examples)}")
-    T = bucket_for(max(len(e.tokens) - 1 for e in examples), buckets)
+    packed = isinstance(examples[0], Packed)
+    rows = [u.examples if packed else (u,) for u in examples]
+    T = bucket_for(max(u.length for u in examples), buckets)
     input_ids = np.full((batch_size, T), pad_id, np.int32)
     labels = np.full((batch_size, T), pad_id, np.int32)
     attention_mask = np.ones((batch_size, T), np.int32)  # filler rows fully visible: no NaN rows
     loss_mask = np.zeros((batch_size, T), np.float32)
-    for i, e in enumerate(examples):
-        n = len(e.tokens) - 1  # inputs are tokens[:-1], labels tokens[1:]
-        input_ids[i, :n] = e.tokens[:-1]
-        labels[i, :n] = e.tokens[1:]
-        attention_mask[i, n:] = 0
-        loss_mask[i, max(e.target_start - 1, 0) : n] = 1.0  # logits at t predict tokens[t+1]
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_mask": loss_mask}
+    segment_ids = np.zeros((batch_size, T), np.int32)
+    for i, row in enumerate(rows):
+        at = 0
+        for k, e in enumerate(row, 1):
+            n = e.length  # inputs are tokens[:-1], labels tokens[1:]
+            input_ids[i, at:at + n] = e.tokens[:-1]
+            labels[i, at:at + n] = e.tokens[1:]
+            loss_mask[i, at + max(e.target_start - 1, 0) : at + n] = 1.0  # logits at t predict tokens[t+1]
+            segment_ids[i, at:at + n] = k
+            at += n
+        attention_mask[i, at:] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "loss_mask": loss_mask}
+    if packed:  # a pad (segment 0) sees itself alone: no NaN row either
+        batch |= {"segment_ids": segment_ids, "attention_mask": (segment_ids > 0).astype(np.int32)}
+    return batch
 
 
 def make_eval_batch(examples: Sequence[Encoded], batch_size: int, buckets: Sequence[int], pad_id: int) -> dict[str, Any]:
@@ -557,7 +625,7 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def train_batches(
-    examples: Sequence[Encoded],
+    examples: Sequence[Encoded] | Sequence[Packed],
     *,
     batch_size: int,
     buckets: Sequence[int],
@@ -565,7 +633,8 @@ def train_batches(
     seed: int,
     start: DataPosition = DataPosition(),
 ) -> Iterator[tuple[DataPosition, dict[str, np.ndarray]]]:
-    """Endless shuffled training batches, each with the position it was taken from.
+    """Endless shuffled training batches (of examples, or of `pack`'s rows), each with the position
+    it was taken from.
 
     Resuming at `start` (e.g. `DataPosition.from_step(step, batches_per_epoch(...))`) yields
     exactly the batches an uninterrupted run would have served from there on.

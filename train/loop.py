@@ -91,7 +91,8 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
 
     `logits_fn(params, adapters, input_ids, attention_mask, rng, positions)` returns logits
     [B, K, V] at `positions` [B, K] (all T when None), e.g. `CausalLM.apply(..., positions=)`
-    under the LoRA transform, so an adapted tied embedding acts in the head as well. Logits
+    under the LoRA transform, so an adapted tied embedding acts in the head as well; a packed
+    batch's (`data.pack`) mask is None and its `segment_ids=` come as a keyword. Logits
     exist only at `targets` positions per row (those with loss_mask = 1 first), in the compute
     dtype; only the log-sum-exp runs in fp32. No [B, T, V] fp32 tensor exists.
     """
@@ -101,7 +102,9 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
             pos = jnp.argsort(-mask, axis=1, stable=True)[:, :targets]  # [B, K]: targets first
             labels = jnp.take_along_axis(labels, pos, axis=1)  # [B, K]
             mask = jnp.take_along_axis(mask, pos, axis=1)  # [B, K]
-        logits = logits_fn(params, adapters, batch["input_ids"], batch["attention_mask"], rng, pos)  # [B, K, V]
+        rows = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
+        logits = logits_fn(params, adapters, batch["input_ids"], None if rows else batch["attention_mask"], rng, pos,
+                           **rows)  # [B, K, V]
         lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, K]
         gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
         return jnp.sum((lse - gold) * mask), jnp.sum(mask)

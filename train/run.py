@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,17 @@ def reduce_intruders(args, lora: lj.LoraConfig, params, adapters, log) -> tuple[
     return reduced, summary
 
 
+def training_rows(args, examples, log) -> tuple[data.Encoded, ...] | tuple[data.Packed, ...]:
+    """What a training batch's rows hold: one example each, or with --packing several (`data.pack`)."""
+    if not args.packing:
+        return tuple(examples)
+    rows = data.pack(examples, args.max_len)
+    fill = sum(r.length for r in rows) / (len(rows) * args.max_len)
+    log(f"--packing: {len(examples)} training examples in {len(rows)} rows of {args.max_len} tokens "
+        f"({100 * fill:.1f}% of the slots real)")
+    return rows
+
+
 def calibration(args, tokenizer, examples) -> list[dict[str, np.ndarray]]:
     """The first --init-batches training batches (in the run's own order), for EVA, CorDA, LoRA-GA."""
     stream = data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
@@ -230,8 +242,14 @@ def calibration(args, tokenizer, examples) -> list[dict[str, np.ndarray]]:
 
 
 def forward(model):
-    """f(params, batch) for the data-driven inits: the model on a training batch."""
-    return lambda p, b: model.apply(p, b["input_ids"], b["attention_mask"])
+    """f(params, batch) for the data-driven inits: the model on a training batch (packed or not)."""
+    return lambda p, b: model.apply(p, b["input_ids"], **row_layout(b))
+
+
+def row_layout(batch) -> dict[str, Any]:
+    """How `CausalLM.apply` reads a training batch's rows: its segment_ids when packed, else its mask."""
+    return {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else \
+        {"attention_mask": batch["attention_mask"]}
 
 
 def eva_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log):
@@ -260,7 +278,8 @@ def residual_data_init(args, model, params, tokenizer, examples, lora: lj.LoraCo
         log(f"init corda ({method}, {len(batches)} batches): the adapters start from W0's components along its "
             "inputs' covariance; LoRA trains on the residual weights")
         return out
-    per_batch = target_loss(lambda p, _a, ids, mask, _rng, pos: model.apply(p, ids, mask, positions=pos),
+    per_batch = target_loss(lambda p, _a, ids, mask, _rng, pos, **rows: model.apply(p, ids, mask, positions=pos,
+                                                                                   **rows),
                             _targets_per_row(examples, args.full_sequence_loss, args.max_len))
 
     def mean_loss(p, batch):
@@ -272,17 +291,30 @@ def residual_data_init(args, model, params, tokenizer, examples, lora: lj.LoraCo
     return out
 
 
-def _targets_per_row(examples, full_sequence: bool, max_len: int) -> int:
+def _targets_per_row(rows, full_sequence: bool, max_len: int) -> int:
     if full_sequence:
         return max_len
-    most = max(len(e.tokens) - e.target_start for e in examples)
+    most = max(r.targets for r in rows)
     return min(max_len, 8 * math.ceil(most / 8))  # a multiple of 8: one shape for every batch
+
+
+def lora_logits(model, lora: lj.LoraConfig) -> Callable[..., jax.Array]:
+    """`target_loss`'s logits_fn for the LoRA model: dropout when training (an rng is given), aLoRA's
+    tokens found in each row, or in each packed sequence."""
+    g = lj.apply(model.apply, lora)
+
+    def logits(p, a, ids, mask, rng, pos, **rows):
+        tokens = None if lora.alora_invocation_tokens is None else lj.alora_mask(lora, ids, **rows)
+        return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None, lora_mask=tokens,
+                 **rows)
+    return logits
 
 
 def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | None, lr: float,
           out: Path, tag: str, log, adapters=None, val_examples=()) -> tuple[Any, Any, list[dict], bool]:
-    """Train LoRA adapters (or, with lora=None, every parameter). With --eval-every, the mean
-    answer-token loss on `val_examples` (encoded as training examples) is logged as it trains.
+    """Train LoRA adapters (or, with lora=None, every parameter) on `examples` (`training_rows`: one
+    example a row, or packed). With --eval-every, the mean answer-token loss on `val_examples`
+    (encoded as training examples, unpacked) is logged as it trains.
 
     Returns (params, adapters, history, finished); finished is False after --stop-after, True after
     --early-stopping.
@@ -298,16 +330,10 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             first = next(data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
                                             buckets=data.bucket_lengths(args.max_len),
                                             pad_id=data.pad_id_of(tokenizer), seed=args.seed))[1]
-            adapters = lj.velora.init_once(lora, params, lambda p, b: model.apply(p, b["input_ids"],
-                                                                                   b["attention_mask"]),
-                                           first, adapters)
+            adapters = lj.velora.init_once(lora, params, forward(model), first, adapters)
             log("VeLoRA: each adapted matrix's projection fixed from the first training batch")
         trainable, frozen = lj.split(lora, params, adapters)
-        g = lj.apply(model.apply, lora)
-
-        def logits(p, a, ids, mask, rng, pos):
-            tokens = None if lora.alora_invocation_tokens is None else lj.alora_mask(lora, ids)
-            return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None, lora_mask=tokens)
+        logits = lora_logits(model, lora)
         log(str(lj.summary(lora, params, adapters)))
         if args.lorafa:
             n_a = sum(ab["lora_A"].size for ab in adapters.values() if "lora_A" in ab)
@@ -319,8 +345,8 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     else:
         trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
 
-        def logits(p, a, ids, mask, rng, pos):
-            return model.apply(p, ids, mask, positions=pos)
+        def logits(p, a, ids, mask, rng, pos, **rows):
+            return model.apply(p, ids, mask, positions=pos, **rows)
     cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size,
                      targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
                      parallel=args.parallel)
@@ -495,6 +521,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora = lora_config(args, model, tokenizer)
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
     check_invocation(lora, {"training": train_ex, "validation": val_ex})
+    train_rows = training_rows(args, train_ex, log)
     if args.reduce_intruders is not None and (lora.use_dora or lora.use_kasa or lora.use_bdlora is not None):
         what = ("a DoRA adapter, whose trained magnitude belongs to the directions the reduction changes"
                 if lora.use_dora else "a KaSA adapter, whose diagonal belongs to the directions the reduction "
@@ -520,7 +547,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--init-adapter {args.init_adapter}: its adapters (init={lora.init!r}) act on residual "
                          "weights this run cannot rebuild; save them with lora_jax.to_plain first")
     if lora.init in ("corda", "lora_ga"):
-        train_params, adapters0 = residual_data_init(args, model, params, tokenizer, train_ex, lora, log)
+        train_params, adapters0 = residual_data_init(args, model, params, tokenizer, train_rows, lora, log)
     elif lora.changes_base:
         train_params, adapters0 = lj.init_residual(lora, params, jax.random.fold_in(jax.random.key(args.seed), 1))
         log(f"init {lora.init}: the adapters start from the targeted weights' principal part; LoRA trains on the "
@@ -533,7 +560,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         log("kasa: the adapted weights lose their r smallest singular components, the base that KaSA's "
             "s * A diag(d) B acts on")
     if lora.init == "eva" and not args.init_adapter:
-        lora, adapters0 = eva_init(args, model, params, tokenizer, train_ex, lora, log)
+        lora, adapters0 = eva_init(args, model, params, tokenizer, train_rows, lora, log)
     base_apply, scheme = model.apply, None
     if prequantized:
         scheme, base_apply = f"{prequantized} checkpoint", quant.apply(model.apply)
@@ -590,7 +617,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lora_params, adapters = train_params, adapters0
     else:
         with timed("train_lora"):
-            lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_ex,
+            lora_params, adapters, history, finished = train(args, model, train_params, tokenizer, train_rows,
                                                              lora=lora, lr=args.lr, out=out, tag="lora", log=log,
                                                              adapters=adapters0, val_examples=val_loss_ex)
         if not finished:
@@ -629,7 +656,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log("LM loss on the validation contexts: " + ", ".join(f"{k} {v:.3f}" for k, v in context_loss.items()))
     if args.full_finetune:
         with timed("train_full"):
-            full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_ex, lora=None,
+            full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_rows, lora=None,
                                                  lr=args.full_lr, out=out, tag="full", log=log,
                                                  val_examples=val_loss_ex)
         history += full_hist
@@ -668,6 +695,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,
+        "packing": {"examples": len(train_ex), "rows": len(train_rows)} if args.packing else None,
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

@@ -130,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="dtype of the exported PEFT adapter tensors")
     a("--max-len", type=int, default=None, help="max tokens per example; contexts are cut around the answer")
     a("--full-sequence-loss", action="store_true", help="loss on every token, not only the answer + EOS")
+    a("--packing", action="store_true",
+      help="training rows of --max-len tokens holding several examples (TRL's packing), each attending to itself "
+           "alone with its own positions, so the loss is the unpacked one with fewer pad slots computed; "
+           "--batch-size then counts rows")
     a("--version-2-with-negative", action="store_true",
       help="SQuAD v2.0: questions without an answer are unanswerable (trained to answer nothing, EOS alone) "
            "rather than malformed, and scoring follows evaluate-v2.0.py; automatic for --data squad_v2, a file "

@@ -5,6 +5,7 @@
     logits = model.apply(params, input_ids, attention_mask)          # [B, T, V]
     hidden = model.apply(params, input_ids, return_hidden=True)      # [B, T, D]
     answer = model.apply(params, input_ids, positions=pos)           # [B, K, V] at pos [B, K] only
+    packed = model.apply(params, input_ids, segment_ids=seg)         # rows of sequences 1, 2, ... (0: pad)
     new_tokens = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32)
     best = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32, num_beams=4)
     clf, params = classifier_from_pretrained("gpt2", num_labels=3)

@@ -198,10 +198,10 @@ class BloomTransformer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None):
         cfg = self.config
         B, T = input_ids.shape
-        inp = attention_inputs(attention_mask, cache, B, T)
+        inp = attention_inputs(attention_mask, cache, B, T, segment_ids)
         x = embed(cfg, cfg.vocab_size, "word_embeddings")(input_ids).astype(cfg.dtype)  # [B, T, D]
         x = layer_norm(cfg, "word_embeddings_layernorm")(x)
         kv = None if cache is None else (cache["k"], cache["v"])

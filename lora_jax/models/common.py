@@ -195,13 +195,19 @@ class AttnInputs(NamedTuple):
 
 
 def attention_inputs(
-    attention_mask: jax.Array | None, cache: Cache | None, batch: int, length: int
+    attention_mask: jax.Array | None, cache: Cache | None, batch: int, length: int,
+    segment_ids: jax.Array | None = None,
 ) -> AttnInputs:
     """Positions and the causal + padding mask for `length` new tokens.
 
     Position ids count real tokens only (`cumsum(mask) - 1`, pads 0), as HF `generate` does, so
-    a left-padded row gives the same logits as the unpadded one.
+    a left-padded row gives the same logits as the unpadded one. With `segment_ids` [B, T] (packed
+    rows: sequences 1, 2, ... side by side, 0 for padding) a token sees the earlier tokens of its
+    own sequence alone, and positions restart at each sequence, so every sequence gets the logits
+    it would get in a row of its own.
     """
+    if segment_ids is not None:
+        return _segment_inputs(segment_ids.astype(jnp.int32))
     if cache is None and attention_mask is None:
         pos = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, T]
         return AttnInputs(jnp.broadcast_to(pos, (batch, length)), pos, None, None, None)
@@ -226,6 +232,18 @@ def attention_inputs(
         positions, key_pos, mask[:, None], key_mask if cache is not None else None,
         index if cache is not None else None,
     )
+
+
+def _segment_inputs(seg: jax.Array) -> AttnInputs:
+    """`attention_inputs` of packed rows, segment ids seg [B, T] (each sequence one contiguous run)."""
+    idx = jnp.arange(seg.shape[1], dtype=jnp.int32)  # [T]
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)  # [B, T]
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)  # [B, T] where each token's run begins
+    positions = (idx - first) * (seg > 0)  # [B, T], pads 0
+    same = seg[:, :, None] == seg[:, None, :]  # [B, T, S=T]
+    # A pad sees itself alone (never an all-masked row), a real token its own sequence's earlier tokens.
+    mask = (idx[:, None] >= idx[None, :]) & same & ((seg[:, None, :] > 0) | (idx[:, None] == idx[None, :]))
+    return AttnInputs(positions, positions, mask[:, None], None, None)
 
 
 @functools.cache
@@ -404,6 +422,7 @@ class CausalLM:
         positions: jax.Array | None = None,
         deterministic: bool = True,
         rng: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """Forward pass.
 
@@ -419,6 +438,10 @@ class CausalLM:
             inside `apply`, a LoRA wrapper adapts it with the tied embedding.
           deterministic: False enables dropout (needs `rng`); attention dropout is not applied.
           rng: PRNG key for dropout.
+          segment_ids: [B, T] int, instead of `attention_mask`, for packed rows: several sequences
+            one after another in a row, numbered 1, 2, ... (each a contiguous run), 0 for padding.
+            Each sequence attends to itself alone, with positions from 0, so its logits are those
+            of its own row. Not with a cache.
         Returns:
           logits [B, T, V] in the compute dtype (or hidden), and the new cache if one was given.
         """
@@ -429,9 +452,14 @@ class CausalLM:
             raise ValueError(
                 f"attention_mask shape {attention_mask.shape} != input_ids shape {input_ids.shape}"
             )
+        if segment_ids is not None:
+            if attention_mask is not None or cache is not None:
+                raise ValueError("segment_ids replaces attention_mask (0 marks padding) and takes no cache")
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}")
         rngs = None if deterministic else {"dropout": rng}
         hidden, new_cache = self.config.make_module(deterministic).apply(
-            {"params": params["transformer"]}, input_ids, attention_mask, cache, rngs=rngs
+            {"params": params["transformer"]}, input_ids, attention_mask, cache, segment_ids, rngs=rngs
         )
         if positions is not None:
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, D]

@@ -189,10 +189,10 @@ class GPT2Transformer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None):
         cfg = self.config
         B, T = input_ids.shape
-        inp = attention_inputs(attention_mask, cache, B, T)
+        inp = attention_inputs(attention_mask, cache, B, T, segment_ids)
         x = embed(cfg, cfg.vocab_size, "wte")(input_ids)  # [B, T, D]
         x = x + embed(cfg, cfg.max_position_embeddings, "wpe")(inp.positions)  # [B, T, D]
         x = nn.Dropout(cfg.embd_pdrop, deterministic=self.deterministic)(x.astype(cfg.dtype))
