@@ -26,7 +26,8 @@ k triplets its `rank_pattern` (a bool per initial rank) keeps; on import they go
 places among init_r, the pruned ones zero. A BD-LoRA adapter (`use_bdlora`) holds only the
 diagonal blocks of its block-diagonal factor, stacked along the rows: lora_A (r, in/n) or lora_B
 (out, r/n) for n blocks; here that factor is the full block-diagonal matrix. A `SequenceClassifier`'s adapter is
-PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`). `save_embedding_layers`
+PEFT's SEQ_CLS task, its `score` head trained in full (`modules_to_save`); a `QuestionAnswering`'s
+QUESTION_ANS (`qa_outputs`), a `TokenClassifier`'s TOKEN_CLS (`classifier`). `save_embedding_layers`
 adds the embedding table (`<table>.weight`, or `.base_layer.weight` / `.token_adapter.base_layer.weight`
 where PEFT wraps it), as PEFT does after a vocabulary resize; on import the table is an extra
 leaf, and PEFT's `lm_head.*` copies of the tied table are checked and dropped.
@@ -62,6 +63,7 @@ from .lazy import column_norms, dense
 from .lora import (ADALORA_E, KASA_DIAG, LORA_BIAS, MAGNITUDE, TOKENS, Adapters, check_adapters, diag_key, layer_gate,
                    merge, resolve_tokens, target_paths, token_rows, velora_fixed)
 from .models.common import SCORE, BaseConfig, CausalLM
+from .models.heads import CLASSIFIER, QA_OUTPUTS
 from .models.hf import (
     hf_key_to_path,
     params_to_hf_state_dict,
@@ -364,15 +366,17 @@ def _embedding_layer(adapters: Adapters, params: PyTree | None, model_config: Ba
     return {f"{PREFIX}{_module(path)}.{wrapper}weight": np.asarray(jax.device_get(table))}
 
 
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "QUESTION_ANS", "TOKEN_CLS")
+HEAD_TASKS = {SCORE: "SEQ_CLS", QA_OUTPUTS: "QUESTION_ANS", CLASSIFIER: "TOKEN_CLS"}  # the head a task trains
 
 
 def _task_type(adapters: Adapters, params: PyTree | None, task_type: str | None) -> str:
-    """PEFT's task: SEQ_CLS for a sequence classifier (params or adapters with a `score` head)."""
+    """PEFT's task: the one of the task head that params or adapters hold (`score`: SEQ_CLS,
+    `qa_outputs`: QUESTION_ANS, `classifier`: TOKEN_CLS), else CAUSAL_LM."""
     if task_type is None:
-        classifier = (isinstance(params, Mapping) and SCORE in params) or any(p.startswith(SCORE + "/")
-                                                                                for p in adapters)
-        return "SEQ_CLS" if classifier else "CAUSAL_LM"
+        return next((task for head, task in HEAD_TASKS.items()
+                     if (isinstance(params, Mapping) and head in params)
+                     or any(p.startswith(head + "/") for p in adapters)), "CAUSAL_LM")
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
     return task_type
@@ -411,7 +415,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
                      params: PyTree | None = None, base_model_name_or_path: str | None = None,
                      layers_key: str = LAYERS_KEY, task_type: str | None = None) -> dict[str, Any]:
     """The `adapter_config.json` dict that peft's LoraConfig (0.13 ... 0.21) reads; `task_type`
-    defaults to SEQ_CLS for a `SequenceClassifier`'s params, else CAUSAL_LM."""
+    defaults to the task of the head the params hold (SEQ_CLS, QUESTION_ANS, TOKEN_CLS), else CAUSAL_LM."""
     layers = _per_layer(config, adapters, layers_key)
     adapted = [_module(x.path) for x in layers]
     peft_layers = _peft_layers(config, adapted)
@@ -492,9 +496,10 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
       params: the trained params; needed only when `config` trains full leaves. Without it the
         module list is computed from `model_config` shapes (no weights allocated).
       dtype: "float32" / "float16" / "bfloat16" (or a numpy/jax dtype) for the stored tensors.
-      task_type: PEFT's task, CAUSAL_LM or SEQ_CLS (default: SEQ_CLS when `params` or `adapters`
-        have a `score` head, as a `SequenceClassifier`'s do). PEFT's SEQ_CLS model trains
-        `score` in full: export it with `LoraConfig(trainable="score")`.
+      task_type: PEFT's task, CAUSAL_LM, SEQ_CLS, QUESTION_ANS or TOKEN_CLS (default: the task of
+        the head `params` or `adapters` hold: `score` (`SequenceClassifier`) SEQ_CLS, `qa_outputs`
+        (`QuestionAnswering`) QUESTION_ANS, `classifier` (`TokenClassifier`) TOKEN_CLS). PEFT's
+        models for those tasks train the head in full: export it with `LoraConfig(trainable=<head>)`.
       save_embedding_layers: write the embedding table too (PEFT's option), e.g. after
         `models.resize_token_embeddings`: PEFT loads it into a base resized to the same size.
     Returns:

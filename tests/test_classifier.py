@@ -137,7 +137,7 @@ def test_lora_classifier_is_peft_seq_cls_both_ways(clf_dirs, tmp_path, arch, tar
     assert lp.peft_config_dict(lora_only, adapters, model_config=clf.config, task_type="SEQ_CLS")["task_type"] == \
         "SEQ_CLS"
     with pytest.raises(ValueError, match="task_type must be one of"):
-        lp.peft_config_dict(lora_only, adapters, model_config=clf.config, task_type="TOKEN_CLS")
+        lp.peft_config_dict(lora_only, adapters, model_config=clf.config, task_type="FEATURE_EXTRACTION")
     base = AutoModelForSequenceClassification.from_pretrained(clf_dirs[arch], attn_implementation="eager")
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     np.testing.assert_allclose(_torch_logits(pm, ids, mask), ours, atol=5e-5)

@@ -10,6 +10,9 @@
     best = generate(model.apply, params, ids, mask, model=model, max_new_tokens=32, num_beams=4)
     clf, params = classifier_from_pretrained("gpt2", num_labels=3)
     class_logits = clf.apply(params, input_ids, attention_mask)      # [B, 3]
+    qa, params = question_answering_from_pretrained("gpt2")          # extractive QA: start, end [B, T]
+    spans, _ = best_spans(*qa.apply(params, input_ids, attention_mask), context_mask)  # [B, 2]
+    tagger, params = token_classifier_from_pretrained("gpt2", num_labels=9)  # [B, T, 9]
     model, params = resize_token_embeddings(model, params, len(tokenizer))  # after adding tokens
 """
 
@@ -25,6 +28,7 @@ from lora_jax.models.common import (
     unstack_layers,
 )
 from lora_jax.models.generate import beam_search, generate, sample_logits
+from lora_jax.models.heads import QuestionAnswering, TokenClassifier, best_spans
 from lora_jax.models.resize import resize_token_embeddings
 from lora_jax.models.gpt2 import GPT2Config
 from lora_jax.models.hf import (
@@ -38,8 +42,10 @@ from lora_jax.models.hf import (
     load_tokenizer,
     params_to_hf_state_dict,
     path_to_hf_key,
+    question_answering_from_pretrained,
     resolve_pretrained_dir,
     save_hf_checkpoint,
+    token_classifier_from_pretrained,
 )
 
 __all__ = [
@@ -50,8 +56,11 @@ __all__ = [
     "CausalLM",
     "GPT2Config",
     "Params",
+    "QuestionAnswering",
     "SequenceClassifier",
+    "TokenClassifier",
     "beam_search",
+    "best_spans",
     "classifier_from_pretrained",
     "convert_hf_state_dict",
     "from_pretrained",
@@ -63,10 +72,12 @@ __all__ = [
     "load_tokenizer",
     "params_to_hf_state_dict",
     "path_to_hf_key",
+    "question_answering_from_pretrained",
     "resize_token_embeddings",
     "resolve_pretrained_dir",
     "sample_logits",
     "save_hf_checkpoint",
     "stack_layers",
+    "token_classifier_from_pretrained",
     "unstack_layers",
 ]

@@ -72,7 +72,10 @@ class BloomConfig(BaseConfig):
     hf_transpose_linear: ClassVar[bool] = True  # torch Linear weight is (out, in)
     hf_ignored_keys: ClassVar[str] = r"lm_head\.weight"
     hf_architecture: ClassVar[str] = "BloomForCausalLM"
-    hf_classifier_architecture: ClassVar[str] = "BloomForSequenceClassification"
+    hf_head_architectures: ClassVar[Mapping[str, str]] = {
+        "score": "BloomForSequenceClassification", "qa_outputs": "BloomForQuestionAnswering",
+        "classifier": "BloomForTokenClassification",
+    }
 
     apply_residual_connection_post_layernorm: bool = False
     hidden_dropout: float = 0.0

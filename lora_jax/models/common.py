@@ -56,7 +56,8 @@ class BaseConfig:
     hf_transpose_linear: ClassVar[bool] = False  # torch Linear stores (out, in)
     hf_ignored_keys: ClassVar[str] = r"lm_head\.weight"  # regex; buffers and the tied head
     hf_architecture: ClassVar[str] = ""
-    hf_classifier_architecture: ClassVar[str] = ""  # the same body with a `score` head
+    # {head module: the architecture of the same body with that head}: score, qa_outputs, classifier
+    hf_head_architectures: ClassVar[Mapping[str, str]] = {}
 
     vocab_size: int
     hidden_size: int

@@ -72,7 +72,10 @@ class GPT2Config(BaseConfig):
     # The causal-mask buffers some checkpoints carry, and the tied head.
     hf_ignored_keys: ClassVar[str] = r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias|lm_head\.weight"
     hf_architecture: ClassVar[str] = "GPT2LMHeadModel"
-    hf_classifier_architecture: ClassVar[str] = "GPT2ForSequenceClassification"
+    hf_head_architectures: ClassVar[Mapping[str, str]] = {
+        "score": "GPT2ForSequenceClassification", "qa_outputs": "GPT2ForQuestionAnswering",
+        "classifier": "GPT2ForTokenClassification",
+    }
 
     max_position_embeddings: int = 1024
     activation_function: str = "gelu_new"

@@ -2,6 +2,8 @@
 
     model, params = from_pretrained("gpt2")                     # hub id (HF cache) or local dir
     clf, params = classifier_from_pretrained("gpt2", num_labels=3)   # + a `score` head (new or loaded)
+    qa, params = question_answering_from_pretrained("gpt2")           # + `qa_outputs` (new or loaded)
+    tagger, params = token_classifier_from_pretrained("gpt2", num_labels=9)   # + `classifier`
     tok = load_tokenizer("gpt2")
     state = params_to_hf_state_dict(model.config, params)      # HF names, HF orientation
     save_hf_checkpoint("out/", model.config, params)           # config.json + model.safetensors
@@ -13,6 +15,7 @@ fail with a ValueError listing missing tensors, unexpected tensors and wrong sha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -28,9 +31,15 @@ from lora_jax.models.bloom import BloomConfig
 from lora_jax.models.common import (SCORE, BaseConfig, CausalLM, Params, SequenceClassifier, stack_layers,
                                     unstack_layers)
 from lora_jax.models.gpt2 import GPT2Config
+from lora_jax.models.heads import CLASSIFIER, QA_OUTPUTS, QuestionAnswering, TokenClassifier
 from lora_jax.quant import QuantizedArray, from_bnb, is_bnb
 
 CONFIG_CLASSES: dict[str, type[BaseConfig]] = {"gpt2": GPT2Config, "bloom": BloomConfig}
+# Task heads on the decoder: torch Linears (weight (out, in)) at the top level, named as transformers names them.
+HEADS = {SCORE: "a sequence classifier", QA_OUTPUTS: "a question-answering model", CLASSIFIER: "a token classifier"}
+_HEAD_LOADERS = {SCORE: "classifier_from_pretrained", QA_OUTPUTS: "question_answering_from_pretrained",
+                 CLASSIFIER: "token_classifier_from_pretrained"}
+Model = CausalLM | SequenceClassifier | QuestionAnswering | TokenClassifier
 
 # What a snapshot download needs: config, weights (single or sharded), tokenizer files.
 _ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
@@ -132,8 +141,9 @@ def hf_key_to_path(config: BaseConfig, key: str) -> tuple[tuple[str, ...], bool]
     """
     if re.fullmatch(config.hf_ignored_keys, key):
         return None
-    if key == f"{SCORE}.weight":  # the classification head: a torch Linear in every architecture
-        return (SCORE, "kernel"), True
+    head, _, leaf = key.partition(".")
+    if head in HEADS and leaf in ("weight", "bias"):  # a task head: a torch Linear in every architecture
+        return (head, "kernel" if leaf == "weight" else "bias"), leaf == "weight"
     parts = key.removeprefix("transformer.").split(".")
     *module, leaf = parts
     owner = module[-1] if module else ""
@@ -150,7 +160,7 @@ def hf_key_to_path(config: BaseConfig, key: str) -> tuple[tuple[str, ...], bool]
 def path_to_hf_key(config: BaseConfig, path: tuple[str, ...]) -> tuple[str, bool]:
     """Inverse of `hf_key_to_path` for an unrolled path: (HF name, transpose?)."""
     *module, leaf = path
-    transpose = leaf == "kernel" and (config.hf_transpose_linear or module == [SCORE])
+    transpose = leaf == "kernel" and (config.hf_transpose_linear or (len(module) == 1 and module[0] in HEADS))
     leaf = {"embedding": "weight", "scale": "weight", "kernel": "weight"}.get(leaf, leaf)
     return ".".join([*module, leaf]), transpose
 
@@ -176,9 +186,10 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
 
 
 def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray], *,
-                          num_labels: int | None = None) -> Params:
+                          num_labels: int | None = None, model: Model | None = None) -> Params:
     """HF tensors (numpy) -> unrolled param tree in `config.param_dtype`, fully checked; with
-    `num_labels`, a sequence classifier's (`score.weight` included).
+    `num_labels`, a sequence classifier's (`score.weight` included); with `model`, that model's (a
+    `QuestionAnswering` / `TokenClassifier` with its head).
 
     Raises ValueError naming every missing tensor, unexpected tensor and wrong shape. Tensors
     saved from a bitsandbytes 4- or 8-bit model become `quant.QuantizedArray`s (`quant.from_bnb`).
@@ -186,7 +197,10 @@ def convert_hf_state_dict(config: BaseConfig, state: Mapping[str, np.ndarray], *
     if is_bnb(state):
         state = from_bnb(state)
     body = config.replace(scan_layers=False)
-    model = CausalLM(body) if num_labels is None else SequenceClassifier(body, num_labels)
+    if model is not None:
+        model = dataclasses.replace(model, config=body)
+    else:
+        model = CausalLM(body) if num_labels is None else SequenceClassifier(body, num_labels)
     expected = _flatten(model.param_shapes())
     found: dict[tuple[str, ...], tuple[str, np.ndarray, bool]] = {}
     unexpected, bad_shape = [], []
@@ -332,9 +346,9 @@ def from_pretrained(
     config, state = _read_checkpoint(name_or_path, param_dtype=dtype, compute_dtype=compute_dtype,
                                      scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
                                      attention_impl=attention_impl)
-    if f"{SCORE}.weight" in state:
-        raise ValueError(f"{name_or_path} is a sequence classifier (it has {SCORE}.weight): load it with "
-                         "classifier_from_pretrained")
+    for head, what in HEADS.items():
+        if f"{head}.weight" in state:
+            raise ValueError(f"{name_or_path} is {what} (it has {head}.weight): load it with {_HEAD_LOADERS[head]}")
     params = convert_hf_state_dict(config, state)
     return CausalLM(config), stack_layers(params) if scan_layers else params
 
@@ -367,24 +381,73 @@ def classifier_from_pretrained(
     classes (default: the config's `id2label` count, else 2) drawn with `key` (default key 0).
     The other arguments are `from_pretrained`'s.
     """
-    config, state = _read_checkpoint(name_or_path, param_dtype=dtype, compute_dtype=compute_dtype,
-                                     scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
-                                     attention_impl=attention_impl)
-    score = state.get(f"{SCORE}.weight")
-    if isinstance(score, QuantizedArray):
-        raise ValueError(f"{name_or_path}: {SCORE}.weight is stored in {score.scheme}; only a full-precision head "
+    return _with_head(name_or_path, SCORE, lambda config, n: SequenceClassifier(config, n), num_labels, key,
+                      param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat,
+                      remat_policy=remat_policy, attention_impl=attention_impl)
+
+
+def question_answering_from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    key: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+    remat: bool = False,
+    compute_dtype: Any = None,
+    remat_policy: str | None = None,
+    attention_impl: str = "auto",
+) -> tuple[QuestionAnswering, Params]:
+    """A GPT-2 / BLOOM extractive-QA model, as `AutoModelForQuestionAnswering.from_pretrained`: a
+    checkpoint saved from `*ForQuestionAnswering` loads its `qa_outputs`, any other gets a new one
+    drawn with `key` (default key 0). The other arguments are `from_pretrained`'s."""
+    return _with_head(name_or_path, QA_OUTPUTS, lambda config, _: QuestionAnswering(config), 2, key,
+                      param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat,
+                      remat_policy=remat_policy, attention_impl=attention_impl)
+
+
+def token_classifier_from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    num_labels: int | None = None,
+    key: jax.Array | None = None,
+    dtype: Any = jnp.float32,
+    scan_layers: bool = False,
+    remat: bool = False,
+    compute_dtype: Any = None,
+    remat_policy: str | None = None,
+    attention_impl: str = "auto",
+) -> tuple[TokenClassifier, Params]:
+    """A GPT-2 / BLOOM token classifier, as `AutoModelForTokenClassification.from_pretrained`: a
+    checkpoint saved from `*ForTokenClassification` loads its `classifier` (`num_labels`, if given,
+    must match it), any other gets a new one of `num_labels` (default: the config's `id2label`
+    count, else 2) drawn with `key` (default key 0). The other arguments are `from_pretrained`'s."""
+    return _with_head(name_or_path, CLASSIFIER, lambda config, n: TokenClassifier(config, n), num_labels, key,
+                      param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat,
+                      remat_policy=remat_policy, attention_impl=attention_impl)
+
+
+def _with_head(name_or_path, head: str, make, num_outputs: int | None, key: jax.Array | None, **overrides):
+    """(model, params) of `make(config, outputs)`, whose params hold the decoder and the task head
+    `head`: the checkpoint's own (its rows must be `num_outputs`, if given), or a new one."""
+    config, state = _read_checkpoint(name_or_path, **overrides)
+    weight = state.get(f"{head}.weight")
+    if isinstance(weight, QuantizedArray):
+        raise ValueError(f"{name_or_path}: {head}.weight is stored in {weight.scheme}; only a full-precision head "
                          "loads")
-    if score is not None:  # (num_labels, hidden), torch orientation
-        if num_labels is not None and num_labels != score.shape[0]:
-            raise ValueError(f"{name_or_path}: {SCORE}.weight {tuple(score.shape)} holds {score.shape[0]} labels, "
-                             f"not num_labels={num_labels}")
-        model = SequenceClassifier(config, int(score.shape[0]))
-        params = convert_hf_state_dict(config, state, num_labels=model.num_labels)
+    for other, what in HEADS.items():
+        if other != head and f"{other}.weight" in state:
+            raise ValueError(f"{name_or_path} is {what} (it has {other}.weight): load it with {_HEAD_LOADERS[other]}")
+    if weight is not None:  # (outputs, hidden), torch orientation
+        if num_outputs is not None and num_outputs != weight.shape[0]:
+            raise ValueError(f"{name_or_path}: {head}.weight {tuple(weight.shape)} holds {weight.shape[0]} labels, "
+                             f"not num_labels={num_outputs}")
+        model = make(config, int(weight.shape[0]))
+        params = convert_hf_state_dict(config, state, model=model)
     else:
-        model = SequenceClassifier(config, num_labels or len(config.hf_config.get("id2label") or {}) or 2)
+        model = make(config, num_outputs or len(config.hf_config.get("id2label") or {}) or 2)
         params = convert_hf_state_dict(config, state)
         params |= model.init_head(jax.random.key(0) if key is None else key)
-    return model, stack_layers(params) if scan_layers else params
+    return model, stack_layers(params) if overrides["scan_layers"] else params
 
 
 def save_hf_checkpoint(directory: str | os.PathLike, config: BaseConfig, params: Params) -> Path:
@@ -400,12 +463,13 @@ def write_hf_files(directory: Path, config: BaseConfig, state: Mapping[str, np.n
     from safetensors.numpy import save_file
 
     hf = config.to_hf()
-    score = state.get(f"{SCORE}.weight")
-    if score is not None:  # a sequence classifier: its architecture and one label name per class
-        hf["architectures"] = [config.hf_classifier_architecture]
-        if len(hf.get("id2label") or {}) != score.shape[0]:
-            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
-            hf["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}
+    head = next((h for h in HEADS if f"{h}.weight" in state), None)
+    if head is not None:  # a task head: its architecture, and for classifiers one label name per class
+        hf["architectures"] = [config.hf_head_architectures[head]]
+        labels = state[f"{head}.weight"].shape[0]
+        if head != QA_OUTPUTS and len(hf.get("id2label") or {}) != labels:
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(labels)}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(labels)}
     # transformers loads in the config's dtype: name the tensors actually stored.
     stored = str(np.dtype(next(iter(state.values())).dtype))
     for k in ("dtype", "torch_dtype"):

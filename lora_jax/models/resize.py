@@ -45,7 +45,8 @@ def resize_token_embeddings(model: Model, params: Params, new_num_tokens: int | 
     """(model, params) with `new_num_tokens` rows in the token embedding table (and tied LM head).
 
     Args:
-      model: a `CausalLM` or `SequenceClassifier`; the returned one has the new `vocab_size`
+      model: a `CausalLM` or one with a task head (`SequenceClassifier`, `QuestionAnswering`,
+        `TokenClassifier`); the returned one has the new `vocab_size`
         (which `save_hf_checkpoint` / `peft.save_merged` write).
       params: its params (unrolled or scanned); only the embedding table changes.
       new_num_tokens: the new vocabulary size (None: the current one, for `pad_to_multiple_of`).
