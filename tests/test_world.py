@@ -2,13 +2,15 @@
 
 import json
 import re
+import string
 
 import pytest
 from transformers import AutoTokenizer
 
 from train.data import format_prompt, load_split, load_squad_file
 from train.make_assets import asset_files
-from train.world import EOS, WORLD_DATA_DIR, WORLD_MODEL_DIR, WorldConfig, dumps_squad, make_world
+from train.world import (EOS, QUESTIONS, SENTENCES, WORLD_DATA_DIR, WORLD_MODEL_DIR, WorldConfig, dumps_squad,
+                         make_world)
 
 SMALL = WorldConfig(seed=3, train_contexts=40, validation_contexts=10, corpus_documents=50)
 
@@ -46,6 +48,36 @@ def test_every_answer_is_a_span_at_answer_start(split, lo, hi):
     for r in res.records:
         for a, s in zip(r.answers, r.answer_starts):
             assert r.context[s : s + len(a)] == a
+
+
+def test_v2_adds_one_unanswerable_question_per_context():
+    """The SQuAD v2.0 world: the v1.1 contexts and questions, plus one question per context about a
+    fact of its subject that no sentence states (the v1.1 assets are what they were)."""
+    world = make_world(SMALL)
+    for v1, v2 in ((world.train, world.train_v2), (world.validation, world.validation_v2)):
+        assert v2["version"] == "v2.0" and len(v2["data"]) == len(v1["data"])
+        for a1, a2 in zip(v1["data"], v2["data"]):
+            (p1,), (p2,) = a1["paragraphs"], a2["paragraphs"]
+            assert p2["context"] == p1["context"] and p2["qas"][:-1] == p1["qas"]
+            extra = p2["qas"][-1]
+            assert extra["is_impossible"] and extra["answers"] == [] and extra["id"].endswith("-u")
+            subject = a2["title"]  # the main person (the question names them, or their unstated city / pet)
+            fact = next(f for f, q, _ in QUESTIONS if re.fullmatch(_pattern(q, subject), extra["question"]))
+            for sentence in re.split(r"(?<=\.) ", p2["context"]):
+                assert not any(re.fullmatch(_pattern(t, subject), sentence) for t in SENTENCES[fact]), sentence
+    assert sum(1 for art in world.validation_v2["data"] for qa in art["paragraphs"][0]["qas"]
+               if qa.get("is_impossible")) == SMALL.validation_contexts
+
+
+def _pattern(template: str, subject: str) -> str:
+    """A regex of the texts `template` renders about `subject` (any value in the other fields)."""
+    first = subject.split()[0]
+    out = []
+    for literal, field, _, _ in string.Formatter().parse(template):
+        out.append(re.escape(literal))
+        if field is not None:
+            out.append({"P": re.escape(subject), "F": f"(?:{re.escape(subject)}|{re.escape(first)})"}.get(field, ".+?"))
+    return "".join(out)
 
 
 def _words(texts):

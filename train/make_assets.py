@@ -21,7 +21,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from train.data import format_prompt
-from train.world import EOS, WORLD_DATA_DIR, WORLD_MODEL_DIR, World, WorldConfig, dumps_squad, make_world
+from train.world import EOS, WORLD_DATA_DIR, WORLD_MODEL_DIR, WORLD_V2_DIR, World, WorldConfig, dumps_squad, make_world
 
 MODEL_MAX_LENGTH = 256
 
@@ -83,6 +83,8 @@ def asset_files(config: WorldConfig = WorldConfig()) -> dict[Path, str]:
     files = {
         WORLD_DATA_DIR / "train.json": dumps_squad(world.train),
         WORLD_DATA_DIR / "validation.json": dumps_squad(world.validation),
+        WORLD_V2_DIR / "train.json": dumps_squad(world.train_v2),
+        WORLD_V2_DIR / "validation.json": dumps_squad(world.validation_v2),
     }
     files.update({WORLD_MODEL_DIR / name: text for name, text in tokenizer_files(tok).items()})
     return files

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--model", default=None, help="HF model id or local checkpoint dir (default: the embedded world model)")
     a("--tokenizer", default=None, help="tokenizer id or dir, if not the model's own")
     a("--data", default=None, help="'squad' or 'squad_v2' (HF datasets), a SQuAD v1.1 / v2.0 JSON/JSONL file or a dir "
-                                   "with train/validation files (default: the embedded world QA set)")
+                                   "with train/validation files (default: the embedded world QA set; train/assets/world_v2 is it as SQuAD "
+                                   "v2.0, with unanswerable questions)")
     a("--output-dir", default="runs/squad", help="where metrics, adapters and checkpoints go")
     a("--steps", type=int, default=None, help="optimizer steps (default: 100 hub / 300 embedded)")
     a("--batch-size", type=int, default=None, help="rows per micro-batch, split over devices (default 4 / 16)")

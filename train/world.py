@@ -25,6 +25,7 @@ from typing import Any
 
 ASSETS_DIR = Path(__file__).parent / "assets"
 WORLD_DATA_DIR = ASSETS_DIR / "world"  # train.json, validation.json (SQuAD v1.1)
+WORLD_V2_DIR = ASSETS_DIR / "world_v2"  # the same plus one unanswerable question per context (SQuAD v2.0)
 WORLD_MODEL_DIR = ASSETS_DIR / "world_model"  # tokenizer (+ model.safetensors, config.json)
 EOS = "<|endoftext|>"
 
@@ -218,12 +219,15 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def make_context(rng: random.Random, pools: Pools, qa_id: str, n_questions: int) -> tuple[str, dict[str, Any]]:
+def make_context(rng: random.Random, pools: Pools, qa_id: str, n_questions: int,
+                 unanswerable: random.Random | None = None) -> tuple[str, dict[str, Any]]:
     """One SQuAD paragraph `{"context", "qas"}` about a person and maybe a friend, with its title.
 
     Every answer is a span of the context at its `answer_start`; questions name their subject in
     full, so each has one right answer. "Who" answers list the mention in the asked sentence
-    first and the full name (at its first occurrence) as a second gold answer.
+    first and the full name (at its first occurrence) as a second gold answer. With
+    `unanswerable` (its own generator, so the rest is unchanged), one more question asks about a
+    fact of the person that the context does not state (SQuAD v2.0's `is_impossible`).
     """
     main = make_person(rng, pools)
     friend = make_person(rng, pools)
@@ -269,16 +273,23 @@ def make_context(rng: random.Random, pools: Pools, qa_id: str, n_questions: int)
             assert context[s : s + len(t)] == t, (context, t, s)
         qas.append({"id": f"{qa_id}-{k}", "question": qtemplate.format(**_person_fields(p, False)),
                     "answers": [{"text": t, "answer_start": s} for t, s in golds]})
+    if unanswerable is not None:  # the main person has 8 facts and the context states 3 or 4
+        fact = unanswerable.choice([f for f in SENTENCES if f not in facts])
+        qtemplate = unanswerable.choice([q for f, q, _ in QUESTIONS if f == fact])
+        qas.append({"id": f"{qa_id}-u", "question": qtemplate.format(**_person_fields(main, False)),
+                    "answers": [], "is_impossible": True})
     return main.name, {"context": context, "qas": qas}
 
 
-def make_split(rng: random.Random, pools: Pools, split: str, n_contexts: int, n_questions: int) -> dict[str, Any]:
-    """A SQuAD v1.1 document: one article per context, titled by its subject."""
+def make_split(rng: random.Random, pools: Pools, split: str, n_contexts: int, n_questions: int,
+               unanswerable: random.Random | None = None) -> dict[str, Any]:
+    """A SQuAD v1.1 document: one article per context, titled by its subject; with `unanswerable`,
+    the SQuAD v2.0 document of the same contexts and questions plus one unanswerable each."""
     data = []
     for i in range(n_contexts):
-        title, para = make_context(rng, pools, f"world-{split}-{i:05d}", n_questions)
+        title, para = make_context(rng, pools, f"world-{split}-{i:05d}", n_questions, unanswerable)
         data.append({"title": title, "paragraphs": [para]})
-    return {"version": "1.1", "data": data}
+    return {"version": "v2.0" if unanswerable else "1.1", "data": data}
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -391,12 +402,15 @@ def make_corpus(rng: random.Random, pools: list[Pools], n_documents: int) -> lis
 
 @dataclass(frozen=True)
 class World:
-    """The generated splits (SQuAD v1.1 dicts), pretraining corpus and the pools behind them."""
+    """The generated splits (SQuAD v1.1 dicts, and their v2.0 versions), pretraining corpus and the
+    pools behind them."""
 
     train: dict[str, Any]
     validation: dict[str, Any]
     corpus: tuple[str, ...]
     pools: dict[str, Pools]
+    train_v2: dict[str, Any]
+    validation_v2: dict[str, Any]
 
 
 _POOL_SIZES = {
@@ -412,13 +426,16 @@ def make_world(config: WorldConfig = WorldConfig()) -> World:
     """Generate the whole world deterministically from `config.seed`."""
     rng = random.Random(config.seed)
     pools = make_pools(rng, _POOL_SIZES)
-    train = make_split(random.Random(f"{config.seed}-train"), pools["train"], "train",
-                       config.train_contexts, config.questions_per_context)
-    validation = make_split(random.Random(f"{config.seed}-validation"), pools["validation"], "validation",
-                            config.validation_contexts, config.questions_per_context)
+    splits = {}
+    for split, n in (("train", config.train_contexts), ("validation", config.validation_contexts)):
+        for v2 in (False, True):  # the same contexts and questions (their generator restarts), v2 adds some
+            splits[split, v2] = make_split(random.Random(f"{config.seed}-{split}"), pools[split], split, n,
+                                           config.questions_per_context,
+                                           random.Random(f"{config.seed}-{split}-v2") if v2 else None)
     corpus = make_corpus(random.Random(f"{config.seed}-corpus"), [pools["train"], pools["corpus"]],
                          config.corpus_documents)
-    return World(train, validation, tuple(corpus), pools)
+    return World(splits["train", False], splits["validation", False], tuple(corpus), pools,
+                 splits["train", True], splits["validation", True])
 
 
 def dumps_squad(doc: dict[str, Any]) -> str:
