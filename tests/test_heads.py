@@ -219,3 +219,5 @@ def test_best_spans_is_the_best_allowed_span():
     assert (spans[:, 0] <= spans[:, 1]).all()
     with pytest.raises(ValueError, match="max_answer_len must be a positive integer, got 0"):
         best_spans(start, end, max_answer_len=0)
+    with pytest.raises(ValueError, match=r"best_spans wants \[B, T\] arrays of one shape, got .*'allowed': \(6, 11\)"):
+        best_spans(start, end, allowed[:, 1:])

@@ -140,6 +140,11 @@ def best_spans(start_logits: jax.Array, end_logits: jax.Array, allowed: jax.Arra
     Jittable; a row with no allowed token gets score -inf."""
     if not isinstance(max_answer_len, int) or isinstance(max_answer_len, bool) or max_answer_len < 1:
         raise ValueError(f"max_answer_len must be a positive integer, got {max_answer_len!r}")
+    shapes = {"start_logits": start_logits.shape, "end_logits": end_logits.shape}
+    if allowed is not None:
+        shapes["allowed"] = allowed.shape
+    if len(set(shapes.values())) > 1 or len(start_logits.shape) != 2:
+        raise ValueError(f"best_spans wants [B, T] arrays of one shape, got {shapes}")
     s, e = start_logits.astype(jnp.float32), end_logits.astype(jnp.float32)  # [B, T]
     T = s.shape[1]
     i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
