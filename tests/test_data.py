@@ -12,6 +12,7 @@ from train.data import (
     SKIP_REASONS,
     DataPosition,
     Encoded,
+    PromptTemplate,
     QARecord,
     batches_per_epoch,
     bucket_for,
@@ -201,6 +202,33 @@ def test_train_encoding_targets_answer_and_eos(tok):
     assert full.target_start == 1
     (ev,) = encode(tok, [r], 64, train=False).examples
     assert np.array_equal(ev.tokens, ex.tokens[: ex.target_start])  # eval prompt = train prefix
+
+
+@pytest.mark.parametrize("template", ["Question: {question}\nContext: {context}\nAnswer{{s}}:",
+                                      "{context}\n\n{question}\n"])
+def test_prompt_templates(tok, template):
+    """Any prompt with {context} and {question} once each, in either order: the prompt (braces
+    escaped as in str.format) then the answer + EOS; a cut context keeps its answer; the text after
+    the last field is the marker (--alora's invocation)."""
+    r = rec("1", "alpha beta gamma delta.", "What is it?", "gamma delta")
+    (ex,) = encode(tok, [r], 64, train=True, template=template).examples
+    prompt = template.format(context=r.context, question=r.question)
+    assert tok.decode(ex.tokens) == prompt + "gamma delta" + EOS and prompt == format_prompt(r.context, r.question,
+                                                                                             template)
+    assert tok.decode(ex.tokens[ex.target_start:]) == "gamma delta" + EOS
+    (ev,) = encode(tok, [r], 64, train=False, template=template).examples
+    assert np.array_equal(ev.tokens, ex.tokens[: ex.target_start])
+    long = rec("2", " ".join(WORDS * 3) + " the answer.", "Which?", "answer")
+    (cut,) = encode(tok, [long], 48, train=True, template=template).examples
+    assert len(cut.tokens) <= 48 and cut.truncated and tok.decode(cut.tokens).endswith("answer" + EOS)
+    assert PromptTemplate(template).marker == {0: "\nAnswer{s}:", 1: "\n"}[template.startswith("{")]
+    assert PromptTemplate().marker == "\n\nANSWER\n" and PromptTemplate("{question}: {context}").marker == ""
+    for bad in ("{context} only", "{context} {question} {context}", "{context} {question!r}", "{context} {q} {question}",
+                "{{context}} {context} {question}"):
+        with pytest.raises(ValueError, match="must hold {context} and {question} once each"):
+            PromptTemplate(bad)
+    with pytest.raises(ValueError, match="prompt template '{context': expected '}'"):
+        PromptTemplate("{context")
 
 
 @pytest.mark.parametrize("where", ["start", "middle", "end"])

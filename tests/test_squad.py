@@ -472,6 +472,10 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                         "--early-stopping 3: a positive patience (in evaluations), with --eval-every N --keep-best"),
                        (["--eval-only", "--eval-every", "5"],
                         "--eval-only trains nothing, so it takes no --eval-every"),
+                       (["--prompt-template", "{context} {question:>9}"],
+                        "--prompt-template: prompt template '{context} {question:>9}' must hold {context} and"),
+                       (["--alora", "--prompt-template", "A: {context}, Q: {question}"],
+                        "--alora: the prompt template 'A: {context}, Q: {question}' ends with a field"),
                        (["--bdlora-blocks", "2", "--lora-bias", "--init", "pissa"], "--bdlora-blocks is its own LoRA "
                         "variant (block-diagonal factors); not with --lora-bias, --init pissa")]:
         with pytest.raises(SystemExit):
@@ -772,22 +776,32 @@ def test_lorafa_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
 
 
 def test_alora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
-    """--alora: the adapter acts from each prompt's ANSWER marker on, in training and in KV-cache
-    scoring; the PEFT export carries the marker's tokens and scores the same through --init-adapter;
-    a prompt without the marker is refused by name."""
+    """--alora: the adapter acts from each prompt's answer marker on (here a --prompt-template's:
+    its text after the last field), in training and in KV-cache scoring; the PEFT export carries the
+    marker's tokens and scores the same through --init-adapter with that template; prompts without
+    the marker (the default template's) are refused by name."""
+    from transformers import AutoTokenizer
+
     from train import data as squad_data
     from train.run import check_invocation
 
     data = tiny_squad(tmp_path / "squad.json")
     out = tmp_path / "alora"
-    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--alora")) == 0
+    template = ["--prompt-template", "Question: {question}\\nContext: {context}\\nAnswer:"]  # as typed in a shell
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--alora", *template)) == 0
     capsys.readouterr()
     peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
     marker = peft_cfg["alora_invocation_tokens"]
-    assert marker and json.loads((out / "summary.json").read_text())["alora_invocation_tokens"] == marker
+    assert marker == AutoTokenizer.from_pretrained(tiny_gpt2_dir)("\nAnswer:", add_special_tokens=False)["input_ids"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["alora_invocation_tokens"] == marker
+    assert summary["prompt_template"] == "Question: {question}\nContext: {context}\nAnswer:"
     scored = tmp_path / "scored"
     assert squad.main(cli_args(tiny_gpt2_dir, data, scored, "--eval-only", "--no-base-eval",
-                               "--init-adapter", str(out / "peft"))) == 0
+                               "--init-adapter", str(out / "peft"))) == 1  # the default template's prompts
+    assert f"aLoRA invocation tokens {marker} are missing from 8 of the 8 training prompts" in capsys.readouterr().err
+    assert squad.main(cli_args(tiny_gpt2_dir, data, scored, "--eval-only", "--no-base-eval",
+                               "--init-adapter", str(out / "peft"), *template)) == 0
     assert json.loads((scored / "predictions_lora.json").read_text()) == \
         json.loads((out / "predictions_lora.json").read_text())
     config = lj.LoraConfig(rank=2, targets=["c_attn"], alora_invocation_tokens=marker)

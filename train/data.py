@@ -19,8 +19,8 @@ one with no answer, becomes a `QARecord` with no answers; its target is EOS alon
 answer), and it is scored by the v2.0 rules (`train.metrics`). In v1.1 data a record without an
 answer stays a malformed one (`no_answer`).
 
-Tokens: `CONTEXT\\n{context}\\n\\nQUESTION\\n{question}\\n\\nANSWER\\n` then `{answer}` + EOS. The
-pieces are tokenised separately (header, context, question tail, answer) so train and eval
+Tokens: `CONTEXT\\n{context}\\n\\nQUESTION\\n{question}\\n\\nANSWER\\n` (or any `PromptTemplate`) then
+`{answer}` + EOS. The pieces are tokenised separately (header, context, question tail, answer) so train and eval
 prompts are token-identical and the context can be cut at token boundaries. When an example is
 longer than `max_len`, context tokens are removed from the side(s) far from the gold answer,
 keeping a window centred on it. Eval prompts are cut the same way by default (`window="answer"`):
@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +57,7 @@ from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-PROMPT_TEMPLATE = "CONTEXT\n{context}\n\nQUESTION\n{question}\n\nANSWER\n"
-_HEAD = "CONTEXT\n"
-_TAIL = "\n\nQUESTION\n{question}\n\nANSWER\n"
-ANSWER_MARKER = "\n\nANSWER\n"  # what every prompt ends with: --alora's invocation
+PROMPT_TEMPLATE = "CONTEXT\n{context}\n\nQUESTION\n{question}\n\nANSWER\n"  # the seeds' prompt
 
 HF_DATASET_NAMES = ("squad", "rajpurkar/squad", "squad_v2", "rajpurkar/squad_v2")
 HF_V2_NAMES = ("squad_v2", "rajpurkar/squad_v2")
@@ -366,9 +364,56 @@ def load_split(data: str | Path, split: str, *, v2: bool = False) -> LoadResult:
 # ----------------------------------------------------------------------------- tokenisation
 
 
-def format_prompt(context: str, question: str) -> str:
-    """The seeds' prompt; the model continues it with the answer and EOS."""
-    return PROMPT_TEMPLATE.format(context=context, question=question)
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A prompt holding `{context}` and `{question}` once each, in either order (str.format syntax:
+    `{{` / `}}` are literal braces); the model continues it with the answer and EOS.
+
+    The text before the context, the context and the text after it are tokenised apart, so a
+    context can be cut at token boundaries and train and eval prompts are token-identical; pieces
+    that meet the context at a newline tokenise as the whole prompt would."""
+
+    text: str = PROMPT_TEMPLATE
+
+    def __post_init__(self) -> None:
+        try:
+            fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(self.text) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"prompt template {self.text!r}: {e}") from None
+        names = sorted(f for f, _, _ in fields)
+        if names != ["context", "question"] or any(spec or conv for _, spec, conv in fields) or \
+                self.text.count("{context}") != 1:  # (a literal "{{context}}" would blur where the context goes)
+            raise ValueError(f"prompt template {self.text!r} must hold {{context}} and {{question}} once each and no "
+                             f"other field, got {[f for f, _, _ in fields]}")
+
+    @property
+    def head(self) -> str:
+        """The format string before `{context}` (may hold `{question}`)."""
+        return self.text.split("{context}")[0]
+
+    @property
+    def tail(self) -> str:
+        """The format string after `{context}` (may hold `{question}`)."""
+        return self.text.split("{context}")[1]
+
+    @property
+    def marker(self) -> str:
+        """What every prompt ends with, after the last field (--alora's invocation; may be empty)."""
+        after = ""
+        for literal, field, _, _ in string.Formatter().parse(self.text):  # `{{` splits a literal in two
+            after = after + literal if field is None else ""
+        return after
+
+    def format(self, context: str, question: str) -> str:
+        return self.text.format(context=context, question=question)
+
+
+ANSWER_MARKER = PromptTemplate().marker  # "\n\nANSWER\n": what the seeds' prompts end with
+
+
+def format_prompt(context: str, question: str, template: str = PROMPT_TEMPLATE) -> str:
+    """The prompt (the seeds' by default); the model continues it with the answer and EOS."""
+    return PromptTemplate(template).format(context, question)
 
 
 @dataclass(frozen=True)
@@ -442,6 +487,7 @@ def encode(
     train: bool,
     full_sequence_loss: bool = False,
     window: Literal["answer", "start"] = "answer",
+    template: str = PROMPT_TEMPLATE,
 ) -> EncodeResult:
     """Tokenise records into training sequences (prompt + answer + EOS) or eval prompts.
 
@@ -454,6 +500,7 @@ def encode(
         full_sequence_loss: targets are every token after the first, not just answer + EOS.
         window: how to cut an over-long eval context: around the gold answer, or keep its
             start. Training always keeps the window around the answer.
+        template: the prompt (`PromptTemplate`; the seeds' by default).
 
     Returns:
         An EncodeResult; examples that cannot fit even with the context cut to the answer are
@@ -462,14 +509,15 @@ def encode(
     contexts = list(dict.fromkeys(r.context for r in records))  # SQuAD shares contexts
     ctx_enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True) if contexts else None
     ctx_of = {c: (ctx_enc["input_ids"][i], ctx_enc["offset_mapping"][i]) for i, c in enumerate(contexts)}
-    head = _ids(tokenizer, [_HEAD])[0]
-    tails = _ids(tokenizer, [_TAIL.format(question=r.question) for r in records])
+    tpl = PromptTemplate(template)
+    heads = _ids(tokenizer, [tpl.head.format(question=r.question) for r in records])
+    tails = _ids(tokenizer, [tpl.tail.format(question=r.question) for r in records])
     answers = _ids(tokenizer, [r.answers[0] if r.answerable else "" for r in records]) if train \
         else [[]] * len(records)
     eos = [int(tokenizer.eos_token_id)] if train else []
 
     out, too_long, n_truncated = [], 0, 0
-    for rec, tail, ans in zip(records, tails, answers):
+    for rec, head, tail, ans in zip(records, heads, tails, answers):
         ctx_ids, offsets = ctx_of[rec.context]
         span = None  # keep the context's start: no answer to centre on, or window="start"
         if rec.answerable and (train or window == "answer"):

@@ -79,8 +79,9 @@ def load_data(args, tokenizer, log):
     if args.eval_samples:
         val_records = val_records[: args.eval_samples]
     enc_train = data.encode(tokenizer, train_records, args.max_len, train=True,
-                            full_sequence_loss=args.full_sequence_loss)
-    enc_val = data.encode(tokenizer, val_records, args.max_len - args.max_new_tokens, train=False)
+                            full_sequence_loss=args.full_sequence_loss, template=args.prompt_template)
+    enc_val = data.encode(tokenizer, val_records, args.max_len - args.max_new_tokens, train=False,
+                          template=args.prompt_template)
     for name, enc in (("train", enc_train), ("validation", enc_val)):
         if enc.skipped.get("too_long"):
             log(f"{name}: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
@@ -94,7 +95,8 @@ def loss_examples(args, tokenizer, records, log) -> tuple:
     gold answer, EOS), whose answer-token loss is the training loss's counterpart."""
     if not args.eval_every:
         return ()
-    enc = data.encode(tokenizer, records, args.max_len, train=True, full_sequence_loss=args.full_sequence_loss)
+    enc = data.encode(tokenizer, records, args.max_len, train=True, full_sequence_loss=args.full_sequence_loss,
+                      template=args.prompt_template)
     if enc.skipped.get("too_long"):
         log(f"validation loss: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
     if not enc.examples:
@@ -148,7 +150,8 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
                          layers_to_transform=args.layers_to_transform, velora_num_groups=args.velora_groups,
                          velora_init_type=args.velora_init,
                          use_kasa=args.kasa, adalora=adalora_schedule(args), use_bdlora=bdlora_layout(args, model),
-                         alora_invocation_tokens=(tokenizer(data.ANSWER_MARKER, add_special_tokens=False)["input_ids"]
+                         alora_invocation_tokens=(tokenizer(data.PromptTemplate(args.prompt_template).marker,
+                                                            add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
                          init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
 
@@ -696,6 +699,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,
         "packing": {"examples": len(train_ex), "rows": len(train_rows)} if args.packing else None,
+        "prompt_template": args.prompt_template,
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

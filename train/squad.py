@@ -27,6 +27,8 @@ import re
 import sys
 from typing import Any
 
+from train import data
+
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # train.loop.SCHEDULES (not imported: jax)
 
 # Defaults per setting: the seeds' run for real checkpoints, a CPU-sized run for the embedded one.
@@ -130,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--export-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
       help="dtype of the exported PEFT adapter tensors")
     a("--max-len", type=int, default=None, help="max tokens per example; contexts are cut around the answer")
+    a("--prompt-template", default=data.PROMPT_TEMPLATE,
+      help="the prompt, with {context} and {question} once each (Python format syntax, e.g. "
+           "'Context: {context}\\nQuestion: {question}\\nAnswer:'); the model continues it with the answer + EOS; "
+           "its text after the last field is --alora's invocation")
     a("--full-sequence-loss", action="store_true", help="loss on every token, not only the answer + EOS")
     a("--packing", action="store_true",
       help="training rows of --max-len tokens holding several examples (TRL's packing), each attending to itself "
@@ -242,6 +248,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--loftq-iter {args.loftq_iter}: a positive count for --init loftq")
     if args.alora and args.init_adapter:
         p.error("--alora makes a fresh aLoRA config; --init-adapter brings its own: use one or the other")
+    args.prompt_template = args.prompt_template.replace("\\n", "\n").replace("\\t", "\t")  # as typed in a shell
+    try:
+        template = data.PromptTemplate(args.prompt_template)
+    except ValueError as e:
+        p.error(f"--prompt-template: {e}")
+    if args.alora and not template.marker.strip():
+        p.error(f"--alora: the prompt template {args.prompt_template!r} ends with a field; aLoRA's invocation is the "
+                "text after the last one, e.g. '\\nAnswer:'")
     if args.init != "kaiming_uniform" and args.init_adapter:
         p.error("--init makes fresh adapters; --init-adapter starts from saved ones: use one or the other")
     if args.loraplus_ratio is not None and not (math.isfinite(args.loraplus_ratio) and args.loraplus_ratio > 0):
