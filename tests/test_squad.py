@@ -760,6 +760,42 @@ def test_packing_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
                                answer_loss(tiny_gpt2_dir, data, out / "adapter", max_len=128), rtol=1e-4)
 
 
+def test_scoring_another_adapter_compiles_nothing(tiny_gpt2_dir, tmp_path):
+    """The job scores adapters through one function of (params, adapters): a second adapter reuses
+    the compiled generation and text loss (closed over, its arrays would be program constants and
+    compile anew), and the answers are those of generating with the adapter closed over."""
+    from lora_jax.models import generate, load_tokenizer
+    from train import data as squad_data
+    from train.evaluate import decode_answer, predict, text_loss
+
+    model, params = from_pretrained(tiny_gpt2_dir)
+    tok = load_tokenizer(tiny_gpt2_dir)
+    config = lj.LoraConfig(rank=2, alpha=4, targets=["c_attn", "c_fc"])
+    g = lj.apply(model.apply, config)
+    traced = []
+
+    def apply(pa, *a, **k):  # runs (in Python) only when a computation using it is traced
+        traced.append(a[0].shape)
+        return g(*pa, *a, **k)
+    records = squad_data.load_split(tiny_squad(tmp_path / "squad.json"), "validation").records
+    examples = squad_data.encode(tok, records, 48, train=False).examples
+    batch = next(squad_data.eval_batches(examples, batch_size=8, buckets=(48,), pad_id=squad_data.pad_id_of(tok)))
+    texts = [r.context for r in records]
+    answers, text_losses, compiled = [], [], []
+    for seed in (1, 2):
+        adapters = jax.tree.map(lambda x, s=seed: x + 0.3 * s, lj.init(config, params, jax.random.key(seed)))
+        answers.append(predict(apply, (params, adapters), model, tok, examples, batch_size=8, buckets=(48,),
+                               max_new_tokens=3))
+        text_losses.append(text_loss(apply, (params, adapters), tok, texts, max_len=24, batch_size=4))
+        compiled.append(len(traced))
+        closed = lambda p, *a, _ab=adapters, **k: g(p, _ab, *a, **k)  # noqa: E731
+        want = np.asarray(generate(closed, params, batch["input_ids"], batch["attention_mask"], model=model,
+                                   max_new_tokens=3, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id))
+        assert [answers[-1][i] for i in batch["ids"]] == [decode_answer(tok, row, tok.eos_token_id) for row in want]
+    assert compiled[0] > 0 and compiled[1] == compiled[0]  # the second adapter traced (compiled) nothing
+    assert answers[0] != answers[1] and text_losses[0] != text_losses[1]
+
+
 def test_lorafa_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     """--lorafa trains lora_B alone: the saved lora_A is the run's initial one, lora_B moved."""
     data = tiny_squad(tmp_path / "squad.json")

@@ -3,6 +3,7 @@ on text."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,16 +28,19 @@ def decode_answer(tokenizer, tokens: np.ndarray, eos_id: int) -> str:
 def predict(apply_fn: Callable[..., Any], params, model, tokenizer, examples: Sequence[data.Encoded], *,
             batch_size: int, buckets: Sequence[int], max_new_tokens: int, num_beams: int = 1,
             length_penalty: float = 1.0) -> dict[str, str]:
-    """Answers {id: text} for eval prompts, greedy or the best of a beam search; one compile per
-    prompt bucket."""
+    """Answers {id: text} for eval prompts, greedy or the best of a beam search.
+
+    One compile per prompt bucket, kept for later calls with the same `apply_fn` object: give
+    adapters as part of `params` (an apply_fn over `(params, adapters)`), not closed over, and
+    scoring another adapter of the same shapes compiles nothing (closed-over arrays would also be
+    baked into the program as constants)."""
     eos = int(tokenizer.eos_token_id)
     pad = data.pad_id_of(tokenizer)
-    gen = jax.jit(lambda p, ids, mask: generate(apply_fn, p, ids, mask, model=model, max_new_tokens=max_new_tokens,
-                                                eos_token_id=eos, pad_token_id=pad, num_beams=num_beams,
-                                                length_penalty=length_penalty))
     out: dict[str, str] = {}
     for batch in data.eval_batches(examples, batch_size=batch_size, buckets=buckets, pad_id=pad):
-        new = np.asarray(gen(params, batch["input_ids"], batch["attention_mask"]))  # [B, max_new_tokens]
+        new = np.asarray(generate(apply_fn, params, batch["input_ids"], batch["attention_mask"], model=model,
+                                  max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                  num_beams=num_beams, length_penalty=length_penalty))  # [B, max_new_tokens]
         for i, ex_id in enumerate(batch["ids"]):
             if batch["valid"][i]:
                 out[ex_id] = decode_answer(tokenizer, new[i], eos)
@@ -57,26 +61,29 @@ def text_loss(apply_fn: Callable[..., Any], params, tokenizer, texts: Sequence[s
     """Mean next-token loss (nats per token) on plain texts, each cut to `max_len` tokens: how well
     the model still models the domain's language, which fine-tuning can make it forget.
 
-    `apply_fn(params, input_ids, attention_mask)` -> logits; one compiled shape [batch_size, max_len].
+    `apply_fn(params, input_ids, attention_mask)` -> logits; one compiled shape [batch_size, max_len],
+    kept for later calls with the same `apply_fn` object (as `predict`).
     """
     rows = [np.asarray(tokenizer(t)["input_ids"][:max_len], np.int32) for t in texts]
     rows = [r for r in rows if len(r) > 1]
     if not rows:
         raise ValueError("text_loss: no text of two or more tokens to score")
     pad = data.pad_id_of(tokenizer)
-
-    def sums(p, ids, mask):
-        logp = jax.nn.log_softmax(apply_fn(p, ids, mask)[:, :-1].astype(jnp.float32))  # [B, T-1, V]
-        tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-        scored = (mask[:, 1:] * mask[:, :-1]).astype(bool)
-        return -jnp.where(scored, tok, 0.0).sum(), scored.sum()  # an all-padding row may hold NaN logits
-    fn = jax.jit(sums)
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         ids = np.full((batch_size, max_len), pad, np.int32)
         mask = np.zeros((batch_size, max_len), np.int32)
         for j, r in enumerate(rows[i: i + batch_size]):
             ids[j, : len(r)], mask[j, : len(r)] = r, 1
-        s, c = fn(params, ids, mask)
+        s, c = _loss_sums(apply_fn, params, ids, mask)
         total, count = total + float(s), count + int(c)
     return total / count
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _loss_sums(apply_fn, params, ids, mask):
+    """(sum of next-token losses, scored tokens) of one batch [B, T]."""
+    logp = jax.nn.log_softmax(apply_fn(params, ids, mask)[:, :-1].astype(jnp.float32))  # [B, T-1, V]
+    tok = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+    scored = (mask[:, 1:] * mask[:, :-1]).astype(bool)
+    return -jnp.where(scored, tok, 0.0).sum(), scored.sum()  # an all-padding row may hold NaN logits

@@ -632,29 +632,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"matrix); ranks {alloc['ranks']}")
     g = lj.apply(model.apply, lora)
 
-    def with_adapters(ab):
-        def lora_apply(p, ids, *a, **k):
-            if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
-                # (check_invocation made sure every prompt holds it)
-                k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
-            return g(p, ab, ids, *a, **k)
-        return lora_apply
+    def lora_apply(pa, ids, *a, **k):
+        # pa = (params, adapters): the adapters are arguments of the compiled scoring, so another adapter
+        # reuses it (closed over, they would be baked in as constants and each would compile anew)
+        if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
+            # (check_invocation made sure every prompt holds it)
+            k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
+        return g(*pa, ids, *a, **k)
     if adapters is not None:
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
         with timed("eval_lora"):
-            results["lora"], samples["lora"] = evaluate(with_adapters(adapters), for_eval(args, lora_params), model,
+            results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, (lora_params, adapters)), model,
                                                         tokenizer, val_ex, val_records, **eval_kw)
     reduced = None
     if args.reduce_intruders is not None:
         with timed("reduce_intruders"):
             reduced, intruders = reduce_intruders(args, lora, lora_params, adapters, log)
             log("scoring the adapter with its intruder dimensions reduced ...")
-            results["reduced"], samples["reduced"] = evaluate(with_adapters(reduced), for_eval(args, lora_params),
+            results["reduced"], samples["reduced"] = evaluate(lora_apply, for_eval(args, (lora_params, reduced)),
                                                               model, tokenizer, val_ex, val_records, **eval_kw)
             texts = list(dict.fromkeys(r.context for r in val_records))  # distinct, in order
             text_kw = dict(max_len=args.max_len, batch_size=args.eval_batch_size)
             context_loss = {"base": text_loss(base_apply, for_eval(args, params), tokenizer, texts, **text_kw)} | {
-                name: text_loss(with_adapters(ab), for_eval(args, lora_params), tokenizer, texts, **text_kw)
+                name: text_loss(lora_apply, for_eval(args, (lora_params, ab)), tokenizer, texts, **text_kw)
                 for name, ab in (("lora", adapters), ("reduced", reduced))}
             log("LM loss on the validation contexts: " + ", ".join(f"{k} {v:.3f}" for k, v in context_loss.items()))
     if args.full_finetune:

@@ -7,10 +7,12 @@ transformers' repetition penalty, n-gram blocking and minimum length; stop at EO
     tokens, scores = beam_search(model.apply, params, ids, mask, model=model, max_new_tokens=20,
                                  num_beams=4, num_return_sequences=2)  # [B, 2, 20], [B, 2]
 
-`apply_fn` has the signature of `CausalLM.apply`, so a closure applying LoRA adapters works:
-`generate(lambda p, *a, **k: lora_apply(p, adapters, *a, **k), params, ...)`. The prefill and
-the decode loop run in one jit, cached per `apply_fn` object: pass the same function object to
-reuse the compilation.
+`apply_fn` has the signature of `CausalLM.apply` over any params tree, so LoRA adapters can come
+with the params: `generate(lambda pa, *a, **k: lora_apply(*pa, *a, **k), (params, adapters), ...)`.
+The prefill and the decode loop run in one jit, cached per `apply_fn` object: pass the same
+function object to reuse the compilation, for any params (and adapters) of the same shapes. A
+closure over the adapters works too, but bakes them into the program as constants and compiles
+again for each new closure.
 """
 
 from __future__ import annotations
