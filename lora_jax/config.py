@@ -178,7 +178,8 @@ class LoraConfig:
       targets: regex `re.fullmatch`-ed against '/'-joined paths (or their module prefix), a
         list of module names matched as path components (`c_attn`, `query_key_value`), or
         "all-linear" (PEFT's: every `kernel`/`weight` matrix, stacks included, except an
-        `lm_head`; embedding tables are not linear layers).
+        `lm_head` or a task head, `score` / `classifier` / `qa_outputs`; embedding tables are not
+        linear layers).
       exclude: same form; never targeted even if `targets` selects it.
       dropout: dropout rate on the LoRA input (training only, with an explicit rng).
       init: `kaiming_uniform` (PEFT default: A ~ U(+-1/sqrt(in))) or `gaussian` (A ~ N(0, 1/r^2)),

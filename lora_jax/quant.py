@@ -211,8 +211,8 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
 
     Args:
       params: a parameter tree.
-      targets: "all-linear" (every linear kernel / weight, stacks included, but an `lm_head`:
-        what bitsandbytes quantizes in a transformers model) or a pattern as in LoraConfig, of
+      targets: "all-linear" (every linear kernel / weight, stacks included, but an `lm_head` or a
+        task head such as a classifier's `score`: what bitsandbytes quantizes in a transformers model) or a pattern as in LoraConfig, of
         which the linear weights (`kernel`, `weight`, `w`) are taken; biases, norms and embedding
         tables stay as they are.
       exclude: leaves never quantized (same pattern forms).

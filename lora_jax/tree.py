@@ -57,12 +57,16 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) ->
     return jax.tree_util.tree_map_with_path(lambda kp, *xs: fn(path_str(kp), *xs), tree, *rest, is_leaf=is_value)
 
 
+OUTPUT_HEADS = ("score", "classifier", "qa_outputs")  # task heads at the top of a params tree (transformers' names)
+
+
 def linear_paths(flat: dict[str, Any]) -> list[str]:
     """PEFT's "all-linear": every linear matrix (stacks included) but the output head. Embedding
-    tables are not linear layers; GPT-2's and BLOOM's heads are their tied embeddings, other
-    models' an `lm_head`."""
-    return [p for p, x in flat.items() if leaf_name(p) in LINEAR_NAMES
-            and len(getattr(x, "shape", ())) >= 2 and "lm_head" not in p.split("/")]
+    tables are not linear layers; GPT-2's and BLOOM's LM heads are their tied embeddings, other
+    models' an `lm_head`; a task head (`OUTPUT_HEADS`, trained in full as PEFT's modules_to_save)
+    is left out too, as PEFT leaves out a classifier's."""
+    return [p for p, x in flat.items() if leaf_name(p) in LINEAR_NAMES and len(getattr(x, "shape", ())) >= 2
+            and "lm_head" not in p.split("/") and p.split("/")[0] not in OUTPUT_HEADS]
 
 
 def matches(pattern: str | Sequence[str], path: str) -> bool:

@@ -161,3 +161,22 @@ def test_lora_classifier_is_peft_seq_cls_both_ways(clf_dirs, tmp_path, arch, tar
     assert "score/kernel" in got.extras
     mine = lj.apply(clf.apply, got.config)(checkpoint.update_params(params, got.extras), got.adapters, ids, mask)
     np.testing.assert_allclose(mine, _torch_logits(theirs, ids, mask), atol=5e-5)
+
+
+def test_all_linear_leaves_the_head_out_as_peft_does(clf_dirs):
+    """"all-linear" on a classifier targets what PEFT's SEQ_CLS model targets (every linear layer but
+    `score`, which trains in full), and quantizing "all-linear" keeps the head dense."""
+    import peft
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_jax import quant
+
+    clf, params = classifier_from_pretrained(clf_dirs["gpt2"])
+    theirs = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(clf_dirs["gpt2"]),
+                                 peft.LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=2))
+    ours = lj.target_paths(lj.LoraConfig(rank=2, targets="all-linear"), params)
+    assert sorted(p.rsplit("/", 1)[0].replace("/", ".") for p in ours) == sorted(
+        theirs.base_model.targeted_module_names)
+    assert not any(p.startswith("score") for p in ours) and len(ours) == 8
+    assert not isinstance(quant.quantize(params)["score"]["kernel"], quant.QuantizedArray)
+
