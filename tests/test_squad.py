@@ -465,6 +465,7 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--bdlora-blocks", "0"], "--bdlora-blocks must be positive, got 0"),
                        (["--eval-every", "0"], "--eval-every must be positive, got 0"),
                        (["--num-beams", "0"], "--num-beams must be positive, got 0"),
+                       (["--train-samples", "-1"], "--train-samples must be >= 0, got -1"),
                        (["--length-penalty", "2"],
                         "--length-penalty 2.0 ranks beam-search answers: pass --num-beams"),
                        (["--keep-best"], "--keep-best keeps the step of the lowest validation loss: pass --eval-every"),
@@ -728,7 +729,7 @@ def test_packed_loss_and_gradient_are_the_unpacked_ones(tiny_bloom_dir, tmp_path
 def test_packing_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     """--packing: the examples share rows (the count is logged and in summary.json); the first step's
     loss, at the zero-delta start, is transformers' mean answer-token loss over the examples it packed
-    (all of them here); the validation loss stays unpacked, the saved adapter's own."""
+    (all those --train-samples keeps here); the validation loss stays unpacked, the saved adapter's own."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -736,17 +737,19 @@ def test_packing_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
 
     data = tiny_squad(tmp_path / "squad.json")
     out = tmp_path / "packed"
-    args = cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--packing", "--eval-every", "2")
+    args = cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--packing", "--eval-every", "2",
+                    "--train-samples", "6")
     args[args.index("--max-len") + 1] = "128"  # two examples a row (positions restart: 64 suffice)
     assert squad.main(args) == 0
     printed = capsys.readouterr().out
     s = json.loads((out / "summary.json").read_text())
     rows = s["packing"]["rows"]
-    assert s["packing"]["examples"] == 8 and rows <= 4  # 8 rows a step: every example in the first one
-    assert f"--packing: 8 training examples in {rows} rows of 128 tokens" in printed
+    assert s["packing"]["examples"] == s["train_examples"] == 6 and rows <= 3  # 8 rows a step: all in the first
+    assert "train: the first 6 of the 8 records (--train-samples)" in printed
+    assert f"--packing: 6 training examples in {rows} rows of 128 tokens" in printed
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
-    records = squad_data.load_split(data, "train").records
+    records = squad_data.load_split(data, "train").records[:6]
     total = count = 0.0
     for e in squad_data.encode(tok, records, 128, train=True).examples:
         ids = torch.tensor(e.tokens[None], dtype=torch.long)

@@ -75,6 +75,9 @@ def load_data(args, tokenizer, log):
             (f"; repaired {res.repaired} answer starts" if res.repaired else ""))
         splits[split] = res
     train_records = splits["train"].records
+    if args.train_samples and args.train_samples < len(train_records):
+        log(f"train: the first {args.train_samples} of the {len(train_records)} records (--train-samples)")
+        train_records = train_records[: args.train_samples]
     val_records = splits["validation"].records
     if args.eval_samples:
         val_records = val_records[: args.eval_samples]
@@ -699,7 +702,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,
         "packing": {"examples": len(train_ex), "rows": len(train_rows)} if args.packing else None,
-        "prompt_template": args.prompt_template,
+        "prompt_template": args.prompt_template, "train_examples": len(train_ex),
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

@@ -146,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "rather than malformed, and scoring follows evaluate-v2.0.py; automatic for --data squad_v2, a file "
            "whose version is v2.0, or records with is_impossible")
     a("--eval-samples", type=int, default=None, help="validation questions to score (0 = all)")
+    a("--train-samples", type=int, default=0,
+      help="train on the first N training records only (run_qa.py's --max_train_samples; 0 = all)")
     a("--eval-batch-size", type=int, default=32, help="prompts per generation batch")
     a("--max-new-tokens", type=int, default=None, help="tokens generated per answer at most")
     a("--num-beams", type=int, default=1,
@@ -225,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--coordinator needs --num-processes and --process-id (or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
     if args.eval_samples < 0:
         p.error(f"--eval-samples must be >= 0, got {args.eval_samples}")
+    if args.train_samples < 0:
+        p.error(f"--train-samples must be >= 0, got {args.train_samples}")
     if args.layers_to_transform is not None:
         layers = args.layers_to_transform.split(",")
         if not all(re.fullmatch(r"\d+", i.strip()) for i in layers):
