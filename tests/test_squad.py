@@ -729,7 +729,8 @@ def test_packed_loss_and_gradient_are_the_unpacked_ones(tiny_bloom_dir, tmp_path
 def test_packing_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     """--packing: the examples share rows (the count is logged and in summary.json); the first step's
     loss, at the zero-delta start, is transformers' mean answer-token loss over the examples it packed
-    (all those --train-samples keeps here); the validation loss stays unpacked, the saved adapter's own."""
+    (all those --train-samples keeps here); the validation loss, on packed rows too, is the saved
+    adapter's own, computed example by example."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

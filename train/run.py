@@ -320,7 +320,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
           out: Path, tag: str, log, adapters=None, val_examples=()) -> tuple[Any, Any, list[dict], bool]:
     """Train LoRA adapters (or, with lora=None, every parameter) on `examples` (`training_rows`: one
     example a row, or packed). With --eval-every, the mean answer-token loss on `val_examples`
-    (encoded as training examples, unpacked) is logged as it trains.
+    (encoded as training examples, packed with --packing) is logged as it trains.
 
     Returns (params, adapters, history, finished); finished is False after --stop-after, True after
     --early-stopping.
@@ -368,9 +368,11 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         regularizer = functools.partial(lj.kasa_loss if lora.use_kasa else lj.adalora.orth_loss, lora)
     rows = args.batch_size * args.grad_accum
     pad, buckets = data.pad_id_of(tokenizer), data.bucket_lengths(args.max_len)
-    val_batches = [data.make_train_batch(val_examples[i:i + rows], rows, buckets, pad)
-                   for i in range(0, len(val_examples), rows)] if args.eval_every else []
-    val_loss = target_loss(logits, _targets_per_row(val_examples, args.full_sequence_loss, args.max_len)) \
+    # with --packing the validation rows are packed too: the same loss terms, fewer rows to run
+    val_rows = data.pack(val_examples, args.max_len) if args.packing and val_examples else tuple(val_examples)
+    val_batches = [data.make_train_batch(val_rows[i:i + rows], rows, buckets, pad)
+                   for i in range(0, len(val_rows), rows)] if args.eval_every else []
+    val_loss = target_loss(logits, _targets_per_row(val_rows, args.full_sequence_loss, args.max_len)) \
         if val_batches else None
     runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer, eval_loss_fn=val_loss)
     opt_state = tx.init(trainable)
