@@ -16,7 +16,7 @@ the head in full (`modules_to_save`): `LoraConfig(trainable="qa_outputs")` / `tr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +49,6 @@ class QuestionAnswering:
     `BloomForQuestionAnswering`): start and end logits per token from `qa_outputs` [D, 2] + bias."""
 
     config: BaseConfig
-    head: ClassVar[str] = QA_OUTPUTS
-    task_type: ClassVar[str] = "QUESTION_ANS"
-
-    @property
-    def num_outputs(self) -> int:
-        return 2
 
     def apply(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
               deterministic: bool = True, rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -87,25 +81,20 @@ class TokenClassifier:
 
     config: BaseConfig
     num_labels: int
-    head: ClassVar[str] = CLASSIFIER
-    task_type: ClassVar[str] = "TOKEN_CLS"
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer, got {self.num_labels!r}")
 
     @property
-    def num_outputs(self) -> int:
-        return self.num_labels
-
-    @property
     def dropout_rate(self) -> float:
-        """transformers' choice: the config's classifier_dropout, else its hidden_dropout, else 0.1."""
+        """transformers' choice: the config's classifier_dropout, else its hidden_dropout (BLOOM's),
+        else 0.1."""
         hf = self.config.hf_config
         for name in ("classifier_dropout", "hidden_dropout"):
             if hf.get(name) is not None:
                 return float(hf[name])
-        return 0.1
+        return float(getattr(self.config, "hidden_dropout", 0.1))
 
     def apply(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
