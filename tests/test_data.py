@@ -327,9 +327,9 @@ def test_pack_places_every_example_once_within_the_row(sizes, row_len):
     assert all(0 < r.length <= row_len for r in rows)
     order = {e.id: i for i, e in enumerate(examples)}
     assert all([order[e.id] for e in r.examples] == sorted(order[e.id] for e in r.examples) for r in rows)
-    # best-fit decreasing: no two rows could share one, and within 11/9 OPT + 1 (at most the lower bound's)
+    # no two rows could share one: so fewer than twice the rows that all the tokens fill, plus one
     assert all(a.length + b.length > row_len for a in rows for b in rows if a is not b)
-    assert len(rows) <= 11 / 9 * -(-sum(r.length for r in rows) // row_len) + 1
+    assert len(rows) <= 2 * sum(r.length for r in rows) / row_len + 1
     assert pack(examples, row_len) == rows  # deterministic
 
 

@@ -37,7 +37,7 @@ Batches (all numpy, fixed shapes: rows = `batch_size`, length = the smallest buc
 Filler rows (to complete the last batch) have `loss_mask == 0` / `valid == False` and an
 all-ones attention mask, so no attention row is fully masked (which can give NaNs).
 
-Packing (`pack`, TRL's `packing=True` without cross-contamination): training examples side by
+Packing (`pack`, as TRL's `packing=True`, with no attention across examples): training examples side by
 side in rows of `max_len` tokens, each row's batch entry then also holding `segment_ids` int32
 [B, T] (the examples numbered 1, 2, ... in the row, 0 for padding; `CausalLM.apply(...,
 segment_ids=)`), and `attention_mask` = `segment_ids > 0`. Every example keeps its own positions
