@@ -473,6 +473,13 @@ def _ids(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
+def _piece_ids(tokenizer: Any, piece: str, records: Sequence[QARecord]) -> list[list[int]]:
+    """A template piece's tokens per record: tokenised once unless it holds the question."""
+    if "{question}" in piece:
+        return _ids(tokenizer, [piece.format(question=r.question) for r in records])
+    return [_ids(tokenizer, [piece.format()])[0]] * len(records)
+
+
 def pad_id_of(tokenizer: Any) -> int:
     """The tokenizer's pad id, falling back to EOS (GPT-2 has no pad token)."""
     pid = tokenizer.pad_token_id
@@ -510,8 +517,7 @@ def encode(
     ctx_enc = tokenizer(contexts, add_special_tokens=False, return_offsets_mapping=True) if contexts else None
     ctx_of = {c: (ctx_enc["input_ids"][i], ctx_enc["offset_mapping"][i]) for i, c in enumerate(contexts)}
     tpl = PromptTemplate(template)
-    heads = _ids(tokenizer, [tpl.head.format(question=r.question) for r in records])
-    tails = _ids(tokenizer, [tpl.tail.format(question=r.question) for r in records])
+    heads, tails = (_piece_ids(tokenizer, piece, records) for piece in (tpl.head, tpl.tail))
     answers = _ids(tokenizer, [r.answers[0] if r.answerable else "" for r in records]) if train \
         else [[]] * len(records)
     eos = [int(tokenizer.eos_token_id)] if train else []

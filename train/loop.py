@@ -86,6 +86,13 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
     return optax.apply_if_finite(tx, max_consecutive_errors=2**31 - 1)
 
 
+def row_layout(batch: dict[str, Any]) -> dict[str, Any]:
+    """How `CausalLM.apply` reads a training batch's rows: its segment_ids when packed
+    (`data.pack`), else its attention_mask."""
+    return {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else \
+        {"attention_mask": batch["attention_mask"]}
+
+
 def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[..., tuple]:
     """`loss(params, adapters, batch, rng) -> (sum of token losses, number of target tokens)`.
 
@@ -102,8 +109,8 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
             pos = jnp.argsort(-mask, axis=1, stable=True)[:, :targets]  # [B, K]: targets first
             labels = jnp.take_along_axis(labels, pos, axis=1)  # [B, K]
             mask = jnp.take_along_axis(mask, pos, axis=1)  # [B, K]
-        rows = {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else {}
-        logits = logits_fn(params, adapters, batch["input_ids"], None if rows else batch["attention_mask"], rng, pos,
+        rows = row_layout(batch)
+        logits = logits_fn(params, adapters, batch["input_ids"], rows.pop("attention_mask", None), rng, pos,
                            **rows)  # [B, K, V]
         lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, K]
         gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)

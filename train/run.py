@@ -27,7 +27,7 @@ from lora_jax.models import from_pretrained, load_tokenizer
 
 from . import data, report
 from .evaluate import evaluate, text_loss
-from .loop import Runner, StepConfig, make_optimizer, make_schedule, put_fsdp, target_loss
+from .loop import Runner, StepConfig, make_optimizer, make_schedule, put_fsdp, row_layout, target_loss
 from .state import TrainCheckpoints, write_json
 
 
@@ -251,11 +251,6 @@ def forward(model):
     """f(params, batch) for the data-driven inits: the model on a training batch (packed or not)."""
     return lambda p, b: model.apply(p, b["input_ids"], **row_layout(b))
 
-
-def row_layout(batch) -> dict[str, Any]:
-    """How `CausalLM.apply` reads a training batch's rows: its segment_ids when packed, else its mask."""
-    return {"segment_ids": batch["segment_ids"]} if "segment_ids" in batch else \
-        {"attention_mask": batch["attention_mask"]}
 
 
 def eva_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log):

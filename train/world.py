@@ -428,14 +428,21 @@ def make_world(config: WorldConfig = WorldConfig()) -> World:
     pools = make_pools(rng, _POOL_SIZES)
     splits = {}
     for split, n in (("train", config.train_contexts), ("validation", config.validation_contexts)):
-        for v2 in (False, True):  # the same contexts and questions (their generator restarts), v2 adds some
-            splits[split, v2] = make_split(random.Random(f"{config.seed}-{split}"), pools[split], split, n,
-                                           config.questions_per_context,
-                                           random.Random(f"{config.seed}-{split}-v2") if v2 else None)
+        # The unanswerable questions come from a generator of their own: without them, the v1.1 split
+        splits[split, True] = make_split(random.Random(f"{config.seed}-{split}"), pools[split], split, n,
+                                         config.questions_per_context, random.Random(f"{config.seed}-{split}-v2"))
+        splits[split, False] = _answerable(splits[split, True])
     corpus = make_corpus(random.Random(f"{config.seed}-corpus"), [pools["train"], pools["corpus"]],
                          config.corpus_documents)
     return World(splits["train", False], splits["validation", False], tuple(corpus), pools,
                  splits["train", True], splits["validation", True])
+
+
+def _answerable(doc: dict[str, Any]) -> dict[str, Any]:
+    """The SQuAD v1.1 document of a v2.0 one: its answerable questions alone."""
+    return {"version": "1.1", "data": [
+        {**art, "paragraphs": [{**para, "qas": [qa for qa in para["qas"] if not qa.get("is_impossible")]}
+                               for para in art["paragraphs"]]} for art in doc["data"]]}
 
 
 def dumps_squad(doc: dict[str, Any]) -> str:

@@ -521,8 +521,34 @@ def last_token_index(input_ids: jax.Array, attention_mask: jax.Array | None, pad
     return jnp.argmax(jnp.arange(input_ids.shape[1]) * real, axis=-1)  # [B]
 
 
+def head_kernel(config: BaseConfig, features: int, key: jax.Array, dtype: Any = None) -> jax.Array:
+    """A new task head's weight [D, features], as transformers initialises a Linear: N(0,
+    initializer_range = 0.02 unless the HF config says otherwise), in `dtype` (default param_dtype)."""
+    std = float(config.hf_config.get("initializer_range") or 0.02)
+    kernel = std * jax.random.normal(key, (config.hidden_size, features), jnp.float32)
+    return kernel.astype(config.param_dtype if dtype is None else dtype)
+
+
+class WithHead:
+    """The params of a decoder with a task head: the model's `config` and `init_head(key, dtype)`."""
+
+    config: BaseConfig
+
+    def init_head(self, key: jax.Array, dtype: Any = None) -> Params:
+        raise NotImplementedError
+
+    def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
+        """Random decoder params (`CausalLM.init_params`) plus a new head."""
+        body_key, head_key = jax.random.split(key)
+        return CausalLM(self.config).init_params(body_key, dtype) | self.init_head(head_key, dtype)
+
+    def param_shapes(self) -> Params:
+        """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
+        return jax.eval_shape(self.init_params, jax.random.key(0))
+
+
 @dataclasses.dataclass(frozen=True)
-class SequenceClassifier:
+class SequenceClassifier(WithHead):
     """A decoder with Hugging Face's sequence-classification head (`GPT2ForSequenceClassification`,
     `BloomForSequenceClassification`): logits = h_last @ score, where h_last is the final hidden
     state of each row's last real token and `score/kernel` [D, num_labels] has no bias.
@@ -556,18 +582,5 @@ class SequenceClassifier:
         return jnp.einsum("bd,dl->bl", hidden[:, 0], kernel.astype(hidden.dtype))
 
     def init_head(self, key: jax.Array, dtype: Any = None) -> Params:
-        """A new `{"score": {"kernel"}}` drawn from N(0, initializer_range = 0.02 unless the HF config
-        says otherwise), as transformers initialises it."""
-        dtype = self.config.param_dtype if dtype is None else dtype
-        std = float(self.config.hf_config.get("initializer_range") or 0.02)
-        kernel = std * jax.random.normal(key, (self.config.hidden_size, self.num_labels), jnp.float32)
-        return {SCORE: {"kernel": kernel.astype(dtype)}}
-
-    def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
-        """Random decoder params (`CausalLM.init_params`) plus a new head."""
-        body_key, head_key = jax.random.split(key)
-        return CausalLM(self.config).init_params(body_key, dtype) | self.init_head(head_key, dtype)
-
-    def param_shapes(self) -> Params:
-        """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
+        """A new `{"score": {"kernel"}}` (`head_kernel`), as transformers initialises it."""
+        return {SCORE: {"kernel": head_kernel(self.config, self.num_labels, key, dtype)}}

@@ -21,19 +21,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax.models.common import BaseConfig, CausalLM, Params
+from lora_jax.models.common import BaseConfig, CausalLM, Params, WithHead, head_kernel
 
 QA_OUTPUTS = "qa_outputs"  # HF's extractive-QA head: Linear(hidden, 2), start and end logits
 CLASSIFIER = "classifier"  # HF's token-classification head: dropout, then Linear(hidden, num_labels)
 
 
 def _dense_head(config: BaseConfig, name: str, features: int, key: jax.Array, dtype: Any) -> Params:
-    """A new `{name: {kernel [D, features], bias}}` as transformers initialises a Linear: weights from
-    N(0, initializer_range = 0.02 unless the HF config says otherwise), bias 0."""
-    dtype = config.param_dtype if dtype is None else dtype
-    std = float(config.hf_config.get("initializer_range") or 0.02)
-    kernel = std * jax.random.normal(key, (config.hidden_size, features), jnp.float32)
-    return {name: {"kernel": kernel.astype(dtype), "bias": jnp.zeros((features,), dtype)}}
+    """A new `{name: {kernel [D, features], bias}}` as transformers initialises a Linear
+    (`head_kernel`, bias 0)."""
+    kernel = head_kernel(config, features, key, dtype)
+    return {name: {"kernel": kernel, "bias": jnp.zeros((features,), kernel.dtype)}}
 
 
 def _project(params: Params, name: str, hidden: jax.Array) -> jax.Array:
@@ -44,7 +42,7 @@ def _project(params: Params, name: str, hidden: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestionAnswering:
+class QuestionAnswering(WithHead):
     """The decoder with Hugging Face's extractive-QA head (`GPT2ForQuestionAnswering`,
     `BloomForQuestionAnswering`): start and end logits per token from `qa_outputs` [D, 2] + bias."""
 
@@ -63,18 +61,9 @@ class QuestionAnswering:
         """A new `{"qa_outputs": {"kernel", "bias"}}`, as transformers initialises it."""
         return _dense_head(self.config, QA_OUTPUTS, 2, key, dtype)
 
-    def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
-        """Random decoder params (`CausalLM.init_params`) plus a new head."""
-        body_key, head_key = jax.random.split(key)
-        return CausalLM(self.config).init_params(body_key, dtype) | self.init_head(head_key, dtype)
-
-    def param_shapes(self) -> Params:
-        """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
-
 
 @dataclasses.dataclass(frozen=True)
-class TokenClassifier:
+class TokenClassifier(WithHead):
     """The decoder with Hugging Face's token-classification head (`GPT2ForTokenClassification`,
     `BloomForTokenClassification`): dropout (`dropout_rate`, in training only), then `classifier`
     [D, num_labels] + bias on every token."""
@@ -110,15 +99,6 @@ class TokenClassifier:
     def init_head(self, key: jax.Array, dtype: Any = None) -> Params:
         """A new `{"classifier": {"kernel", "bias"}}`, as transformers initialises it."""
         return _dense_head(self.config, CLASSIFIER, self.num_labels, key, dtype)
-
-    def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
-        """Random decoder params (`CausalLM.init_params`) plus a new head."""
-        body_key, head_key = jax.random.split(key)
-        return CausalLM(self.config).init_params(body_key, dtype) | self.init_head(head_key, dtype)
-
-    def param_shapes(self) -> Params:
-        """`jax.ShapeDtypeStruct` tree of the params, without allocating them."""
-        return jax.eval_shape(self.init_params, jax.random.key(0))
 
 
 def best_spans(start_logits: jax.Array, end_logits: jax.Array, allowed: jax.Array | None = None, *,
