@@ -274,7 +274,7 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
     targets = spec.loss_tokens
     tx = loop.make_optimizer(LR, steps=1000, warmup=10, weight_decay=WEIGHT_DECAY, clip=1.0)
     step = loop.make_step(loop.target_loss(logits, targets), tx,
-                          loop.StepConfig(accum=1, micro_batch=spec.batch, targets=targets))
+                          loop.StepConfig(accum=1, micro_batch=spec.batch))
     shape = (1, spec.batch, spec.seq)  # [accum, micro, T]
     if abstract:
         opt_state = jax.eval_shape(tx.init, trainable)

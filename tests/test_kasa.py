@@ -140,7 +140,7 @@ def test_train_step_adds_the_regulariser():
     def loss_fn(params, adapters, micro, rng):  # (sum of token losses, tokens): 2 tokens per micro-batch
         return 2.0 * jnp.sum(adapters["w"]["d"] * micro["v"][0]), jnp.float32(2.0)
     d = jnp.array([1.0, -2.0])
-    step = make_step(loss_fn, optax.sgd(0.1), StepConfig(accum=2, micro_batch=1, targets=1),
+    step = make_step(loss_fn, optax.sgd(0.1), StepConfig(accum=2, micro_batch=1),
                      regularizer=lambda a: jnp.sum(a["w"]["d"] ** 2))
     batch = {"v": jnp.array([[[1.0, 3.0]], [[5.0, 7.0]]])}  # [accum, micro, 2]
     trainable, _, m = step({"adapters": {"w": {"d": d}}, "params": {}}, {}, optax.sgd(0.1).init(

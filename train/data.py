@@ -53,7 +53,7 @@ import string
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -686,9 +686,11 @@ def train_batches(
     pad_id: int,
     seed: int,
     start: DataPosition = DataPosition(),
+    make_batch: Callable[..., dict[str, np.ndarray]] = make_train_batch,
 ) -> Iterator[tuple[DataPosition, dict[str, np.ndarray]]]:
     """Endless shuffled training batches (of examples, or of `pack`'s rows), each with the position
-    it was taken from.
+    it was taken from; `make_batch(units, batch_size, buckets, pad_id)` builds them (e.g.
+    `extractive.make_batch` for span features).
 
     Resuming at `start` (e.g. `DataPosition.from_step(step, batches_per_epoch(...))`) yields
     exactly the batches an uninterrupted run would have served from there on.
@@ -701,7 +703,7 @@ def train_batches(
         order = epoch_order(len(examples), seed, epoch)
         for i in range(index, per_epoch):
             rows = order[i * batch_size : (i + 1) * batch_size]
-            yield DataPosition(epoch, i), make_train_batch([examples[j] for j in rows], batch_size, buckets, pad_id)
+            yield DataPosition(epoch, i), make_batch([examples[j] for j in rows], batch_size, buckets, pad_id)
         epoch, index = epoch + 1, 0
 
 

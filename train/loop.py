@@ -30,11 +30,10 @@ PARALLEL = ("jit", "pmap", "fsdp")
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    """Static shape of a step: `accum` micro-batches of `micro_batch` rows, per-row `targets`."""
+    """Static shape of a step: `accum` micro-batches of `micro_batch` rows, and how they are spread."""
 
     accum: int
     micro_batch: int
-    targets: int  # logits are computed at this many positions per row (>= its target tokens)
     parallel: str = "jit"
 
 

@@ -84,7 +84,8 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
         f"({summary['model']}, " + ("evaluation only" if summary.get("eval_only") else f"{summary['steps']} steps")
         + "".join(f", {run} stopped early at step {s}" for run, s in (summary.get("early_stop") or {}).items())
         + (f", beam search: {summary['num_beams']} beams, length penalty {summary['length_penalty']:g}"
-           if summary.get("num_beams", 1) > 1 else "") + ")",
+           if summary.get("num_beams", 1) > 1 else "")
+        + (", extractive: spans from the QA head" if summary.get("task") == "extractive" else "") + ")",
         "",
         "| model | EM | F1 |",
         "|---|---|---|",

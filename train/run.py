@@ -23,9 +23,10 @@ from jax.experimental import multihost_utils
 
 import lora_jax as lj
 from lora_jax import quant
-from lora_jax.models import from_pretrained, load_tokenizer
+from lora_jax.models import from_pretrained, load_tokenizer, question_answering_from_pretrained
+from lora_jax.models.heads import QA_OUTPUTS
 
-from . import data, report
+from . import data, extractive, report
 from .evaluate import evaluate, text_loss
 from .loop import Runner, StepConfig, make_optimizer, make_schedule, put_fsdp, row_layout, target_loss
 from .state import TrainCheckpoints, write_json
@@ -50,15 +51,20 @@ def load_model(args):
     name = args.model or EMBEDDED_MODEL
     accel = jax.default_backend() != "cpu"
     compute = _dtype(args.compute_dtype) or (jnp.bfloat16 if accel else jnp.float32)
-    model, params = from_pretrained(name, dtype=_dtype(args.dtype), compute_dtype=compute,
-                                    scan_layers=args.scan_layers, remat=args.remat, remat_policy=args.remat_policy)
+    kw = dict(dtype=_dtype(args.dtype), compute_dtype=compute, scan_layers=args.scan_layers, remat=args.remat,
+              remat_policy=args.remat_policy)
+    if args.extractive:  # the checkpoint's qa_outputs, or a new one drawn from the seed
+        model, params = question_answering_from_pretrained(name, key=jax.random.fold_in(jax.random.key(args.seed), 3),
+                                                           **kw)
+    else:
+        model, params = from_pretrained(name, **kw)
     tok_name = args.tokenizer or name
     tokenizer = load_tokenizer(tok_name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tok_name} has no EOS token; the answer format needs one")
-    if len(tokenizer) > model.vocab_size:
+    if len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer {tok_name} has {len(tokenizer)} tokens but the vocabulary of model {name} is "
-                         f"{model.vocab_size}: the tokenizer does not fit the model")
+                         f"{model.config.vocab_size}: the tokenizer does not fit the model")
     return model, params, tokenizer
 
 
@@ -81,6 +87,9 @@ def load_data(args, tokenizer, log):
     val_records = splits["validation"].records
     if args.eval_samples:
         val_records = val_records[: args.eval_samples]
+    v2 = splits["train"].v2 or splits["validation"].v2
+    if args.extractive:
+        return (*span_features(args, tokenizer, train_records, val_records, log), val_records, v2)
     enc_train = data.encode(tokenizer, train_records, args.max_len, train=True,
                             full_sequence_loss=args.full_sequence_loss, template=args.prompt_template)
     enc_val = data.encode(tokenizer, val_records, args.max_len - args.max_new_tokens, train=False,
@@ -90,14 +99,32 @@ def load_data(args, tokenizer, log):
             log(f"{name}: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
     if not enc_train.examples:
         raise ValueError(f"no training example fits --max-len {args.max_len}")
-    return enc_train.examples, enc_val.examples, val_records, splits["train"].v2 or splits["validation"].v2
+    return enc_train.examples, enc_val.examples, val_records, v2
 
 
-def loss_examples(args, tokenizer, records, log) -> tuple:
+def span_features(args, tokenizer, train_records, val_records, log) -> tuple[tuple, tuple]:
+    """--extractive's (training features, validation features): question + context windows."""
+    out = []
+    for name, records in (("train", train_records), ("validation", val_records)):
+        got = extractive.featurize(tokenizer, records, args.max_len, args.doc_stride)
+        log(f"{name}: {len(got.features)} features of {len(records) - got.skipped} records"
+            + (f" ({got.split_records} cut into windows sharing --doc-stride {args.doc_stride} tokens)"
+               if got.split_records else "")
+            + (f"; skipped {got.skipped} whose question leaves too little of --max-len" if got.skipped else ""))
+        out.append(got.features)
+    if not out[0]:
+        raise ValueError(f"no training record fits --max-len {args.max_len}")
+    return out[0], out[1]
+
+
+def loss_examples(args, tokenizer, records, log, val_ex=()) -> tuple:
     """--eval-every's validation set: the scored questions as training examples (prompt, first
-    gold answer, EOS), whose answer-token loss is the training loss's counterpart."""
+    gold answer, EOS), whose answer-token loss is the training loss's counterpart; with
+    --extractive, the scored features `val_ex` (labelled with their gold spans)."""
     if not args.eval_every:
         return ()
+    if args.extractive:
+        return val_ex
     enc = data.encode(tokenizer, records, args.max_len, train=True, full_sequence_loss=args.full_sequence_loss,
                       template=args.prompt_template)
     if enc.skipped.get("too_long"):
@@ -156,7 +183,8 @@ def lora_config(args, model, tokenizer) -> lj.LoraConfig:
                          alora_invocation_tokens=(tokenizer(data.PromptTemplate(args.prompt_template).marker,
                                                             add_special_tokens=False)["input_ids"]
                                                   if args.alora else None),
-                         init="kaiming_uniform" if args.init == "loftq" else args.init)  # LoftQ's: plain LoRA
+                         init="kaiming_uniform" if args.init == "loftq" else args.init,  # LoftQ's: plain LoRA
+                         trainable=QA_OUTPUTS if args.extractive else None)
 
 
 def check_invocation(lora: lj.LoraConfig, splits: dict[str, list]) -> None:
@@ -177,6 +205,16 @@ def check_invocation(lora: lj.LoraConfig, splits: dict[str, list]) -> None:
         if missing:
             raise ValueError(f"aLoRA invocation tokens {list(tokens)} are missing from {len(missing)} of the "
                              f"{len(examples)} {name} prompts (e.g. {missing[0]!r}): the adapter would not act there")
+
+
+def check_head(args, lora: lj.LoraConfig, params) -> None:
+    """--extractive trains the QA head beside LoRA: an --init-adapter must train it too (PEFT's
+    QUESTION_ANS task)."""
+    trains = {p.split("/")[0] for p, t in lj.tree.flatten(lj.trainable_mask(lora, params)).items() if t}
+    if args.extractive and QA_OUTPUTS not in trains:
+        raise ValueError(f"--extractive trains the {QA_OUTPUTS} head beside LoRA, but --init-adapter "
+                         f"{args.init_adapter} leaves it out (not PEFT's QUESTION_ANS task, with {QA_OUTPUTS} "
+                         "in modules_to_save)")
 
 
 def load_init_adapter(path: str, params, model):
@@ -243,8 +281,26 @@ def calibration(args, tokenizer, examples) -> list[dict[str, np.ndarray]]:
     """The first --init-batches training batches (in the run's own order), for EVA, CorDA, LoRA-GA."""
     stream = data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
                                 buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
-                                seed=args.seed)
+                                seed=args.seed, make_batch=batch_maker(args))
     return [batch for _, batch in itertools.islice(stream, args.init_batches or 8)]
+
+
+def batch_maker(args) -> Callable[..., dict[str, np.ndarray]]:
+    """What builds a training batch: of span features (--extractive) or of examples / packed rows."""
+    return extractive.make_batch if args.extractive else data.make_train_batch
+
+
+def objective(args, model, lora: lj.LoraConfig | None, rows) -> Callable[..., tuple]:
+    """`loss(params, adapters, batch, rng) -> (sum, count)` the job trains on `rows` with (lora=None:
+    every parameter): the answer tokens' loss, or with --extractive the span loss per feature."""
+    if args.extractive:
+        return extractive.span_loss(extractive.span_logits(model, lora))
+    if lora is not None:
+        logits = lora_logits(model, lora)
+    else:
+        def logits(p, a, ids, mask, rng, pos, **rows):
+            return model.apply(p, ids, mask, positions=pos, **rows)
+    return target_loss(logits, _targets_per_row(rows, args.full_sequence_loss, args.max_len))
 
 
 def forward(model):
@@ -258,7 +314,7 @@ def eva_init(args, model, params, tokenizer, examples, lora: lj.LoraConfig, log)
     batches, at the positions that carry the loss (PEFT's label mask), on the full-precision base."""
     batches = calibration(args, tokenizer, examples)
     new, adapters = lj.init_eva(lora, params, forward(model), batches,
-                                mask=lambda b: b["loss_mask"] * b["attention_mask"],
+                                mask=lambda b: b["attention_mask"] * b.get("loss_mask", 1),  # --extractive: all
                                 eva=lj.EvaConfig(rho=args.eva_rho or 2.0),
                                 key=jax.random.fold_in(jax.random.key(args.seed), 1))
     ranks = sorted(ab["lora_A"].shape[-1] for ab in adapters.values())
@@ -279,9 +335,7 @@ def residual_data_init(args, model, params, tokenizer, examples, lora: lj.LoraCo
         log(f"init corda ({method}, {len(batches)} batches): the adapters start from W0's components along its "
             "inputs' covariance; LoRA trains on the residual weights")
         return out
-    per_batch = target_loss(lambda p, _a, ids, mask, _rng, pos, **rows: model.apply(p, ids, mask, positions=pos,
-                                                                                   **rows),
-                            _targets_per_row(examples, args.full_sequence_loss, args.max_len))
+    per_batch = objective(args, model, None, examples)
 
     def mean_loss(p, batch):
         total, count = per_batch(p, None, batch, None)
@@ -330,11 +384,11 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             # (a resumed run restores the one it took)
             first = next(data.train_batches(examples, batch_size=args.batch_size * args.grad_accum,
                                             buckets=data.bucket_lengths(args.max_len),
-                                            pad_id=data.pad_id_of(tokenizer), seed=args.seed))[1]
+                                            pad_id=data.pad_id_of(tokenizer), seed=args.seed,
+                                            make_batch=batch_maker(args)))[1]
             adapters = lj.velora.init_once(lora, params, forward(model), first, adapters)
             log("VeLoRA: each adapted matrix's projection fixed from the first training batch")
         trainable, frozen = lj.split(lora, params, adapters)
-        logits = lora_logits(model, lora)
         log(str(lj.summary(lora, params, adapters)))
         if args.lorafa:
             n_a = sum(ab["lora_A"].size for ab in adapters.values() if "lora_A" in ab)
@@ -345,12 +399,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             log(f"MiCA: lora_B fixed at W0's minor singular directions ({n_b:,} of those params), lora_A trains")
     else:
         trainable, frozen = {"adapters": {}, "params": params}, jax.tree.map(lambda _: None, params)
-
-        def logits(p, a, ids, mask, rng, pos, **rows):
-            return model.apply(p, ids, mask, positions=pos, **rows)
-    cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size,
-                     targets=_targets_per_row(examples, args.full_sequence_loss, args.max_len),
-                     parallel=args.parallel)
+    cfg = StepConfig(accum=args.grad_accum, micro_batch=args.batch_size, parallel=args.parallel)
     lr_at = make_schedule(lr, steps=args.steps, warmup=args.warmup, kind=args.lr_scheduler)  # for the log
     tx = make_optimizer(lr, steps=args.steps, warmup=args.warmup, weight_decay=args.weight_decay, clip=args.clip,
                         schedule=args.lr_scheduler,
@@ -365,11 +414,11 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     pad, buckets = data.pad_id_of(tokenizer), data.bucket_lengths(args.max_len)
     # with --packing the validation rows are packed too: the same loss terms, fewer rows to run
     val_rows = data.pack(val_examples, args.max_len) if args.packing and val_examples else tuple(val_examples)
-    val_batches = [data.make_train_batch(val_rows[i:i + rows], rows, buckets, pad)
+    make_batch = batch_maker(args)
+    val_batches = [make_batch(val_rows[i:i + rows], rows, buckets, pad)
                    for i in range(0, len(val_rows), rows)] if args.eval_every else []
-    val_loss = target_loss(logits, _targets_per_row(val_rows, args.full_sequence_loss, args.max_len)) \
-        if val_batches else None
-    runner = Runner(target_loss(logits, cfg.targets), tx, cfg, regularizer=regularizer, eval_loss_fn=val_loss)
+    val_loss = objective(args, model, lora, val_rows) if val_batches else None
+    runner = Runner(objective(args, model, lora, examples), tx, cfg, regularizer=regularizer, eval_loss_fn=val_loss)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
     # --keep-best: the trainable leaves of the lowest validation loss so far, kept on disk so --resume sees them
@@ -403,7 +452,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
 
     per_epoch = data.batches_per_epoch(len(examples), rows)
     stream = data.train_batches(examples, batch_size=rows, buckets=buckets, pad_id=pad, seed=args.seed,
-                                start=data.DataPosition.from_step(start, per_epoch))
+                                start=data.DataPosition.from_step(start, per_epoch), make_batch=make_batch)
     history: list[dict] = []
     primary = jax.process_index() == 0
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
@@ -515,7 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Everything that can reject the input runs before the output directory is created.
     model, params, tokenizer = load_model(args)
     train_ex, val_ex, val_records, squad_v2 = load_data(args, tokenizer, log)
-    val_loss_ex = loss_examples(args, tokenizer, val_records, log)
+    val_loss_ex = loss_examples(args, tokenizer, val_records, log, val_ex)
     adapters0 = None
     if args.init_adapter:
         lora, adapters0, params = load_init_adapter(args.init_adapter, params, model)
@@ -523,6 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         lora = lora_config(args, model, tokenizer)
         lj.target_paths(lora, params)  # also refuses an odd rank for --init orthogonal
+    check_head(args, lora, params)
     check_invocation(lora, {"training": train_ex, "validation": val_ex})
     train_rows = training_rows(args, train_ex, log)
     if args.reduce_intruders is not None and (lora.use_dora or lora.use_kasa or lora.use_bdlora is not None):
@@ -597,9 +647,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("lora_jax: earlier checkpoints removed")
 
-    eval_kw = dict(batch_size=args.eval_batch_size, buckets=data.bucket_lengths(args.max_len),
-                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                   v2=squad_v2)
+    if args.extractive:
+        def score(apply_fn, p):
+            return extractive.evaluate(apply_fn, p, val_ex, val_records, batch_size=args.eval_batch_size,
+                                       buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
+                                       max_answer_len=args.max_answer_length, v2=squad_v2)
+    else:
+        def score(apply_fn, p):
+            return evaluate(apply_fn, p, model, tokenizer, val_ex, val_records, batch_size=args.eval_batch_size,
+                            buckets=data.bucket_lengths(args.max_len), max_new_tokens=args.max_new_tokens,
+                            num_beams=args.num_beams, length_penalty=args.length_penalty, v2=squad_v2)
     results: dict[str, dict] = {}
     samples: dict[str, dict[str, str]] = {}
     seconds: dict[str, float] = {}
@@ -613,8 +670,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_base_eval:
         log("scoring the base model ...")
         with timed("eval_base"):
-            results["base"], samples["base"] = evaluate(base_apply, for_eval(args, params), model, tokenizer,
-                                                        val_ex, val_records, **eval_kw)
+            results["base"], samples["base"] = score(base_apply, for_eval(args, params))
     history: list[dict] = []
     if args.eval_only:  # score --init-adapter's adapter as it is (if one was given)
         lora_params, adapters = train_params, adapters0
@@ -642,15 +698,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if adapters is not None:
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
         with timed("eval_lora"):
-            results["lora"], samples["lora"] = evaluate(lora_apply, for_eval(args, (lora_params, adapters)), model,
-                                                        tokenizer, val_ex, val_records, **eval_kw)
+            results["lora"], samples["lora"] = score(lora_apply, for_eval(args, (lora_params, adapters)))
     reduced = None
     if args.reduce_intruders is not None:
         with timed("reduce_intruders"):
             reduced, intruders = reduce_intruders(args, lora, lora_params, adapters, log)
             log("scoring the adapter with its intruder dimensions reduced ...")
-            results["reduced"], samples["reduced"] = evaluate(lora_apply, for_eval(args, (lora_params, reduced)),
-                                                              model, tokenizer, val_ex, val_records, **eval_kw)
+            results["reduced"], samples["reduced"] = score(lora_apply, for_eval(args, (lora_params, reduced)))
             texts = list(dict.fromkeys(r.context for r in val_records))  # distinct, in order
             text_kw = dict(max_len=args.max_len, batch_size=args.eval_batch_size)
             context_loss = {"base": text_loss(base_apply, for_eval(args, params), tokenizer, texts, **text_kw)} | {
@@ -665,8 +719,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history += full_hist
         log("scoring the fully fine-tuned model ...")
         with timed("eval_full"):
-            results["full"], samples["full"] = evaluate(model.apply, for_eval(args, full_params), model,
-                                                        tokenizer, val_ex, val_records, **eval_kw)
+            results["full"], samples["full"] = score(model.apply, for_eval(args, full_params))
 
     base_name = str(args.model or EMBEDDED_MODEL)
     if args.init == "loftq" and primary:  # its adapters belong with its base: PEFT's LoftQ workflow
@@ -695,11 +748,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_params": summ and summ.trainable, "total_params": summ and summ.total,
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "val_loss": per_run("val_loss"), "best_step": per_run("best_step"), "early_stop": per_run("early_stop"),
-        "wall_time_s": time.perf_counter() - t0, "seconds": seconds, "eval_questions": len(val_ex),
+        "wall_time_s": time.perf_counter() - t0, "seconds": seconds,
+        "eval_questions": len({e.id for e in val_ex}),  # --extractive: a record may have several features
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,
         "packing": {"examples": len(train_ex), "rows": len(train_rows)} if args.packing else None,
-        "prompt_template": args.prompt_template, "train_examples": len(train_ex),
+        "task": "extractive" if args.extractive else "generative",
+        "prompt_template": None if args.extractive else args.prompt_template,
+        "train_examples": len({e.id for e in train_ex}) if args.extractive else len(train_ex),
+        "features": {"train": len(train_ex), "validation": len(val_ex)} if args.extractive else None,
         "reduce_intruders": intruders if reduced is not None else None,
     }
     if primary:

@@ -7,6 +7,7 @@ generated SQuAD-format QA set whose validation entities never occur in training)
     python -m train.squad --full-finetune       # adds a full fine-tuning baseline row
     python -m train.squad --quantize nf4        # QLoRA: the frozen linear weights in 4-bit NF4
     python -m train.squad --quantize int8       # LoRA on 8-bit frozen linear weights (load_in_8bit's layout)
+    python -m train.squad --extractive          # span extraction with a QA head (run_qa.py's task)
 
 Online, the seeds' run (BLOOM-560m, r=16, alpha=32, dropout 0.05, fused QKV, 100 steps,
 batch 4 x accumulation 4, lr 1e-3, warmup 100):
@@ -34,10 +35,10 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")  # trai
 # Defaults per setting: the seeds' run for real checkpoints, a CPU-sized run for the embedded one.
 PRESETS: dict[str, dict[str, Any]] = {
     "hub": dict(steps=100, batch_size=4, grad_accum=4, lr=1e-3, warmup=100, rank=16, alpha=32.0, dropout=0.05,
-                targets=None, max_len=512, eval_samples=500, max_new_tokens=32, full_lr=5e-5),
+                targets=None, max_len=512, eval_samples=500, max_new_tokens=32, full_lr=5e-5, doc_stride=128),
     "embedded": dict(steps=300, batch_size=16, grad_accum=1, lr=3e-3, warmup=30, rank=16, alpha=32.0, dropout=0.05,
                      targets="c_attn,c_fc,mlp/c_proj", max_len=192, eval_samples=200, max_new_tokens=12,
-                     full_lr=1e-3),
+                     full_lr=1e-3, doc_stride=64),
 }
 
 
@@ -141,6 +142,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="training rows of --max-len tokens holding several examples (TRL's packing), each attending to itself "
            "alone with its own positions, so the loss is the unpacked one with fewer pad slots computed; "
            "--batch-size then counts rows")
+    a("--extractive", action="store_true",
+      help="extractive QA, as transformers' run_qa.py trains *ForQuestionAnswering: start / end logits on every "
+           "token pick the answer span in the context, from the question + context (no prompt template, nothing "
+           "generated); the head (qa_outputs: the checkpoint's, or a new one) trains in full beside LoRA, exported "
+           "as PEFT's QUESTION_ANS task")
+    a("--doc-stride", type=int, default=None,
+      help="with --extractive: a context longer than --max-len minus its question is cut into windows sharing "
+           "this many tokens (run_qa.py's doc_stride; default 128 / 64)")
+    a("--max-answer-length", type=int, default=None,
+      help="with --extractive: the longest answer span, in tokens (run_qa.py's; default 30)")
     a("--version-2-with-negative", action="store_true",
       help="SQuAD v2.0: questions without an answer are unanswerable (trained to answer nothing, EOS alone) "
            "rather than malformed, and scoring follows evaluate-v2.0.py; automatic for --data squad_v2, a file "
@@ -203,6 +214,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, ...)")
     args = p.parse_args(argv)
     preset = PRESETS["embedded" if args.model is None else "hub"]
+    given = {k for k in preset if getattr(args, k) is not None}  # typed, not a preset's
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -323,6 +335,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--eval-only trains nothing, so it takes no {', '.join(clash)}")
         if args.no_base_eval and not args.init_adapter:
             p.error("--eval-only --no-base-eval scores nothing: pass --init-adapter, or score the base")
+    if args.extractive:
+        clash = [f for f, on in (("--alora", args.alora), ("--packing", args.packing),
+                                 ("--full-sequence-loss", args.full_sequence_loss),
+                                 ("--num-beams", args.num_beams != 1), ("--max-new-tokens", "max_new_tokens" in given),
+                                 ("--prompt-template", args.prompt_template != data.PROMPT_TEMPLATE),
+                                 ("--reduce-intruders", args.reduce_intruders is not None)) if on]
+        if clash:
+            p.error(f"--extractive picks spans with a QA head, generating nothing: it takes no {', '.join(clash)}")
+        if args.max_answer_length is None:
+            args.max_answer_length = 30
+        if args.max_answer_length <= 0:
+            p.error(f"--max-answer-length must be positive, got {args.max_answer_length}")
+        if not 0 <= args.doc_stride < args.max_len:
+            p.error(f"--doc-stride {args.doc_stride}: windows of at most --max-len {args.max_len} tokens share it, "
+                    "so it is in [0, --max-len)")
+    elif "doc_stride" in given or args.max_answer_length is not None:
+        p.error(f"{'--doc-stride' if 'doc_stride' in given else '--max-answer-length'} sets how --extractive reads "
+                "contexts: pass --extractive with it")
     if args.remat_policy and not args.remat:
         p.error("--remat-policy says what --remat keeps; pass --remat with it")
     if args.double_quant and args.quantize != "nf4":
