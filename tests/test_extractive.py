@@ -39,17 +39,18 @@ def records(v2: bool = False) -> list[data.QARecord]:
 
 @settings(max_examples=200, deadline=None)
 @given(n=st.integers(1, 60), room=st.integers(1, 30), stride=st.integers(0, 29))
-def test_windows_cover_the_context(n, room, stride):
-    if stride >= room:
-        stride = room - 1
-    spans = extractive.windows(n, room, stride)
-    assert spans[0][0] == 0 and spans[-1][1] == n
-    assert all(hi - lo == min(room, n) for lo, hi in spans)
-    for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
-        assert a0 < b0 and a1 - b0 >= stride  # each next window starts later and shares >= stride tokens
-        assert b0 <= a1  # nothing left out
-    if len(spans) > 2:  # all but the last step by room - stride
-        assert {b[0] - a[0] for a, b in zip(spans[:-1], spans[1:-1])} == {room - stride}
+def test_windows_are_the_tokenizers_overflow(n, room, stride):
+    """The windows `tokenizer(..., truncation="only_second", stride=, return_overflowing_tokens=True)`
+    cuts (the tokenizer on a pair of a one-token first sequence and n tokens, room + 1 at most)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    stride = min(stride, room - 1)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.enable_truncation(room + 1, stride=stride, strategy="only_second")
+    enc = tok.encode("w0", " ".join(f"w{i + 1}" for i in range(n)))
+    want = [[i - 1 for i in e.ids[1:]] for e in [enc, *enc.overflowing]]  # each window's context positions
+    assert [list(range(lo, hi)) for lo, hi in extractive.windows(n, room, stride)] == want
 
 
 def test_features_label_the_gold_span(tiny_gpt2_dir):

@@ -53,13 +53,16 @@ class Features:
 
 
 def windows(n: int, room: int, stride: int) -> list[tuple[int, int]]:
-    """[start, end) slices of n context tokens, `room` long, neighbours sharing `stride` tokens,
-    the last one ending at n (run_qa.py's overflowing windows). One window when it all fits."""
-    if n <= room:
-        return [(0, n)]
-    step = room - stride  # > 0: the caller checks room > stride
-    out = [(s, s + room) for s in range(0, n - room, step)]
-    return out + [(n - room, n)] if out[-1][1] < n else out
+    """[start, end) slices of n context tokens as the tokenizer's overflowing windows cut them
+    (run_qa.py's): `room` long, each starting `room - stride` after the one before (so neighbours
+    share `stride` tokens), the last one the first to reach n (it may be shorter). Needs
+    stride < room."""
+    out, start = [], 0
+    while True:
+        out.append((start, min(start + room, n)))
+        if start + room >= n:
+            return out
+        start += room - stride
 
 
 def featurize(tokenizer: Any, records: Sequence[QARecord], max_len: int, doc_stride: int) -> Features:
