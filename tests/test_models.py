@@ -320,6 +320,13 @@ def test_generation_refusals(ckpt):
         generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, rng=jax.random.key(0), **kw)
     with pytest.raises(ValueError, match="num_return_sequences=2 needs num_beams >= it"):
         generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
+    # A row past the 64 learned positions is refused (it would read NaN rows); a left-padded one whose
+    # real tokens fit gives the unpadded row's logits.
+    long = np.arange(65, dtype=np.int32)[None] % 300
+    with pytest.raises(ValueError, match=r"a row of 65 tokens exceeds this GPT-2's max_position_embeddings \(64"):
+        model.apply(params, long)
+    left = (np.arange(65) >= 5).astype(np.int32)[None]  # 5 pads, 60 real tokens
+    np.testing.assert_allclose(model.apply(params, long, left)[:, 5:], model.apply(params, long[:, 5:]), atol=1e-5)
     # Positions count real tokens: rows of 4 (row 2: 6 pads) fit 60 new tokens in 64 positions.
     assert generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}).shape == (1, 60)
     # Under jit the real lengths are unknown: only the padded length is checked.

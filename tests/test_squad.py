@@ -489,6 +489,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert squad.main(["--init", "orthogonal", "--rank", "3", "--output-dir", str(tmp_path / "x")]) == 1
     assert "init='orthogonal' needs an even rank; 'transformer/h/0/attn/c_attn/kernel' has rank 3" in \
         capsys.readouterr().err
+    assert squad.main(["--max-len", "300", "--output-dir", str(tmp_path / "x")]) == 1
+    assert "--max-len 300 exceeds the 256 positions of model" in capsys.readouterr().err
     assert squad.main(["--layers-to-transform", "4,7", "--output-dir", str(tmp_path / "x")]) == 1
     assert "layers_to_transform=[4, 7] (layers_pattern=None) keeps none of the 12 targeted weights" in \
         capsys.readouterr().err

@@ -58,6 +58,10 @@ def load_model(args):
                                                            **kw)
     else:
         model, params = from_pretrained(name, **kw)
+    limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2's learned positions (BLOOM: ALiBi)
+    if limit is not None and args.max_len > limit:
+        raise ValueError(f"--max-len {args.max_len} exceeds the {limit} positions of model {name} "
+                         "(max_position_embeddings)")
     tok_name = args.tokenizer or name
     tokenizer = load_tokenizer(tok_name)
     if tokenizer.eos_token_id is None:

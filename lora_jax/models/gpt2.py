@@ -185,6 +185,21 @@ class GPT2Block(nn.Module):
         return x, new_kv
 
 
+def check_positions(limit: int, length: int, attention_mask: jax.Array | None) -> None:
+    """Refuse a row whose positions run past GPT-2's learned table (reading there gives NaN: jnp.take
+    fills). Positions count real tokens, so a left-padded row may be longer than the table; under
+    jit a mask's count is unknown and only an unmasked row is refused."""
+    longest = length
+    if attention_mask is not None:
+        try:
+            longest = int(jnp.max(jnp.sum(jnp.asarray(attention_mask) > 0, axis=1)))
+        except jax.errors.ConcretizationTypeError:
+            return
+    if longest > limit:
+        raise ValueError(f"a row of {longest} tokens exceeds this GPT-2's max_position_embeddings ({limit}, its "
+                         "learned positions)")
+
+
 class GPT2Transformer(nn.Module):
     """Embeddings, blocks, final LayerNorm -> hidden [B, T, D] (and the new cache)."""
 
@@ -195,6 +210,8 @@ class GPT2Transformer(nn.Module):
     def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None):
         cfg = self.config
         B, T = input_ids.shape
+        if cache is None and segment_ids is None and T > cfg.max_position_embeddings:
+            check_positions(cfg.max_position_embeddings, T, attention_mask)
         inp = attention_inputs(attention_mask, cache, B, T, segment_ids)
         x = embed(cfg, cfg.vocab_size, "wte")(input_ids)  # [B, T, D]
         x = x + embed(cfg, cfg.max_position_embeddings, "wpe")(inp.positions)  # [B, T, D]
