@@ -110,7 +110,7 @@ def test_span_loss_is_transformers_loss(qa):
     np.testing.assert_allclose(float(total) / float(count), np.mean(want), rtol=1e-5)
 
 
-def reference_answers(logits, features, recs, max_answer_len: int, v2: bool) -> dict[str, str]:
+def reference_answers(logits, features, recs, max_answer_len: int, v2: bool, threshold: float = 0.0) -> dict[str, str]:
     """run_qa.py's answers by exhaustive search: `logits(feature) -> (start, end)` numpy [n] each."""
     best, null = {}, {}
     for f in features:
@@ -121,12 +121,13 @@ def reference_answers(logits, features, recs, max_answer_len: int, v2: bool) -> 
                     text = recs[f.id].context[f.offsets[i - f.context_start][0]: f.offsets[j - f.context_start][1]]
                     best[f.id] = (s[i] + e[j], text.strip())
         null[f.id] = min(null.get(f.id, np.inf), s[0] + e[0])
-    return {k: "" if v2 and null[k] > sc else t for k, (sc, t) in best.items()}
+    return {k: "" if v2 and null[k] - sc > threshold else t for k, (sc, t) in best.items()}
 
 
 def test_answers_are_the_best_span_over_the_windows(qa):
     """`predict` (longest first, padded batches, the best over a record's windows) picks the
-    exhaustive search's answers; on v2.0, "" wherever the lowest null score wins."""
+    exhaustive search's answers; on v2.0, "" wherever the lowest null score wins (by more than the
+    threshold)."""
     model, params, _, tok = qa
     recs = records(v2=True)
     feats = extractive.featurize(tok, recs, max_len=40, doc_stride=8).features
@@ -136,17 +137,18 @@ def test_answers_are_the_best_span_over_the_windows(qa):
         return s.at[:, 0].add(jnp.where(ids[:, 11] % 2 == 0, 40.0, 0.0)), e
 
     by_id = {r.id: r for r in recs}
-    for apply_fn, v2 in ((model.apply, False), (boosted, True)):
+    nothing = {}
+    for apply_fn, v2, threshold in ((model.apply, False, 0.0), (boosted, True, 0.0), (boosted, True, 1e3)):
         got = extractive.predict(apply_fn, params, feats, recs, batch_size=4, buckets=(16, 32, 48), pad_id=0,
-                                 max_answer_len=3, v2=v2)
+                                 max_answer_len=3, v2=v2, null_threshold=threshold)
 
         def one(f):
             s, e = apply_fn(params, jnp.asarray(f.tokens[None]), jnp.ones((1, f.length), jnp.int32))
             return np.asarray(s[0], np.float64), np.asarray(e[0], np.float64)
-        assert got == reference_answers(one, feats, by_id, 3, v2)
+        assert got == reference_answers(one, feats, by_id, 3, v2, threshold)
         assert set(got) == set(by_id)
-        if v2:
-            assert "" in got.values() and set(got.values()) != {""}
+        nothing[v2, threshold] = {k for k, v in got.items() if not v}
+    assert nothing[True, 0.0] and len(nothing[True, 0.0]) < len(recs) and not nothing[True, 1e3]
 
 
 def ex_args(model_dir, squad_file, out, *extra) -> list[str]:
@@ -218,6 +220,7 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             squad.main(["--extractive", *bad, "--output-dir", str(tmp_path / "x")])
         assert "--extractive picks spans" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        squad.main(["--doc-stride", "8", "--output-dir", str(tmp_path / "x")])
-    assert "pass --extractive with it" in capsys.readouterr().err
+    for flag, value in (("--doc-stride", "8"), ("--max-answer-length", "5"), ("--null-score-diff-threshold", "1")):
+        with pytest.raises(SystemExit):
+            squad.main([flag, value, "--output-dir", str(tmp_path / "x")])
+        assert f"{flag} belongs to --extractive's span reading: pass --extractive with it" in capsys.readouterr().err

@@ -152,11 +152,12 @@ def _best(apply_fn, params, ids, mask, allowed, max_answer_len):
 
 def predict(apply_fn: Callable[..., Any], params, features: Sequence[Feature], records: Sequence[QARecord], *,
             batch_size: int, buckets: Sequence[int], pad_id: int, max_answer_len: int = 30,
-            v2: bool = False) -> dict[str, str]:
+            v2: bool = False, null_threshold: float = 0.0) -> dict[str, str]:
     """Answers {id: text}, as run_qa.py's postprocessing picks them: each record's best span over
     its features (start + end logit, in the context, at most `max_answer_len` tokens), its text the
-    context's characters between the two tokens, stripped. SQuAD v2.0: "" when the lowest null score (token
-    0's start + end logit over the features) beats the best span's.
+    context's characters between the two tokens, stripped. SQuAD v2.0: "" when the lowest null score
+    (token 0's start + end logit over the features) beats the best span's by more than
+    `null_threshold` (run_qa.py's null_score_diff_threshold).
 
     `apply_fn(params, input_ids, attention_mask) -> (start, end)`; one compile per bucket, reused by
     later calls with the same `apply_fn` (give adapters inside `params`, as `evaluate.predict`)."""
@@ -174,7 +175,7 @@ def predict(apply_fn: Callable[..., Any], params, features: Sequence[Feature], r
             if f.id not in best or score > best[f.id][0]:
                 best[f.id] = (float(score), context[f.id][a:b].strip())  # a token's offsets may hold its space
             null[f.id] = min(null.get(f.id, np.inf), float(n))
-    return {k: "" if v2 and null[k] > score else text for k, (score, text) in best.items()}
+    return {k: "" if v2 and null[k] - score > null_threshold else text for k, (score, text) in best.items()}
 
 
 def evaluate(apply_fn, params, features: Sequence[Feature], records: Sequence[QARecord], *, v2: bool = False,

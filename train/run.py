@@ -655,7 +655,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         def score(apply_fn, p):
             return extractive.evaluate(apply_fn, p, val_ex, val_records, batch_size=args.eval_batch_size,
                                        buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
-                                       max_answer_len=args.max_answer_length, v2=squad_v2)
+                                       max_answer_len=args.max_answer_length, v2=squad_v2,
+                                       null_threshold=args.null_score_diff_threshold)
     else:
         def score(apply_fn, p):
             return evaluate(apply_fn, p, model, tokenizer, val_ex, val_records, batch_size=args.eval_batch_size,

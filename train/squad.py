@@ -152,6 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "this many tokens (run_qa.py's doc_stride; default 128 / 64)")
     a("--max-answer-length", type=int, default=None,
       help="with --extractive: the longest answer span, in tokens (run_qa.py's; default 30)")
+    a("--null-score-diff-threshold", type=float, default=None,
+      help="with --extractive on SQuAD v2.0: answer nothing where the null score (token 0's start + end logit) "
+           "beats the best span's by more than this (run_qa.py's; default 0)")
     a("--version-2-with-negative", action="store_true",
       help="SQuAD v2.0: questions without an answer are unanswerable (trained to answer nothing, EOS alone) "
            "rather than malformed, and scoring follows evaluate-v2.0.py; automatic for --data squad_v2, a file "
@@ -347,12 +350,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.max_answer_length = 30
         if args.max_answer_length <= 0:
             p.error(f"--max-answer-length must be positive, got {args.max_answer_length}")
+        if args.null_score_diff_threshold is None:
+            args.null_score_diff_threshold = 0.0
+        if not math.isfinite(args.null_score_diff_threshold):
+            p.error(f"--null-score-diff-threshold must be a finite number, got {args.null_score_diff_threshold}")
         if not 0 <= args.doc_stride < args.max_len:
             p.error(f"--doc-stride {args.doc_stride}: windows of at most --max-len {args.max_len} tokens share it, "
                     "so it is in [0, --max-len)")
-    elif "doc_stride" in given or args.max_answer_length is not None:
-        p.error(f"{'--doc-stride' if 'doc_stride' in given else '--max-answer-length'} sets how --extractive reads "
-                "contexts: pass --extractive with it")
+    else:
+        stray = [f for f, v in (("--doc-stride", args.doc_stride if "doc_stride" in given else None),
+                                ("--max-answer-length", args.max_answer_length),
+                                ("--null-score-diff-threshold", args.null_score_diff_threshold)) if v is not None]
+        if stray:
+            p.error(f"{stray[0]} belongs to --extractive's span reading: pass --extractive with it")
     if args.remat_policy and not args.remat:
         p.error("--remat-policy says what --remat keeps; pass --remat with it")
     if args.double_quant and args.quantize != "nf4":
