@@ -246,23 +246,36 @@ def quantize(params: PyTree, targets: str | Sequence[str] = ALL_LINEAR, *, exclu
         if not _is_float(x) or x.ndim < 2:
             raise ValueError(f"quantize: {p!r} ({getattr(x, 'dtype', type(x).__name__)}, shape "
                              f"{tuple(getattr(x, 'shape', ()))}) is not a float matrix or a stack of matrices")
-    quant, quant8 = jax.jit(quantize_nf4, static_argnums=1), jax.jit(quantize_int8)
     chosen_set = set(chosen)
+    return tree.map_with_path(lambda path, x: _quantize_array(x, scheme, block_size, double_quant, dtype)
+                              if path in chosen_set else x, params)
 
-    def q(path, x):
-        if path not in chosen_set:
-            return x
-        if scheme == "int8":
-            codes, absmax = quant8(x)
-            return QuantizedArray(codes, absmax, None, None, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype),
-                                  x.shape[-2], "int8")
-        codes, absmax = quant(x, block_size)
-        absmax2 = offset = None
-        if double_quant:
-            absmax, absmax2, offset = jax.jit(quantize_absmax)(absmax)
-        return QuantizedArray(codes, absmax, absmax2, offset, tuple(x.shape[-2:]), jnp.dtype(dtype or x.dtype),
-                              block_size)
-    return tree.map_with_path(q, params)
+
+_quant_nf4, _quant_int8, _quant_absmax = (jax.jit(quantize_nf4, static_argnums=1), jax.jit(quantize_int8),
+                                          jax.jit(quantize_absmax))
+
+
+def _quantize_array(x: jax.Array, scheme: str, block_size: int, double_quant: bool, dtype: Any) -> QuantizedArray:
+    """One float matrix (or stack) [*S, in, out] as a `QuantizedArray` dequantizing to `dtype`
+    (default x's own)."""
+    dtype = jnp.dtype(dtype or x.dtype)
+    if scheme == "int8":
+        codes, absmax = _quant_int8(x)
+        return QuantizedArray(codes, absmax, None, None, tuple(x.shape[-2:]), dtype, x.shape[-2], "int8")
+    codes, absmax = _quant_nf4(x, block_size)
+    absmax2 = offset = None
+    if double_quant:
+        absmax, absmax2, offset = _quant_absmax(absmax)
+    return QuantizedArray(codes, absmax, absmax2, offset, tuple(x.shape[-2:]), dtype, block_size)
+
+
+def requantize(x: jax.Array, like: QuantizedArray) -> QuantizedArray:
+    """x [*S, in, out] quantized as `like` is: its scheme, block size, double quantization and
+    compute dtype. What bitsandbytes does to a merged weight in PEFT's `merge_and_unload` of a 4-
+    or 8-bit model (`lj.merge(..., requantize=True)`)."""
+    if tuple(x.shape) != tuple(like.shape):
+        raise ValueError(f"requantize: shape {tuple(x.shape)} is not the quantized weight's {tuple(like.shape)}")
+    return _quantize_array(x, like.scheme, like.block_size, like.absmax2 is not None, like.dtype_)
 
 
 BNB_STATE = ".quant_state.bitsandbytes__"  # + quant type: the JSON blob transformers saves per 4-bit weight

@@ -36,7 +36,7 @@ def test_lora_on_nf4_equals_the_dequantized_model(scan, dora, double, scheme):
     """LoRA (and DoRA) over NF4 weights (double-quantized or not) or int8 ones computes what it
     computes over the dequantized weights, values and gradients, unrolled and scanned, factored
     under strict=True; the merged strategy agrees; merge() gives dense adapted weights and leaves
-    the others quantized."""
+    the others quantized, and with requantize=True quantizes those again as they were."""
     model, params = _gpt2(scan)
     qparams = quant.quantize(params, double_quant=double) if scheme == "nf4" else quant.quantize(params, scheme=scheme)
     dense = quant.dequantize(qparams)
@@ -61,6 +61,15 @@ def test_lora_on_nf4_equals_the_dequantized_model(scan, dora, double, scheme):
         {p for p, x in lj.tree.flatten(qparams).items() if isinstance(x, quant.QuantizedArray)} - set(adapters)
     np.testing.assert_allclose(jax.jit(quant.apply(model.apply))(merged_params, ids), g(dense, adapters, ids),
                                atol=1e-5, rtol=0)
+    # requantize=True: each merged weight (a layer stack when scanned) quantized as it was
+    again = lj.tree.flatten(lj.merge(config, jax.tree.map(jnp.copy, qparams), adapters, requantize=True))
+    for p in adapters:
+        was, now = lj.tree.flatten(qparams)[p], again[p]
+        want = quant.quantize({"w": folded[p]}, targets=["w"], scheme=scheme, double_quant=double,
+                              **({"block_size": was.block_size} if scheme == "nf4" else {}))["w"]
+        assert (now.shape, now.dtype, now.block_size) == (was.shape, was.dtype, was.block_size)
+        for x, y in zip(jax.tree.leaves(now), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(x, y, err_msg=p)
 
 
 def test_summary_multi_and_merged_export_on_nf4(tmp_path):
@@ -125,3 +134,6 @@ def test_quantize_errors():
         quant.quantize({"layer": {"w": jnp.ones(4)}}, targets=["layer"])
     with pytest.raises(ValueError, match=r"'transformer/h/0/attn/c_attn/kernel' is already quantized"):
         quant.quantize(quant.quantize(params), targets=["c_attn"])
+    kernel = lj.tree.flatten(quant.quantize(params))["transformer/h/0/attn/c_attn/kernel"]
+    with pytest.raises(ValueError, match=r"requantize: shape \(3, 4\) is not the quantized weight's \(32, 96\)"):
+        quant.requantize(jnp.zeros((3, 4)), kernel)

@@ -237,3 +237,53 @@ def test_squad_cli_on_a_4bit_checkpoint(wide_dirs, tmp_path, capsys):
         assert squad.main(cli_args(nf4, data, tmp_path / "bad", *extra, *flag)) == 1
         assert f"already 4-bit NF4, which {' '.join(flag)} cannot take" in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def _bnb_quantized(directory, scheme: str):
+    """transformers' bitsandbytes model of `directory`: "nf4", "nf4-double" (double quantization) or "int8"."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    qc = (BitsAndBytesConfig(load_in_8bit=True) if scheme == "int8" else
+          BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                             bnb_4bit_use_double_quant=scheme == "nf4-double"))
+    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=qc, device_map="cpu",
+                                                attn_implementation="eager").eval()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-double", "int8"])
+def test_requantizing_merge_is_peft_merge_and_unload(scheme, wide_dirs, tmp_path):
+    """merge(..., requantize=True) of a PEFT adapter on the quantized base leaves the bytes that
+    PEFT's merge_and_unload leaves in transformers' bitsandbytes model (dequantize, add s * B A,
+    quantize again with the same settings), and the logits of that merged model; the weights
+    without LoRA keep their bytes."""
+    base_dir = wide_dirs["gpt2"]
+    pm = peft.get_peft_model(_bnb_quantized(base_dir, scheme), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], init_lora_weights=False))  # random A and B
+    pm.save_pretrained(tmp_path / "adapter")
+    merged = pm.merge_and_unload()
+    model, params = from_pretrained(base_dir)
+    qparams = quant.quantize(params, scheme="int8" if scheme == "int8" else "nf4", double_quant=scheme == "nf4-double")
+    got = lp.load_peft(tmp_path / "adapter", qparams, model_config=model.config)
+    ours = lj.merge(got.config, jax.tree.map(jnp.copy, qparams), got.adapters, requantize=True)
+    flat, before = lj.tree.flatten(ours), lj.tree.flatten(qparams)
+    dequantized = {}
+    for mod_name, mod in merged.named_modules():
+        if type(mod).__name__ not in ("Linear4bit", "Linear8bitLt"):
+            continue
+        path = "transformer/h/" + mod_name.split(".", 2)[2].replace(".", "/") + "/kernel"
+        q, w = flat[path], mod.weight
+        assert isinstance(q, quant.QuantizedArray) and q.scheme == before[path].scheme
+        assert q.block_size == before[path].block_size and (q.absmax2 is None) == (before[path].absmax2 is None)
+        changed = mod_name.endswith(("c_attn", "c_fc"))
+        assert changed != np.array_equal(np.asarray(q.codes), np.asarray(before[path].codes)), mod_name
+        np.testing.assert_array_equal(np.asarray(q.codes), w.data.numpy().reshape(-1), err_msg=mod_name)
+        if scheme == "int8":
+            np.testing.assert_array_equal(np.asarray(q.absmax), w.SCB.numpy(), err_msg=mod_name)
+            dequantized[mod_name] = bnb_functional.int8_vectorwise_dequant(w.data, w.SCB)
+        else:
+            dequantized[mod_name] = bnb_functional.dequantize_4bit(w.data, w.quant_state)
+            np.testing.assert_allclose(np.asarray(q.materialise()), dequantized[mod_name].numpy().T, rtol=1e-6,
+                                       err_msg=mod_name)
+    assert len(dequantized) == 4 * model.config.num_layers
+    np.testing.assert_allclose(np.asarray(jax.jit(quant.apply(model.apply))(ours, IDS)),
+                               _logits(dequantized_reference(base_dir, dequantized)), atol=ATOL, rtol=0)
