@@ -19,7 +19,7 @@ from train import data, extractive, squad
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-from test_squad import NAMES, PLACES, cli_args, tiny_squad  # noqa: E402
+from test_squad import NAMES, PLACES, _run_subprocess, cli_args, losses, tiny_squad  # noqa: E402
 
 CONTEXT = " ".join(f"{n} lives in {PLACES[i]} and likes {PLACES[(i + 1) % 4]}." for i, n in enumerate(NAMES[:4]))
 EX = ["--extractive", "--doc-stride", "4", "--max-answer-length", "4"]  # windows of 26 tokens (ex_args)
@@ -224,3 +224,18 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         with pytest.raises(SystemExit):
             squad.main([flag, value, "--output-dir", str(tmp_path / "x")])
         assert f"{flag} belongs to --extractive's span reading: pass --extractive with it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parallel", ["pmap", "fsdp"])
+def test_extractive_data_parallel_matches_one_device(tiny_gpt2_dir, tmp_path, parallel):
+    """Span batches over 4 devices (pmap, fsdp): one device's losses, validation losses and answers."""
+    squad_file = tiny_squad(tmp_path / "squad.json")
+    extra = ("--steps", "3", "--no-base-eval", "--eval-every", "2")
+    assert squad.main(ex_args(tiny_gpt2_dir, squad_file, tmp_path / "one", *extra)) == 0
+    _run_subprocess(ex_args(tiny_gpt2_dir, squad_file, tmp_path / parallel, *extra, "--parallel", parallel),
+                    devices=4)
+    for key, n in (("loss", 3), ("val_loss", 2)):
+        assert len(losses(tmp_path / "one", key=key)) == n
+        np.testing.assert_allclose(losses(tmp_path / parallel, key=key), losses(tmp_path / "one", key=key), rtol=1e-5)
+    assert json.loads((tmp_path / parallel / "predictions_lora.json").read_text()) == \
+        json.loads((tmp_path / "one" / "predictions_lora.json").read_text())
