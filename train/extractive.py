@@ -154,7 +154,8 @@ def predict(apply_fn: Callable[..., Any], params, features: Sequence[Feature], r
             batch_size: int, buckets: Sequence[int], pad_id: int, max_answer_len: int = 30,
             v2: bool = False, null_threshold: float = 0.0) -> dict[str, str]:
     """Answers {id: text}, as run_qa.py's postprocessing picks them: each record's best span over
-    its features (start + end logit, in the context, at most `max_answer_len` tokens), its text the
+    its features (start + end logit, in the context, at most `max_answer_len` tokens; found
+    exhaustively, where run_qa.py searches the pairs of its 20 best starts and ends), its text the
     context's characters between the two tokens, stripped. SQuAD v2.0: "" when the lowest null score
     (token 0's start + end logit over the features) beats the best span's by more than
     `null_threshold` (run_qa.py's null_score_diff_threshold).
