@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import quax
 
-from . import bdlora, tree, velora
+from . import bdlora, quant, tree, velora
 from .config import ALL_LINEAR, DATA_INITS, MICA, LoraConfig
 from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
 
@@ -553,20 +553,18 @@ def merge(config: LoraConfig, params: PyTree, adapters: Adapters, *, requantize:
     weight (`quant.QuantizedArray`, NF4 or int8) that is adapted comes back dense, in its compute
     dtype; with `requantize=True` quantized again as it was (scheme, block size, double
     quantization), as PEFT's `merge_and_unload` of a bitsandbytes 4- or 8-bit model leaves it."""
-    from .quant import QuantizedArray, requantize as quantize_like
-
     if config.alora_invocation_tokens is not None:
         raise ValueError("an aLoRA adapter (alora_invocation_tokens) acts on some tokens only: it cannot be merged "
                          "into the weights (nor can PEFT merge it)")
     tokens = _check(config, params, adapters)
-    was = {p: w for p, w in tree.flatten(params).items() if p in adapters and isinstance(w, QuantizedArray)} \
+    was = {p: w for p, w in tree.flatten(params).items() if p in adapters and isinstance(w, quant.QuantizedArray)} \
         if requantize else {}
     # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
     # buffer is the dense one the merged weight can reuse.
     params = tree.map_with_path(lambda p, w: dense(w) if p in adapters else w, params)
     merged = _merge_jit(scales(config, adapters), params, bdlora.mask_adapters(config, adapters), 1.0,
                         _token_items(tokens, adapters))
-    return tree.map_with_path(lambda p, w: quantize_like(w, was[p]) if p in was else w, merged) if was else merged
+    return tree.map_with_path(lambda p, w: quant.requantize(w, was[p]) if p in was else w, merged) if was else merged
 
 
 def unmerge(config: LoraConfig, params: PyTree, adapters: Adapters) -> PyTree:

@@ -97,7 +97,8 @@ def featurize(tokenizer: Any, records: Sequence[QARecord], max_len: int, doc_str
     return Features(tuple(out), skipped, split)
 
 
-def make_batch(features: Sequence[Feature], batch_size: int, buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+def make_batch(features: Sequence[Feature], batch_size: int, buckets: Sequence[int],
+               pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded batch of exactly `batch_size` rows: input_ids, attention_mask, context_mask (the
     tokens an answer may use), start_positions / end_positions and weight (1 for a feature, 0 for
     a filler row, which stays fully visible so that no row is all padding)."""

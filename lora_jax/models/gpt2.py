@@ -185,7 +185,7 @@ class GPT2Block(nn.Module):
         return x, new_kv
 
 
-def check_positions(limit: int, length: int, attention_mask: jax.Array | None) -> None:
+def _check_positions(limit: int, length: int, attention_mask: jax.Array | None) -> None:
     """Refuse a row whose positions run past GPT-2's learned table (reading there gives NaN: jnp.take
     fills). Positions count real tokens, so a left-padded row may be longer than the table; under
     jit a mask's count is unknown and only an unmasked row is refused."""
@@ -211,7 +211,7 @@ class GPT2Transformer(nn.Module):
         cfg = self.config
         B, T = input_ids.shape
         if cache is None and segment_ids is None and T > cfg.max_position_embeddings:
-            check_positions(cfg.max_position_embeddings, T, attention_mask)
+            _check_positions(cfg.max_position_embeddings, T, attention_mask)
         inp = attention_inputs(attention_mask, cache, B, T, segment_ids)
         x = embed(cfg, cfg.vocab_size, "wte")(input_ids)  # [B, T, D]
         x = x + embed(cfg, cfg.max_position_embeddings, "wpe")(inp.positions)  # [B, T, D]
