@@ -54,6 +54,9 @@ def test_windows_are_the_tokenizers_overflow(n, room, stride):
 
 
 def test_features_label_the_gold_span(tiny_gpt2_dir):
+    """Each feature is the question (leading spaces dropped) and a window of the context; the
+    windows cover the context; a window holding the whole first answer is labelled with its
+    tokens, any other with 0; a question leaving no more than the stride is skipped and counted."""
     tok = load_tokenizer(tiny_gpt2_dir)
     recs = records(v2=True)
     q_len = max(len(tok(r.question.lstrip())["input_ids"]) for r in recs)
@@ -76,7 +79,6 @@ def test_features_label_the_gold_span(tiny_gpt2_dir):
                 assert f.end == 0
         assert covered == set(range(len(ctx)))
         assert any(f.start for f in feats) == r.answerable  # some window holds each answer whole
-    # a question that leaves no more than the stride of --max-len is skipped and counted
     short = extractive.featurize(tok, recs, max_len=q_len + 4, doc_stride=4)
     assert short.skipped >= 1 and len({f.id for f in short.features}) == len(recs) - short.skipped
 
