@@ -377,7 +377,7 @@ def test_eval_batches_left_pad_and_cover_everything(tok):
         T = b["input_ids"].shape[1]
         for row, (id_, valid) in enumerate(zip(b["ids"], b["valid"])):
             if not valid:
-                assert id_ == "" and b["attention_mask"][row].all()
+                assert id_ == "" and b["attention_mask"][row].tolist() == [0] * (T - 1) + [1]  # one token
                 continue
             n = len(by_id[id_].tokens)
             assert b["attention_mask"][row].tolist() == [0] * (T - n) + [1] * n

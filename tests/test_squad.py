@@ -489,12 +489,27 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
     assert squad.main(["--init", "orthogonal", "--rank", "3", "--output-dir", str(tmp_path / "x")]) == 1
     assert "init='orthogonal' needs an even rank; 'transformer/h/0/attn/c_attn/kernel' has rank 3" in \
         capsys.readouterr().err
-    assert squad.main(["--max-len", "300", "--output-dir", str(tmp_path / "x")]) == 1
-    assert "--max-len 300 exceeds the 256 positions of model" in capsys.readouterr().err
     assert squad.main(["--layers-to-transform", "4,7", "--output-dir", str(tmp_path / "x")]) == 1
     assert "layers_to_transform=[4, 7] (layers_pattern=None) keeps none of the 12 targeted weights" in \
         capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_examples_past_the_positions_are_refused(tiny_gpt2_dir, tmp_path, capsys):
+    """A training example longer than the tiny GPT-2's 64 positions would read NaN position rows: it
+    is refused by name before anything is written (packed rows may be longer: see the packing test)."""
+    ctx = "Ana lives in Rome. Bo lives in Oslo. Cy lives in Lima."
+    record = {"id": "q", "question": "Where does Cy live?",
+              "answers": [{"text": "Lima", "answer_start": ctx.index("Lima")}]}
+    (tmp_path / "long.json").write_text(json.dumps({"version": "1.1", "data": [
+        {"title": "t", "paragraphs": [{"context": ctx, "qas": [record]}]}]}))
+    args = cli_args(tiny_gpt2_dir, tmp_path / "long.json", tmp_path / "x", "--steps", "1")
+    args[args.index("--max-len") + 1] = "128"
+    assert squad.main(args) == 1
+    assert "a training example of 85 tokens exceeds the 64 positions of model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    args[args.index("--max-len") + 1] = "64"  # what the error asks: the context is cut around the answer
+    assert squad.main(args) == 0
 
 
 def test_reduce_intruders_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

@@ -34,8 +34,9 @@ Batches (all numpy, fixed shapes: rows = `batch_size`, length = the smallest buc
     (1 where `labels[:, t]` is a target, aligned with the logits at position t). Right-padded.
   eval: `input_ids` int32 [B, T] left-padded prompts, `attention_mask` int32 [B, T],
     `position_ids` int32 [B, T], `ids` list[str] (`""` on filler rows), `valid` bool [B].
-Filler rows (to complete the last batch) have `loss_mask == 0` / `valid == False` and an
-all-ones attention mask, so no attention row is fully masked (which can give NaNs).
+Filler rows (to complete the last batch) have `loss_mask == 0` / `valid == False`, so no attention
+row is fully masked (which can give NaNs): in training an all-ones attention mask, in eval one
+real token (the last), which leaves every position for the new tokens of the real rows.
 
 Packing (`pack`, as TRL's `packing=True`, with no attention across examples): training examples side by
 side in rows of `max_len` tokens, each row's batch entry then also holding `segment_ids` int32
@@ -648,6 +649,7 @@ def make_eval_batch(examples: Sequence[Encoded], batch_size: int, buckets: Seque
         n = len(e.tokens)
         input_ids[i, T - n :] = e.tokens
         attention_mask[i, : T - n] = 0
+    attention_mask[len(examples):, :-1] = 0  # filler rows: one token, so their positions stay below the real rows'
     position_ids = np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int32)
     ids = [e.id for e in examples] + [""] * (batch_size - len(examples))
     valid = np.arange(batch_size) < len(examples)

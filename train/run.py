@@ -12,7 +12,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,6 @@ def load_model(args):
                                                            **kw)
     else:
         model, params = from_pretrained(name, **kw)
-    limit = getattr(model.config, "max_position_embeddings", None)  # GPT-2's learned positions (BLOOM: ALiBi)
-    if limit is not None and args.max_len > limit:
-        raise ValueError(f"--max-len {args.max_len} exceeds the {limit} positions of model {name} "
-                         "(max_position_embeddings)")
     tok_name = args.tokenizer or name
     tokenizer = load_tokenizer(tok_name)
     if tokenizer.eos_token_id is None:
@@ -104,6 +100,18 @@ def load_data(args, tokenizer, log):
     if not enc_train.examples:
         raise ValueError(f"no training example fits --max-len {args.max_len}")
     return enc_train.examples, enc_val.examples, val_records, v2
+
+
+def check_positions(args, model, splits: dict[str, Sequence]) -> None:
+    """Every training (and validation-loss) example must fit the model's learned positions (GPT-2's;
+    BLOOM's ALiBi has no limit): past them its logits would be NaN. Packed rows may be longer, as
+    positions restart at each example; generation checks its own prompts."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    for name, examples in splits.items():
+        longest = max((e.length for e in examples), default=0)
+        if limit is not None and longest > limit:
+            raise ValueError(f"a {name} example of {longest} tokens exceeds the {limit} positions of model "
+                             f"{args.model or EMBEDDED_MODEL} (max_position_embeddings): pass --max-len {limit} or less")
 
 
 def span_features(args, tokenizer, train_records, val_records, log) -> tuple[tuple, tuple]:
@@ -569,6 +577,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, params, tokenizer = load_model(args)
     train_ex, val_ex, val_records, squad_v2 = load_data(args, tokenizer, log)
     val_loss_ex = loss_examples(args, tokenizer, val_records, log, val_ex)
+    check_positions(args, model, {"training": train_ex, "validation": val_loss_ex})
     adapters0 = None
     if args.init_adapter:
         lora, adapters0, params = load_init_adapter(args.init_adapter, params, model)
