@@ -327,6 +327,10 @@ def test_generation_refusals(ckpt):
         model.apply(params, long)
     left = (np.arange(65) >= 5).astype(np.int32)[None]  # 5 pads, 60 real tokens
     np.testing.assert_allclose(model.apply(params, long, left)[:, 5:], model.apply(params, long[:, 5:]), atol=1e-5)
+    # Token ids outside the vocabulary would read NaN rows too: refused where they are concrete.
+    for bad in (320, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary of 320 tokens"):
+            model.apply(params, np.array([[5, bad, 7]]))
     # Positions count real tokens: rows of 4 (row 2: 6 pads) fit 60 new tokens in 64 positions.
     assert generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}).shape == (1, 60)
     # Under jit the real lengths are unknown: only the padded length is checked.

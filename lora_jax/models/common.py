@@ -25,6 +25,7 @@ from typing import Any, ClassVar, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -458,6 +459,11 @@ class CausalLM:
                 raise ValueError("segment_ids replaces attention_mask (0 marks padding) and takes no cache")
             if segment_ids.shape != input_ids.shape:
                 raise ValueError(f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}")
+        if not isinstance(input_ids, jax.core.Tracer):  # concrete ids (outside jit): out-of-vocabulary ones would
+            ids = np.asarray(input_ids)                  # read NaN rows (jnp.take fills), where torch raises
+            if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.vocab_size} tokens")
         rngs = None if deterministic else {"dropout": rng}
         hidden, new_cache = self.config.make_module(deterministic).apply(
             {"params": params["transformer"]}, input_ids, attention_mask, cache, segment_ids, rngs=rngs
