@@ -464,7 +464,7 @@ def choose_window(n: int, budget: int, span: tuple[int, int] | None) -> tuple[in
     return start, start + budget
 
 
-def _token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
     """Indices [i0, i1) of the tokens overlapping characters [start, end)."""
     hit = [i for i, (s, e) in enumerate(offsets) if s < end and e > start and e > s]
     return (hit[0], hit[-1] + 1) if hit else None
@@ -529,7 +529,7 @@ def encode(
         span = None  # keep the context's start: no answer to centre on, or window="start"
         if rec.answerable and (train or window == "answer"):
             start = rec.answer_starts[0]
-            span = _token_span(offsets, start, start + len(rec.answers[0]))
+            span = token_span(offsets, start, start + len(rec.answers[0]))
         budget = max_len - len(head) - len(tail) - len(ans) - len(eos)
         win = choose_window(len(ctx_ids), budget, span) if budget > 0 else None
         if win is None:

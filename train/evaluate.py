@@ -52,8 +52,14 @@ def evaluate(apply_fn, params, model, tokenizer, examples, records, *, v2: bool 
     """(scores {"exact_match", "f1"} (v2: with `has_answer` / `no_answer` parts), predictions) on
     the encoded eval examples; an empty answer (EOS first) is the v2.0 "no answer"."""
     preds = predict(apply_fn, params, model, tokenizer, examples, **kw)
+    return score_answers(preds, records, v2=v2), preds
+
+
+def score_answers(preds: dict[str, str], records, *, v2: bool = False) -> dict[str, Any]:
+    """The official SQuAD v1.1 (or v2.0) scores of answers {id: text} against the records they
+    answer."""
     by_id = {r.id: r for r in records}
-    return (squad_v2_scores if v2 else squad_scores)(preds, [by_id[i] for i in preds]), preds
+    return (squad_v2_scores if v2 else squad_scores)(preds, [by_id[i] for i in preds])
 
 
 def text_loss(apply_fn: Callable[..., Any], params, tokenizer, texts: Sequence[str], *, max_len: int,

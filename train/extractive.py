@@ -23,8 +23,8 @@ import numpy as np
 import lora_jax as lj
 from lora_jax.models.heads import best_spans
 
-from .data import QARecord, _token_span, bucket_for
-from .metrics import squad_scores, squad_v2_scores
+from .data import QARecord, token_span, bucket_for
+from .evaluate import score_answers
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def featurize(tokenizer: Any, records: Sequence[QARecord], max_len: int, doc_str
         gold = None
         if rec.answerable:
             a = rec.answer_starts[0]
-            gold = _token_span(offsets, a, a + len(rec.answers[0]))  # [i0, i1) of the context's tokens
+            gold = token_span(offsets, a, a + len(rec.answers[0]))  # [i0, i1) of the context's tokens
         spans = windows(len(ids), room, doc_stride)
         split += len(spans) > 1
         for lo, hi in spans:
@@ -184,6 +184,5 @@ def evaluate(apply_fn, params, features: Sequence[Feature], records: Sequence[QA
              **kw) -> tuple[dict[str, Any], dict[str, str]]:
     """(scores, predictions) as `evaluate.evaluate` gives them, from `predict`'s spans."""
     preds = predict(apply_fn, params, features, records, v2=v2, **kw)
-    by_id = {r.id: r for r in records}
-    return (squad_v2_scores if v2 else squad_scores)(preds, [by_id[i] for i in preds]), preds
+    return score_answers(preds, records, v2=v2), preds
 

@@ -180,6 +180,15 @@ def embed(cfg: BaseConfig, num: int, name: str) -> nn.Embed:
     )
 
 
+def longest_row(attention_mask: jax.Array) -> int | None:
+    """The most real tokens in a row of a concrete mask [B, T] (positions count only those, so left
+    padding takes none); None under jit, where the mask is not known."""
+    try:
+        return int(jnp.max(jnp.sum(jnp.asarray(attention_mask) > 0, axis=1)))
+    except jax.errors.ConcretizationTypeError:
+        return None
+
+
 class AttnContext(NamedTuple):
     """What every layer needs besides its input; arrays only, so it can go through nn.scan."""
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.models import beam, processors
-from lora_jax.models.common import BaseConfig, CausalLM, Params
+from lora_jax.models.common import BaseConfig, CausalLM, Params, longest_row
 
 
 def sample_logits(
@@ -129,10 +129,7 @@ def _setup(
     limit = getattr(cfg, "max_position_embeddings", None)  # GPT-2's learned positions; BLOOM's ALiBi has none
     longest = jnp.shape(input_ids)[1]
     if limit is not None and attention_mask is not None and longest + max_new_tokens > limit:
-        try:  # positions count real tokens, so left padding takes none
-            longest = int(jnp.max(jnp.sum(jnp.asarray(attention_mask) > 0, axis=1)))
-        except jax.errors.ConcretizationTypeError:  # under jit: the real lengths are not known
-            longest = 0
+        longest = longest_row(attention_mask) or 0  # under jit the real lengths are not known
     if limit is not None and longest + max_new_tokens > limit:
         raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_position_embeddings {limit}")

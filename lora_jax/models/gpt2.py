@@ -33,6 +33,7 @@ from lora_jax.models.common import (
     embed,
     hf_get,
     layer_norm,
+    longest_row,
     run_layers,
     update_kv,
 )
@@ -189,13 +190,8 @@ def _check_positions(limit: int, length: int, attention_mask: jax.Array | None) 
     """Refuse a row whose positions run past GPT-2's learned table (reading there gives NaN: jnp.take
     fills). Positions count real tokens, so a left-padded row may be longer than the table; under
     jit a mask's count is unknown and only an unmasked row is refused."""
-    longest = length
-    if attention_mask is not None:
-        try:
-            longest = int(jnp.max(jnp.sum(jnp.asarray(attention_mask) > 0, axis=1)))
-        except jax.errors.ConcretizationTypeError:
-            return
-    if longest > limit:
+    longest = length if attention_mask is None else longest_row(attention_mask)
+    if longest is not None and longest > limit:
         raise ValueError(f"a row of {longest} tokens exceeds this GPT-2's max_position_embeddings ({limit}, its "
                          "learned positions)")
 
