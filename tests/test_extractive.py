@@ -209,6 +209,32 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
                               str(out / "peft"))) == 0
     assert json.loads((scored / "predictions_lora.json").read_text()) == answers
 
+    # SQuAD v2.0: run_qa.py's null odds per question, and evaluate-v2.0.py's best threshold, which
+    # as --null-score-diff-threshold gives the best F1; an earlier run's files of other models go
+    rows = [{"id": f"{k}{i}", "context": f"{n} lives in {PLACES[i % 4]}.", "question": f"{q} does {n} {v}?",
+             "answers": {"text": [PLACES[i % 4]] if k == "q" else [], "answer_start": [len(n) + 9] if k == "q" else []}}
+            for i, n in enumerate(NAMES) for k, q, v in (("q", "Where", "live"), ("n", "What", "eat"))]
+    v2 = tmp_path / "v2.jsonl"
+    v2.write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "v2run").mkdir()
+    (tmp_path / "v2run" / "predictions_full.json").write_text("{}")
+    runs = {}
+    for name, extra in (("one", ("--null-score-diff-threshold", "1")), ("best", None)):
+        extra = extra or ("--null-score-diff-threshold", repr(runs["one"][0]["best_f1_thresh"]))
+        assert squad.main(ex_args(tiny_gpt2_dir, v2, tmp_path / "v2run", "--eval-only", "--no-base-eval",
+                                  "--init-adapter", str(out / "peft"), "--version-2-with-negative", *extra)) == 0
+        s = json.loads((tmp_path / "v2run" / "summary.json").read_text())["scores"]["lora"]
+        odds = json.loads((tmp_path / "v2run" / "null_odds_lora.json").read_text())
+        preds = json.loads((tmp_path / "v2run" / "predictions_lora.json").read_text())
+        runs[name] = (s, odds, preds)
+    printed = capsys.readouterr().out
+    assert "| best EM | at --null-score-diff-threshold | best F1 |" in printed
+    assert "removed 1 file(s) of an earlier run" in printed and not (tmp_path / "v2run" / "predictions_full.json").exists()
+    (one, odds, spans), (best, _, preds) = runs["one"], runs["best"]
+    assert len(odds) == 4 and max(odds.values()) < 1  # threshold 1: every best span is the answer
+    assert preds == {k: t if odds[k] <= one["best_f1_thresh"] else "" for k, t in spans.items()}
+    assert best["f1"] == pytest.approx(one["best_f1"]) and one["best_f1"] > one["f1"]  # the threshold mattered here
+
     # a generation adapter has no head to train; a QA adapter generates nothing
     assert squad.main(cli_args(tiny_gpt2_dir, squad_file, tmp_path / "gen", "--steps", "1")) == 0
     capsys.readouterr()

@@ -1,9 +1,15 @@
-"""The official SQuAD v1.1 and v2.0 EM/F1 on hand-checked examples."""
+"""The official SQuAD v1.1 and v2.0 EM/F1 on hand-checked examples; v2.0's best-threshold sweep
+against every threshold and against evaluate-v2.0.py's own."""
+
+import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from train.data import QARecord
-from train.metrics import exact_match, f1, f1_v2, normalize_answer, squad_scores, squad_v2_scores
+from train.metrics import (best_thresholds, exact_match, f1, f1_v2, normalize_answer, squad_scores,
+                           squad_v2_scores)
 
 
 @pytest.mark.parametrize(
@@ -89,3 +95,54 @@ def test_squad_v2_scores_by_hand():
     # Without unanswerable records only the HasAns part is reported; a missing prediction scores 0.
     assert set(squad_v2_scores({"c": "Paris"}, records[:2])) == {"exact_match", "f1", "total", "has_answer"}
     assert squad_v2_scores({"c": "Paris"}, records[:2])["exact_match"] == 50.0
+
+
+def _official_best(preds, scores, na_probs, qid_to_has_ans):
+    """evaluate-v2.0.py's `find_best_thresh`, verbatim but for names (scores: raw, x1)."""
+    num_no_ans = sum(1 for k in qid_to_has_ans if not qid_to_has_ans[k])
+    cur_score = best_score = num_no_ans
+    best_thresh = 0.0
+    for qid in sorted(na_probs, key=lambda k: na_probs[k]):
+        if qid not in scores:
+            continue
+        diff = scores[qid] if qid_to_has_ans[qid] else (-1 if preds[qid] else 0)
+        cur_score += diff
+        if cur_score > best_score:
+            best_score, best_thresh = cur_score, na_probs[qid]
+    return 100.0 * best_score / len(scores), best_thresh
+
+
+WORDS = ["paris", "rome", "the cat", "cat", "big cat", "oslo"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(WORDS + [None]), st.sampled_from(WORDS), st.integers(-3, 3)),
+                min_size=1, max_size=12))
+def test_best_thresholds_are_the_best_threshold(rows):
+    """The sweep's scores are the best any threshold gives (abstaining where the odds exceed it),
+    its thresholds give them, and with distinct odds they are evaluate-v2.0.py's."""
+    records = [QARecord(f"q{i}", "ctx", "q?", () if gold is None else (gold,), () if gold is None else (0,))
+               for i, (gold, _, _) in enumerate(rows)]
+    answers = {f"q{i}": a for i, (_, a, _) in enumerate(rows)}
+    odds = {f"q{i}": float(o) for i, (_, _, o) in enumerate(rows)}
+    got = best_thresholds(answers, odds, records)
+
+    def at(t):  # squad_v2_scores of the answers thresholded at t
+        return squad_v2_scores({k: "" if odds[k] > t else a for k, a in answers.items()}, records)
+    candidates = [math.nextafter(min(odds.values()), -math.inf), *odds.values()]
+    for name, key in (("exact", "exact_match"), ("f1", "f1")):
+        assert got[f"best_{name}"] == pytest.approx(max(at(t)[key] for t in candidates))
+        assert at(got[f"best_{name}_thresh"])[key] == pytest.approx(got[f"best_{name}"])
+        if len(set(odds.values())) == len(odds):  # no ties: the official sweep's score
+            metric = exact_match if name == "exact" else f1_v2
+            raw = {r.id: max(metric(answers[r.id], g) for g in (r.answers or ("",))) for r in records}
+            want, _ = _official_best(answers, raw, odds, {r.id: bool(r.answers) for r in records})
+            assert got[f"best_{name}"] == pytest.approx(want)
+
+
+def test_best_thresholds_refuses_missing_odds():
+    records = [_rec("a", "cat"), QARecord("b", "ctx", "q?", (), ())]
+    with pytest.raises(KeyError, match="'b'"):
+        best_thresholds({"a": "cat", "b": "dog"}, {"a": 0.0}, records)
+    with pytest.raises(ValueError, match="no records"):
+        best_thresholds({}, {}, [])

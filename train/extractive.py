@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from lora_jax.models.heads import best_spans
 
 from .data import QARecord, token_span, bucket_for
 from .evaluate import score_answers
+from .metrics import best_thresholds
 
 
 @dataclass(frozen=True)
@@ -151,15 +152,19 @@ def _best(apply_fn, params, ids, mask, allowed, max_answer_len):
     return spans, scores, (start[:, 0] + end[:, 0]).astype(jnp.float32)
 
 
-def predict(apply_fn: Callable[..., Any], params, features: Sequence[Feature], records: Sequence[QARecord], *,
-            batch_size: int, buckets: Sequence[int], pad_id: int, max_answer_len: int = 30,
-            v2: bool = False, null_threshold: float = 0.0) -> dict[str, str]:
-    """Answers {id: text}, as run_qa.py's postprocessing picks them: each record's best span over
-    its features (start + end logit, in the context, at most `max_answer_len` tokens; found
-    exhaustively, where run_qa.py searches the pairs of its 20 best starts and ends), its text the
-    context's characters between the two tokens, stripped. SQuAD v2.0: "" when the lowest null score
-    (token 0's start + end logit over the features) beats the best span's by more than
-    `null_threshold` (run_qa.py's null_score_diff_threshold).
+class Answer(NamedTuple):
+    """A record's best span over its features, and its null score."""
+
+    text: str  # the context's characters between the span's first and last token, stripped
+    score: float  # the span's start + end logit
+    null: float  # the lowest null score (token 0's start + end logit) over the record's features
+
+
+def best_answers(apply_fn: Callable[..., Any], params, features: Sequence[Feature], records: Sequence[QARecord], *,
+                 batch_size: int, buckets: Sequence[int], pad_id: int, max_answer_len: int = 30) -> dict[str, Answer]:
+    """{id: Answer}, as run_qa.py's postprocessing finds them: each record's best span over its
+    features (start + end logit, in the context, at most `max_answer_len` tokens; found
+    exhaustively, where run_qa.py searches the pairs of its 20 best starts and ends).
 
     `apply_fn(params, input_ids, attention_mask) -> (start, end)`; one compile per bucket, reused by
     later calls with the same `apply_fn` (give adapters inside `params`, as `evaluate.predict`)."""
@@ -177,12 +182,36 @@ def predict(apply_fn: Callable[..., Any], params, features: Sequence[Feature], r
             if f.id not in best or score > best[f.id][0]:
                 best[f.id] = (float(score), context[f.id][a:b].strip())  # a token's offsets may hold its space
             null[f.id] = min(null.get(f.id, np.inf), float(n))
-    return {k: "" if v2 and null[k] - score > null_threshold else text for k, (score, text) in best.items()}
+    return {k: Answer(text, score, null[k]) for k, (score, text) in best.items()}
+
+
+def null_odds(answers: dict[str, Answer]) -> dict[str, float]:
+    """{id: null score - best span score}: run_qa.py's `null_odds` file, evaluate-v2.0.py's na_prob."""
+    return {k: a.null - a.score for k, a in answers.items()}
+
+
+def predict(apply_fn: Callable[..., Any], params, features: Sequence[Feature], records: Sequence[QARecord], *,
+            v2: bool = False, null_threshold: float = 0.0, **kw) -> dict[str, str]:
+    """Answers {id: text}: `best_answers`' spans; on SQuAD v2.0, "" where the null odds exceed
+    `null_threshold` (run_qa.py's null_score_diff_threshold). `kw`: `best_answers`'."""
+    return choose(best_answers(apply_fn, params, features, records, **kw), v2=v2, null_threshold=null_threshold)
+
+
+def choose(answers: dict[str, Answer], *, v2: bool, null_threshold: float = 0.0) -> dict[str, str]:
+    """{id: text}, "" on v2.0 where the null odds exceed `null_threshold`."""
+    odds = null_odds(answers)
+    return {k: "" if v2 and odds[k] > null_threshold else a.text for k, a in answers.items()}
 
 
 def evaluate(apply_fn, params, features: Sequence[Feature], records: Sequence[QARecord], *, v2: bool = False,
-             **kw) -> tuple[dict[str, Any], dict[str, str]]:
-    """(scores, predictions) as `evaluate.evaluate` gives them, from `predict`'s spans."""
-    preds = predict(apply_fn, params, features, records, v2=v2, **kw)
-    return score_answers(preds, records, v2=v2), preds
-
+             null_threshold: float = 0.0, **kw) -> tuple[dict[str, Any], dict[str, str], dict[str, float] | None]:
+    """(scores, predictions, null odds) of `predict`'s answers; scores as `evaluate.evaluate` gives
+    them, on v2.0 with evaluate-v2.0.py's best thresholds (`metrics.best_thresholds`) over the null
+    odds, which are None on v1.1."""
+    answers = best_answers(apply_fn, params, features, records, **kw)
+    preds = choose(answers, v2=v2, null_threshold=null_threshold)
+    scores = score_answers(preds, records, v2=v2)
+    if not v2:
+        return scores, preds, None
+    odds = null_odds(answers)
+    return scores | best_thresholds({k: a.text for k, a in answers.items()}, odds, records), preds, odds

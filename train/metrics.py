@@ -12,6 +12,7 @@ apart too (HasAns / NoAns).
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import Counter
@@ -112,3 +113,43 @@ def squad_v2_scores(predictions: Mapping[str, str], records: Iterable[HasAnswers
 
     return {**mean(scored["has_answer"] + scored["no_answer"]),
             **{part: mean(rows) for part, rows in scored.items() if rows}}
+
+
+def best_thresholds(answers: Mapping[str, str], null_odds: Mapping[str, float],
+                    records: Iterable[HasAnswers]) -> dict[str, float]:
+    """evaluate-v2.0.py's `find_all_best_thresh` (its `--na-prob-file` sweep): the best EM and F1
+    (x100) that abstaining wherever a record's `null_odds` exceed a threshold can give, and the
+    threshold, over `answers` = each record's best non-empty answer.
+
+    A record is answered where its odds are at most the threshold, abstains ("") above it, as
+    `extractive.predict`'s `null_threshold` decides (odds = null score - best span score), so
+    `best_f1_thresh` is the `--null-score-diff-threshold` that scores `best_f1`. The sweep steps over
+    whole runs of equal odds (the official one may stop inside one, which no threshold realises) and
+    credits an answer to an unanswerable question with its own score, not -1 (they differ only for
+    an answer that normalises to nothing); with nothing worth answering, the threshold is just
+    below the lowest odds.
+    """
+    records = list(records)
+    if not records:
+        raise ValueError("best_thresholds: no records to score")
+    missing = next((r.id for r in records if r.id not in answers or r.id not in null_odds), None)
+    if missing is not None:
+        raise KeyError(f"best_thresholds: record {missing!r} has no answer or no null odds")
+    out: dict[str, float] = {}
+    for name, metric in (("exact", exact_match), ("f1", f1_v2)):
+        total = 0.0  # abstaining everywhere: the unanswerable questions score 1 each
+        gains = []  # what answering a record instead of abstaining adds
+        for r in records:
+            golds = [a for a in r.answers if normalize_answer(a)] or [""]
+            score = max(metric(answers[r.id], g) for g in golds)
+            skip = 0.0 if golds != [""] else 1.0
+            total += skip
+            gains.append((float(null_odds[r.id]), score - skip))
+        gains.sort(key=lambda x: x[0])
+        best, thresh = total, math.nextafter(gains[0][0], -math.inf)
+        for i, (odds, gain) in enumerate(gains):
+            total += gain
+            if (i + 1 == len(gains) or gains[i + 1][0] != odds) and total > best:
+                best, thresh = total, odds
+        out[f"best_{name}"], out[f"best_{name}_thresh"] = 100.0 * best / len(records), thresh
+    return out

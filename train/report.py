@@ -96,6 +96,12 @@ def table(summary: Mapping[str, Any], samples: Mapping[str, Mapping[str, str]], 
         lines += ["", "| model | questions | EM | F1 |", "|---|---|---|---|"]
         lines += [f"| {names[k]} | {p.replace('_', ' ')} ({s['total']}) | {s['exact_match']:.1f} | {s['f1']:.1f} |"
                   for k, p, s in halves]
+    best = [(k, v) for k, v in scores.items() if "best_f1" in v]  # --extractive on v2.0: the null-odds sweep
+    if best:
+        lines += ["", "| model | best EM | at --null-score-diff-threshold | best F1 | at --null-score-diff-threshold |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {names[k]} | {v['best_exact']:.1f} | {v['best_exact_thresh']:.4g} | {v['best_f1']:.1f} | "
+                  f"{v['best_f1_thresh']:.4g} |" for k, v in best]
     if summary.get("trainable_params") is not None:
         lines += ["", f"{'adapter' if summary.get('eval_only') else 'trainable'} params: "
                       f"{summary['trainable_params']:,} of {summary['total_params']:,} "

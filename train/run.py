@@ -35,6 +35,7 @@ from .state import TrainCheckpoints, write_json
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODEL = ASSETS / "world_model"  # the small GPT-2 that train/pretrain_world.py produced
 EMBEDDED_DATA = ASSETS / "world"  # the generated SQuAD-format QA set (train/make_assets.py)
+RUNS = {"base", "lora", "reduced", "full"}  # the models a run may score (predictions_<run>.json)
 QUANTIZED = {"nf4": "4-bit NF4", "int8": "8-bit (LLM.int8 rows)"}  # a prequantized checkpoint's weights, in words
 
 
@@ -660,19 +661,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("lora_jax: earlier checkpoints removed")
 
-    if args.extractive:
-        def score(apply_fn, p):
-            return extractive.evaluate(apply_fn, p, val_ex, val_records, batch_size=args.eval_batch_size,
-                                       buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
-                                       max_answer_len=args.max_answer_length, v2=squad_v2,
-                                       null_threshold=args.null_score_diff_threshold)
-    else:
-        def score(apply_fn, p):
-            return evaluate(apply_fn, p, model, tokenizer, val_ex, val_records, batch_size=args.eval_batch_size,
-                            buckets=data.bucket_lengths(args.max_len), max_new_tokens=args.max_new_tokens,
-                            num_beams=args.num_beams, length_penalty=args.length_penalty, v2=squad_v2)
     results: dict[str, dict] = {}
     samples: dict[str, dict[str, str]] = {}
+    odds: dict[str, dict[str, float]] = {}  # --extractive on v2.0: {run: run_qa.py's null odds}
+
+    def score(name: str, apply_fn, p) -> None:
+        """results[name], samples[name] (and odds[name]) of the model `apply_fn(p, ...)`."""
+        if args.extractive:
+            results[name], samples[name], null_odds = extractive.evaluate(
+                apply_fn, p, val_ex, val_records, batch_size=args.eval_batch_size,
+                buckets=data.bucket_lengths(args.max_len), pad_id=data.pad_id_of(tokenizer),
+                max_answer_len=args.max_answer_length, v2=squad_v2, null_threshold=args.null_score_diff_threshold)
+            if null_odds is not None:
+                odds[name] = null_odds
+        else:
+            results[name], samples[name] = evaluate(
+                apply_fn, p, model, tokenizer, val_ex, val_records, batch_size=args.eval_batch_size,
+                buckets=data.bucket_lengths(args.max_len), max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams, length_penalty=args.length_penalty, v2=squad_v2)
     seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -684,7 +690,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_base_eval:
         log("scoring the base model ...")
         with timed("eval_base"):
-            results["base"], samples["base"] = score(base_apply, for_eval(args, params))
+            score("base", base_apply, for_eval(args, params))
     history: list[dict] = []
     if args.eval_only:  # score --init-adapter's adapter as it is (if one was given)
         lora_params, adapters = train_params, adapters0
@@ -712,13 +718,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if adapters is not None:
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
         with timed("eval_lora"):
-            results["lora"], samples["lora"] = score(lora_apply, for_eval(args, (lora_params, adapters)))
+            score("lora", lora_apply, for_eval(args, (lora_params, adapters)))
     reduced = None
     if args.reduce_intruders is not None:
         with timed("reduce_intruders"):
             reduced, intruders = reduce_intruders(args, lora, lora_params, adapters, log)
             log("scoring the adapter with its intruder dimensions reduced ...")
-            results["reduced"], samples["reduced"] = score(lora_apply, for_eval(args, (lora_params, reduced)))
+            score("reduced", lora_apply, for_eval(args, (lora_params, reduced)))
             texts = list(dict.fromkeys(r.context for r in val_records))  # distinct, in order
             text_kw = dict(max_len=args.max_len, batch_size=args.eval_batch_size)
             context_loss = {"base": text_loss(base_apply, for_eval(args, params), tokenizer, texts, **text_kw)} | {
@@ -733,7 +739,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         history += full_hist
         log("scoring the fully fine-tuned model ...")
         with timed("eval_full"):
-            results["full"], samples["full"] = score(model.apply, for_eval(args, full_params))
+            score("full", model.apply, for_eval(args, full_params))
 
     base_name = str(args.model or EMBEDDED_MODEL)
     if args.init == "loftq" and primary:  # its adapters belong with its base: PEFT's LoftQ workflow
@@ -776,6 +782,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if primary:
         for name, preds in samples.items():  # {id: answer}: the official evaluate-v1.1.py / v2.0.py input
             write_json(out / f"predictions_{name}.json", preds)
+        for name, null_odds in odds.items():  # {id: null score - best span score}: evaluate-v2.0.py's na_prob file
+            write_json(out / f"null_odds_{name}.json", null_odds)
+        stale = [f for kind, runs in (("predictions", samples), ("null_odds", odds)) for f in
+                 sorted(out.glob(f"{kind}_*.json")) if f.stem.removeprefix(kind + "_") in RUNS - set(runs)]
+        for f in stale:  # an earlier run's, of a model this run did not score: it would pass for this run's
+            f.unlink()
+        if stale:
+            log(f"removed {len(stale)} file(s) of an earlier run in {out}: {', '.join(f.name for f in stale)}")
         write_json(out / "summary.json", summary)
         if not args.eval_only:
             report.loss_plot(out / "metrics.jsonl", out / "loss.png")

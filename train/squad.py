@@ -15,8 +15,9 @@ batch 4 x accumulation 4, lr 1e-3, warmup 100):
     python -m train.squad --model bigscience/bloom-560m --data squad --dtype bfloat16
     python -m train.squad --model gpt2 --data squad_v2  # SQuAD v2.0, unanswerable questions included
 
-Outputs in --output-dir: metrics.jsonl, loss.png, summary.json, the orbax adapter (adapter/),
-its PEFT export (peft/), and training checkpoints (checkpoints/, for --resume).
+Outputs in --output-dir: metrics.jsonl, loss.png, summary.json, predictions_<model>.json (and with
+--extractive on SQuAD v2.0 null_odds_<model>.json), the orbax adapter (adapter/), its PEFT export
+(peft/), and training checkpoints (checkpoints/, for --resume).
 """
 
 from __future__ import annotations
