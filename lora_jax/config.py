@@ -28,11 +28,20 @@ Pattern = str | tuple[str, ...]
 FLAX_ATTENTION_AXES = {"(.*/)?(query|key|value)": (1, 2), "(.*/)?out": (2, 1)}
 
 
+def _regex(value: str, where: str) -> str:
+    """`value`, once it compiles: a bad pattern is named here, not deep inside the first match."""
+    try:
+        re.compile(value)
+    except re.error as e:
+        raise ValueError(f"LoraConfig.{where}: {value!r} is not a valid regular expression ({e})") from None
+    return value
+
+
 def _as_pattern(value: Any, name: str, *, optional: bool) -> Pattern | None:
     if value is None and optional:
         return None
     if isinstance(value, str):
-        return value
+        return _regex(value, name)
     if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise ValueError(f"LoraConfig.{name} must be a regex string or a non-empty list of names, got {value!r}")
@@ -311,6 +320,8 @@ class LoraConfig:
             value = getattr(self, name)
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise ValueError(f"LoraConfig.{name} must map patterns (strings) to values, got {value!r}")
+            for k in value:
+                _regex(k, f"{name} key")
             set_(name, dict(value))
         for name, r in [("rank", self.rank), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
@@ -417,6 +428,8 @@ class LoraConfig:
             if not (isinstance(pattern, Sequence) and pattern and all(isinstance(p, str) and p for p in pattern)):
                 raise ValueError(f"LoraConfig.layers_pattern must be a name (regex) or a list of them, got "
                                  f"{self.layers_pattern!r}")
+            for p in pattern:
+                _regex(p, "layers_pattern")
             if layers is None:  # PEFT refuses this too: a pattern alone selects nothing
                 raise ValueError("LoraConfig.layers_pattern needs layers_to_transform (the layer indices to adapt)")
             object.__setattr__(self, "layers_pattern", tuple(pattern))

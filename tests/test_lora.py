@@ -409,6 +409,11 @@ def test_exclude_and_regex_targets():
     ({"targets": ["c"]}, {"c": {"kernel": jnp.zeros((4,))}}, r"'c/kernel' has shape \(4,\): not a matrix"),
     ({"init": "xavier"}, None, "unknown init 'xavier'"),
     ({"bias": "some"}, None, "unknown bias 'some'"),
+    ({"targets": r"h/(\d+/attn"}, None, r"LoraConfig.targets: 'h/\(\\\\d\+/attn' is not a valid regular expression "
+                                           r"\(missing \)"),
+    ({"exclude": "["}, None, r"LoraConfig.exclude: '\[' is not a valid regular"),
+    ({"rank_pattern": {"*c": 1}}, None, r"LoraConfig.rank_pattern key: '\*c' is not a valid regular"),
+    ({"layers_to_transform": [0], "layers_pattern": "h["}, None, r"LoraConfig.layers_pattern: 'h\[' is not a valid"),
 ])
 def test_bad_config_errors(kwargs, params, match):
     with pytest.raises(ValueError, match=match):

@@ -434,6 +434,14 @@ def test_clear_errors(ckpt):
         convert_hf_state_dict(cfg, untied)
 
 
+def test_a_directory_without_config_is_named(tmp_path):
+    """A local directory that holds no config.json is reported as that, not looked up on the hub."""
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    for load in (load_config, from_pretrained):
+        with pytest.raises(FileNotFoundError, match=f"^{tmp_path}: no config.json there"):
+            load(tmp_path)
+
+
 # ----------------------------------------------------------------------------- export, layout
 
 

@@ -423,6 +423,32 @@ def test_lr_schedules_are_transformers(warmup):
         make_schedule(lr, steps=steps, warmup=warmup, kind="cosine_with_restarts")
 
 
+@pytest.mark.parametrize("clip", [1.0, 0.0])
+def test_optimizer_is_transformers_adamw_with_clipping(clip):
+    """make_optimizer's updates are the Trainer's: clip_grad_norm_(max_grad_norm), then torch AdamW;
+    --clip 0 clips nothing, as max_grad_norm 0 does (clipping to norm 0 would train nothing)."""
+    torch = pytest.importorskip("torch")
+    import jax.numpy as jnp
+    import optax
+
+    from train.loop import make_optimizer
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=5) * rng.uniform(1, 20) for _ in range(4)]  # norms above and below 1
+    w = torch.nn.Parameter(torch.tensor(rng.normal(size=5)))
+    params = jnp.asarray(w.detach().numpy())
+    opt = torch.optim.AdamW([w], lr=1e-2, weight_decay=0.1, eps=1e-8)
+    tx = make_optimizer(1e-2, steps=4, warmup=0, weight_decay=0.1, clip=clip, schedule="constant")
+    state = tx.init(params)
+    for g in grads:
+        w.grad = torch.tensor(g)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([w], clip)
+        opt.step()
+        updates, state = tx.update(jnp.asarray(g), state, params)
+        params = optax.apply_updates(params, updates)
+        np.testing.assert_allclose(np.asarray(params), w.detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_bad_flags_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         squad.main(["--steps", "0", "--output-dir", str(tmp_path / "x")])
@@ -465,6 +491,11 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--bdlora-blocks", "0"], "--bdlora-blocks must be positive, got 0"),
                        (["--eval-every", "0"], "--eval-every must be positive, got 0"),
                        (["--num-beams", "0"], "--num-beams must be positive, got 0"),
+                       (["--lr", "-1"], "--lr must be a positive number, got -1.0"),
+                       (["--full-lr", "nan"], "--full-lr must be a positive number, got nan"),
+                       (["--weight-decay", "-0.1"], "--weight-decay must be a number >= 0, got -0.1"),
+                       (["--clip", "inf"], "--clip must be a number >= 0 (0: no clipping), got inf"),
+                       (["--warmup", "-3"], "--warmup must be >= 0, got -3"),
                        (["--train-samples", "-1"], "--train-samples must be >= 0, got -1"),
                        (["--length-penalty", "2"],
                         "--length-penalty 2.0 ranks beam-search answers: pass --num-beams"),
@@ -482,6 +513,11 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
         with pytest.raises(SystemExit):
             squad.main([*flags, "--output-dir", str(tmp_path / "x")])
         assert msg in capsys.readouterr().err
+    (tmp_path / "afile").write_text("kept")
+    with pytest.raises(SystemExit):
+        squad.main(["--output-dir", str(tmp_path / "afile")])
+    assert f"--output-dir {tmp_path / 'afile'} exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "afile").read_text() == "kept"
     assert squad.main(["--quantize", "nf4", "--quant-block-size", "48", "--output-dir", str(tmp_path / "x")]) == 1
     assert "block_size 48 is not one of (32, 64" in capsys.readouterr().err
     assert squad.main(["--remat", "--remat-policy", "most", "--output-dir", str(tmp_path / "x")]) == 1

@@ -63,7 +63,7 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
                    mica: lj.LoraConfig | None = None,
                    adalora: lj.LoraConfig | None = None) -> optax.GradientTransformation:
     """AdamW on `make_schedule(..., kind=schedule)` (warmup, then linear decay by default),
-    global-norm clipping, non-finite updates skipped;
+    global-norm clipping (none at `clip` 0), non-finite updates skipped;
     with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule); with `lorafa` (the
     LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest);
     with `mica` (an init="mica" config), MiCA's lora_B frozen outside the clipping too; with
@@ -75,7 +75,7 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
     sched = make_schedule(lr, steps=steps, warmup=warmup, kind=schedule)
     adamw = lambda rate: optax.adamw(rate, weight_decay=weight_decay)  # noqa: E731
     opt = adamw(sched) if loraplus_ratio is None else lj.loraplus(adamw, sched, loraplus_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(clip), opt)
+    tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt  # 0: none, as transformers
     if lorafa is not None:  # lora_A's gradient never reaches the clipping, as with a frozen torch tensor
         tx = lj.lorafa(lorafa, tx)
     if mica is not None:

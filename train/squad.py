@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="after the warmup: linear decay to 0, a half cosine to 0, or the peak held (transformers' "
            "lr_scheduler_type); constant has no warmup")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    a("--clip", type=float, default=1.0, help="global gradient-norm clipping")
+    a("--clip", type=float, default=1.0, help="global gradient-norm clipping (0: none, as transformers' max_grad_norm)")
     a("--rank", type=int, default=None, help="LoRA rank r (default 16)")
     a("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / r (default 32)")
     a("--dropout", type=float, default=None, help="dropout on the LoRA input (default 0.05)")
@@ -226,6 +226,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "num_beams", "checkpoint_every", "log_every"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for flag, value, ok, what in (("--lr", args.lr, lambda v: v > 0, "a positive number"),
+                                  ("--full-lr", args.full_lr, lambda v: v > 0, "a positive number"),
+                                  ("--weight-decay", args.weight_decay, lambda v: v >= 0, "a number >= 0"),
+                                  ("--clip", args.clip, lambda v: v >= 0, "a number >= 0 (0: no clipping)")):
+        if not (math.isfinite(value) and ok(value)):
+            p.error(f"{flag} must be {what}, got {value}")
+    if args.warmup < 0:
+        p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output-dir {args.output_dir} exists and is not a directory")
     if args.stop_after is not None and args.stop_after <= 0:
         p.error(f"--stop-after must be positive, got {args.stop_after}")
     if args.eval_every is not None and args.eval_every <= 0:

@@ -119,7 +119,10 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
     else:
         path = Path(path_or_dict).expanduser()
         if not path.is_file():
-            path = resolve_pretrained_dir(path_or_dict) / "config.json"
+            directory = path if path.is_dir() else resolve_pretrained_dir(path_or_dict)
+            path = directory / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{directory}: no config.json there (not a Hugging Face checkpoint directory)")
         hf = json.loads(path.read_text())
     model_type = hf.get("model_type")
     if model_type not in CONFIG_CLASSES:
@@ -355,7 +358,7 @@ def from_pretrained(
 
 def _read_checkpoint(name_or_path: str | os.PathLike, **overrides: Any) -> tuple[BaseConfig, dict[str, Any]]:
     directory = resolve_pretrained_dir(name_or_path)
-    config = load_config(directory / "config.json", **overrides)
+    config = load_config(directory, **overrides)
     state = load_hf_state_dict(directory)
     if is_bnb(state):  # saved by transformers from a bitsandbytes 4- or 8-bit model
         state = from_bnb(state)
