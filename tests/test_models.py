@@ -202,6 +202,9 @@ def test_sampling(ckpt):
     assert set(np.flatnonzero(counts(sample_logits(logits, key, temperature=1.0, top_p=0.4)))) == {0}
     assert (counts(sample_logits(logits, key, temperature=1.0)) > 0).all()
     assert (np.asarray(sample_logits(logits, key)) == 0).all()  # temperature 0: greedy
+    for off in (0, 4, 10**6):  # transformers: top_k 0 is off, one past the vocabulary keeps it all
+        np.testing.assert_array_equal(sample_logits(logits, key, temperature=1.0, top_k=off),
+                                      sample_logits(logits, key, temperature=1.0))
 
     model, params = jax_model(ckpt["gpt2"])
     ids, mask = batch(pad_id=0)
@@ -347,6 +350,17 @@ def test_generation_refusals(ckpt):
             generate(model.apply, params, ids, mask, **{**kw, **bad})
         with pytest.raises(ValueError, match=msg):
             beam_search(model.apply, params, ids, mask, num_beams=2, **{**kw, **bad})
+    right = np.concatenate([mask[:, 1:], np.zeros_like(mask[:, :1])], axis=1)  # row 0 (no pads) now ends in one
+    for bad, msg in [(dict(attention_mask=mask[:, 1:]), r"attention_mask \(3, 9\) and input_ids \(3, 10\) differ"),
+                     (dict(attention_mask=right), "prompt row 0 is right-padded .* needs left padding")]:
+        for fn in (generate, functools.partial(beam_search, num_beams=2)):
+            with pytest.raises(ValueError, match=msg):
+                fn(model.apply, params, ids, **{**kw, **bad})
+    for bad, msg in [(dict(temperature=-1.0), r"temperature must be a number >= 0 \(0: greedy\), got -1.0"),
+                     (dict(top_k=-2), r"top_k must be an int >= 0 \(0: off\), got -2"),
+                     (dict(top_p=1.5), r"top_p must be a number in \(0, 1\], got 1.5")]:
+        with pytest.raises(ValueError, match=msg):
+            generate(model.apply, params, ids, mask, rng=jax.random.key(0), **{**kw, "temperature": 1.0, **bad})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -435,11 +449,13 @@ def test_clear_errors(ckpt):
 
 
 def test_a_directory_without_config_is_named(tmp_path):
-    """A local directory that holds no config.json is reported as that, not looked up on the hub."""
+    """A local directory that holds no config.json (or no tokenizer) is named, not looked up on the hub."""
     (tmp_path / "model.safetensors").write_bytes(b"")
     for load in (load_config, from_pretrained):
         with pytest.raises(FileNotFoundError, match=f"^{tmp_path}: no config.json there"):
             load(tmp_path)
+    with pytest.raises(ValueError, match=f"^{tmp_path}: no tokenizer could be loaded from there"):
+        load_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------- export, layout

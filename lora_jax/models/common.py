@@ -189,6 +189,17 @@ def longest_row(attention_mask: jax.Array) -> int | None:
         return None
 
 
+def right_padded_row(attention_mask: jax.Array) -> int | None:
+    """The first row of a concrete mask [B, T] that holds a real token and ends in padding; None
+    where there is none, and under jit, where the mask is not known."""
+    try:
+        m = np.asarray(attention_mask) > 0
+    except jax.errors.TracerArrayConversionError:
+        return None
+    rows = np.flatnonzero(m.any(axis=1) & ~m[:, -1])
+    return int(rows[0]) if rows.size else None
+
+
 class AttnContext(NamedTuple):
     """What every layer needs besides its input; arrays only, so it can go through nn.scan."""
 

@@ -18,6 +18,7 @@ again for each new closure.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.models import beam, processors
-from lora_jax.models.common import BaseConfig, CausalLM, Params, longest_row
+from lora_jax.models.common import BaseConfig, CausalLM, Params, longest_row, right_padded_row
 
 
 def sample_logits(
@@ -46,8 +47,8 @@ def sample_logits(
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
     neg_inf = jnp.finfo(jnp.float32).min
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
+    if top_k:  # 0 / None: off, as transformers; more than the vocabulary keeps it all, as there
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
         logits = jnp.where(logits < kth, neg_inf, logits)
     if top_p is not None:
         srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
@@ -124,6 +125,13 @@ def _setup(
             raise ValueError("generate needs model= or config=")
         model = CausalLM(config)
     cfg = model.config
+    if attention_mask is not None and jnp.shape(attention_mask) != jnp.shape(input_ids):
+        raise ValueError(f"attention_mask {jnp.shape(attention_mask)} and input_ids {jnp.shape(input_ids)} "
+                         "differ in shape")
+    right = right_padded_row(attention_mask) if attention_mask is not None else None
+    if right is not None:  # the new tokens would follow the pads: other positions, other answers
+        raise ValueError(f"prompt row {right} is right-padded (its attention_mask ends in 0): generation needs "
+                         "left padding (tokenizer.padding_side = 'left')")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     limit = getattr(cfg, "max_position_embeddings", None)  # GPT-2's learned positions; BLOOM's ALiBi has none
@@ -208,6 +216,12 @@ def generate(
     model, eos, pad_token_id = _setup(model, config, eos_token_id, pad_token_id, input_ids, attention_mask,
                                       max_new_tokens)
     penalty, ngram, min_new = processors.check(**process)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")

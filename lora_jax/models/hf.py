@@ -486,4 +486,8 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     """The checkpoint's tokenizer through `transformers.AutoTokenizer` (same resolution)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve_pretrained_dir(name_or_path)))
+    directory = resolve_pretrained_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:  # transformers' messages do not say where it looked
+        raise ValueError(f"{directory}: no tokenizer could be loaded from there ({e})") from e
