@@ -119,7 +119,7 @@ def best_thresholds(answers: Mapping[str, str], null_odds: Mapping[str, float],
                     records: Iterable[HasAnswers]) -> dict[str, float]:
     """evaluate-v2.0.py's `find_all_best_thresh` (its `--na-prob-file` sweep): the best EM and F1
     (x100) that abstaining wherever a record's `null_odds` exceed a threshold can give, and the
-    threshold, over `answers` = each record's best non-empty answer.
+    threshold, over `answers` = what each record says when it does not abstain (its best span).
 
     A record is answered where its odds are at most the threshold, abstains ("") above it, as
     `extractive.predict`'s `null_threshold` decides (odds = null score - best span score), so
