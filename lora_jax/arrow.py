@@ -33,7 +33,7 @@ from jax.extend.core import primitives as P
 
 from . import tree
 from .config import LoraConfig
-from .lazy import FallbackError, StackedFactors, dense, lift
+from .lazy import FallbackError, StackedFactors, dense, lift, quaxify
 from .lora import Adapters
 from .multi import check_routable, load_bank
 
@@ -207,6 +207,6 @@ def apply_arrow(f: Callable[..., Any], arrow: ArrowConfig = ArrowConfig()) -> Ca
             ab = router[path]
             return ArrowArray(w=lax.stop_gradient(w), a=ab["lora_A"], b=ab["lora_B"], protos=ab[PROTOTYPES],
                               top_k=arrow.top_k, temperature=float(arrow.router_temperature), name=path)
-        return quax.quaxify(f)(tree.map_with_path(swap, params), *args, **kwargs)
+        return quaxify(f)(tree.map_with_path(swap, params), *args, **kwargs)
 
     return g

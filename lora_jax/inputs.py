@@ -26,7 +26,7 @@ from jax.extend.core import primitives as P
 
 from . import tree
 from .config import LoraConfig
-from .lazy import Stacked, as_matrix, dense, lift
+from .lazy import Stacked, as_matrix, dense, lift, quaxify
 from .lora import target_paths
 
 PyTree = Any
@@ -190,7 +190,7 @@ def layer_inputs(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], 
             r = None if rows is None else jnp.broadcast_to(rows, (*stack, *rows.shape))
             probe = functools.partial(_Probe, idx=idx, rows=r, name=path, recorder=recorder, normalise=normalise)
             return as_matrix(w, *config.axes_for(path), probe)
-        quax.quaxify(f)(tree.map_with_path(swap, params), batch)  # only the callbacks are wanted
+        quaxify(f)(tree.map_with_path(swap, params), batch)  # only the callbacks are wanted
 
     run = jax.jit(probed)
     n = 0

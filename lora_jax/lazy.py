@@ -25,6 +25,7 @@ Only public APIs: `quax.register`/`quaxify` and `jax.extend` primitives.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -54,12 +55,31 @@ def dense(x: Any) -> Any:
     return x.materialise() if tree.is_value(x) else x
 
 
+def quaxify(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`quax.quaxify(fn)`, handed the arguments' leaves: quax rebuilds the argument and output
+    pytrees where no JAX trace is current, which nodes that record their trace when built refuse
+    (flax 0.12.10's nnx Variables under JAX 0.11), so `fn`'s pytrees are rebuilt inside the trace."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        leaves, treedef = jax.tree.flatten((args, kwargs), is_leaf=tree.is_value)
+        out_def = []
+
+        def flat(*leaves):
+            a, k = jax.tree.unflatten(treedef, leaves)
+            out, d = jax.tree.flatten(fn(*a, **k))
+            out_def.append(d)
+            return out
+        out = quax.quaxify(flat)(*leaves)
+        return jax.tree.unflatten(out_def[-1], out)
+    return run
+
+
 def lift(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn` run through quax when its arguments hold quax values (a quantized W0, in a LoraArray
     or in a params tree), so their rules apply; called as is otherwise."""
     def run(*args, **kwargs):
         if any(tree.is_value(x) for x in jax.tree.leaves(args, is_leaf=tree.is_value)):
-            return quax.quaxify(fn)(*args, **kwargs)
+            return quaxify(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
     return run
 

@@ -21,11 +21,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import quax
 
 from . import bdlora, quant, tree, velora
 from .config import ALL_LINEAR, DATA_INITS, MICA, LoraConfig
-from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift
+from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift, quaxify
 
 PyTree = Any
 Adapters = dict[str, dict[str, jax.Array]]
@@ -465,7 +464,7 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
                             tokens=_token_items(tokens, adapters))
             return lift(f)(merged, *args, **kwargs)
         lazy = _lora_arrays(config, params, adapters, lora_rng, strict, tokens, lora_mask)
-        return quax.quaxify(f)(lazy, *args, **kwargs)
+        return quaxify(f)(lazy, *args, **kwargs)
 
     return g
 

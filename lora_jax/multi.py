@@ -33,7 +33,7 @@ from jax.extend.core import primitives as P
 
 from . import merging, tree
 from .config import LoraConfig
-from .lazy import StackedFactors, as_matrix, dense, lift
+from .lazy import StackedFactors, as_matrix, dense, lift, quaxify
 from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
@@ -314,7 +314,7 @@ def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy:
             return as_matrix(lax.stop_gradient(w), *views[path], lambda view: MultiLoraArray(
                 w=view, a=s["lora_A"], b=s["lora_B"], ids=jnp.broadcast_to(ids, (*view.shape[:-2], ids.shape[0])),
                 name=path))
-        return quax.quaxify(f)(tree.map_with_path(swap, params), *args, **kwargs)
+        return quaxify(f)(tree.map_with_path(swap, params), *args, **kwargs)
 
     return MultiLora(names, switch, mixed)
 
