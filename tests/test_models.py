@@ -211,6 +211,13 @@ def test_sampling(ckpt):
     kw = dict(model=model, max_new_tokens=8, eos_token_id=None)
     top1 = generate(model.apply, params, ids, mask, temperature=0.7, top_k=1, rng=jax.random.key(1), **kw)
     np.testing.assert_array_equal(top1, gpt2_greedy(ckpt["gpt2"]))
+    # num_return_sequences draws rows b * n + i, as transformers lays them out
+    three = generate(model.apply, params, ids, mask, temperature=0.7, top_k=1, rng=jax.random.key(1),
+                     num_return_sequences=3, **kw)
+    np.testing.assert_array_equal(three, np.repeat(gpt2_greedy(ckpt["gpt2"]), 3, axis=0))
+    hot = np.asarray(generate(model.apply, params, ids, mask, temperature=2.0, rng=jax.random.key(2),
+                              num_return_sequences=3, **kw)).reshape(len(ids), 3, -1)
+    assert all(len({tuple(r) for r in rows}) > 1 for rows in hot)  # each prompt's draws differ
     with pytest.raises(ValueError, match="rng"):
         generate(model.apply, params, ids, mask, temperature=1.0, **kw)
 
@@ -321,7 +328,7 @@ def test_generation_refusals(ckpt):
         beam_search(model.apply, params, ids, mask, num_beams=0, **kw)
     with pytest.raises(ValueError, match="beam sampling is not supported"):
         generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, rng=jax.random.key(0), **kw)
-    with pytest.raises(ValueError, match="num_return_sequences=2 needs num_beams >= it"):
+    with pytest.raises(ValueError, match="num_return_sequences must be a positive int, and 1 for greedy generation"):
         generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
     # A row past the 64 learned positions is refused (it would read NaN rows); a left-padded one whose
     # real tokens fit gives the unpadded row's logits.

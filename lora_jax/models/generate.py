@@ -188,7 +188,9 @@ def generate(
         tokens and/or the top-p probability mass.
       num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
         `beam_search` (transformers' beam search) and returns its best num_return_sequences
-        hypotheses per prompt, rows b * num_return_sequences + i.
+        hypotheses per prompt, rows b * num_return_sequences + i; sampling draws
+        num_return_sequences rows per prompt in the same layout (an `apply_fn` that closes over
+        per-row arguments, such as `multi`'s adapter_ids, must repeat them likewise).
       repetition_penalty, no_repeat_ngram_size, min_new_tokens: transformers' logits processors
         (None = off): the logits of tokens the row holds (prompt and new, pads excluded) divided
         by the penalty (multiplied where negative); a token that would repeat an n-gram of the
@@ -210,9 +212,6 @@ def generate(
             pad_token_id=pad_token_id, **process,
         )
         return tokens.reshape(-1, tokens.shape[-1])  # [B * num_return_sequences, N]
-    if num_return_sequences != 1:
-        raise ValueError(f"num_return_sequences={num_return_sequences!r} needs num_beams >= it; greedy and "
-                         "sampled generation return one row per prompt (repeat the prompts to sample more)")
     model, eos, pad_token_id = _setup(model, config, eos_token_id, pad_token_id, input_ids, attention_mask,
                                       max_new_tokens)
     penalty, ngram, min_new = processors.check(**process)
@@ -225,8 +224,14 @@ def generate(
     greedy = temperature == 0
     if not greedy and rng is None:
         raise ValueError("sampling (temperature > 0) needs an rng")
+    n = num_return_sequences
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or (greedy and n != 1):
+        raise ValueError(f"num_return_sequences must be a positive int, and 1 for greedy generation (it would "
+                         f"repeat the same row; beam search returns its best ones), got {n!r}")
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+    if n > 1:  # each prompt n times in a row, as transformers expands them: rows b * n + i
+        input_ids, attention_mask = (jnp.repeat(jnp.asarray(x), n, axis=0) for x in (input_ids, attention_mask))
     return _generate(
         apply_fn, model, params, jnp.asarray(input_ids, jnp.int32),
         jnp.asarray(attention_mask, jnp.int32),
