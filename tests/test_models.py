@@ -357,7 +357,7 @@ def test_generation_refusals(ckpt):
             generate(model.apply, params, ids, mask, **{**kw, **bad})
         with pytest.raises(ValueError, match=msg):
             beam_search(model.apply, params, ids, mask, num_beams=2, **{**kw, **bad})
-    right = np.concatenate([mask[:, 1:], np.zeros_like(mask[:, :1])], axis=1)  # row 0 (no pads) now ends in one
+    right = np.concatenate([mask[:, 1:], np.zeros_like(mask[:, :1])], axis=1)  # row 0 (no pads) now ends in a pad
     for bad, msg in [(dict(attention_mask=mask[:, 1:]), r"attention_mask \(3, 9\) and input_ids \(3, 10\) differ"),
                      (dict(attention_mask=right), "prompt row 0 is right-padded .* needs left padding")]:
         for fn in (generate, functools.partial(beam_search, num_beams=2)):
