@@ -229,7 +229,8 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
         runs[name] = (s, odds, preds)
     printed = capsys.readouterr().out
     assert "| best EM | at --null-score-diff-threshold | best F1 |" in printed
-    assert "removed 1 file(s) of an earlier run" in printed and not (tmp_path / "v2run" / "predictions_full.json").exists()
+    assert "removed 1 file(s) of an earlier run" in printed
+    assert not (tmp_path / "v2run" / "predictions_full.json").exists()
     (one, odds, spans), (best, _, preds) = runs["one"], runs["best"]
     assert len(odds) == 4 and max(odds.values()) < 1  # threshold 1: every best span is the answer
     assert preds == {k: t if odds[k] <= one["best_f1_thresh"] else "" for k, t in spans.items()}
