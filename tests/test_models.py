@@ -274,6 +274,34 @@ def test_beam_search_matches_transformers(ckpt, arch, scan, beams, n, early, pen
     np.testing.assert_array_equal(np.asarray(best), tokens)
 
 
+def test_beam_sampling(ckpt):
+    """Beam sampling (num_beams > 1, temperature > 0): nearly cold, its draws are the best
+    candidates, so it is beam search (scores / temperature); warm, the best hypothesis is
+    distributed as transformers' generate(do_sample=True, num_beams=2) draws it (300 rows each)."""
+    d = ckpt["gpt2"]
+    model, params = jax_model(d)
+    ids, mask = batch(pad_id=0)
+    kw = dict(model=model, max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    tokens, scores = beam_search(model.apply, params, ids, mask, **kw)
+    cold, cold_scores = beam_search(model.apply, params, ids, mask, temperature=1e-3, rng=jax.random.key(0), **kw)
+    np.testing.assert_array_equal(cold, tokens)
+    np.testing.assert_allclose(np.asarray(cold_scores) * 1e-3, scores, rtol=1e-4)
+
+    rows = 300
+    prompt = np.repeat(ids[:1], rows, axis=0)  # row 0 has no pads
+    warm = dict(max_new_tokens=1, num_beams=2, temperature=3.0, top_k=8)
+    ours = np.asarray(generate(model.apply, params, prompt, np.ones_like(prompt), model=model,
+                               rng=jax.random.key(1), **warm))[:, 0]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        ref = hf_model(d).generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=torch.long),
+                                   do_sample=True, **warm).numpy()[:, T]
+    support = sorted(set(ours) | set(ref))
+    assert 2 < len(support) <= 8  # top_k keeps 8 tokens; the best of 4 draws is not always the same one
+    freq = lambda x: np.array([np.mean(x == t) for t in support])  # noqa: E731
+    np.testing.assert_allclose(freq(ours), freq(ref), atol=0.1)
+
+
 # (arch, num_beams, repetition_penalty, no_repeat_ngram_size, min_new_tokens)
 PROCESSOR_CASES = [("gpt2", 1, 1.5, 2, 5), ("bloom", 1, None, 3, None), ("gpt2", 3, 0.8, 3, 4),
                    ("bloom", 2, 1.5, 1, 2)]
@@ -326,8 +354,8 @@ def test_generation_refusals(ckpt):
         beam_search(model.apply, params, ids, mask, num_beams=2, early_stopping="always", **kw)
     with pytest.raises(ValueError, match="num_beams must be a positive int, got 0"):
         beam_search(model.apply, params, ids, mask, num_beams=0, **kw)
-    with pytest.raises(ValueError, match="beam sampling is not supported"):
-        generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, rng=jax.random.key(0), **kw)
+    with pytest.raises(ValueError, match=r"sampling \(temperature > 0\) needs an rng"):
+        generate(model.apply, params, ids, mask, num_beams=2, temperature=0.7, **kw)
     with pytest.raises(ValueError, match="num_return_sequences must be a positive int, and 1 for greedy generation"):
         generate(model.apply, params, ids, mask, num_return_sequences=2, **kw)
     # A row past the 64 learned positions is refused (it would read NaN rows); a left-padded one whose

@@ -7,7 +7,8 @@ ones all end. A candidate that ends (an EOS, or the last allowed token) and is a
 of its step joins the finished hypotheses with the score sum / length**length_penalty; the K best
 finished ones are kept. The search stops as transformers' does: `early_stopping=True` once K
 have finished, False when no running beam could still beat the worst finished one at its current
-length, "never" when none could at any length. The prompts are prefilled once ([B] rows); the
+length, "never" when none could at any length. Beam sampling draws each step's candidates
+instead of taking the best (`search(sample=True)`). The prompts are prefilled once ([B] rows); the
 decode steps run on B * K rows (row b * K + k is beam k of prompt b), with the cache gathered
 after each beam's history.
 """
@@ -31,12 +32,18 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 @functools.partial(
     jax.jit, static_argnames=("apply_fn", "model", "max_new_tokens", "num_beams", "early_stopping", "penalize",
-                              "ngram", "floor")
+                              "ngram", "floor", "sample", "top_k", "use_top_p")
 )
-def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, length_penalty, penalty, min_new, *,
-           max_new_tokens, num_beams, early_stopping, penalize, ngram, floor):
+def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, length_penalty, penalty, min_new,
+           rng, temperature, top_p, *, max_new_tokens, num_beams, early_stopping, penalize, ngram, floor,
+           sample=False, top_k=None, use_top_p=False):
     """(tokens [B, K, N], scores [B, K]) of the K best finished hypotheses, best first; penalty,
-    min_new, penalize, ngram, floor: `processors.process`'s."""
+    min_new, penalize, ngram, floor: `processors.process`'s. `sample`: beam sampling, as
+    transformers' `generate(num_beams=K, do_sample=True)`: the log-probabilities warped
+    (temperature, top_k, top_p if `use_top_p`, each keeping 2 tokens at least), and each step's
+    candidates drawn without replacement from the softmax of their summed scores (the Gumbel
+    top-k trick, where transformers draws with `torch.multinomial`) and kept in the order drawn,
+    so the first K drawn are those that may finish, as there."""
     B, T = input_ids.shape
     K, N = num_beams, max_new_tokens
     M = max(2, 1 + eos_ids.shape[0]) * K  # candidates kept per step (eos_ids [E]; none = [-1])
@@ -60,9 +67,15 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
         # Every continuation of every running beam: [B, K*V] summed log-probabilities.
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B*K, V]
         logp = processors.process(logp, prompt, run_seq.reshape(B * K, N), t, eos_ids, penalty, min_new,
-                                  penalize=penalize, ngram=ngram, floor=floor).reshape(B, K, V)
-        logp = (logp + run_score[:, :, None]).reshape(B, K * V)
-        top_score, top_idx = jax.lax.top_k(logp, M)  # [B, M]
+                                  penalize=penalize, ngram=ngram, floor=floor)
+        if sample:
+            logp = processors.warp(logp, temperature, top_k=top_k, top_p=top_p if use_top_p else None, min_keep=2)
+        logp = (logp.reshape(B, K, V) + run_score[:, :, None]).reshape(B, K * V)
+        if sample:  # M draws without replacement, in the order drawn: the first K drawn may finish
+            top_idx = jax.lax.top_k(logp + jax.random.gumbel(jax.random.fold_in(rng, t), logp.shape), M)[1]
+            top_score = jnp.take_along_axis(logp, top_idx, axis=1)  # [B, M]
+        else:
+            top_score, top_idx = jax.lax.top_k(logp, M)  # [B, M]
         beam, tok = top_idx // V, top_idx % V
         top_seq = _take(run_seq, beam).at[:, :, t].set(tok)  # [B, M, N]
         ends = jnp.isin(tok, eos_ids) | (t + 1 >= N)  # [B, M]

@@ -45,18 +45,7 @@ def sample_logits(
         greedy = temperature == 0
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    neg_inf = jnp.finfo(jnp.float32).min
-    if top_k:  # 0 / None: off, as transformers; more than the vocabulary keeps it all, as there
-        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [B, 1]
-        logits = jnp.where(logits < kth, neg_inf, logits)
-    if top_p is not None:
-        srt = jnp.sort(logits, axis=-1)[:, ::-1]  # [B, V] descending
-        probs = jax.nn.softmax(srt, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (always at least the top token).
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # [B, V]
-        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)  # [B, 1]
-        logits = jnp.where(logits < cutoff, neg_inf, logits)
+    logits = processors.warp(logits, temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
@@ -151,6 +140,19 @@ def _setup(
     return model, eos, int(pad_token_id)
 
 
+def _sampling(temperature: float, top_k: int | None, top_p: float | None, rng: jax.Array | None) -> bool:
+    """Whether these settings sample (temperature > 0), once they are checked."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if temperature > 0 and rng is None:
+        raise ValueError("sampling (temperature > 0) needs an rng")
+    return temperature > 0
+
+
 def generate(
     apply_fn: Callable[..., Any],
     params: Params,
@@ -187,8 +189,9 @@ def generate(
       temperature: 0 = greedy; > 0 samples (needs `rng`), optionally restricted to the top-k
         tokens and/or the top-p probability mass.
       num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
-        `beam_search` (transformers' beam search) and returns its best num_return_sequences
-        hypotheses per prompt, rows b * num_return_sequences + i; sampling draws
+        `beam_search` (transformers' beam search; beam sampling with temperature > 0) and returns
+        its best num_return_sequences hypotheses per prompt, rows b * num_return_sequences + i;
+        sampling without beams draws
         num_return_sequences rows per prompt in the same layout (an `apply_fn` that closes over
         per-row arguments, such as `multi`'s adapter_ids, must repeat them likewise).
       repetition_penalty, no_repeat_ngram_size, min_new_tokens: transformers' logits processors
@@ -202,28 +205,17 @@ def generate(
     process = dict(repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                    min_new_tokens=min_new_tokens)
     if num_beams != 1:
-        if temperature != 0:
-            raise ValueError(f"beam search (num_beams={num_beams}) is deterministic: temperature must be 0, "
-                             f"got {temperature!r} (beam sampling is not supported)")
         tokens, _ = beam_search(
             apply_fn, params, input_ids, attention_mask, model=model, config=config,
             max_new_tokens=max_new_tokens, num_beams=num_beams, num_return_sequences=num_return_sequences,
             length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id, **process,
+            pad_token_id=pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p, rng=rng, **process,
         )
         return tokens.reshape(-1, tokens.shape[-1])  # [B * num_return_sequences, N]
     model, eos, pad_token_id = _setup(model, config, eos_token_id, pad_token_id, input_ids, attention_mask,
                                       max_new_tokens)
     penalty, ngram, min_new = processors.check(**process)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
-        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    greedy = temperature == 0
-    if not greedy and rng is None:
-        raise ValueError("sampling (temperature > 0) needs an rng")
+    greedy = not _sampling(temperature, top_k, top_p, rng)
     n = num_return_sequences
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1 or (greedy and n != 1):
         raise ValueError(f"num_return_sequences must be a positive int, and 1 for greedy generation (it would "
@@ -261,6 +253,10 @@ def beam_search(
     repetition_penalty: float | None = None,
     no_repeat_ngram_size: int | None = None,
     min_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Beam search after left-padded prompts: transformers' `generate(num_beams=...)`.
 
@@ -277,6 +273,10 @@ def beam_search(
         counting its new tokens (EOS included); > 0 favours longer ones.
       early_stopping: True (stop once num_beams hypotheses are finished), False (once no running
         beam could beat the worst finished one at its current length) or "never" (at any length).
+      temperature, top_k, top_p, rng: temperature > 0 is beam sampling, transformers'
+        `do_sample=True` with beams: the log-probabilities warped (top_k and top_p keep 2
+        tokens at least, as there), each step's candidates drawn from the softmax of their
+        summed scores without replacement (with `rng`), the best of them going on.
     Returns:
       tokens [B, num_return_sequences, max_new_tokens] int32, best first, `pad_token_id` after a
       hypothesis' EOS; scores [B, num_return_sequences] float32 (transformers' sequences_scores).
@@ -291,12 +291,15 @@ def beam_search(
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     model, eos, pad = _setup(model, config, eos_token_id, pad_token_id, input_ids, attention_mask, max_new_tokens)
     penalty, ngram, min_new = processors.check(repetition_penalty, no_repeat_ngram_size, min_new_tokens)
+    sample = _sampling(temperature, top_k, top_p, rng)
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
     tokens, scores = beam.search(
         apply_fn, model, params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
         jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad), jnp.float32(length_penalty), jnp.float32(penalty),
-        jnp.int32(min_new), max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
+        jnp.int32(min_new), jax.random.key(0) if rng is None else rng, jnp.float32(temperature if sample else 1.0),
+        jnp.float32(1.0 if top_p is None else top_p), max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
         early_stopping=early_stopping, penalize=penalty != 1, ngram=ngram, floor=min_new > 0,
+        sample=sample, top_k=(top_k or None) if sample else None, use_top_p=sample and top_p is not None,
     )
     return tokens[:, :num_return_sequences], scores[:, :num_return_sequences]

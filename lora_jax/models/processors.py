@@ -1,6 +1,7 @@
 """transformers' logits processors for generation, in its order: repetition penalty, no repeated
-n-grams, a minimum of new tokens. Greedy and sampled generation apply them to the logits, beam
-search to the log-probabilities, as transformers does.
+n-grams, a minimum of new tokens; then, when sampling, its warpers (temperature, top-k, top-p).
+Greedy and sampled generation apply them to the logits, beam search to the log-probabilities, as
+transformers does.
 
 Each row's history is its prompt (pads excluded, so a left-padded row generates what the
 unpadded one does; transformers counts the pad tokens too) and the tokens generated so far.
@@ -73,3 +74,24 @@ def process(scores: jax.Array, prompt: jax.Array, new: jax.Array, t: jax.Array, 
         return scores
     eos = jnp.zeros((V,), bool).at[jnp.where(eos_ids >= 0, eos_ids, V)].set(True, mode="drop")  # [V]
     return jnp.where(eos & (t < min_new), -jnp.inf, scores)
+
+
+def warp(scores: jax.Array, temperature: float | jax.Array, *, top_k: int | None = None,
+         top_p: float | jax.Array | None = None, min_keep: int = 1) -> jax.Array:
+    """transformers' sampling warpers on scores [R, V], in its order: divided by `temperature`,
+    then all but the `top_k` best, then all but the fewest best that hold `top_p` of the
+    probability mass, set to the lowest float; each filter keeps at least `min_keep` tokens
+    (transformers keeps 2 under beam sampling). top_k 0 / None and top_p None: off."""
+    scores = scores / temperature
+    low = jnp.finfo(scores.dtype).min
+    if top_k:
+        kth = jax.lax.top_k(scores, min(max(top_k, min_keep), scores.shape[-1]))[0][:, -1:]  # [R, 1]
+        scores = jnp.where(scores < kth, low, scores)
+    if top_p is not None:
+        srt = jnp.sort(scores, axis=-1)[:, ::-1]  # [R, V] descending
+        probs = jax.nn.softmax(srt, axis=-1)
+        # the smallest prefix whose mass reaches top_p, and at least min_keep tokens
+        keep = ((jnp.cumsum(probs, axis=-1) - probs) < top_p) | (jnp.arange(srt.shape[-1]) < min_keep)
+        cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)  # [R, 1]
+        scores = jnp.where(scores < cutoff, low, scores)
+    return scores
