@@ -277,7 +277,8 @@ def test_beam_search_matches_transformers(ckpt, arch, scan, beams, n, early, pen
 def test_beam_sampling(ckpt):
     """Beam sampling (num_beams > 1, temperature > 0): nearly cold, its draws are the best
     candidates, so it is beam search (scores / temperature); warm, the best hypothesis is
-    distributed as transformers' generate(do_sample=True, num_beams=2) draws it (300 rows each)."""
+    distributed as transformers' generate(do_sample=True, num_beams=2) draws it (300 rows each;
+    transformers >= 5.24, which ranks the drawn candidates by score again)."""
     d = ckpt["gpt2"]
     model, params = jax_model(d)
     ids, mask = batch(pad_id=0)

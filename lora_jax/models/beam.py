@@ -42,8 +42,8 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
     transformers' `generate(num_beams=K, do_sample=True)`: the log-probabilities warped
     (temperature, top_k, top_p if `use_top_p`, each keeping 2 tokens at least), and each step's
     candidates drawn without replacement from the softmax of their summed scores (the Gumbel
-    top-k trick, where transformers draws with `torch.multinomial`) and kept in the order drawn,
-    so the first K drawn are those that may finish, as there."""
+    top-k trick, where transformers draws with `torch.multinomial`), then ranked by score, as
+    transformers 4 and >= 5.24 rank them (5.0 to 5.23 kept them in the order drawn)."""
     B, T = input_ids.shape
     K, N = num_beams, max_new_tokens
     M = max(2, 1 + eos_ids.shape[0]) * K  # candidates kept per step (eos_ids [E]; none = [-1])
@@ -71,9 +71,10 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
         if sample:
             logp = processors.warp(logp, temperature, top_k=top_k, top_p=top_p if use_top_p else None, min_keep=2)
         logp = (logp.reshape(B, K, V) + run_score[:, :, None]).reshape(B, K * V)
-        if sample:  # M draws without replacement, in the order drawn: the first K drawn may finish
-            top_idx = jax.lax.top_k(logp + jax.random.gumbel(jax.random.fold_in(rng, t), logp.shape), M)[1]
-            top_score = jnp.take_along_axis(logp, top_idx, axis=1)  # [B, M]
+        if sample:  # M draws without replacement, then in order of score (the first K may finish)
+            drawn = jax.lax.top_k(logp + jax.random.gumbel(jax.random.fold_in(rng, t), logp.shape), M)[1]
+            top_score, order = jax.lax.top_k(jnp.take_along_axis(logp, drawn, axis=1), M)  # [B, M]
+            top_idx = jnp.take_along_axis(drawn, order, axis=1)
         else:
             top_score, top_idx = jax.lax.top_k(logp, M)  # [B, M]
         beam, tok = top_idx // V, top_idx % V
