@@ -191,9 +191,9 @@ def generate(
       num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
         `beam_search` (transformers' beam search; beam sampling with temperature > 0) and returns
         its best num_return_sequences hypotheses per prompt, rows b * num_return_sequences + i;
-        sampling without beams draws
-        num_return_sequences rows per prompt in the same layout (an `apply_fn` that closes over
-        per-row arguments, such as `multi`'s adapter_ids, must repeat them likewise).
+        sampling without beams draws num_return_sequences rows per prompt in the same layout (an
+        `apply_fn` that closes over per-row arguments, such as `multi`'s adapter_ids, must repeat
+        them likewise).
       repetition_penalty, no_repeat_ngram_size, min_new_tokens: transformers' logits processors
         (None = off): the logits of tokens the row holds (prompt and new, pads excluded) divided
         by the penalty (multiplied where negative); a token that would repeat an n-gram of the
