@@ -180,23 +180,26 @@ def embed(cfg: BaseConfig, num: int, name: str) -> nn.Embed:
     )
 
 
+def concrete(x: Any) -> np.ndarray | None:
+    """x as a numpy array where its values are known (outside jit), else None (a tracer): for
+    checks that can only run on concrete inputs."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
 def longest_row(attention_mask: jax.Array) -> int | None:
     """The most real tokens in a row of a concrete mask [B, T] (positions count only those, so left
     padding takes none); None under jit, where the mask is not known."""
-    try:
-        return int(jnp.max(jnp.sum(jnp.asarray(attention_mask) > 0, axis=1)))
-    except jax.errors.ConcretizationTypeError:
-        return None
+    m = concrete(attention_mask)
+    return None if m is None else int((m > 0).sum(axis=1).max())
 
 
 def right_padded_row(attention_mask: jax.Array) -> int | None:
     """The first row of a concrete mask [B, T] that holds a real token and ends in padding; None
     where there is none, and under jit, where the mask is not known."""
-    try:
-        m = np.asarray(attention_mask) > 0
-    except jax.errors.TracerArrayConversionError:
+    m = concrete(attention_mask)
+    if m is None:
         return None
-    rows = np.flatnonzero(m.any(axis=1) & ~m[:, -1])
+    rows = np.flatnonzero((m > 0).any(axis=1) & (m[:, -1] <= 0))
     return int(rows[0]) if rows.size else None
 
 
@@ -479,11 +482,10 @@ class CausalLM:
                 raise ValueError("segment_ids replaces attention_mask (0 marks padding) and takes no cache")
             if segment_ids.shape != input_ids.shape:
                 raise ValueError(f"segment_ids shape {segment_ids.shape} != input_ids shape {input_ids.shape}")
-        if not isinstance(input_ids, jax.core.Tracer):  # concrete ids (outside jit): out-of-vocabulary ones would
-            ids = np.asarray(input_ids)                  # read NaN rows (jnp.take fills), where torch raises
-            if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
-                bad = ids.min() if ids.min() < 0 else ids.max()
-                raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.vocab_size} tokens")
+        ids = concrete(input_ids)  # out-of-vocabulary ids would read NaN rows (jnp.take fills), where torch raises
+        if ids is not None and ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.vocab_size} tokens")
         rngs = None if deterministic else {"dropout": rng}
         hidden, new_cache = self.config.make_module(deterministic).apply(
             {"params": params["transformer"]}, input_ids, attention_mask, cache, segment_ids, rngs=rngs
