@@ -496,6 +496,8 @@ def test_bad_flags_fail_cleanly(tmp_path, capsys):
                        (["--weight-decay", "-0.1"], "--weight-decay must be a number >= 0, got -0.1"),
                        (["--clip", "inf"], "--clip must be a number >= 0 (0: no clipping), got inf"),
                        (["--warmup", "-3"], "--warmup must be >= 0, got -3"),
+                       (["--seed", "-5"], "--seed must be >= 0, got -5"),
+                       (["--alpha", "0"], "--alpha must be a finite nonzero number (scale = alpha / r), got 0.0"),
                        (["--train-samples", "-1"], "--train-samples must be >= 0, got -1"),
                        (["--length-penalty", "2"],
                         "--length-penalty 2.0 ranks beam-search answers: pass --num-beams"),

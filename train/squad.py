@@ -234,6 +234,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{flag} must be {what}, got {value}")
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.seed < 0:  # numpy's generators (data order) take none below 0
+        p.error(f"--seed must be >= 0, got {args.seed}")
+    # alpha 0 zeroes the scale, so nothing would train (AdaLoRA alone reads 0 as "scale 1")
+    if not math.isfinite(args.alpha) or (args.alpha == 0 and args.adalora is None):
+        p.error(f"--alpha must be a finite nonzero number (scale = alpha / r), got {args.alpha}")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         p.error(f"--output-dir {args.output_dir} exists and is not a directory")
     if args.stop_after is not None and args.stop_after <= 0:
