@@ -12,11 +12,12 @@ weight's orientation; GPT-2's Conv1D only sets `fan_in_fan_out: true`. Stacked (
 adapters [L, ...] are written per layer (`transformer.h.{i}...`) and stacked again on import
 when the base is scanned. An embedding table's adapter is PEFT's `lora_embedding_A` (r, V) /
 `lora_embedding_B` (D, r); where that table is also the LM head (GPT-2's `wte`, BLOOM's
-`word_embeddings`), lora_jax applies W0 + s*A*B in both places, as PEFT's merged model does,
-and writes `ensure_weight_tying: true`. Fully trained leaves are written the way PEFT writes
-them: biases (`bias: all / lora_only`; a LoRA module's bias as `<module>.base_layer.bias`) and
-whole modules (`trainable` -> `modules_to_save`, `<module>.weight` / `.bias`). DoRA (`use_dora`)
-adds `<module>.lora_magnitude_vector` (out,) per adapted module, KaSA (`use_kasa`, PEFT's
+`word_embeddings`), lora_jax applies W0 + s*A*B in both places, as PEFT's merged model does;
+PEFT's unmerged model applies it to the lookup alone (its `ensure_weight_tying` ties only
+modules named `embed_tokens` / `lm_head`), and both directions warn of it. Fully trained
+leaves are written the way PEFT writes them: biases (`bias: all / lora_only`; a LoRA module's
+bias as `<module>.base_layer.bias`) and whole modules (`trainable` -> `modules_to_save`,
+`<module>.weight` / `.bias`). DoRA (`use_dora`) adds `<module>.lora_magnitude_vector` (out,) per adapted module, KaSA (`use_kasa`, PEFT's
 `kasa_config`) `<module>.lora_diag` (r,); a KaSA adapter acts on the truncated base
 `kasa.kasa_base` rebuilds from the stock one, as PEFT does on load. Trained embedding rows
 (`trainable_tokens`) are PEFT's `trainable_token_indices`, stored as the rows themselves in
@@ -156,6 +157,11 @@ def _is_tied_head(path: str, model_config: BaseConfig) -> bool:
     return _is_embedding(path) and path.split("/")[-2] == model_config.embed_name
 
 
+_TIED_LOOKUP_ONLY = ("the LoRA on {!r} also acts in the tied LM head under lora_jax, as in PEFT's merged model "
+                     "(merge_and_unload); PEFT's unmerged model applies it to the lookup only, so their logits "
+                     "differ")
+
+
 def _module(path: str) -> str:
     """`transformer/h/0/attn/c_attn/kernel` -> `transformer.h.0.attn.c_attn` (PEFT module name)."""
     return path.rsplit("/", 1)[0].replace("/", ".")
@@ -283,7 +289,7 @@ def _extras(config, adapters, params, model_config, layers_key) -> tuple[dict[st
     for m in saved:
         if m in lora_modules:
             raise ValueError(f"{m!r} has a LoRA adapter and is trained in full: PEFT's modules_to_save cannot hold it")
-        if m.rsplit("/", 1)[-1] in model_config.embedding_modules:
+        if m.rsplit("/", 1)[-1] == model_config.embed_name:
             raise ValueError(f"{m!r} is the tied embedding / LM head: exporting it as modules_to_save "
                              "would untie it in PEFT")
     export = {p: flat[p] for p in flat if p.rsplit("/", 1)[0] in saved} | leaves
@@ -476,10 +482,6 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         cfg["trainable_token_indices"] = (
             list(next(iter(tokens.values()))) if len(tokens) == 1 and _is_tied_head(next(iter(tokens)), model_config)
             else {_module(p): list(ids) for p, ids in tokens.items()})
-    if any(_is_tied_head(p, model_config) for p in adapters if TOKENS not in adapters[p]):
-        # lora_jax adapts the tied LM head along with the lookup (one weight, W0 + s*A*B
-        # wherever it is used); PEFT's name for asking the same of its unmerged model.
-        cfg["ensure_weight_tying"] = True
     return cfg
 
 
@@ -515,6 +517,10 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    # No ensure_weight_tying in the file: PEFT 0.21 ties only modules named embed_tokens / lm_head
+    # (it warns that the flag adds nothing for GPT-2's wte or BLOOM's word_embeddings).
+    if tied := [p for p in adapters if _is_tied_head(p, model_config) and TOKENS not in adapters[p]]:
+        warnings.warn(f"{directory}: {_TIED_LOOKUP_ONLY.format(tied[0])}", stacklevel=2)
     return Path(directory)
 
 
@@ -839,6 +845,9 @@ def _without_head_copies(path: Path, tensors: Mapping[str, np.ndarray]) -> dict[
     """`tensors` less PEFT's `lm_head.*` copies of the tied embedding table and its trained rows
     (`save_embedding_layers` writes both); an lm_head tensor that is no such copy is refused."""
     heads = {k for k in tensors if k.removeprefix(PREFIX).startswith(HEAD)}
+    if lora := sorted(k for k in heads if ".lora_" in k):
+        raise ValueError(f"{path}: {lora[0]!r}: a LoRA on lm_head alone, which lora_jax's GPT-2 and BLOOM tie to "
+                         "the embedding table (a LoRA on the table acts in both)")
     for k in heads:
         suffix = k.removeprefix(PREFIX)[len(HEAD):]  # weight, base_layer.weight, token_adapter.<...>
         twins = [c for c in tensors if c not in heads and c.endswith("." + suffix)
@@ -953,10 +962,8 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     rest = {k: v for k, v in tensors.items() if not (ada and _ADALORA_KEY.fullmatch(k.removeprefix(PREFIX)))}
     extras = _extra_leaves(weights, rest, flat, model_config, layers_key)
     tied = [p for p in factors if _is_embedding(p) and (model_config is None or _is_tied_head(p, model_config))]
-    if tied and not cfg.get("ensure_weight_tying"):
-        warnings.warn(f"{cfg_path}: the LoRA on {tied[0]!r} also acts in the tied LM head under lora_jax, "
-                      "as in PEFT's merged model; PEFT's unmerged model (ensure_weight_tying=false) applies it "
-                      "to the lookup only, so their logits differ", stacklevel=2)
+    if tied:  # whatever ensure_weight_tying says (PEFT honours it for embed_tokens / lm_head alone)
+        warnings.warn(f"{cfg_path}: {_TIED_LOOKUP_ONLY.format(tied[0])}", stacklevel=2)
 
     rank, alpha = int(cfg["init_r" if ada else "r"]), float(cfg["lora_alpha"])
     rslora = bool(cfg.get("use_rslora", False))
@@ -969,6 +976,11 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
     init = cfg.get("init_lora_weights", True)
     bias = cfg.get("bias", "none")
     trainable = tuple(sorted({_our_module(m, flat, layers_key) for m in cfg.get("modules_to_save") or []})) or None
+    table = None if model_config is None else f"transformer/{model_config.embed_name}/{tree.EMBEDDING_NAME}"
+    if trainable and table in flat and tree.select(trainable, [table]):
+        raise ValueError(f"{cfg_path}: modules_to_save {cfg['modules_to_save']} trains the embedding table "
+                         f"{_module(table)!r} in full: PEFT gives its copy to the lookup alone, the LM head keeping "
+                         "the original table, which lora_jax's tied GPT-2 and BLOOM cannot hold")
     kw = dict(rank=rank, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), use_rslora=rslora,
               use_dora=bool(cfg.get("use_dora", False)), lora_bias=bool(cfg.get("lora_bias", False)),
               init=init if not ada and init in (("gaussian",) if kasa or bd else

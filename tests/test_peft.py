@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +25,13 @@ peft = pytest.importorskip("peft")
 IDS = np.array([[5, 17, 42, 99, 3, 250, 7, 12], [1, 2, 3, 4, 5, 6, 7, 300]], np.int32)
 ATOL = 1e-4
 
-# GPT-2 unrolled with per-module rank/alpha, lora_only biases and a saved module; BLOOM with
-# scanned layers (stacked adapters), rsLoRA and every bias trained.
+# GPT-2 unrolled with per-module rank/alpha, lora_only biases and saved modules (the position
+# table among them: an embedding, not the tied head); BLOOM with scanned layers (stacked
+# adapters), rsLoRA and every bias trained.
 CASES = {
     "gpt2": dict(scan=False, config=lj.LoraConfig(
         rank=4, alpha=8, targets=["c_attn", "c_proj"], rank_pattern={".*mlp/c_proj": 2},
-        alpha_pattern={".*h/1/attn/c_attn": 16.0}, bias="lora_only", trainable=["ln_f"])),
+        alpha_pattern={".*h/1/attn/c_attn": 16.0}, bias="lora_only", trainable=["ln_f", "wpe"])),
     "bloom": dict(scan=True, config=lj.LoraConfig(
         rank=4, alpha=8, targets=["query_key_value", "dense_4h_to_h"], use_rslora=True, bias="all")),
 }
@@ -89,7 +92,7 @@ def test_export_loads_in_peft(trained, tmp_path):
         assert state["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (3 * d, 4)
         assert state["base_model.model.transformer.h.1.mlp.c_proj.lora_A.weight"].shape == (2, 4 * d)
         assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in state
-        assert cfg["modules_to_save"] == ["transformer.ln_f"]
+        assert cfg["modules_to_save"] == ["transformer.ln_f", "transformer.wpe"]
     else:  # stacked [L, ...] adapters come out per layer
         qkv = "base_model.model.transformer.h.1.self_attention.query_key_value"
         assert state[f"{qkv}.lora_B.weight"].shape == (3 * d, 4)
@@ -145,6 +148,27 @@ def test_peft_made_adapter_imports(name, scan, tiny_gpt2_dir, tiny_bloom_dir, tm
     assert sorted(got.extras)[-1] == "transformer/ln_f/scale"
     logits = lj.apply(model.apply, got.config)(update_params(params, got.extras), got.adapters, IDS)
     np.testing.assert_allclose(np.asarray(logits), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bloom"])
+def test_peft_files_a_tied_head_cannot_hold_are_refused(name, tiny_gpt2_dir, tiny_bloom_dir, tmp_path):
+    """PEFT adapters whose head differs from the lookup, which lora_jax's tied models cannot
+    represent: the table trained in full (modules_to_save: PEFT's copy serves the lookup alone)
+    and a LoRA on lm_head. Each is refused, naming what the file holds."""
+    base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    emb, lin = {"gpt2": ("wte", "c_attn"), "bloom": ("word_embeddings", "query_key_value")}[name]
+    model, params = from_pretrained(base_dir)
+    cases = {"table": (dict(target_modules=[lin], modules_to_save=[emb]),
+                       f"modules_to_save ['{emb}'] trains the embedding table 'transformer.{emb}' in full"),
+             "head": (dict(target_modules=[lin, "lm_head"]),
+                      "'base_model.model.lm_head.lora_A.weight': a LoRA on lm_head alone")}
+    for case, (kw, msg) in cases.items():
+        with warnings.catch_warnings():  # PEFT's about a tied layer in the adapter
+            warnings.simplefilter("ignore")
+            pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=2, lora_alpha=4, **kw))
+        pm.save_pretrained(tmp_path / case)
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            lp.load_peft(tmp_path / case, params, model_config=model.config)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "bloom"])
@@ -248,8 +272,10 @@ def _peft_embedding_adapter(base_dir, name, tmp_path, nudge_torch, seed, **lora_
     """A nudged PEFT adapter on the tied embedding and one linear layer, loaded here: (emb, model,
     params, loaded, PEFT's unmerged hidden states, PEFT's merged logits)."""
     emb, lin = {"gpt2": ("wte", "c_fc"), "bloom": ("word_embeddings", "dense_h_to_4h")}[name]
-    pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
-                                                                  **lora_kw))
+    with warnings.catch_warnings():  # PEFT's on ensure_weight_tying, which it ignores for these names
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(hf_model(base_dir), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[emb, lin],
+                                                                      **lora_kw))
     nudge_torch(pm, seed=seed).save_pretrained(tmp_path / "peft_made")
     ids = torch.tensor(IDS, dtype=torch.long)
     with torch.no_grad():
@@ -267,8 +293,10 @@ def test_dora_on_the_embedding_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_
     feature): PEFT's unmerged hidden states and merged logits, factored in the lookup and the
     tied head (strict), the magnitude both ways, merge = lazy, and a gradient for the magnitude."""
     base_dir = {"gpt2": tiny_gpt2_dir, "bloom": tiny_bloom_dir}[name]
+    # ensure_weight_tying: PEFT's unmerged model still adapts the lookup alone; the import warns of it too
     emb, model, params, got, hidden_want, logits_want = _peft_embedding_adapter(base_dir, name, tmp_path, nudge_torch,
-                                                                                4, use_dora=True)
+                                                                                4, use_dora=True,
+                                                                                ensure_weight_tying=True)
     ids = torch.tensor(IDS, dtype=torch.long)
     path = f"transformer/{emb}/embedding"
     assert got.config.use_dora and got.adapters[path][lj.MAGNITUDE].shape == (model.config.hidden_size,)
@@ -279,7 +307,8 @@ def test_dora_on_the_embedding_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_
     merged = lj.merge(got.config, jax.tree.map(jnp.array, params), got.adapters)
     np.testing.assert_allclose(np.asarray(model.apply(merged, IDS)), logits, atol=ATOL, rtol=0)
 
-    out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    with pytest.warns(UserWarning, match="unmerged model applies it to the lookup only"):
+        out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
     with torch.no_grad():
         back = peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval()
         np.testing.assert_allclose(back.base_model.model.transformer(ids).last_hidden_state.numpy(), hidden_want,
@@ -309,19 +338,24 @@ def test_embedding_lora_matches_peft_both_ways(name, tiny_gpt2_dir, tiny_bloom_d
     np.testing.assert_allclose(logits, logits_want, atol=ATOL, rtol=0)
     assert np.abs(np.asarray(model.apply(params, IDS)) - logits).max() > 100 * ATOL
 
-    # Our export: PEFT's tensor names (nothing missing on load) and the tying flag.
-    out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    # Our export: PEFT's tensor names (nothing missing on load), no ensure_weight_tying (PEFT ties
+    # embed_tokens / lm_head alone), and a warning that PEFT's unmerged model adapts the lookup alone.
+    with pytest.warns(UserWarning, match="unmerged model applies it to the lookup only"):
+        out = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
     state = lp.read_tensors(out / lp.WEIGHTS_FILE)
     assert state[f"base_model.model.transformer.{emb}.lora_embedding_A"].shape == (4, V)
     assert state[f"base_model.model.transformer.{emb}.lora_embedding_B"].shape == (D, 4)
-    assert json.loads((out / lp.CONFIG_FILE).read_text())["ensure_weight_tying"] is True
-    with pytest.warns() as record:
+    assert "ensure_weight_tying" not in json.loads((out / lp.CONFIG_FILE).read_text())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         back = peft.PeftModel.from_pretrained(hf_model(base_dir), str(out)).eval()
-    assert not [w for w in record if "missing adapter keys" in str(w.message)]
+    assert not [w for w in record if "missing adapter keys" in str(w.message) or "ensure_weight" in str(w.message)]
     with torch.no_grad():
         hidden_back = back.base_model.model.transformer(ids).last_hidden_state.numpy()
+        np.testing.assert_allclose(back.merge_and_unload()(ids).logits.numpy(), logits, atol=ATOL, rtol=0)
     np.testing.assert_allclose(hidden_back, hidden_want, atol=ATOL, rtol=0)
-    again = lp.load_peft(out, params, model_config=model.config)  # no warning: it says it ties
+    with pytest.warns(UserWarning, match="tied LM head"):
+        again = lp.load_peft(out, params, model_config=model.config)
     for k in ("lora_A", "lora_B"):
         np.testing.assert_allclose(again.adapters[path][k], got.adapters[path][k], atol=1e-6)
 
