@@ -6,6 +6,7 @@ Run: .venv/bin/pytest tests/test_models.py -q
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -185,12 +186,23 @@ def test_generation_stops_at_eos_and_pads(ckpt):
     pad = 1
     out = np.asarray(generate(model.apply, params, ids, mask, model=model, max_new_tokens=8,
                               eos_token_id=eos, pad_token_id=pad))
-    for row, ref in zip(out, greedy):
-        hits = np.flatnonzero(ref == eos)
-        stop = hits[0] + 1 if len(hits) else len(ref)
-        np.testing.assert_array_equal(row[:stop], ref[:stop])
-        assert (row[stop:] == pad).all()
+
+    def check(out, eos_ids):
+        for row, ref in zip(out, greedy):
+            hits = np.flatnonzero(np.isin(ref, eos_ids))
+            stop = hits[0] + 1 if len(hits) else len(ref)
+            np.testing.assert_array_equal(row[:stop], ref[:stop])
+            assert (row[stop:] == pad).all()
+    check(out, [eos])
     assert (out[0, 3:] == pad).all()
+    # A config.json may list several EOS ids (transformers stops at any): kept as a tuple (the
+    # model is a static, hashed argument of the compiled loop), and generate stops at each.
+    two = [eos, int(greedy[1, 1])]
+    listed = CausalLM(type(model.config).from_hf({**model.config.to_hf(), "eos_token_id": two}))
+    assert listed.config.eos_token_id == tuple(two) and listed.config.to_hf()["eos_token_id"] == two
+    out = np.asarray(generate(model.apply, params, ids, mask, model=listed, max_new_tokens=8, pad_token_id=pad))
+    check(out, two)
+    assert (out[1, 2:] == pad).all()
 
 
 def test_sampling(ckpt):
@@ -218,6 +230,13 @@ def test_sampling(ckpt):
     hot = np.asarray(generate(model.apply, params, ids, mask, temperature=2.0, rng=jax.random.key(2),
                               num_return_sequences=3, **kw)).reshape(len(ids), 3, -1)
     assert all(len({tuple(r) for r in rows}) > 1 for rows in hot)  # each prompt's draws differ
+    # top_p 1 is off, as in transformers (a float32 cumsum would trim the tail): the same program.
+    compiled = importlib.import_module("lora_jax.models.generate")._generate
+    size = compiled._cache_size()
+    same = generate(model.apply, params, ids, mask, temperature=2.0, top_p=1.0, rng=jax.random.key(2),
+                    num_return_sequences=3, **kw)
+    assert compiled._cache_size() == size
+    np.testing.assert_array_equal(np.asarray(same).reshape(hot.shape), hot)
     with pytest.raises(ValueError, match="rng"):
         generate(model.apply, params, ids, mask, temperature=1.0, **kw)
 
@@ -366,18 +385,30 @@ def test_generation_refusals(ckpt):
         model.apply(params, long)
     left = (np.arange(65) >= 5).astype(np.int32)[None]  # 5 pads, 60 real tokens
     np.testing.assert_allclose(model.apply(params, long, left)[:, 5:], model.apply(params, long[:, 5:]), atol=1e-5)
+    # Packed sequences and cached steps are refused past the table too; a packed row of 65 whose
+    # sequences fit is not.
+    past = r"a sequence reaches position 64, past this GPT-2's max_position_embeddings \(64"
+    with pytest.raises(ValueError, match=past):
+        model.apply(params, long, segment_ids=np.ones_like(long))
+    two = np.where(np.arange(65) < 60, 1, 2)[None]
+    np.testing.assert_allclose(model.apply(params, long, segment_ids=two)[:, 60:], model.apply(params, long[:, 60:]),
+                               atol=1e-5)
+    _, cache = model.apply(params, long[:, :64], cache=model.init_cache(1, 66))
+    with pytest.raises(ValueError, match=past):
+        model.apply(params, long[:, 64:], cache=cache)
     # Token ids outside the vocabulary would read NaN rows too: refused where they are concrete.
     for bad in (320, -1):
         with pytest.raises(ValueError, match=f"token id {bad} is outside the vocabulary of 320 tokens"):
             model.apply(params, np.array([[5, bad, 7]]))
-    # Positions count real tokens: rows of 4 (row 2: 6 pads) fit 60 new tokens in 64 positions.
-    assert generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}).shape == (1, 60)
+    # Positions count real tokens, and the last new token is never fed back: rows of 4 (row 2: 6
+    # pads) fit 61 new tokens in 64 positions (as transformers generates them).
+    assert generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 61}).shape == (1, 61)
     # Under jit the real lengths are unknown: only the padded length is checked.
-    traced = jax.jit(lambda i, m: generate(model.apply, params, i, m, **{**kw, "max_new_tokens": 60}))
+    traced = jax.jit(lambda i, m: generate(model.apply, params, i, m, **{**kw, "max_new_tokens": 61}))
     np.testing.assert_array_equal(traced(ids[2:], mask[2:]),
-                                  generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 60}))
+                                  generate(model.apply, params, ids[2:], mask[2:], **{**kw, "max_new_tokens": 61}))
     for bad, msg in [(dict(max_new_tokens=0), "max_new_tokens must be a positive int, got 0"),
-                     (dict(max_new_tokens=55), r"a prompt of 10 tokens \+ max_new_tokens 55 exceeds the model's "
+                     (dict(max_new_tokens=56), r"a prompt of 10 tokens \+ max_new_tokens 56 exceeds the model's "
                                                 "max_position_embeddings 64"),
                      (dict(repetition_penalty=0.0), "repetition_penalty must be a positive number, got 0.0"),
                      (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an int >= 0, got -1"),
@@ -594,3 +625,13 @@ def test_configs_presets_and_hf_round_trip():
     assert load_config(hf, param_dtype="bfloat16").param_dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="remat_policy"):
         load_config(hf, remat_policy="nope")
+    # Configs transformers computes otherwise are refused by name, not loaded to other logits.
+    assert load_config({**hf, "slow_but_exact": True}) == cfg  # pretraining_tp 1: one slice, biases kept
+    with pytest.raises(ValueError, match=r"slow_but_exact=True with pretraining_tp=4 is not supported"):
+        load_config({**hf, "slow_but_exact": True, "pretraining_tp": 4})
+    assert load_config({**hf, "pretraining_tp": 4}) == cfg  # without slow_but_exact: one F.linear, as here
+    gpt2 = GPT2Config.preset("gpt2").to_hf()
+    for bad, msg in [({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx=True"),
+                     ({"tie_word_embeddings": False}, r"untied LM heads are not supported")]:
+        with pytest.raises(ValueError, match=msg):
+            load_config({**gpt2, **bad})

@@ -98,6 +98,12 @@ class BloomConfig(BaseConfig):
         if not hf_get(hf, "tie_word_embeddings", default=True):
             raise ValueError("untied LM heads are not supported (tie_word_embeddings=False)")
         d = hf_get(hf, "hidden_size", "n_embed")
+        tp = hf_get(hf, "pretraining_tp", default=1)
+        if hf_get(hf, "slow_but_exact", default=False) and tp > 1:
+            # transformers then sums per-slice F.linear calls without the bias of self_attention.dense
+            # and mlp.dense_4h_to_h, which this model adds
+            raise ValueError(f"slow_but_exact=True with pretraining_tp={tp} is not supported (transformers leaves "
+                             "out two biases there); set slow_but_exact to false")
         return dict(
             vocab_size=hf_get(hf, "vocab_size"),
             hidden_size=d,

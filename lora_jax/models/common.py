@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
@@ -67,7 +67,7 @@ class BaseConfig:
     intermediate_size: int
     layer_norm_epsilon: float = 1e-5
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # a config.json may list several
     pad_token_id: int | None = None
     # Runtime options (not part of the HF config).
     param_dtype: Any = jnp.float32
@@ -84,6 +84,8 @@ class BaseConfig:
     def __post_init__(self) -> None:
         # Normalise dtypes so that configs built with jnp.float32 or "float32" compare equal.
         object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+        if isinstance(self.eos_token_id, Sequence):  # hashable (jit's static model), as generate takes it
+            object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id) or None)
         if self.compute_dtype is not None:
             object.__setattr__(self, "compute_dtype", jnp.dtype(self.compute_dtype))
         if self.hidden_size % self.num_heads:
@@ -127,7 +129,8 @@ class BaseConfig:
         out.update(self._hf_fields())
         out["model_type"] = self.model_type
         out.setdefault("architectures", [self.hf_architecture])
-        out.update(bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        out.update(bos_token_id=self.bos_token_id, eos_token_id=eos)
         if self.pad_token_id is not None:
             out["pad_token_id"] = self.pad_token_id
         out["tie_word_embeddings"] = True

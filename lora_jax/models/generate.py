@@ -125,9 +125,10 @@ def _setup(
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     limit = getattr(cfg, "max_position_embeddings", None)  # GPT-2's learned positions; BLOOM's ALiBi has none
     longest = jnp.shape(input_ids)[1]
-    if limit is not None and attention_mask is not None and longest + max_new_tokens > limit:
+    # The last new token is returned, never fed back: positions run to longest + max_new_tokens - 2.
+    if limit is not None and attention_mask is not None and longest + max_new_tokens - 1 > limit:
         longest = longest_row(attention_mask) or 0  # under jit the real lengths are not known
-    if limit is not None and longest + max_new_tokens > limit:
+    if limit is not None and longest + max_new_tokens - 1 > limit:
         raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_position_embeddings {limit}")
     if eos_token_id is None:
@@ -187,7 +188,7 @@ def generate(
       eos_token_id: id(s) that end a row (default: config's); None disables stopping.
       pad_token_id: fills rows after EOS (default: config's pad, else EOS, else 0).
       temperature: 0 = greedy; > 0 samples (needs `rng`), optionally restricted to the top-k
-        tokens and/or the top-p probability mass.
+        tokens and/or the top-p probability mass (top_p 1: off, as in transformers).
       num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
         `beam_search` (transformers' beam search; beam sampling with temperature > 0) and returns
         its best num_return_sequences hypotheses per prompt, rows b * num_return_sequences + i;
@@ -231,7 +232,7 @@ def generate(
         jnp.float32(1.0 if greedy else temperature), jnp.float32(1.0 if top_p is None else top_p),
         jnp.asarray(eos or (-1,), jnp.int32), jnp.int32(pad_token_id), jnp.float32(penalty), jnp.int32(min_new),
         max_new_tokens=int(max_new_tokens), greedy=greedy,
-        top_k=top_k, use_top_p=top_p is not None, penalize=penalty != 1, ngram=ngram, floor=min_new > 0,
+        top_k=top_k, use_top_p=top_p is not None and top_p < 1, penalize=penalty != 1, ngram=ngram, floor=min_new > 0,
     )
 
 
@@ -300,6 +301,6 @@ def beam_search(
         jnp.int32(min_new), jax.random.key(0) if rng is None else rng, jnp.float32(temperature if sample else 1.0),
         jnp.float32(1.0 if top_p is None else top_p), max_new_tokens=int(max_new_tokens), num_beams=int(num_beams),
         early_stopping=early_stopping, penalize=penalty != 1, ngram=ngram, floor=min_new > 0,
-        sample=sample, top_k=(top_k or None) if sample else None, use_top_p=sample and top_p is not None,
+        sample=sample, top_k=(top_k or None) if sample else None, use_top_p=sample and top_p is not None and top_p < 1,
     )
     return tokens[:, :num_return_sequences], scores[:, :num_return_sequences]

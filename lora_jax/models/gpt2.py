@@ -29,6 +29,7 @@ from lora_jax.models.common import (
     BaseConfig,
     attention,
     attention_inputs,
+    concrete,
     dense,
     embed,
     hf_get,
@@ -209,6 +210,11 @@ class GPT2Transformer(nn.Module):
         if cache is None and segment_ids is None and T > cfg.max_position_embeddings:
             _check_positions(cfg.max_position_embeddings, T, attention_mask)
         inp = attention_inputs(attention_mask, cache, B, T, segment_ids)
+        if (cache is not None or segment_ids is not None) and (pos := concrete(inp.positions)) is not None:
+            # a packed sequence or a cached step past the table (the plain rows were checked above)
+            if pos.size and pos.max() >= cfg.max_position_embeddings:
+                raise ValueError(f"a sequence reaches position {pos.max()}, past this GPT-2's "
+                                 f"max_position_embeddings ({cfg.max_position_embeddings}, its learned positions)")
         x = embed(cfg, cfg.vocab_size, "wte")(input_ids)  # [B, T, D]
         x = x + embed(cfg, cfg.max_position_embeddings, "wpe")(inp.positions)  # [B, T, D]
         x = nn.Dropout(cfg.embd_pdrop, deterministic=self.deterministic)(x.astype(cfg.dtype))

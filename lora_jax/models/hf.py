@@ -300,6 +300,9 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except ImportError:
         raise
     except Exception as e:  # safetensors / torch raise their own types for damaged files
+        if "Weights only load failed" in str(e):  # intact, but not plain tensors: nothing of it was run
+            raise ValueError(f"{path}: refused: the pickle holds objects other than tensors, which "
+                             "torch.load(weights_only=True) does not unpickle") from None
         raise ValueError(f"{path}: could not read the checkpoint (truncated or corrupted?): "
                          f"{type(e).__name__}: {e}") from None
 

@@ -69,6 +69,7 @@ def resize_token_embeddings(model: Model, params: Params, new_num_tokens: int | 
         n = -(-n // pad_to_multiple_of) * pad_to_multiple_of
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         token = getattr(cfg, name)
+        token = max(token) if isinstance(token, tuple) else token  # several EOS ids
         if token is not None and token >= n:
             raise ValueError(f"cannot resize the vocabulary to {n} tokens: the config's {name} is {token}")
     if n == old:
