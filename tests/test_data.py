@@ -93,11 +93,17 @@ def test_flat_json_and_jsonl_hf_style(tmp_path):
     (tmp_path / "flat.json").write_text(json.dumps(flat))
     res = load_squad_file(tmp_path / "flat.json")
     assert res.records[0] == QARecord("1", "The sky is blue.", "Colour?", ("blue",), (11,))
-    assert res.num_skipped == 0  # "Blue" is not in the text: that answer is dropped, the record kept
+    # "Blue" is not in the text: that answer is dropped (and counted), the record kept
+    assert res.num_skipped == 0 and res.dropped_answers == 1
     lines = [json.dumps(r) for r in flat] + ["{broken json"]
     (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
     res = load_split(tmp_path, "train")
     assert [r.id for r in res.records] == ["1", "2"] and res.skipped["malformed"] == 1
+    (tmp_path / "one.jsonl").write_text(lines[1] + "\n")  # a JSONL file of one record is one JSON object
+    assert [r.id for r in load_squad_file(tmp_path / "one.jsonl").records] == ["2"]
+    (tmp_path / "latin1.json").write_bytes(json.dumps(flat[1:]).replace("X", "\u00c9").encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'latin1.json'}: not UTF-8 text"):
+        load_squad_file(tmp_path / "latin1.json")
 
 
 @pytest.mark.parametrize("content, fragment", [

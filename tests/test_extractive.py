@@ -214,6 +214,9 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     rows = [{"id": f"{k}{i}", "context": f"{n} lives in {PLACES[i % 4]}.", "question": f"{q} does {n} {v}?",
              "answers": {"text": [PLACES[i % 4]] if k == "q" else [], "answer_start": [len(n) + 9] if k == "q" else []}}
             for i, n in enumerate(NAMES) for k, q, v in (("q", "Where", "live"), ("n", "What", "eat"))]
+    # the fifth scored question leaves no room for its context in --max-len 26: no feature, scored 0
+    rows.insert(4, {"id": "long", "context": "Ana lives in Rome.", "question": "Where " + "in the world " * 9 + "?",
+                    "answers": {"text": [], "answer_start": []}})
     v2 = tmp_path / "v2.jsonl"
     v2.write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "v2run").mkdir()
@@ -222,7 +225,8 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     for name, extra in (("one", ("--null-score-diff-threshold", "1")), ("best", None)):
         extra = extra or ("--null-score-diff-threshold", repr(runs["one"][0]["best_f1_thresh"]))
         assert squad.main(ex_args(tiny_gpt2_dir, v2, tmp_path / "v2run", "--eval-only", "--no-base-eval",
-                                  "--init-adapter", str(out / "peft"), "--version-2-with-negative", *extra)) == 0
+                                  "--init-adapter", str(out / "peft"), "--version-2-with-negative", "--eval-samples",
+                                  "5", *extra)) == 0
         s = json.loads((tmp_path / "v2run" / "summary.json").read_text())["scores"]["lora"]
         odds = json.loads((tmp_path / "v2run" / "null_odds_lora.json").read_text())
         preds = json.loads((tmp_path / "v2run" / "predictions_lora.json").read_text())
@@ -230,9 +234,11 @@ def test_extractive_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| best EM | at --null-score-diff-threshold | best F1 |" in printed
     assert "removed 1 file(s) of an earlier run" in printed
+    assert "validation: 1 of 5 questions do not fit --max-len 26; they score 0" in printed
     assert not (tmp_path / "v2run" / "predictions_full.json").exists()
     (one, odds, spans), (best, _, preds) = runs["one"], runs["best"]
     assert len(odds) == 4 and max(odds.values()) < 1  # threshold 1: every best span is the answer
+    assert one["total"] == 5 and "long" not in preds
     assert preds == {k: t if odds[k] <= one["best_f1_thresh"] else "" for k, t in spans.items()}
     assert best["f1"] == pytest.approx(one["best_f1"]) and one["best_f1"] > one["f1"]  # the threshold mattered here
 

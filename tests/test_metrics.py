@@ -140,9 +140,13 @@ def test_best_thresholds_are_the_best_threshold(rows):
             assert got[f"best_{name}"] == pytest.approx(want)
 
 
-def test_best_thresholds_refuses_missing_odds():
-    records = [_rec("a", "cat"), QARecord("b", "ctx", "q?", (), ())]
-    with pytest.raises(KeyError, match="'b'"):
-        best_thresholds({"a": "cat", "b": "dog"}, {"a": 0.0}, records)
+def test_best_thresholds_score_a_record_without_odds_0():
+    """A question without a prediction (no window of it fit) scores 0 at every threshold, as in
+    squad_v2_scores: here even the unanswerable one, which abstaining would get right."""
+    records = [_rec("a", "cat"), QARecord("b", "ctx", "q?", (), ()), QARecord("c", "ctx", "q?", (), ())]
+    got = best_thresholds({"a": "cat", "b": "dog"}, {"a": 0.0, "b": 1.0}, records)
+    assert got["best_exact"] == pytest.approx(200 / 3) and got["best_exact_thresh"] == 0.0
+    assert got["best_exact"] == pytest.approx(squad_v2_scores({"a": "cat", "b": ""}, records)["exact_match"])
+    assert best_thresholds({}, {}, records[1:])["best_f1"] == 0.0
     with pytest.raises(ValueError, match="no records"):
         best_thresholds({}, {}, [])

@@ -94,6 +94,20 @@ for name, base in [("dense", params), ("nf4", quant.quantize(params, double_quan
                         n_split=len(split), per_device=sharding.bytes_per_device((t, o, fr)), whole=whole,
                         arg_bytes_fsdp=mem(step, t, fr, o, ids_d),
                         arg_bytes_one=mem(one, trainable, frozen, opt_state, ids))
+
+# train.loop's pmap step: each device draws its own dropout masks (one key, folded with the device)
+from train.loop import StepConfig, make_step
+def noise(params, adapters, micro, rng):  # a loss that is the step's random draw
+    return jax.random.uniform(rng) + 0 * sum(x.sum() for x in jax.tree.leaves(adapters)), jnp.float32(1)
+pstep = jax.pmap(make_step(noise, optax.sgd(0.0), StepConfig(accum=1, micro_batch=4), axis_name="data"),
+                 axis_name="data", in_axes=(0, None, 0, 0, None))
+small = {"adapters": {"w": jnp.ones(2)}, "params": {}}
+rep = lambda t: jax.tree.map(lambda x: jnp.stack([x] * 4), t)  # noqa: E731
+key = jax.random.key(5)
+_, _, m = pstep(rep(small), {}, rep(optax.sgd(0.0).init(small)), jnp.zeros((4, 1, 1, 2)), jax.random.key_data(key))
+want = np.mean([float(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(key, d), 0))) for d in range(4)])
+report["pmap_rng"] = dict(loss=float(m["loss"][0]), want=float(want),
+                          same_draws=float(jax.random.uniform(jax.random.fold_in(key, 0))))
 print("REPORT" + json.dumps(report))
 """
 
@@ -104,6 +118,8 @@ def test_fsdp_train_step_on_four_devices():
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.split("REPORT", 1)[1])
+    r = report.pop("pmap_rng")
+    assert r["loss"] == pytest.approx(r["want"], abs=1e-6) and abs(r["loss"] - r["same_draws"]) > 1e-3, r
     for name, r in report.items():
         assert r["err"] < 1e-5 and abs(r["loss"] - r["loss_one"]) < 1e-5 and r["moved"] > 1e-3, (name, r)
         assert r["quarters"] and r["n_split"] >= 8, (name, r)

@@ -161,6 +161,53 @@ def test_keep_best_and_an_earlier_runs_checkpoints(tiny_gpt2_dir, tmp_path, caps
     assert len(losses(resumed)) == 4
 
 
+def test_resume_after_a_crash(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    """A run killed while saving its step-4 checkpoint resumes from step 2: metrics.jsonl loses the
+    rows of the lost steps (logged again, once), --keep-best still knows the best step before 2, and
+    flags that would feed it other batches (--seed, rows a step) are refused. --full-finetune pauses
+    at --stop-after like LoRA, scoring nothing until it has trained all its steps."""
+    from train.state import TrainCheckpoints
+    data = tiny_squad(tmp_path / "squad.json")
+    flags = ["--steps", "6", "--no-base-eval", "--eval-every", "1", "--keep-best", "--checkpoint-every", "2"]
+    out = tmp_path / "run"
+    save = TrainCheckpoints.save
+
+    def crash(self, step, *a, **k):
+        if self.directory.name == "lora" and step == 4:
+            raise RuntimeError("killed")
+        return save(self, step, *a, **k)
+    monkeypatch.setattr(TrainCheckpoints, "save", crash)
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, *flags)) == 1
+    val = losses(out, key="val_loss")
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2, 3, 4] and val[1] < val[0]
+    monkeypatch.setattr(TrainCheckpoints, "save", save)
+    capsys.readouterr()
+    for bad, msg in ((["--seed", "1"], "this run has --seed 1, 8 rows a step"),
+                     (["--batch-size", "2"], "this run has --seed 0, 4 rows a step")):
+        assert squad.main(cli_args(tiny_gpt2_dir, data, out, *flags, "--resume", *bad)) == 1
+        err = capsys.readouterr().err
+        assert "--resume: lora's checkpoint at step 2 was taken with --seed 0, 8 rows a step" in err and msg in err
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, *flags, "--resume")) == 0
+    printed = capsys.readouterr().out
+    assert "resumed lora from step 2" in printed
+    best = 1 + int(np.argmin(val[:2]))
+    assert f"lora: --keep-best: the lowest validation loss so far is step {best}'s ({val[best - 1]:.4f})" in printed
+    rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and losses(out, key="val_loss")[:2] == val[:2]
+
+    full = tmp_path / "full"
+    both = ["--steps", "2", "--no-base-eval", "--full-finetune", "--full-lr", "1e-3"]
+    assert squad.main(cli_args(tiny_gpt2_dir, data, full, *both, "--stop-after", "1")) == 0
+    assert squad.main(cli_args(tiny_gpt2_dir, data, full, *both, "--stop-after", "1", "--resume")) == 0
+    assert "stopped the full fine-tuning after 1 steps (--stop-after)" in capsys.readouterr().out
+    assert not (full / "summary.json").exists()
+    assert squad.main(cli_args(tiny_gpt2_dir, data, full, *both, "--resume")) == 0
+    assert set(json.loads((full / "summary.json").read_text())["scores"]) == {"lora", "full"}
+    assert [r["step"] for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+            if r["run"] == "full" and "loss" in r] == [1, 2]
+
+
 def peft_beam_answers(model_dir: Path, data: Path, adapter: Path, n: int = 4, max_prompt: int = 44,
                       **beam_kw) -> dict[str, str]:
     """The answers of transformers' beam search over PEFT's model of an exported adapter, prompt by
@@ -548,6 +595,41 @@ def test_examples_past_the_positions_are_refused(tiny_gpt2_dir, tmp_path, capsys
     assert not (tmp_path / "x").exists()
     args[args.index("--max-len") + 1] = "64"  # what the error asks: the context is cut around the answer
     assert squad.main(args) == 0
+
+
+def test_validation_questions_that_do_not_fit(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
+    """A validation question whose prompt cannot fit scores 0 (as evaluate-v1.1.py scores a
+    missing prediction), counted in the log; none fitting, a prompt + answer past the positions,
+    or a batch the devices cannot split is refused before anything is written."""
+    from train import data as squad_data
+    from train.metrics import squad_scores
+    (tmp_path / "d").mkdir()
+    tiny_squad(tmp_path / "d" / "train.json")
+    doc = json.loads((tmp_path / "d" / "train.json").read_text())
+    doc["data"][0]["paragraphs"][0]["qas"][0]["question"] = "Where " + "in the wide world " * 3 + "?"  # a prompt of 76 tokens
+    (tmp_path / "d" / "validation.json").write_text(json.dumps(doc))
+    out = tmp_path / "run"
+    assert squad.main(cli_args(tiny_gpt2_dir, tmp_path / "d", out, "--steps", "1", "--no-base-eval")) == 0
+    assert "validation: 1 of 4 questions do not fit --max-len 48 minus --max-new-tokens 4; they score 0" in \
+        capsys.readouterr().out
+    s = json.loads((out / "summary.json").read_text())
+    preds = json.loads((out / "predictions_lora.json").read_text())
+    records = squad_data.load_split(tmp_path / "d", "validation").records[:4]
+    assert s["eval_questions"] == 4 and len(preds) == 3 and records[0].id not in preds
+    assert s["scores"]["lora"] == squad_scores(preds, records)
+
+    for flags, msg in [(["--max-new-tokens", "47"], "no validation question fits --max-len 48 minus --max-new-tokens 47"),
+                       (["--max-len", "128"], "a validation prompt of 76 tokens + --max-new-tokens 4 exceeds the 64 "
+                        "positions of model"),
+                       (["--batch-size", "6"], "--batch-size 6 is not divisible by the 4 devices")]:
+        if "6" in flags:
+            monkeypatch.setattr(jax, "device_count", lambda: 4)
+        args = cli_args(tiny_gpt2_dir, tmp_path / "d", tmp_path / "x", "--steps", "1")
+        for f, v in zip(flags[::2], flags[1::2]):
+            args[args.index(f) + 1] = v
+        assert squad.main(args) == 1
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
 
 def test_reduce_intruders_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):

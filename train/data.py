@@ -101,12 +101,14 @@ class LoadResult:
     """Valid records plus what was dropped (`skipped`: reason -> count) or fixed.
 
     `repaired` counts answers whose `answer_start` was wrong but whose text occurs in the
-    context; they are kept with the start of the nearest occurrence.
+    context; they are kept with the start of the nearest occurrence. `dropped_answers` counts
+    gold answers of kept records whose text is nowhere in the context (left out, scoring too).
     """
 
     records: tuple[QARecord, ...]
     skipped: Mapping[str, int]
     repaired: int = 0
+    dropped_answers: int = 0
     v2: bool = False  # SQuAD v2.0 data (asked for, said by the source, or holding unanswerable questions)
 
     @property
@@ -127,11 +129,13 @@ class _Tally:
         self.records: list[QARecord] = []
         self.skipped: Counter[str] = Counter()
         self.repaired = 0
+        self.dropped_answers = 0
         self.seen_ids: set[str] = set()
 
     def result(self) -> LoadResult:
         v2 = self.v2 or any(not r.answerable for r in self.records)
-        return LoadResult(tuple(self.records), {r: self.skipped[r] for r in SKIP_REASONS}, self.repaired, v2)
+        return LoadResult(tuple(self.records), {r: self.skipped[r] for r in SKIP_REASONS}, self.repaired,
+                          dropped_answers=self.dropped_answers, v2=v2)
 
 
 def _is_int(x: Any) -> bool:
@@ -216,6 +220,7 @@ def _add_record(tally: _Tally, obj: Any) -> None:
         return
     tally.seen_ids.add(rid)
     tally.repaired += repaired
+    tally.dropped_answers += 0 if unanswerable else len(pairs) - len(answers)
     tally.records.append(QARecord(rid, context, question, tuple(answers), tuple(starts)))
 
 
@@ -266,7 +271,10 @@ def parse_records(items: Iterable[Any], *, v2: bool = False) -> LoadResult:
 def _read_items(path: Path) -> tuple[list[Any], int, bool]:
     """The top-level items of a JSON / JSONL file, the number of unparseable JSONL lines, and
     whether the file says it is SQuAD v2 (`"version": "v2.0"`)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         top = json.loads(text)
     except json.JSONDecodeError:
@@ -284,6 +292,8 @@ def _read_items(path: Path) -> tuple[list[Any], int, bool]:
         return top["data"], 0, str(top.get("version", "")).lstrip("v").startswith("2")
     if isinstance(top, list):
         return top, 0, False
+    if isinstance(top, Mapping) and _looks_like_squad(top) and "data" not in top:
+        return [top], 0, False  # a JSONL file of one record
     kind = f"a JSON object with keys {sorted(top)[:8]}" if isinstance(top, Mapping) else f"a JSON {type(top).__name__}"
     raise ValueError(f"{path}: found {kind}; expected {_EXPECTED_LAYOUT}")
 

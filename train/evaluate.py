@@ -56,10 +56,9 @@ def evaluate(apply_fn, params, model, tokenizer, examples, records, *, v2: bool 
 
 
 def score_answers(preds: dict[str, str], records, *, v2: bool = False) -> dict[str, Any]:
-    """The official SQuAD v1.1 (or v2.0) scores of answers {id: text} against the records they
-    answer."""
-    by_id = {r.id: r for r in records}
-    return (squad_v2_scores if v2 else squad_scores)(preds, [by_id[i] for i in preds])
+    """The official SQuAD v1.1 (or v2.0) scores of answers {id: text} over `records`; a record
+    without an answer (its prompt did not fit) scores 0, as in evaluate-v1.1.py."""
+    return (squad_v2_scores if v2 else squad_scores)(preds, records)
 
 
 def text_loss(apply_fn: Callable[..., Any], params, tokenizer, texts: Sequence[str], *, max_len: int,

@@ -131,6 +131,8 @@ def make_step(loss_fn, tx: optax.GradientTransformation, cfg: StepConfig, axis_n
 
     def step(trainable, frozen, opt_state, batch, rng_data):
         rng = jax.random.wrap_key_data(rng_data)
+        if axis_name is not None:  # pmap: each device its own dropout draws (the key comes replicated)
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
         def body(carry, xs):
             g_acc, l_acc, n_acc = carry

@@ -127,26 +127,26 @@ def best_thresholds(answers: Mapping[str, str], null_odds: Mapping[str, float],
     whole runs of equal odds (the official one may stop inside one, which no threshold realises) and
     credits an answer to an unanswerable question with its own score, not -1 (they differ only for
     an answer that normalises to nothing); with nothing worth answering, the threshold is just
-    below the lowest odds.
+    below the lowest odds. A record without an answer or odds (no prediction) scores 0 at every
+    threshold, as in `squad_v2_scores`.
     """
     records = list(records)
     if not records:
         raise ValueError("best_thresholds: no records to score")
-    missing = next((r.id for r in records if r.id not in answers or r.id not in null_odds), None)
-    if missing is not None:
-        raise KeyError(f"best_thresholds: record {missing!r} has no answer or no null odds")
     out: dict[str, float] = {}
     for name, metric in (("exact", exact_match), ("f1", f1_v2)):
         total = 0.0  # abstaining everywhere: the unanswerable questions score 1 each
         gains = []  # what answering a record instead of abstaining adds
         for r in records:
+            if r.id not in answers or r.id not in null_odds:
+                continue
             golds = [a for a in r.answers if normalize_answer(a)] or [""]
             score = max(metric(answers[r.id], g) for g in golds)
             skip = 0.0 if golds != [""] else 1.0
             total += skip
             gains.append((float(null_odds[r.id]), score - skip))
         gains.sort(key=lambda x: x[0])
-        best, thresh = total, math.nextafter(gains[0][0], -math.inf)
+        best, thresh = total, math.nextafter(gains[0][0], -math.inf) if gains else 0.0
         for i, (odds, gain) in enumerate(gains):
             total += gain
             if (i + 1 == len(gains) or gains[i + 1][0] != odds) and total > best:

@@ -27,6 +27,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def drop_metrics_after(path: Path, run: str, step: int) -> None:
+    """Remove `run`'s rows of steps after `step` from metrics.jsonl (a run resumed from `step`
+    logs them again), atomically."""
+    rows = read_metrics(path)
+    kept = [r for r in rows if r.get("run") != run or r.get("step", 0) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json_line(r) for r in kept))
+        tmp.replace(path)
+
+
 def loss_plot(metrics: Path, png: Path) -> None:
     """Training loss against step, one line per run (lora / full); the validation loss
     (--eval-every) dashed in the same colour."""

@@ -79,7 +79,9 @@ def load_data(args, tokenizer, log):
         log(f"{split}: {len(res.records)} records from {source}" +
             (f" ({res.unanswerable} unanswerable, SQuAD v2.0)" if res.v2 else "") +
             (f"; skipped {res.num_skipped} malformed: {skipped}" if res.num_skipped else "") +
-            (f"; repaired {res.repaired} answer starts" if res.repaired else ""))
+            (f"; repaired {res.repaired} answer starts" if res.repaired else "") +
+            (f"; dropped {res.dropped_answers} gold answers found nowhere in their context"
+             if res.dropped_answers else ""))
         splits[split] = res
     train_records = splits["train"].records
     if args.train_samples and args.train_samples < len(train_records):
@@ -95,12 +97,24 @@ def load_data(args, tokenizer, log):
                             full_sequence_loss=args.full_sequence_loss, template=args.prompt_template)
     enc_val = data.encode(tokenizer, val_records, args.max_len - args.max_new_tokens, train=False,
                           template=args.prompt_template)
-    for name, enc in (("train", enc_train), ("validation", enc_val)):
-        if enc.skipped.get("too_long"):
-            log(f"{name}: skipped {enc.skipped['too_long']} examples whose answer window exceeds --max-len")
+    if enc_train.skipped.get("too_long"):
+        log(f"train: skipped {enc_train.skipped['too_long']} examples whose question and answer (the context cut "
+            "around it) exceed --max-len")
     if not enc_train.examples:
         raise ValueError(f"no training example fits --max-len {args.max_len}")
+    _check_prompted(val_records, enc_val.examples, log, f"--max-len {args.max_len} minus --max-new-tokens "
+                    f"{args.max_new_tokens}")
     return enc_train.examples, enc_val.examples, val_records, v2
+
+
+def _check_prompted(records, examples, log, room: str) -> None:
+    """Validation questions without a prompt score 0 (as the official script scores a question
+    without a prediction): say how many; refuse when none has one."""
+    missing = len(records) - len({e.id for e in examples})
+    if records and missing == len(records):
+        raise ValueError(f"no validation question fits {room}: nothing to score")
+    if missing:
+        log(f"validation: {missing} of {len(records)} questions do not fit {room}; they score 0")
 
 
 def check_positions(args, model, splits: dict[str, Sequence]) -> None:
@@ -115,6 +129,17 @@ def check_positions(args, model, splits: dict[str, Sequence]) -> None:
                              f"{args.model or EMBEDDED_MODEL} (max_position_embeddings): pass --max-len {limit} or less")
 
 
+def check_prompt_positions(args, model, prompts: Sequence) -> None:
+    """Every validation prompt and the answer generated after it must fit GPT-2's positions (the
+    last new token is never fed back); generate would refuse it, but only after training."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max((e.length for e in prompts), default=0)
+    if limit is not None and longest + args.max_new_tokens - 1 > limit:
+        raise ValueError(f"a validation prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds "
+                         f"the {limit} positions of model {args.model or EMBEDDED_MODEL} (max_position_embeddings): "
+                         f"pass --max-len {limit + 1} or less")
+
+
 def span_features(args, tokenizer, train_records, val_records, log) -> tuple[tuple, tuple]:
     """--extractive's (training features, validation features): question + context windows."""
     out = []
@@ -127,6 +152,7 @@ def span_features(args, tokenizer, train_records, val_records, log) -> tuple[tup
         out.append(got.features)
     if not out[0]:
         raise ValueError(f"no training record fits --max-len {args.max_len}")
+    _check_prompted(val_records, out[1], log, f"--max-len {args.max_len}")
     return out[0], out[1]
 
 
@@ -434,20 +460,28 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     runner = Runner(objective(args, model, lora, examples), tx, cfg, regularizer=regularizer, eval_loss_fn=val_loss)
     opt_state = tx.init(trainable)
     ckpt = TrainCheckpoints(out / "checkpoints" / tag)
-    # --keep-best: the trainable leaves of the lowest validation loss so far, kept on disk so --resume sees them
-    best = TrainCheckpoints(out / "checkpoints" / f"{tag}_best", keep=1) if args.keep_best else None
+    primary = jax.process_index() == 0
+    # --keep-best: the trainable leaves of the lowest validation loss so far, kept on disk so --resume sees them;
+    # an older best goes once a training checkpoint follows the newer one (a resume may lose the newer)
+    best = TrainCheckpoints(out / "checkpoints" / f"{tag}_best", keep=None) if args.keep_best else None
     best_step, best_loss = None, math.inf
     start = 0
+    per_epoch = data.batches_per_epoch(len(examples), rows)
     if args.resume and ckpt.latest_step() is not None:
         trainable, opt_state, meta = ckpt.restore(trainable, opt_state)
         start = int(meta["step"])
+        check_resumable(args, tag, start, meta, rows, data.DataPosition.from_step(start, per_epoch))
         log(f"resumed {tag} from step {start} ({ckpt.directory})")
+        if primary:
+            report.drop_metrics_after(out / "metrics.jsonl", tag, start)  # those of the lost steps
     elif args.resume:
         log(f"--resume: no checkpoint for {tag} under {ckpt.directory}; starting from step 0")
     if best is not None:  # the best of the steps before `start` (one saved after it belongs to a lost future)
         best.drop_after(start)
         best_step = best.latest_step()
         best_loss = math.inf if best_step is None else float(best.read_meta(best_step)["val_loss"])
+        if start and best_step is not None:
+            log(f"{tag}: --keep-best: the lowest validation loss so far is step {best_step}'s ({best_loss:.4f})")
     # --early-stopping: evaluations since the best one (so far: those after it up to `start`)
     waited = 0 if best_step is None else sum(1 for k in range(best_step + 1, start + 1)
                                              if k % args.eval_every == 0 or k == args.steps)
@@ -463,11 +497,9 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         log(f"{tag}: fsdp over {jax.device_count()} devices: {held / 2**20:.2f} MiB of weights and optimizer "
             f"state per device ({whole / 2**20:.2f} MiB in all)")
 
-    per_epoch = data.batches_per_epoch(len(examples), rows)
     stream = data.train_batches(examples, batch_size=rows, buckets=buckets, pad_id=pad, seed=args.seed,
                                 start=data.DataPosition.from_step(start, per_epoch), make_batch=make_batch)
     history: list[dict] = []
-    primary = jax.process_index() == 0
     metrics_file = (out / "metrics.jsonl").open("a") if primary else None
     bar = report.progress(args.steps, start, tag, disable=args.no_progress or not primary)
     skipped, speed = 0, "-"
@@ -524,7 +556,10 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
             if done % args.checkpoint_every == 0 or done == end or stopped is not None:
                 t_host, o_host = runner.get_state(trainable_d, opt_d)
                 nxt = data.DataPosition.from_step(done, per_epoch)
-                ckpt.save(done, t_host, o_host, {"epoch": nxt.epoch, "index": nxt.index, "seed": args.seed})
+                ckpt.save(done, t_host, o_host, {"epoch": nxt.epoch, "index": nxt.index, "seed": args.seed,
+                                                 "rows": rows})
+                if best is not None and best_step is not None:
+                    best.drop_before(best_step)
             if stopped is not None:
                 break
     finally:
@@ -548,6 +583,20 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
         best.close()
     new_params, adapters = lj.join(t_host, frozen) if lora is not None else (t_host["params"], {})
     return new_params, adapters, history, finished
+
+
+def check_resumable(args, tag: str, step: int, meta: dict, rows: int, position) -> None:
+    """--resume goes on with the data stream the checkpoint left: the same --seed, and the same
+    rows per step (--batch-size x --grad-accum), which place it at the same epoch and batch."""
+    saved = {k: meta.get(k) for k in ("seed", "rows", "epoch", "index")}
+    now = {"seed": args.seed, "rows": rows if "rows" in meta else None, "epoch": position.epoch,
+           "index": position.index}  # (older checkpoints hold no rows)
+    if saved != now:
+        raise ValueError(f"--resume: {tag}'s checkpoint at step {step} was taken with --seed {saved['seed']}"
+                         + (f", {saved['rows']} rows a step" if saved["rows"] is not None else "")
+                         + f" (next batch: epoch {saved['epoch']}, batch {saved['index']}); this run has --seed "
+                         f"{args.seed}, {rows} rows a step (--batch-size x --grad-accum; epoch {position.epoch}, "
+                         f"batch {position.index}): resume with the flags it was trained with")
 
 
 def for_eval(args, params):
@@ -579,6 +628,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_ex, val_ex, val_records, squad_v2 = load_data(args, tokenizer, log)
     val_loss_ex = loss_examples(args, tokenizer, val_records, log, val_ex)
     check_positions(args, model, {"training": train_ex, "validation": val_loss_ex})
+    check_prompt_positions(args, model, () if args.extractive else val_ex)
+    if args.batch_size % jax.device_count():  # the Runner's check, before anything is written
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {jax.device_count()} devices")
     adapters0 = None
     if args.init_adapter:
         lora, adapters0, params = load_init_adapter(args.init_adapter, params, model)
@@ -733,9 +785,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log("LM loss on the validation contexts: " + ", ".join(f"{k} {v:.3f}" for k, v in context_loss.items()))
     if args.full_finetune:
         with timed("train_full"):
-            full_params, _, full_hist, _ = train(args, model, params, tokenizer, train_rows, lora=None,
-                                                 lr=args.full_lr, out=out, tag="full", log=log,
-                                                 val_examples=val_loss_ex)
+            full_params, _, full_hist, full_done = train(args, model, params, tokenizer, train_rows, lora=None,
+                                                         lr=args.full_lr, out=out, tag="full", log=log,
+                                                         val_examples=val_loss_ex)
+        if not full_done:  # as LoRA's: nothing scored or written until it has trained all its steps
+            log(f"stopped the full fine-tuning after {args.stop_after} steps (--stop-after); continue with --resume "
+                f"--output-dir {out}")
+            return {"stopped": True, "scores": results}
         history += full_hist
         log("scoring the fully fine-tuned model ...")
         with timed("eval_full"):
@@ -769,7 +825,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_percent": summ and summ.percent, "scores": results, **saved,
         "val_loss": per_run("val_loss"), "best_step": per_run("best_step"), "early_stop": per_run("early_stop"),
         "wall_time_s": time.perf_counter() - t0, "seconds": seconds,
-        "eval_questions": len({e.id for e in val_ex}),  # --extractive: a record may have several features
+        "eval_questions": len(val_records),  # those without a prompt (or feature) score 0
         "num_beams": args.num_beams, "length_penalty": args.length_penalty if args.num_beams > 1 else None,
         "squad_version": "2.0" if squad_v2 else "1.1", "lr_scheduler": args.lr_scheduler,
         "packing": {"examples": len(train_ex), "rows": len(train_rows)} if args.packing else None,

@@ -38,9 +38,9 @@ def _from_dict(d: dict[str, Any], like: PyTree, what: str) -> PyTree:
 
 
 class TrainCheckpoints:
-    """Save / restore (trainable, opt_state, meta) under `directory`, keeping the last `keep`."""
+    """Save / restore (trainable, opt_state, meta) under `directory`, keeping the last `keep` (None: all)."""
 
-    def __init__(self, directory: str | Path, keep: int = 2):
+    def __init__(self, directory: str | Path, keep: int | None = 2):
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
@@ -58,6 +58,12 @@ class TrainCheckpoints:
         would not save a step below a later one)."""
         for s in self.manager.all_steps():
             if s > step:
+                self.manager.delete(s)
+
+    def drop_before(self, step: int) -> None:
+        """Delete the checkpoints of steps before `step`."""
+        for s in self.manager.all_steps():
+            if s < step:
                 self.manager.delete(s)
 
     def read_meta(self, step: int) -> dict[str, Any]:
