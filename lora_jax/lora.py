@@ -124,6 +124,11 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
                              f"{config.layers_pattern!r}) keeps none of the {len(found)} targeted weights, e.g. "
                              f"{found[0]!r}; the layer numbers in their paths: {seen or 'none'}")
         found = kept
+    if config.trainable is not None and (both := [p for p in found if tree.matches(config.trainable, p)]):
+        # W0 stays frozen under its adapter: trained in full too, it would only decay (PEFT never adapts
+        # a modules_to_save module)
+        raise ValueError(f"{both[0]!r} is a LoRA target and trained in full (trainable={config.trainable!r}): "
+                         "it would never train; leave it out of one of them")
     for p in found:
         shape = getattr(flat[p], "shape", ())
         if len(shape) < 2:
@@ -460,8 +465,9 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
         if strategy == "merged":
             if lora_rng is not None and config.dropout > 0:
                 raise ValueError("the merged strategy cannot apply LoRA dropout; use strategy='factored'")
-            merged = _merge(scales(config, adapters), params, adapters, sign=1.0, frozen=True,
-                            tokens=_token_items(tokens, adapters))
+            # BD-LoRA's off-block entries masked, as in the factored path (and then get no gradient)
+            merged = _merge(scales(config, adapters), params, bdlora.mask_adapters(config, adapters), sign=1.0,
+                            frozen=True, tokens=_token_items(tokens, adapters))
             return lift(f)(merged, *args, **kwargs)
         lazy = _lora_arrays(config, params, adapters, lora_rng, strict, tokens, lora_mask)
         return quaxify(f)(lazy, *args, **kwargs)

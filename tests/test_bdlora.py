@@ -91,7 +91,7 @@ def test_matches_peft_both_ways(scan, tiny_bloom_dir, tmp_path, nudge_torch, pef
 def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path, jax_train):
     """init: a block-diagonal A drawn as PEFT's (uniform within sqrt(6 / (in/n))), B = 0, so the model
     starts as the base. Adam steps train the blocks and leave the off-block zeros exactly zero;
-    stray off-block values change neither apply nor merge; the orbax checkpoint round-trips."""
+    stray off-block values change neither apply (either strategy) nor merge; the orbax checkpoint round-trips."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.config import BdLoraConfig
@@ -127,6 +127,10 @@ def test_init_trains_and_round_trips(tiny_bloom_dir, tmp_path, jax_train):
     stray = {p: {k: v + 1.0 for k, v in ab.items()} for p, ab in trained.items()}  # off-block values too
     masked = bdlora.mask_adapters(config, stray)
     np.testing.assert_array_equal(g(params, stray, IDS), g(params, masked, IDS))
+    merged_apply = lj.apply(model.apply, config, strategy="merged")  # the merged strategy masks them too
+    np.testing.assert_allclose(merged_apply(params, stray, IDS), g(params, stray, IDS), atol=2e-3)  # (large deltas)
+    off = jax.grad(lambda a: merged_apply(params, a, IDS).std())(stray)[QKV]["lora_B"]
+    assert not (np.asarray(off) * (1 - bdlora.block_mask(2, *off.shape))).any()  # and get no gradient
     m1 = lj.merge(config, jax.tree.map(jnp.array, params), stray)
     m2 = lj.merge(config, jax.tree.map(jnp.array, params), masked)
     for x, y in zip(jax.tree.leaves(m1), jax.tree.leaves(m2)):

@@ -414,6 +414,8 @@ def test_exclude_and_regex_targets():
     ({"exclude": "["}, None, r"LoraConfig.exclude: '\[' is not a valid regular"),
     ({"rank_pattern": {"*c": 1}}, None, r"LoraConfig.rank_pattern key: '\*c' is not a valid regular"),
     ({"layers_to_transform": [0], "layers_pattern": "h["}, None, r"LoraConfig.layers_pattern: 'h\[' is not a valid"),
+    ({"trainable": ["c"]}, {"c": {"kernel": jnp.zeros((4, 8)), "bias": jnp.zeros(8)}},
+     r"'c/kernel' is a LoRA target and trained in full \(trainable=\('c',\)\): it would never train"),
 ])
 def test_bad_config_errors(kwargs, params, match):
     with pytest.raises(ValueError, match=match):
