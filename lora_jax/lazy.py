@@ -557,5 +557,7 @@ def _remat(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiate
     # Re-trace the checkpointed body with quax inside, under the same remat policy.
     closed = jexc.ClosedJaxpr(jaxpr, ()) if not isinstance(jaxpr, jexc.ClosedJaxpr) else jaxpr
     fn = quax.quaxify(jexc.jaxpr_as_fun(closed))
-    args = tuple(_dense(a) for a in args)
+    # every value of ours (LoRA, mixed-batch, Arrow, reshaped, quantized) enters as it is, so its rules
+    # run inside and a quantized W0 is held as its codes; quax's wrapper of a plain operand is unwrapped
+    args = tuple(a if isinstance(a, Stacked) else dense(a) for a in args)
     return jax.checkpoint(fn, prevent_cse=prevent_cse, policy=policy)(*args)

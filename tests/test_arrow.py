@@ -51,7 +51,8 @@ def _router(bank, gks: bool):
 @pytest.mark.parametrize("gks", [False, True])
 def test_matches_peft(gks, library, tiny_gpt2_dir):
     """PEFT's Arrow model (top 2 of 3 experts, temperature 0.5; GenKnowSub over 2 general
-    adapters) gives our logits, unrolled and scanned, and our prototypes up to sign."""
+    adapters) gives our logits, unrolled and scanned (with GenKnowSub also rematerialised: the
+    routed factors enter each layer's checkpoint), and our prototypes up to sign."""
     torch = pytest.importorskip("torch")
     from peft import ArrowConfig, create_arrow_model
     from transformers import AutoModelForCausalLM
@@ -66,7 +67,7 @@ def test_matches_peft(gks, library, tiny_gpt2_dir):
     protos = {"attn/c_attn": layer.attn.c_attn.lora_arrow["arrow_router"].prototypes.numpy(),
               "mlp/c_fc": layer.mlp.c_fc.lora_arrow["arrow_router"].prototypes.numpy()}  # [E, in]
     for scan in (False, True):
-        model, params = from_pretrained(tiny_gpt2_dir, scan_layers=scan)
+        model, params = from_pretrained(tiny_gpt2_dir, scan_layers=scan, remat=scan and gks)
         router = arrow.load_router([library[n] for n in TASKS], params,
                                    general=[library[n] for n in GENERAL] if gks else ())
         if gks and scan:  # the same as the router from a bank loaded by hand

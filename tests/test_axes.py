@@ -72,6 +72,10 @@ def test_flax_attention_is_adapted_as_matrices_and_stays_factored(mha):
     loss = lambda f: lambda a: jnp.sum(f(params, a, X) ** 2)  # noqa: E731
     close(jax.jit(jax.grad(loss(lj.apply(m.apply, ATTN, strict=True))))(adapters), jax.grad(loss(merged))(adapters),
           atol=1e-4)
+    # under jax.checkpoint the reshaped kernels enter the checkpoint factored (strict: nothing materialised)
+    remat = jax.checkpoint(m.apply, policy=jax.checkpoint_policies.nothing_saveable)
+    close(jax.jit(jax.grad(loss(lj.apply(remat, ATTN, strict=True))))(adapters), jax.grad(loss(merged))(adapters),
+          atol=1e-4)
     # merge() folds the reshaped delta into the [D, H, Dh] kernel: the plain module gives the same.
     close(m.apply(lj.merge(ATTN, jax.tree.map(jnp.copy, params), adapters), X), want)
     # The delta at query is the matrix s*A*B laid out as the kernel.

@@ -60,9 +60,10 @@ def stacked(adapters):
     return {q: {k: jnp.stack([ab[k] for ab in abs_]) for k in ("lora_A", "lora_B")} for q, abs_ in groups.items()}
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_mixed_batch_equals_each_example_with_its_adapter(setup, scan):
+@pytest.mark.parametrize("scan,remat", [(False, False), (True, False), (False, True)])
+def test_mixed_batch_equals_each_example_with_its_adapter(setup, scan, remat):
     model, params, bank, ref = setup
+    model = CausalLM(model.config.replace(remat=remat))  # remat: the factors enter each layer's checkpoint
     if scan:
         model = CausalLM(model.config.replace(scan_layers=True))
         params = stack_layers(params)
