@@ -117,26 +117,24 @@ def _check_prompted(records, examples, log, room: str) -> None:
         log(f"validation: {missing} of {len(records)} questions do not fit {room}; they score 0")
 
 
-def check_positions(args, model, splits: dict[str, Sequence]) -> None:
+def check_positions(args, model, splits: dict[str, Sequence], prompts: Sequence = ()) -> None:
     """Every training (and validation-loss) example must fit the model's learned positions (GPT-2's;
     BLOOM's ALiBi has no limit): past them its logits would be NaN. Packed rows may be longer, as
-    positions restart at each example; generation checks its own prompts."""
+    positions restart at each example. So must every validation prompt with the answer generated
+    after it (its last token never fed back): generate would refuse it, but only after training."""
     limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    model_name = args.model or EMBEDDED_MODEL
     for name, examples in splits.items():
         longest = max((e.length for e in examples), default=0)
-        if limit is not None and longest > limit:
+        if longest > limit:
             raise ValueError(f"a {name} example of {longest} tokens exceeds the {limit} positions of model "
-                             f"{args.model or EMBEDDED_MODEL} (max_position_embeddings): pass --max-len {limit} or less")
-
-
-def check_prompt_positions(args, model, prompts: Sequence) -> None:
-    """Every validation prompt and the answer generated after it must fit GPT-2's positions (the
-    last new token is never fed back); generate would refuse it, but only after training."""
-    limit = getattr(model.config, "max_position_embeddings", None)
+                             f"{model_name} (max_position_embeddings): pass --max-len {limit} or less")
     longest = max((e.length for e in prompts), default=0)
-    if limit is not None and longest + args.max_new_tokens - 1 > limit:
+    if prompts and longest + args.max_new_tokens - 1 > limit:
         raise ValueError(f"a validation prompt of {longest} tokens + --max-new-tokens {args.max_new_tokens} exceeds "
-                         f"the {limit} positions of model {args.model or EMBEDDED_MODEL} (max_position_embeddings): "
+                         f"the {limit} positions of model {model_name} (max_position_embeddings): "
                          f"pass --max-len {limit + 1} or less")
 
 
@@ -627,8 +625,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model, params, tokenizer = load_model(args)
     train_ex, val_ex, val_records, squad_v2 = load_data(args, tokenizer, log)
     val_loss_ex = loss_examples(args, tokenizer, val_records, log, val_ex)
-    check_positions(args, model, {"training": train_ex, "validation": val_loss_ex})
-    check_prompt_positions(args, model, () if args.extractive else val_ex)
+    check_positions(args, model, {"training": train_ex, "validation": val_loss_ex},
+                    prompts=() if args.extractive else val_ex)
     if args.batch_size % jax.device_count():  # the Runner's check, before anything is written
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {jax.device_count()} devices")
     adapters0 = None
