@@ -12,7 +12,8 @@ A mixed batch keeps one copy of the base weights: each targeted kernel becomes a
 `MultiLoraArray` holding W0, every adapter's factors stacked [*S, N, in, r] (each adapter's
 scale folded into its A, ranks zero-padded, zeros where an adapter does not target the kernel)
 and the example -> adapter indices. Its matmul computes x.W0 + (x_b.A[id_b]).B[id_b] per
-example b, gathering the factors; an index of -1 or N means "no adapter" for that example.
+example b, gathering the factors; an index of -1 or N means "no adapter" for that example. An
+embedding table looked up by row gives example b the rows W0[i] + A[id_b][i].B[id_b].
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .lora import STRATEGIES, Adapters, apply, check_adapters
 
 PyTree = Any
 ArrayLike = jax.typing.ArrayLike
+BASE = "__base__"  # PEFT's adapter_names entry for "no adapter" in a mixed batch
 COMBINATIONS = ("linear", "cat", "svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd",
                 "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
@@ -63,7 +65,7 @@ class MultiLoraArray(StackedFactors):
         raise MixedBatchError(
             f"mixed-adapter weight {self.name!r} {tuple(self.w.shape)} met an operation that needs one "
             "dense weight; in a mixed batch a targeted kernel may only be the right operand of a matmul "
-            "(x @ W) whose first input dimension is the batch"
+            "(x @ W) whose first input dimension is the batch, or a table looked up by rows of batch-first ids"
         )
 
     def map(self, fn: Callable[[jax.Array], jax.Array]) -> "MultiLoraArray":
@@ -96,6 +98,35 @@ def _dot_mixed(lhs: ArrayLike | quax.ArrayValue, rhs: MultiLoraArray, *, dimensi
     u = jnp.einsum("b...r,bro->b...o", t, b.astype(x.dtype))  # [B, *x_free, o]
     u = jnp.where(valid.reshape((batch,) + (1,) * (u.ndim - 1)), u, 0)
     return base + u.astype(base.dtype)
+
+
+@quax.register(P.gather_p)
+def _gather_mixed(operand: MultiLoraArray, indices: ArrayLike | quax.ArrayValue, *, dimension_numbers, slice_sizes,
+                  **kwargs):
+    # An embedding lookup in a mixed batch, rows of W [V, D] for token ids [B, ..., 1]: example b's rows
+    # are W0[i] + A[id_b][i] B[id_b] (PEFT's Embedding._mixed_batch_forward). Every adapter's rows of A
+    # come from one gather of A viewed [V, N * r], with the lookup's own index semantics (fill / clip).
+    dn, w, idx = dimension_numbers, operand.w, dense(indices)
+    n, r, batch = operand.a.shape[0], operand.a.shape[-1], operand.ids.shape[-1]
+    row_lookup = (
+        not tree.is_value(w) and w.ndim == 2 and idx.ndim >= 2 and idx.shape[0] == batch
+        and tuple(dn.collapsed_slice_dims) == (0,) and tuple(dn.start_index_map) == (0,)
+        and not dn.operand_batching_dims and tuple(slice_sizes) == (1, w.shape[1])
+    )
+    if not row_lookup:
+        return operand.materialise()  # raises: no per-example form for this lookup
+    base = lax.gather_p.bind(w, idx, dimension_numbers=dn, slice_sizes=slice_sizes, **kwargs)  # [B, ..., D, ...]
+    a = jnp.moveaxis(operand.a, 0, 1).reshape(w.shape[0], n * r)  # [V, N * r]
+    rows = lax.gather_p.bind(a, idx, dimension_numbers=dn, slice_sizes=(1, n * r), **kwargs)  # [B, ..., N * r, ...]
+    (off,) = dn.offset_dims
+    rows = jnp.moveaxis(rows, off, -1)  # [B, ..., N * r]
+    rows = rows.reshape(*rows.shape[:-1], n, r)  # [B, ..., N, r]
+    valid = (operand.ids >= 0) & (operand.ids < n)  # [B]; -1 or N: this example runs the base
+    idc = jnp.clip(operand.ids, 0, n - 1)
+    rows = jnp.take_along_axis(rows, idc.reshape((batch,) + (1,) * (rows.ndim - 1)), axis=-2)[..., 0, :]  # [B, ..., r]
+    u = jnp.einsum("b...r,bro->b...o", rows, operand.b[idc].astype(rows.dtype))  # [B, ..., D]
+    u = jnp.where(valid.reshape((batch,) + (1,) * (u.ndim - 1)), u, 0)
+    return base + jnp.moveaxis(u, -1, off).astype(base.dtype)
 
 
 @quax.register(P.dot_general_p)
@@ -171,6 +202,19 @@ def _axes_pattern(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters
     return {re.escape(p.rsplit("/", 1)[0]): v for p, v in axes(configs, bank).items() if v != (1, 1)}
 
 
+def _check_factors(bank: Mapping[str, Adapters], present: Sequence[str], p: str) -> None:
+    """Raise, naming the adapter, unless the factors at `p` of every adapter in `present` are
+    lora_A [*S, in, r], lora_B [*S, r, out] with the first one's *S, in and out (one base)."""
+    a0, b0 = bank[present[0]][p]["lora_A"], bank[present[0]][p]["lora_B"]
+    for n in present:
+        a, b = bank[n][p]["lora_A"], bank[n][p]["lora_B"]
+        if (a.ndim < 2 or b.shape[:-1] != (*a.shape[:-2], a.shape[-1]) or a.shape[:-1] != a0.shape[:-1]
+                or b.shape[-1] != b0.shape[-1]):
+            raise ValueError(f"adapter {n!r} at {p!r}: lora_A {a.shape} / lora_B {b.shape} are not [*S, in, r] / "
+                             f"[*S, r, out] with {present[0]!r}'s *S, in, out ({a0.shape} / {b0.shape}): "
+                             "not the same base")
+
+
 def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Adapters:
     """Every adapter's factors stacked in `configs` order, per targeted path.
 
@@ -184,6 +228,7 @@ def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Ad
     out: Adapters = {}
     for p in paths:
         present = [n for n in names if p in bank[n]]
+        _check_factors(bank, present, p)
         a0, b0 = bank[present[0]][p]["lora_A"], bank[present[0]][p]["lora_B"]
         *stack_dims, d_in, _ = a0.shape
         d_out = b0.shape[-1]
@@ -196,9 +241,6 @@ def stack(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters]) -> Ad
                 Bs.append(jnp.zeros((*stack_dims, r, d_out), dtype))
                 continue
             a, b = bank[n][p]["lora_A"], bank[n][p]["lora_B"]
-            if a.shape[:-1] != a0.shape[:-1] or b.shape[-1] != d_out:
-                raise ValueError(f"adapter {n!r} at {p!r}: lora_A {a.shape} / lora_B {b.shape} do not match "
-                                 f"{present[0]!r}'s {a0.shape} / {b0.shape}: not the same base")
             pad = r - a.shape[-1]
             a = jnp.pad(a * configs[n].scale_for(p), [(0, 0)] * (a.ndim - 1) + [(0, pad)])  # [*S, in, r]
             b = jnp.pad(b, [(0, 0)] * (b.ndim - 2) + [(0, pad), (0, 0)])  # [*S, r, out]
@@ -262,11 +304,12 @@ class MultiLora(NamedTuple):
     mixed: Callable[..., Any]
 
     def ids(self, adapters: Sequence[str | None]) -> np.ndarray:
-        """Per-example adapter names (None: no adapter) -> int32 indices for `mixed`."""
-        unknown = sorted({a for a in adapters if a is not None and a not in self.names})
+        """Per-example adapter names (None or PEFT's "__base__": no adapter) -> int32 indices for `mixed`."""
+        base = lambda a: a is None or (a == BASE and a not in self.names)  # noqa: E731
+        unknown = sorted({a for a in adapters if not base(a) and a not in self.names})
         if unknown:
             raise ValueError(f"unknown adapter(s) {unknown}; known: {list(self.names)}")
-        return np.array([-1 if a is None else self.names.index(a) for a in adapters], np.int32)
+        return np.array([-1 if base(a) else self.names.index(a) for a in adapters], np.int32)
 
 
 def multi(f: Callable[..., Any], configs: Mapping[str, LoraConfig], *, strategy: str = "factored") -> MultiLora:
@@ -360,6 +403,7 @@ def combine(configs: Mapping[str, LoraConfig], bank: Mapping[str, Adapters], wei
     out: Adapters = {}
     for i, p in enumerate(paths):
         present = [n for n in names if p in bank[n]]
+        _check_factors(bank, present, p)
         sub = None if key is None else jax.random.fold_in(key, i)
         if how in ("linear", "cat"):
             out[p] = _concatenated(configs, bank, weights, present, p, sum(ranks_of.values()) if how == "cat" else None)

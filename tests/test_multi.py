@@ -77,6 +77,25 @@ def test_mixed_batch_equals_each_example_with_its_adapter(setup, scan, remat):
         np.testing.assert_allclose(out[i], ref[n][i], atol=1e-5, err_msg=f"example {i} ({n})")
 
 
+def test_mixed_batch_routes_embedding_rows_per_example(setup):
+    """An adapter on the (tied) embedding table in a mixed batch: each example's lookup and LM head use its
+    own adapter's rows (PEFT's Embedding mixed-batch forward); "__base__" (PEFT's name) runs the base."""
+    model, params, bank, ref = setup
+    emb = lj.LoraConfig(rank=2, alpha=4, targets=["wte", "c_fc"])
+    configs = {"a": CONFIGS["a"], "e": emb}
+    bank = {"a": bank["a"], "e": jax.tree.map(lambda s: jnp.asarray(RNG.normal(0, 0.5, s.shape), s.dtype),
+                                              jax.eval_shape(lambda: lj.init(emb, params, jax.random.key(0))))}
+    assert "transformer/wte/embedding" in bank["e"]
+    ref = {**ref, "e": np.asarray(jax.jit(lj.apply(model.apply, emb))(params, bank["e"], IDS))}
+    m = multi.multi(model.apply, configs)
+    names = ["e", None, "a", "e", "__base__", "a"]
+    ids = m.ids(names)
+    assert ids.tolist() == [1, -1, 0, 1, -1, 0]
+    out = np.asarray(jax.jit(m.mixed)(params, bank, IDS, adapter_ids=ids))
+    for i, n in enumerate(names):
+        np.testing.assert_allclose(out[i], ref[None if n == "__base__" else n][i], atol=1e-5, err_msg=f"example {i}")
+
+
 @pytest.mark.parametrize("scan", [False, True])
 def test_hotswappable_adapters_share_one_compile(setup, scan):
     """Adapters of different ranks, scales and targets, made one shape: one trace, one compile,
@@ -311,3 +330,17 @@ def test_load_bank_reads_both_formats(setup, tmp_path):
         np.testing.assert_allclose(out[i], ref[n][i], atol=1e-5)
     with pytest.raises(FileNotFoundError, match="neither"):
         multi.load_bank({"x": tmp_path}, params)
+
+
+def test_combine_names_the_adapter_whose_factors_do_not_fit():
+    """Factors of another base, or an A and a B of different ranks, are refused naming the adapter and
+    path (rank concatenation once summed A [8, 3] + [8, 1] with B [1, 6] + [3, 6] into a wrong delta)."""
+    c = lj.LoraConfig(rank=2, targets=["x"])
+    ab = lambda a, b: {"m/x/kernel": {"lora_A": jnp.ones(a), "lora_B": jnp.ones(b)}}  # noqa: E731
+    good = ab((8, 2), (2, 6))
+    for how, kw in [("linear", {}), ("svd", {}), ("ties", {"density": 0.5})]:
+        with pytest.raises(ValueError, match=r"adapter 'b' at 'm/x/kernel': lora_A \(5, 2\)"):
+            multi.combine({"a": c, "b": c}, {"a": good, "b": ab((5, 2), (2, 6))}, {"a": 1.0, "b": 1.0}, how=how, **kw)
+    bank = {"a": good, "b": ab((8, 3), (1, 6)), "c": ab((8, 1), (3, 6))}
+    with pytest.raises(ValueError, match=r"adapter 'b' at 'm/x/kernel': lora_A \(8, 3\) / lora_B \(1, 6\)"):
+        multi.combine({n: c for n in bank}, bank, {n: 1.0 for n in bank}, how="cat")
