@@ -38,6 +38,8 @@ PyTree = Any
 MANIFEST = "lora_adapter.json"
 FORMAT = "lora_jax.adapters"
 VERSION = 1
+# What marks a directory `atomic_directory(overwrite=True)` may replace: ours, PEFT's, an HF checkpoint.
+REPLACEABLE = (MANIFEST, "adapter_config.json", "config.json")
 
 
 class AdapterCheckpoint(NamedTuple):
@@ -77,13 +79,18 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
     """Yield an empty temporary directory; on success it becomes `directory` in one rename.
 
     On any exception the temporary directory is removed and `directory` is untouched. An
-    existing `directory` is an error unless `overwrite=True`, which replaces it as a whole.
+    existing `directory` is an error unless `overwrite=True`, which replaces it as a whole; only
+    an empty directory or a checkpoint (one holding any of `REPLACEABLE`) is replaced, so that a
+    mistyped path ("." or a run directory) is refused rather than deleted.
     """
     directory = Path(directory).expanduser().absolute()
     if directory.exists() and not overwrite:
         raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} exists and is not a directory")
+    if directory.exists() and any(directory.iterdir()) and not any((directory / m).is_file() for m in REPLACEABLE):
+        raise FileExistsError(f"{directory} is not empty and holds no checkpoint ({', '.join(REPLACEABLE)}); "
+                              "overwrite=True replaces only a checkpoint directory: pick a new path")
     directory.parent.mkdir(parents=True, exist_ok=True)
     # Same parent, so the final os.replace is a rename within one filesystem (atomic).
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
@@ -94,7 +101,11 @@ def atomic_directory(directory: str | os.PathLike, *, overwrite: bool = False) -
         if directory.exists():
             old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(directory, old)
-            os.replace(tmp, directory)
+            try:
+                os.replace(tmp, directory)
+            except BaseException:
+                os.replace(old, directory)  # the old one back under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, directory)
@@ -226,12 +237,12 @@ def save(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *
         finally:
             ckptr.close()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    return Path(directory)
+    return Path(directory).expanduser()
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's manifest (config, base model, shapes), validated; no arrays are read."""
-    path = Path(directory) / MANIFEST
+    path = Path(directory).expanduser() / MANIFEST
     m = read_json(path, "adapter checkpoint manifest")
     if m.get("format") != FORMAT or not isinstance(m.get("adapters"), dict):
         raise ValueError(f"{path}: not a lora_jax adapter checkpoint manifest (format={m.get('format')!r})")
@@ -307,12 +318,13 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
       params: the base parameters (arrays or `jax.ShapeDtypeStruct`s); only shapes are used.
       base_model: if given, must equal the recorded base model name.
     Returns:
-      AdapterCheckpoint(config, adapters, extras, base_model).
+      AdapterCheckpoint(config, adapters, extras, base_model); the arrays on the first local device,
+      whatever mesh they were saved from (`jax.device_put` them onto yours).
     Raises:
       ValueError naming the path and both shapes when config, structure or shapes do not fit;
       ValueError naming the file when the checkpoint is truncated or corrupted.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     m = read_manifest(directory)
     try:
         config = LoraConfig.from_dict(m["config"])
@@ -329,7 +341,10 @@ def load(directory: str | os.PathLike, params: PyTree, *, base_model: str | None
     if config.use_kasa:
         warnings.warn(f"{directory}: {BASE_WARNING}", stacklevel=2)
 
-    sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]))
+    # Onto one local device, whatever mesh the arrays were saved from: orbax would otherwise restore
+    # the saved sharding, which fails on another device count (trained on 4 devices, loaded on 1).
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sds = lambda s: jax.ShapeDtypeStruct(tuple(s["shape"]), np.dtype(s["dtype"]), sharding=one)
     specs = {f"{p}/{k}": sds(s[k]) for p, s in m["adapters"].items() for k in set(s) - {"weight"}}
     target = {"adapters": _nest(specs)}
     if m.get("extras"):

@@ -521,7 +521,7 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
     # (it warns that the flag adds nothing for GPT-2's wte or BLOOM's word_embeddings).
     if tied := [p for p in adapters if _is_tied_head(p, model_config) and TOKENS not in adapters[p]]:
         warnings.warn(f"{directory}: {_TIED_LOOKUP_ONLY.format(tied[0])}", stacklevel=2)
-    return Path(directory)
+    return Path(directory).expanduser()
 
 
 # ----------------------------------------------------------------------------- import
@@ -1065,4 +1065,4 @@ def save_checkpoint(directory: str | os.PathLike, model_config: BaseConfig, para
         write_hf_files(tmp, model_config, state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    return Path(directory)
+    return Path(directory).expanduser()

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -157,3 +160,78 @@ def test_corrupted_checkpoint_names_the_file(tmp_path):
                     fh.truncate(os.path.getsize(path) // 2)
     with pytest.raises(ValueError, match="arrays.*truncated or corrupted"):
         ck.load(tmp_path / "c", params)
+
+
+SHARDED_SAVE = """
+import sys, jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import lora_jax as lj
+from lora_jax import checkpoint as ck
+params = {"h": {"c": {"kernel": np.ones((8, 16), np.float32)}}}
+config = lj.LoraConfig(rank=4, targets=["c"])
+mesh = Mesh(np.array(jax.devices()), ("d",))
+a, b = np.arange(32, dtype=np.float32).reshape(8, 4), np.arange(64, dtype=np.float32).reshape(4, 16)
+ck.save(sys.argv[1], config, {"h/c/kernel": {"lora_A": jax.device_put(a, NamedSharding(mesh, P("d", None))),
+                                             "lora_B": jax.device_put(b, NamedSharding(mesh, P(None, "d")))}})
+"""
+
+
+def test_adapters_saved_sharded_on_four_devices_load_onto_one(tmp_path):
+    """Trained on a mesh, loaded elsewhere: orbax must not insist on the saved 4-device sharding."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", SHARDED_SAVE, str(tmp_path / "c")], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = ck.load(tmp_path / "c", {"h": {"c": {"kernel": np.ones((8, 16), np.float32)}}}).adapters["h/c/kernel"]
+    np.testing.assert_array_equal(got["lora_A"], np.arange(32, dtype=np.float32).reshape(8, 4))
+    np.testing.assert_array_equal(got["lora_B"], np.arange(64, dtype=np.float32).reshape(4, 16))
+    assert all(len(x.sharding.device_set) == 1 for x in got.values())
+
+
+def test_home_relative_directory_loads_where_it_was_saved(tmp_path, monkeypatch):
+    """save expands '~' (atomic_directory), so load and read_manifest must too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    params = make_params()
+    config = lj.LoraConfig(rank=2, targets=["c_attn"])
+    adapters = trained(config, params)
+    written = ck.save("~/adapter", config, adapters)
+    assert (tmp_path / "adapter" / ck.MANIFEST).is_file()
+    assert ck.read_manifest("~/adapter")["format"] == ck.FORMAT
+    assert_same(ck.load(written, params).adapters, adapters)
+
+
+def test_failed_final_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    """Overwriting moves the old directory aside first; if the new one then cannot take its place,
+    the old one must be back under its name (atomic_directory's promise: `directory` untouched)."""
+    params = make_params()
+    config = lj.LoraConfig(rank=2, targets=["c_attn"])
+    adapters = trained(config, params)
+    ck.save(tmp_path / "c", config, adapters)
+    replace = os.replace
+
+    def flaky(src, dst):
+        if os.path.basename(src).startswith(".c.tmp-"):
+            raise OSError("simulated failure of the final rename")
+        replace(src, dst)
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="simulated"):
+        ck.save(tmp_path / "c", config, jax.tree.map(jnp.zeros_like, adapters), overwrite=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["c"]
+    assert_same(ck.load(tmp_path / "c", params).adapters, adapters)
+
+
+def test_overwrite_refuses_a_directory_that_holds_no_checkpoint(tmp_path):
+    """overwrite=True replaces a checkpoint, never a mistyped run directory (or ".") wholesale."""
+    params = make_params()
+    config = lj.LoraConfig(rank=2, targets=["c_attn"])
+    adapters = trained(config, params)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(FileExistsError, match=r"run is not empty and holds no checkpoint"):
+        ck.save(run, config, adapters, overwrite=True)
+    assert sorted(os.listdir(run)) == ["metrics.jsonl"] and sorted(os.listdir(tmp_path)) == ["run"]
+    (tmp_path / "empty").mkdir()
+    ck.save(tmp_path / "empty", config, adapters, overwrite=True)  # an empty directory is replaced
+    assert_same(ck.load(tmp_path / "empty", params).adapters, adapters)
