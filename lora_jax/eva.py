@@ -137,7 +137,9 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
             adapters[p][MAGNITUDE] = column_norms(dense(flat[p]).reshape(views[p])).astype(dtype)
         if config.lora_bias:
             adapters[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
-        module = re.escape(p.rsplit("/", 1)[0])
+        # PEFT's patterns name modules; two targets in one module (target_parameters) need their own
+        module = p.rsplit("/", 1)[0]
+        module = re.escape(module if [q.rsplit("/", 1)[0] for q in seen].count(module) == 1 else p)
         if new != r:
             rank_pattern[module] = new
         if not math.isclose(new_alpha, alpha, rel_tol=1e-12):

@@ -115,7 +115,8 @@ def residual_init(config: LoraConfig, params: PyTree,
         w = jnp.asarray(w0, jnp.float32).reshape(-1, d_in, d_out)  # [prod(S), in, out]
         with jax.default_matmul_precision("highest"):  # W_res must cancel s*A0*B0 in fp32, not TF32 / bf16
             a, b = factors(i, p, w)  # [n, in, r], [n, r, out]
-            a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+            # W_res must cancel the factors as stored (PEFT's LoRA-GA too): round them to `dtype` first
+            a, b = (jnp.asarray(x, jnp.float32).astype(dtype).astype(jnp.float32) for x in (a, b))
             gate = layer_gate(config, p, w0.shape)
             if gate is not None:  # layers left out keep W0 and zero factors
                 g = jnp.asarray(gate.reshape(-1, 1, 1), jnp.float32)

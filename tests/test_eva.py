@@ -194,3 +194,20 @@ def test_eva_agrees_with_peft():
         assert a.shape[1] == theirs[name].shape[0]
         cos = np.abs(np.sum(a.T * theirs[name].numpy(), axis=1))
         assert np.all(cos > 0.999), (name, cos)  # PEFT stops its PCA once successive steps agree to 0.99
+
+
+def test_eva_ranks_two_targets_of_one_module_apart():
+    """Two adapted parameters of one module (target_parameters) get EVA ranks of their own: the
+    rank_pattern / alpha_pattern entries name each parameter, not their shared module."""
+    rng = np.random.default_rng(5)
+    spectrum = {"x1": np.array([100, 30, 9, 3, .1, .1, .1, .1]), "x2": np.array([50, 2, .5, .1, .1, .1, .1, .1])}
+    batches = [{k: jnp.asarray(rng.normal(size=(2, 60, D)) * np.sqrt(v) @ BASIS.T, jnp.float32)
+                for k, v in spectrum.items()} for _ in range(2)]
+    params = {"mlp": {"w_one": PARAMS["one"]["kernel"], "w_two": PARAMS["two"]["kernel"]}}
+    f = lambda p, b: b["x1"] @ p["mlp"]["w_one"] + b["x2"] @ p["mlp"]["w_two"]  # noqa: E731
+    config = lj.LoraConfig(rank=2, alpha=4.0, target_parameters=["mlp/w_one", "mlp/w_two"])
+    for adjust, scales in ((True, (2.0, 2.0)), (False, (4.0 / 3, 4.0))):
+        new, adapters = lj.init_eva(config, params, f, batches, eva=lj.EvaConfig(adjust_scaling_factors=adjust))
+        for p, r, s in (("mlp/w_one", 3, scales[0]), ("mlp/w_two", 1, scales[1])):
+            assert adapters[p]["lora_A"].shape == (D, r) and new.rank_for(p) == r
+            assert new.scale_for(p) == pytest.approx(s)

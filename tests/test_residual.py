@@ -169,3 +169,19 @@ def test_errors_name_the_problem(tmp_path):
         plain_cfg, plain_ad = lj.to_plain(pissa, a0, a0)
         checkpoint.save(tmp_path / "plain", plain_cfg, plain_ad)
         assert checkpoint.load(tmp_path / "plain", params).config.rank == 4
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_bf16_factors_are_what_the_residual_cancels(init):
+    """With bf16 factors on an fp32 base, W_res cancels the stored (rounded) factors, as PEFT's
+    LoRA-GA rounds before it subtracts: W_res + s*A0*B0 is W0 to fp32 precision, so the model
+    starts as the base and to_plain stays exact, not off by bf16's rounding of the delta."""
+    w = jax.random.normal(jax.random.key(0), (32, 24))
+    params = {"proj": {"kernel": w}}
+    cfg = lj.LoraConfig(rank=4, alpha=8, targets=["proj"], init=init)
+    res, a0 = lj.init_residual(cfg, params, jax.random.key(1), dtype=jnp.bfloat16)
+    a, b = (a0["proj/kernel"][k] for k in ("lora_A", "lora_B"))
+    assert a.dtype == b.dtype == jnp.bfloat16 and res["proj"]["kernel"].dtype == jnp.float32
+    s = cfg.scale_for("proj/kernel")
+    f32 = lambda x: np.asarray(x, np.float64)  # noqa: E731
+    np.testing.assert_allclose(f32(res["proj"]["kernel"]) + s * f32(a) @ f32(b), f32(w), atol=1e-5)
