@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import bdlora, quant, tree, velora
-from .config import ALL_LINEAR, DATA_INITS, MICA, LoraConfig
+from .config import ALL_LINEAR, DATA_INITS, MICA, PLAIN_INITS, LoraConfig
 from .lazy import LoraArray, as_matrix, column_norms, dense, dora_weight, lift, quaxify
 
 PyTree = Any
@@ -134,9 +134,10 @@ def target_paths(config: LoraConfig, params: PyTree) -> list[str]:
         if len(shape) < 2:
             raise ValueError(f"LoRA target {p!r} has shape {tuple(shape)}: not a matrix or a stack of matrices")
         r, view = config.rank_for(p), config.matrix_shape(p, shape)
-        if r > min(view[-2:]):
+        if r > min(view[-2:]) and config.init not in PLAIN_INITS:  # random factors take any rank, as in PEFT
             shown = tuple(shape) if view == tuple(shape) else f"{tuple(shape)} (as the matrix stack {view})"
-            raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}")
+            raise ValueError(f"LoRA rank {r} at {p!r} exceeds min(in, out) of its shape {shown}: init "
+                             f"{config.init!r} takes r directions of the weight")
         if config.use_dora and tree.leaf_name(p) not in tree.WEIGHT_NAMES:
             raise ValueError(f"DoRA targets linear layers and embeddings; {p!r} is neither (exclude it or drop "
                              "use_dora)")

@@ -35,10 +35,12 @@ PyTree = Any
 
 
 def svd_factors(w: jax.Array, r: int, scale: float) -> tuple[jax.Array, jax.Array]:
-    """w [in, out] fp32 -> A [in, r], B [r, out] with s*A*B = w's rank-r truncated SVD."""
+    """w [in, out] fp32 -> A [in, r], B [r, out] with s*A*B = w's rank-r truncated SVD (factors
+    zero-padded past k = min(in, out): a plain LoRA may have the larger rank)."""
     u, sv, vh = jnp.linalg.svd(w, full_matrices=False)  # [in, k], [k], [k, out]
     root = jnp.sqrt(sv[:r] / scale)
-    return u[:, :r] * root, root[:, None] * vh[:r]
+    pad = max(r - sv.shape[0], 0)
+    return jnp.pad(u[:, :r] * root, [(0, 0), (0, pad)]), jnp.pad(root[:, None] * vh[:r], [(0, pad), (0, 0)])
 
 
 def _pissa_lowrank(w: jax.Array, key: jax.Array, r: int, scale: float, niter: int) -> tuple[jax.Array, jax.Array]:

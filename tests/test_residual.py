@@ -185,3 +185,22 @@ def test_bf16_factors_are_what_the_residual_cancels(init):
     s = cfg.scale_for("proj/kernel")
     f32 = lambda x: np.asarray(x, np.float64)  # noqa: E731
     np.testing.assert_allclose(f32(res["proj"]["kernel"]) + s * f32(a) @ f32(b), f32(w), atol=1e-5)
+
+
+def test_plain_form_above_min_in_out_saves_and_loads(tmp_path):
+    """to_plain doubles the rank; past min(in, out) the plain LoRA (random-init kind, which PEFT
+    allows at any rank) must still save, load and export, while PiSSA itself needs r <= min."""
+    model, params = _gpt2(scan=False)
+    config = lj.LoraConfig(rank=20, targets=["c_attn"], init="pissa")  # c_attn [32, 96]: 2r = 40 > 32
+    params_res, adapters0 = lj.init_residual(config, params, jax.random.key(1))
+    plain_cfg, plain = lj.to_plain(config, _nudge(adapters0), adapters0)
+    assert plain_cfg.rank == 40
+    want = jax.jit(lj.apply(model.apply, plain_cfg))(params, plain, IDS)
+    back = checkpoint.load(checkpoint.save(tmp_path / "a", plain_cfg, plain), params)
+    np.testing.assert_array_equal(jax.jit(lj.apply(model.apply, back.config))(params, back.adapters, IDS), want)
+    lp.save_peft(tmp_path / "p", plain_cfg, plain, model_config=model.config)
+    got = lp.load_peft(tmp_path / "p", params, model_config=model.config)
+    np.testing.assert_allclose(jax.jit(lj.apply(model.apply, got.config))(params, got.adapters, IDS), want,
+                               atol=1e-5)
+    with pytest.raises(ValueError, match=r"rank 40 at 'transformer/h/0/attn/c_attn/kernel' exceeds min.*'pissa'"):
+        lj.init_residual(dataclasses.replace(config, rank=40), params, jax.random.key(1))
