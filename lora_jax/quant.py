@@ -337,7 +337,8 @@ def from_bnb(state: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
         if nested:
             absmax2 = jnp.asarray(parts[".nested_absmax"], jnp.float32)
             offset = jnp.asarray(meta["nested_offset"], jnp.float32)
-        codes = jnp.asarray(np.pad(codes, (0, n_bytes - codes.size)))
+        # pad as quantize_nf4 pads (zeros, NF4 level 7 in both nibbles), so the same weight has the same codes
+        codes = jnp.asarray(np.pad(codes, (0, n_bytes - codes.size), constant_values=0x77))
         out[name] = QuantizedArray(codes, absmax, absmax2, offset, (d_in, d_out), jnp.dtype(dtype or meta["dtype"]),
                                    block)
     return out
@@ -380,8 +381,8 @@ def _qdot(lhs, rhs, dimension_numbers, kwargs):
         # NaN anyway), so XLA cannot schedule it before t exists and hold every layer's dense weight.
         if not isinstance(q, QuantizedArray) or isinstance(t, QuantizedArray):
             return q
-        first = jnp.ravel(t)[0]
-        return eqx.tree_at(lambda u: u.codes, q, q.codes ^ (first != first).astype(q.codes.dtype))
+        first = jnp.ravel(t)[:1]  # [1], or [0] for an operand with no elements (an empty batch)
+        return eqx.tree_at(lambda u: u.codes, q, q.codes ^ jnp.any(first != first).astype(q.codes.dtype))
 
     @jax.custom_vjp
     def qdot(lhs, rhs):

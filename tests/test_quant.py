@@ -138,3 +138,21 @@ def test_quantize_errors():
     kernel = lj.tree.flatten(quant.quantize(params))["transformer/h/0/attn/c_attn/kernel"]
     with pytest.raises(ValueError, match=r"requantize: shape \(3, 4\) is not the quantized weight's \(32, 96\)"):
         quant.requantize(jnp.zeros((3, 4)), kernel)
+
+
+def test_quantized_matmul_on_an_empty_batch():
+    """A matmul of NF4 or int8 weights with an activation of no elements (an empty batch) gives the
+    empty result, forward and backward, with and without LoRA, as dense weights do (the quantized
+    matmul read the activation's first element)."""
+    params = {"layer": {"kernel": jax.random.normal(jax.random.key(0), (64, 32))}}
+    config = lj.LoraConfig(rank=2, targets=["layer"])
+
+    def f(p, x):
+        return x @ p["layer"]["kernel"]
+    for scheme in ("nf4", "int8"):
+        qparams = quant.quantize(params, scheme=scheme)
+        x = jnp.ones((0, 64))
+        assert quant.apply(f)(qparams, x).shape == (0, 32)
+        assert jax.grad(lambda x: quant.apply(f)(qparams, x).sum())(x).shape == (0, 64)
+        adapters = lj.init(config, qparams, jax.random.key(1))
+        assert lj.apply(f, config)(qparams, adapters, x).shape == (0, 32)

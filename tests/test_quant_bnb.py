@@ -287,3 +287,18 @@ def test_requantizing_merge_is_peft_merge_and_unload(scheme, wide_dirs, tmp_path
     assert len(dequantized) == 4 * model.config.num_layers
     np.testing.assert_allclose(np.asarray(jax.jit(quant.apply(model.apply))(ours, IDS)),
                                _logits(dequantized_reference(base_dir, dequantized)), atol=ATOL, rtol=0)
+
+
+def test_from_bnb_partial_block_has_the_codes_quantize_makes():
+    """A 4-bit weight whose size is no multiple of the block (30 x 10, blocks of 64) loads from
+    bitsandbytes' saved state with the QuantizedArray quantize() makes of the same weight, padding
+    bytes included (both pad with NF4's zero), and the values bitsandbytes dequantizes."""
+    w = np.random.default_rng(3).standard_normal((30, 10)).astype(np.float32)  # [in, out]
+    q, state = bnb_functional.quantize_4bit(torch.from_numpy(w.T.copy()), blocksize=64, quant_type="nf4")
+    saved = {"m.weight": q.numpy()} | {f"m.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()}
+    got = quant.from_bnb(saved)["m.weight"]
+    want = quant.quantize({"w": jnp.asarray(w)}, targets=["w"])["w"]
+    assert got.shape == want.shape and got.codes.shape == want.codes.shape == (160,)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(got.materialise()), bnb_functional.dequantize_4bit(q, state).numpy().T)
