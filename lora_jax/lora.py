@@ -566,8 +566,10 @@ def merge(config: LoraConfig, params: PyTree, adapters: Adapters, *, requantize:
     was = {p: w for p, w in tree.flatten(params).items() if p in adapters and isinstance(w, quant.QuantizedArray)} \
         if requantize else {}
     # A quantized weight merges into its dense compute dtype: dequantize it here, so the donated
-    # buffer is the dense one the merged weight can reuse.
-    params = tree.map_with_path(lambda p, w: dense(w) if p in adapters else w, params)
+    # buffer is the dense one the merged weight can reuse. One to be requantized stays fp32 until it
+    # is: PEFT adds the fp32 delta to bitsandbytes' dequantized weight and quantizes that sum.
+    f32 = lambda w: (dense(w) if w.scheme == "nf4" else dense(w.astype(jnp.float32))).astype(jnp.float32)  # noqa: E731
+    params = tree.map_with_path(lambda p, w: (f32(w) if p in was else dense(w)) if p in adapters else w, params)
     merged = _merge_jit(scales(config, adapters), params, bdlora.mask_adapters(config, adapters), 1.0,
                         _token_items(tokens, adapters))
     return tree.map_with_path(lambda p, w: quant.requantize(w, was[p]) if p in was else w, merged) if was else merged
