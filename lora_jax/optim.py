@@ -25,7 +25,7 @@ import optax
 
 from . import tree
 from .config import MICA, LoraConfig
-from .lora import Adapters, trainable_mask
+from .lora import ADALORA_E, Adapters, trainable_mask
 
 PyTree = Any
 
@@ -81,13 +81,25 @@ def make_train_step(loss_fn: Callable[..., jax.Array], tx: optax.GradientTransfo
 
 def loraplus_labels(trainable: PyTree) -> PyTree:
     """LoRA+ groups for a trainable tree (`split`'s, or any tree of `init` adapters):
-    "embedding" for the factors of an adapted embedding table, "B" for lora_B (and its bias) and every 1-D
-    leaf (DoRA magnitudes, biases), "A" for the rest (lora_A, fully trained matrices); PEFT's."""
+    "embedding" for the factors of an adapted embedding table, "B" for lora_B (and its bias) and every
+    leaf that is 1-D per layer (DoRA magnitudes, KaSA's diagonal, biases and norm scales, a layer
+    stack's [L, n] ones too), "A" for the rest (lora_A, AdaLoRA's lora_E, fully trained matrices); PEFT's,
+    which tests torch's per-layer `param.ndim == 1`."""
+    # A stacked adapter's leaves carry lora_A's stack dims [*S, in, r]: PEFT sees one layer's shape.
+    stack = {p.rsplit("/", 1)[0]: x.ndim - 2 for p, x in tree.flatten(trainable).items()
+             if tree.leaf_name(p) == "lora_A"}
+
     def group(path, x):
-        *_, parent, leaf = ("", *path.split("/"))  # ".../wte/embedding/lora_A": the adapted leaf, then the factor
-        if leaf in ("lora_A", "lora_B") and parent == tree.EMBEDDING_NAME:
-            return "embedding"
-        return "B" if leaf.startswith("lora_B") or getattr(x, "ndim", 0) == 1 else "A"  # lora_B, lora_B_bias
+        module, _, leaf = path.rpartition("/")
+        if leaf in ("lora_A", "lora_B") and tree.leaf_name(module) == tree.EMBEDDING_NAME:
+            return "embedding"  # ".../wte/embedding/lora_A": the adapted leaf, then the factor
+        if leaf.startswith("lora_B"):  # lora_B, lora_B_bias
+            return "B"
+        if leaf == ADALORA_E:  # (r, 1) in PEFT: not 1-D
+            return "A"
+        # Flax's biases and norm scales are 1-D per layer, [L, n] in a scanned stack (trained extras)
+        vector = getattr(x, "ndim", 0) - stack.get(module, 0) == 1 or leaf in ("bias", "scale")
+        return "B" if vector else "A"
     return tree.map_with_path(group, trainable)
 
 
