@@ -496,6 +496,38 @@ def test_optimizer_is_transformers_adamw_with_clipping(clip):
         np.testing.assert_allclose(np.asarray(params), w.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_weight_decay_spares_biases_and_norms_as_the_trainer_does():
+    """AdamW decays the leaves transformers' Trainer decays (get_decay_parameter_names: no biases,
+    no LayerNorm weights), with LoRA+ too; lora_B's bias (lora_bias) is a bias."""
+    pytest.importorskip("torch")
+    import jax.numpy as jnp
+    from transformers import GPT2Config as HFGPT2Config, GPT2LMHeadModel
+    from transformers.pytorch_utils import ALL_LAYERNORM_LAYERS
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    from lora_jax.models import CausalLM, GPT2Config
+    from train.loop import decayed, make_optimizer
+    hf = GPT2LMHeadModel(HFGPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8, bos_token_id=0,
+                                      eos_token_id=0))
+    want = {n for n in get_parameter_names(hf, ALL_LAYERNORM_LAYERS) if "bias" not in n} - {"lm_head.weight"}  # tied
+    params = CausalLM(GPT2Config(vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=32,
+                                 max_position_embeddings=8)).init_params(jax.random.key(0))
+    hf_name = lambda p: p.replace("/", ".").replace(".kernel", ".weight").replace(".scale", ".weight").replace(
+        ".embedding", ".weight")
+    got = {hf_name(p) for p, d in lj.tree.flatten(decayed(params)).items() if d}
+    assert got == want and len(lj.tree.flatten(params)) == len(dict(hf.named_parameters()))
+    config = lj.LoraConfig(rank=2, targets=["c_attn"], lora_bias=True, trainable=["ln_f"])
+    trainable, _ = lj.split(config, params, lj.init(config, params, jax.random.key(1)))
+    trainable = jax.tree.map(jnp.ones_like, trainable)
+    for ratio in (None, 4.0):  # one step on zero gradients: only the decay moves a leaf
+        tx = make_optimizer(1e-1, steps=4, warmup=0, weight_decay=0.5, clip=0.0, schedule="constant",
+                            loraplus_ratio=ratio)
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, trainable), tx.init(trainable), trainable)
+        moved = {p for p, u in lj.tree.flatten(updates).items() if float(jnp.abs(u).max()) > 0}
+        assert moved == {"adapters/transformer/h/0/attn/c_attn/kernel/lora_A",
+                         "adapters/transformer/h/0/attn/c_attn/kernel/lora_B"}, (ratio, moved)
+
+
 def test_bad_flags_fail_cleanly(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         squad.main(["--steps", "0", "--output-dir", str(tmp_path / "x")])

@@ -56,14 +56,24 @@ def make_schedule(lr: float, *, steps: int, warmup: int, kind: str = "linear") -
     return optax.join_schedules([optax.linear_schedule(0.0 if warmup else lr, lr, max(warmup, 1)), after], [warmup])
 
 
+def decayed(trainable: Any) -> Any:
+    """Bool tree: the leaves AdamW's weight decay reaches, as the Trainer picks them
+    (transformers' `get_decay_parameter_names`): all but biases (lora_B's too) and norm weights
+    (Flax's LayerNorm `scale`)."""
+    def decay(path: str, _) -> bool:
+        leaf = path.rsplit("/", 1)[-1]
+        return "bias" not in leaf and leaf != "scale"
+    return lj.tree.map_with_path(decay, trainable)
+
+
 def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, clip: float,
                    schedule: str = "linear",
                    loraplus_ratio: float | None = None,
                    lorafa: lj.LoraConfig | None = None,
                    mica: lj.LoraConfig | None = None,
                    adalora: lj.LoraConfig | None = None) -> optax.GradientTransformation:
-    """AdamW on `make_schedule(..., kind=schedule)` (warmup, then linear decay by default),
-    global-norm clipping (none at `clip` 0), non-finite updates skipped;
+    """AdamW on `make_schedule(..., kind=schedule)` (warmup, then linear decay by default; weight
+    decay on the leaves `decayed` picks), global-norm clipping (none at `clip` 0), non-finite updates skipped;
     with `loraplus_ratio`, LoRA+ (lora_B at that multiple of the schedule); with `lorafa` (the
     LoRA config), LoRA-FA (lora_A frozen, lora_B's gradient projected, then clipped with the rest);
     with `mica` (an init="mica" config), MiCA's lora_B frozen outside the clipping too; with
@@ -73,7 +83,7 @@ def make_optimizer(lr: float, *, steps: int, warmup: int, weight_decay: float, c
     (`total_notfinite`), so the last good state survives; the caller decides to stop or go on.
     """
     sched = make_schedule(lr, steps=steps, warmup=warmup, kind=schedule)
-    adamw = lambda rate: optax.adamw(rate, weight_decay=weight_decay)  # noqa: E731
+    adamw = lambda rate: optax.adamw(rate, weight_decay=weight_decay, mask=decayed)  # noqa: E731
     opt = adamw(sched) if loraplus_ratio is None else lj.loraplus(adamw, sched, loraplus_ratio)
     tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt  # 0: none, as transformers
     if lorafa is not None:  # lora_A's gradient never reaches the clipping, as with a frozen torch tensor

@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--lr-scheduler", choices=LR_SCHEDULERS, default="linear",
       help="after the warmup: linear decay to 0, a half cosine to 0, or the peak held (transformers' "
            "lr_scheduler_type); constant has no warmup")
-    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--weight-decay", type=float, default=0.0,
+      help="AdamW weight decay (not on biases and norm weights, as the Trainer)")
     a("--clip", type=float, default=1.0, help="global gradient-norm clipping (0: none, as transformers' max_grad_norm)")
     a("--rank", type=int, default=None, help="LoRA rank r (default 16)")
     a("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / r (default 32)")
