@@ -123,7 +123,10 @@ def test_token_classifier_dropout(head_dirs):
     in training only: about that share of the hidden features are zeroed before the head."""
     tagger, params = token_classifier_from_pretrained(head_dirs["token", "gpt2"])
     assert tagger.dropout_rate == 0.2
-    assert token_classifier_from_pretrained(head_dirs["token", "bloom"])[0].dropout_rate == 0.0  # hidden_dropout
+    bloom = token_classifier_from_pretrained(head_dirs["token", "bloom"])[0]
+    assert bloom.dropout_rate == 0.0  # hidden_dropout
+    # the config's field, as exported (transformers builds the head's dropout from the export)
+    assert bloom.__class__(bloom.config.replace(hidden_dropout=0.3), NUM_LABELS).dropout_rate == 0.3
     ids, mask = _ids(0)
     params = {**params, "classifier": {"kernel": jnp.eye(32, NUM_LABELS), "bias": jnp.zeros(NUM_LABELS)}}
     quiet = tagger.config.hf_config | {"resid_pdrop": 0.0, "embd_pdrop": 0.0}

@@ -80,10 +80,13 @@ class TokenClassifier(WithHead):
         """transformers' choice: the config's classifier_dropout, else its hidden_dropout (BLOOM's),
         else 0.1."""
         hf = self.config.hf_config
-        for name in ("classifier_dropout", "hidden_dropout"):
-            if hf.get(name) is not None:
-                return float(hf[name])
-        return float(getattr(self.config, "hidden_dropout", 0.1))
+        if hf.get("classifier_dropout") is not None:
+            return float(hf["classifier_dropout"])
+        # BLOOM's field first: `config.replace(hidden_dropout=...)` leaves hf_config as loaded, and
+        # the export (which transformers builds the head from) writes the field
+        hidden = getattr(self.config, "hidden_dropout", None)
+        hidden = hf.get("hidden_dropout") if hidden is None else hidden
+        return 0.1 if hidden is None else float(hidden)
 
     def apply(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
               deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:

@@ -4,7 +4,8 @@ Greedy and sampled generation apply them to the logits, beam search to the log-p
 transformers does.
 
 Each row's history is its prompt (pads excluded, so a left-padded row generates what the
-unpadded one does; transformers counts the pad tokens too) and the tokens generated so far.
+unpadded one does; transformers skips a row's leading pads for the repetition penalty but counts
+them in n-grams) and the tokens generated so far.
 """
 
 from __future__ import annotations
