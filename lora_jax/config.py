@@ -28,6 +28,14 @@ Pattern = str | tuple[str, ...]
 FLAX_ATTENTION_AXES = {"(.*/)?(query|key|value)": (1, 2), "(.*/)?out": (2, 1)}
 
 
+def pattern_matches(key: str, path: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern `key` selects the leaf at `path`: PEFT's rule
+    (`get_pattern_key`: the key fullmatches the end of the module's name, `(.*/)?key`, here of the
+    module path or the whole path), or `tree.matches` (a prefix of the path from its root)."""
+    rx = re.compile(rf"(?:.*/)?(?:{key})")
+    return bool(rx.fullmatch(path.rsplit("/", 1)[0]) or rx.fullmatch(path)) or tree.matches(key, path)
+
+
 def _regex(value: str, where: str) -> str:
     """`value`, once it compiles: a bad pattern is named here, not deep inside the first match."""
     try:
@@ -210,7 +218,9 @@ class LoraConfig:
         on linear layers and embedding tables [V, D] (m per feature, norms over the vocabulary).
       lora_bias: lora_B gets a bias too (PEFT `lora_bias`), s * b added to the targeted module's
         own bias, which it must have; merging folds it into that bias. Not with DoRA.
-      rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins).
+      rank_pattern / alpha_pattern: {pattern: value} overrides per path (first match wins): a
+        regex naming a module as PEFT's keys do (`c_fc`, `h/1/attn/c_attn`: the end of its path),
+        or fullmatching a path or one of its module prefixes (`.*h/1/.*`).
       axes_pattern: {pattern: (n_in, n_out)} for kernels with several input or output axes, such
         as Flax `DenseGeneral` / `nnx.LinearGeneral` ones: a kernel [*S, *in, *out] is adapted as
         the matrix [*S, prod(in), prod(out)] (`FLAX_ATTENTION_AXES` covers Flax's attention);
@@ -450,11 +460,12 @@ class LoraConfig:
     def layer_index(self, path: str) -> int | None:
         """The layer number in `path` that layers_to_transform reads (None: the path has none)."""
         module = path.rsplit("/", 1)[0] + "/"
-        if self.layers_pattern is None:  # PEFT: the last number that follows a name
-            m = re.match(r"(?:.*/)?[^/]*/(\d+)/", module)
+        # PEFT 0.21: the first number that follows a name, so that a nested one (an expert's) is not taken
+        if self.layers_pattern is None:
+            m = re.match(r"(?:[^/]*/)*?[^/]*/(\d+)/", module)
             return None if m is None else int(m.group(1))
         for pattern in self.layers_pattern:
-            m = re.match(rf"(?:.*/)?(?:{pattern})[/_](\d+)/", module)
+            m = re.match(rf"(?:[^/]*/)*?(?:{pattern})[/_](\d+)/", module)
             if m is not None:
                 return int(m.group(1))
         return None
@@ -474,8 +485,8 @@ class LoraConfig:
         return self.init not in (*PLAIN_INITS, "eva", MICA)
 
     def rank_for(self, path: str) -> int:
-        """The rank used at `path` (rank_pattern overrides `rank`)."""
-        return next((v for k, v in self.rank_pattern.items() if tree.matches(k, path)), self.rank)
+        """The rank used at `path` (rank_pattern overrides `rank`; keys as `pattern_matches` reads them)."""
+        return next((v for k, v in self.rank_pattern.items() if pattern_matches(k, path)), self.rank)
 
     def axes_for(self, path: str) -> tuple[int, int]:
         """(n_in, n_out): how many trailing axes of the kernel at `path` are its input and output."""
@@ -494,7 +505,7 @@ class LoraConfig:
     def scale_for(self, path: str) -> float:
         """alpha / r (or alpha / sqrt(r) with rsLoRA; AdaLoRA's alpha / (r + 1e-5)) at `path`, after
         per-path overrides."""
-        alpha = next((v for k, v in self.alpha_pattern.items() if tree.matches(k, path)), self.alpha)
+        alpha = next((v for k, v in self.alpha_pattern.items() if pattern_matches(k, path)), self.alpha)
         r = self.rank_for(path)
         if self.adalora is not None:  # PEFT: scaling / (ranknum + 1e-5), ranknum = init_r for good
             return float(alpha if alpha > 0 else r) / (r + 1e-5)

@@ -254,7 +254,8 @@ def init_tokens(config: LoraConfig, params: PyTree, *, dtype: Any = jnp.float32)
 
 def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp.float32) -> Adapters:
     """Fresh adapters as PEFT initialises them (`config.init`): A random and B = 0, (`orthogonal`)
-    both random with A B = 0, or (`mica`) A = 0 and B from W0's SVD, so LoRA starts as identity.
+    both random with A B = 0, or (`mica`) A = 0 and B from W0's SVD, so LoRA starts as identity;
+    an embedding table's A = 0 and B ~ N(0, 1) (PEFT's lora_embedding_A / _B) for every plain init.
 
     Args:
       config: which leaves, which rank.
@@ -289,6 +290,10 @@ def init(config: LoraConfig, params: PyTree, key: jax.Array, *, dtype: Any = jnp
         elif bdlora.side(config, p) == "a":  # PEFT: torch's default kaiming_uniform_ (a=0) over in/nblocks inputs
             bound = math.sqrt(6.0 / (d_in // config.use_bdlora.nblocks))
             a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)
+        elif tree.leaf_name(p) == tree.EMBEDDING_NAME and config.init in PLAIN_INITS:
+            # PEFT's Embedding, whatever the plain init: A = 0 and B ~ N(0, 1) (nn.Embedding's own init)
+            a = jnp.zeros((*stack, d_in, r), dtype)
+            b = jax.random.normal(jax.random.fold_in(k, 1), (*stack, r, d_out), dtype)
         elif config.init == "kaiming_uniform":  # torch kaiming_uniform_(a=sqrt(5)) on (r, in)
             bound = 1.0 / math.sqrt(d_in)
             a = jax.random.uniform(k, (*stack, d_in, r), dtype, -bound, bound)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from . import tree
-from .config import MICA, LoraConfig
+from .config import MICA, PLAIN_INITS, LoraConfig
 from .lora import ADALORA_E, Adapters, trainable_mask
 
 PyTree = Any
@@ -169,6 +169,15 @@ def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float
     if config.init == MICA:
         raise ValueError("lorafa trains lora_B alone, MiCA (init='mica') lora_A alone: use one or the other")
 
+    def refuse_tables(params):
+        # an embedding table's lora_A starts at 0 (PEFT's init) and, frozen, stays there: B's gradient is 0 too
+        tables = [p for p, f in _adapter_dicts(params).items()
+                  if isinstance(f, dict) and "lora_A" in f and tree.leaf_name(p) == tree.EMBEDDING_NAME]
+        if tables and config.init in PLAIN_INITS:
+            raise ValueError(f"lorafa freezes lora_A, which a LoRA on an embedding table starts at zero: {tables[0]!r} "
+                             "would never train (nor does it under PEFT's LoRA-FA); leave the table out of the targets")
+        return optax.EmptyState()
+
     def project(updates, state, params=None):
         if params is None:
             raise ValueError("lorafa projects lora_B's gradient through lora_A: pass params to update()")
@@ -186,5 +195,5 @@ def lorafa(config: LoraConfig, tx: optax.GradientTransformation, *, delta: float
         new = {**updates, "adapters": out} if grads is not updates else out
         return new, state
 
-    return optax.chain(optax.GradientTransformation(lambda _: optax.EmptyState(), project),
+    return optax.chain(optax.GradientTransformation(refuse_tables, project),
                        optax.multi_transform({"frozen": optax.set_to_zero(), "train": tx}, lorafa_labels))

@@ -357,6 +357,9 @@ def test_lorafa_freezes_a_and_drops_its_gradient():
         tx.update(ones, tx.init(adapters))
     with pytest.raises(ValueError, match="delta must be a number >= 0"):
         lj.lorafa(config, adamw, delta=-1.0)
+    table = lj.LoraConfig(rank=2, targets=["wte"])  # its lora_A starts at 0: frozen, nothing would train
+    with pytest.raises(ValueError, match="lorafa freezes lora_A.*'transformer/wte/embedding' would never train"):
+        lj.lorafa(table, adamw).init(lj.init(table, params, KEY))
 
 
 def test_summary_counts():
@@ -387,6 +390,35 @@ def test_scales_and_patterns():
     assert float(jnp.abs(ad["a/kernel"]["lora_B"]).max()) == 0.0
 
 
+def test_pattern_keys_name_modules_as_peft_s():
+    """rank_pattern / alpha_pattern keys as PEFT reads them (get_pattern_key: `(.*\\.)?key$` on the
+    module name): `c_fc` and `h/1/mlp/c_fc` pick the module, `fc` and `h` nothing; the
+    path-prefix regexes keep working; layers_to_transform reads the first layer number, as PEFT
+    0.21 does, not an expert's inside it."""
+    fc1, fc0 = "transformer/h/1/mlp/c_fc/kernel", "transformer/h/0/mlp/c_fc/kernel"
+    c = lj.LoraConfig(rank=4, alpha=8, rank_pattern={"h/1/mlp/c_fc": 1, "c_fc": 2, "fc": 3, "h": 3},
+                      alpha_pattern={"c_fc": 4.0, ".*h/1/.*": 1.0})
+    assert (c.rank_for(fc1), c.rank_for(fc0), c.rank_for("transformer/h/0/attn/c_attn/kernel")) == (1, 2, 4)
+    assert (c.scale_for(fc1), c.scale_for(fc0), c.scale_for("transformer/h/1/attn/c_attn/kernel")) == (4.0, 2.0, 0.25)
+    moe = "model/layers/1/experts/0/w/kernel"
+    assert lj.LoraConfig(layers_to_transform=[1]).layer_index(moe) == 1
+    assert lj.LoraConfig(layers_to_transform=[1], layers_pattern="layers").layer_index(moe) == 1
+
+
+@pytest.mark.parametrize("init", ["kaiming_uniform", "gaussian", "orthogonal"])
+def test_embedding_init_is_peft_s(init):
+    """PEFT's Embedding LoRA starts from A = 0, B ~ N(0, 1) whatever the plain init (its linear
+    layers: A random, B = 0): the embedding's A gets the first gradient, not a near-frozen B."""
+    params = TiedLM().init(KEY, IDS)
+    config = lj.LoraConfig(rank=3 if init != "orthogonal" else 2, targets=["wte", "c_fc"], init=init)
+    ad = lj.init(config, params, KEY)
+    emb, fc = ad["params/wte/embedding"], ad["params/c_fc/kernel"]
+    assert emb["lora_A"].shape == (11, config.rank) and not np.any(emb["lora_A"])
+    assert np.all(emb["lora_B"] != 0) and 0.3 < float(jnp.std(emb["lora_B"])) < 2.0
+    assert np.any(fc["lora_A"]) and (init == "orthogonal" or not np.any(fc["lora_B"]))
+    np.testing.assert_array_equal(lj.apply(TiedLM().apply, config)(params, ad, IDS), TiedLM().apply(params, IDS))
+
+
 def test_config_json_round_trip():
     c = lj.LoraConfig(rank=16, alpha=32, targets=["c_attn"], exclude=".*h/0/.*", dropout=0.05, init="gaussian",
                       use_rslora=True, rank_pattern={"c_attn": 8}, alpha_pattern={"c_fc": 4.0}, bias="lora_only",
@@ -405,7 +437,8 @@ def test_exclude_and_regex_targets():
 @pytest.mark.parametrize("kwargs, params, match", [
     ({"targets": ["c_atn"]}, {"h": {"c_attn": {"kernel": jnp.zeros((4, 4))}}}, r"match no weight.*c_attn"),
     ({"rank": 0}, None, "positive integer"),
-    ({"rank": 5}, {"c": {"kernel": jnp.zeros((4, 8))}}, r"rank 5 at 'c/kernel' exceeds.*\(4, 8\)"),
+    # (an init that takes r directions of W0; random factors take any rank, as in PEFT)
+    ({"rank": 5, "init": "mica"}, {"c": {"kernel": jnp.zeros((4, 8))}}, r"rank 5 at 'c/kernel' exceeds.*\(4, 8\)"),
     ({"targets": ["c"]}, {"c": {"kernel": jnp.zeros((4,))}}, r"'c/kernel' has shape \(4,\): not a matrix"),
     ({"init": "xavier"}, None, "unknown init 'xavier'"),
     ({"bias": "some"}, None, "unknown bias 'some'"),
