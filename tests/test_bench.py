@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,17 +63,78 @@ def test_smoke_runs_every_case(tmp_path):
 
 
 def test_isolated_cases_and_compile_cache(tmp_path):
-    """The default mode: each case in its own worker process (JAX and PEFT), cache populated;
-    the layer flags (--scan, --remat) reach the worker."""
+    """The default mode: each case in its own worker process (JAX and PEFT); the first worker
+    compiles cold and fills the cache, the second reads its step from it and says so; the layer
+    flags (--scan, --remat) reach the worker."""
     cache = tmp_path / "jax-cache"
-    lines = _run_bench("--smoke", "--models", "gpt2", "--cases", "lora", "squad-peft", "--scan", "--remat",
+    lines = _run_bench("--smoke", "--models", "gpt2", "--cases", "lora", "lora", "squad-peft", "--scan", "--remat",
                        "--peak-tflops", "0.01", "--compile-cache", str(cache))
     rows = lines[1:]
-    assert [r["case"] for r in rows] == ["lora", "squad-peft"]
+    assert [r["case"] for r in rows] == ["lora", "lora", "squad-peft"]
     for row in rows:
         _check_row(row)
     assert rows[0]["layers"] == "scan" and rows[0]["remat"] == "dots_saveable"
     assert any(cache.iterdir()), "the persistent compilation cache stayed empty"
+    assert [r["compile_cache"] for r in rows[:2]] == ["miss", "hit"]
+
+
+def _fake_row(spec, timeout):
+    return dict(model=spec.model, case=spec.case, batch=spec.batch, seq=spec.seq, loss_tokens=spec.loss_tokens,
+                smoke=False, tokens_per_s=1.0, timeout=timeout)
+
+
+def test_out_keeps_finished_cases_when_the_run_dies(tmp_path, monkeypatch):
+    """A GPU call killed at its time limit must still hand back the cases it finished."""
+    calls = []
+
+    def run(spec, timeout):
+        calls.append(spec.case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the call's time limit, as the second case runs
+        return _fake_row(spec, timeout)
+
+    monkeypatch.setattr(bench, "run_isolated", run)
+    out = tmp_path / "gpu" / "bloom.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--models", "bloom-560m", "--cases", "lora", "full", "--out", str(out)])
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert lines[0]["env"] and [x["case"] for x in lines[1:]] == ["lora"]
+
+
+def test_budget_caps_case_timeouts_and_skips_what_no_longer_fits(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(bench.time, "monotonic", lambda: clock[0])
+
+    def run(spec, timeout):
+        clock[0] += 60  # each case takes a minute
+        return _fake_row(spec, timeout)
+
+    monkeypatch.setattr(bench, "run_isolated", run)
+    rows = bench.main(["--models", "gpt2", "--cases", "lora", "full", "peft", "--budget", "100",
+                       "--case-timeout", "90"])
+    assert [r.get("timeout") for r in rows] == [90, 40, None]
+    assert "time budget" in rows[2]["skipped"]
+
+
+def test_cache_hit_rows_do_not_stand_in_for_the_cold_compile():
+    env = dict(date="d", python="3", versions={}, command="python -m benchmarks.bench")
+    base = dict(model="bloom-560m", case="lora", batch=16, seq=512, loss_tokens=512, smoke=False,
+                tokens_per_s=1e5, device="NVIDIA H100 80GB HBM3")
+    rows = [dict(base, compile_s=41.0, compile_cache="miss"), dict(base, compile_s=3.2, compile_cache="hit")]
+    got = {what: res for model, what, res in bench.check_targets(rows) if model == "bloom-560m"}
+    assert got["lora cold compile <= 30 s"] == "FAIL"
+    assert got["lora compile from the persistent cache < 5 s"] == "pass"
+    assert "persistent compilation cache hit" in bench.markdown(env, rows)
+
+
+def test_markdown_keeps_an_error_in_its_row():
+    env = dict(date="d", python="3", versions={}, command="python -m benchmarks.bench")
+    err = "ImportError: huggingface-hub>=1.5.0,<2.0 is required\nTry: `pip install a | b`"
+    rows = [dict(model="gpt2", case="peft", batch=16, seq=1024, loss_tokens=1024, smoke=False, error=err)]
+    table = bench.markdown(env, rows)
+    line, = [x for x in table.splitlines() if "ImportError" in x]
+    assert line.startswith("| gpt2 | peft |") and line.endswith("|") and "pip install a" in line
+    assert len(re.split(r"(?<!\\)\|", line)) == 12  # 10 cells: no unescaped pipe from the message
 
 
 def _compile(case: str):
