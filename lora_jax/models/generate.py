@@ -188,7 +188,8 @@ def generate(
       eos_token_id: id(s) that end a row (default: config's); None disables stopping.
       pad_token_id: fills rows after EOS (default: config's pad, else EOS, else 0).
       temperature: 0 = greedy; > 0 samples (needs `rng`), optionally restricted to the top-k
-        tokens and/or the top-p probability mass (top_p 1: off, as in transformers).
+        tokens and/or the top-p probability mass (top_p 1: off, as in transformers). top_k None
+        samples from every token; transformers' `generate(do_sample=True)` keeps 50 unless told.
       num_beams, num_return_sequences, length_penalty, early_stopping: num_beams > 1 runs
         `beam_search` (transformers' beam search; beam sampling with temperature > 0) and returns
         its best num_return_sequences hypotheses per prompt, rows b * num_return_sequences + i;
