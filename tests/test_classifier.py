@@ -98,6 +98,8 @@ def test_new_head_on_a_causal_lm_checkpoint(tiny_gpt2_dir, clf_dirs, tmp_path):
         classifier_from_pretrained(clf_dirs["gpt2"], num_labels=5)
     with pytest.raises(ValueError, match="is a sequence classifier .* classifier_from_pretrained"):
         from_pretrained(clf_dirs["gpt2"])
+    with pytest.raises(ValueError, match="num_labels must be a positive integer, got True"):
+        classifier_from_pretrained(tiny_gpt2_dir, num_labels=True)  # a bool is no label count
 
 
 def _xent(clf, config):

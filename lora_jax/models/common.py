@@ -592,7 +592,7 @@ class SequenceClassifier(WithHead):
     num_labels: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.num_labels, int) or self.num_labels < 1:
+        if not isinstance(self.num_labels, int) or isinstance(self.num_labels, bool) or self.num_labels < 1:
             raise ValueError(f"num_labels must be a positive integer, got {self.num_labels!r}")
 
     def apply(
