@@ -582,7 +582,9 @@ class WithHead:
 class SequenceClassifier(WithHead):
     """A decoder with Hugging Face's sequence-classification head (`GPT2ForSequenceClassification`,
     `BloomForSequenceClassification`): logits = h_last @ score, where h_last is the final hidden
-    state of each row's last real token and `score/kernel` [D, num_labels] has no bias.
+    state of each row's last real token and `score/kernel` [D, num_labels] has no bias. The row's
+    last real token is its attention mask's last 1; transformers takes the last token that is not
+    `pad_token_id`, which differs only where a real token is the pad id (GPT-2's EOS as pad).
 
     Params: `{"transformer": ..., "score": {"kernel": [D, num_labels]}}`; PEFT's SEQ_CLS task trains
     `score` in full (`LoraConfig(trainable="score")`).
