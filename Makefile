@@ -1,5 +1,6 @@
 # The two commands: `make demo` (the main job on its embedded offline default) and `make test`.
-# Each creates the virtualenv on first use; torch is pinned to the CPU build in the dev extra.
+# Each creates the virtualenv on first use; the dev extra pins torch==2.13.0 (on these machines pip
+# takes the local CPU build of it) for the parity tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed

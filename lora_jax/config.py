@@ -231,7 +231,7 @@ class LoraConfig:
       trainable: pattern of extra leaves trained in full (PEFT `modules_to_save`).
       layers_to_transform / layers_pattern: adapt only the targets in these layers (PEFT's): a
         target's layer is the number in its path, `<layers_pattern>/<i>` (or Flax linen's
-        `<layers_pattern>_<i>`), without a pattern the last `<name>/<i>` (`transformer/h/3/...`);
+        `<layers_pattern>_<i>`), without a pattern the first `<name>/<i>` (`transformer/h/3/...`);
         in a layer stack [L, in, out] (scanned layers, no number in the path) the layer is the
         index along L, and the other layers keep zero factors. Targets with no layer are left out.
       target_parameters: parameters adapted whatever their leaf name (PEFT's `target_parameters`,
