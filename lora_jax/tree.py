@@ -36,7 +36,8 @@ def _key_str(key: Any) -> str:
 def path_str(keypath: Sequence[Any]) -> str:
     """'/'-joined name of a `tree_flatten_with_path` key path; NNX `value` wrappers dropped."""
     parts = [_key_str(k) for k in keypath]
-    if len(parts) > 1 and parts[-1] == "value":  # nnx.Variable state adds a trailing `.value`
+    # nnx.Variable state adds a trailing `.value` (an attribute key); a dict key 'value' is a name
+    if len(parts) > 1 and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and parts[-1] == "value":
         parts = parts[:-1]
     return "/".join(parts)
 
@@ -47,9 +48,18 @@ def is_value(x: Any) -> bool:
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:
-    """{path: leaf} for every array leaf of `tree`, in tree order."""
+    """{path: leaf} for every array leaf of `tree`, in tree order; a ValueError when two leaves
+    share a name (a dict key holding '/': {'a/b': x, 'a': {'b': y}})."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_value)
-    return {path_str(kp): leaf for kp, leaf in leaves}
+    flat = {path_str(kp): leaf for kp, leaf in leaves}
+    if len(flat) != len(leaves):
+        seen: dict[str, Any] = {}
+        for kp, _ in leaves:
+            if (p := path_str(kp)) in seen:
+                raise ValueError(f"two parameters share the path name {p!r}: {jax.tree_util.keystr(seen[p])} and "
+                                 f"{jax.tree_util.keystr(kp)} (a key holding '/'?); rename one")
+            seen[p] = kp
+    return flat
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree) -> PyTree:
@@ -66,7 +76,13 @@ def linear_paths(flat: dict[str, Any]) -> list[str]:
     models' an `lm_head`; a task head (`OUTPUT_HEADS`, trained in full as PEFT's modules_to_save)
     is left out too, as PEFT leaves out a classifier's."""
     return [p for p, x in flat.items() if leaf_name(p) in LINEAR_NAMES and len(getattr(x, "shape", ())) >= 2
-            and "lm_head" not in p.split("/") and p.split("/")[0] not in OUTPUT_HEADS]
+            and "lm_head" not in p.split("/") and _top(p) not in OUTPUT_HEADS]
+
+
+def _top(path: str) -> str:
+    """The first module of `path`, under a linen `params` collection if there is one."""
+    parts = path.split("/")
+    return parts[1] if parts[0] == "params" and len(parts) > 2 else parts[0]
 
 
 def matches(pattern: str | Sequence[str], path: str) -> bool:
@@ -136,7 +152,7 @@ def combine(*trees: PyTree) -> PyTree:
             if x is not None:
                 return x
         return None
-    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+    return jax.tree.map(first, *trees, is_leaf=lambda x: x is None or is_value(x))
 
 
 def count(tree: PyTree) -> int:
