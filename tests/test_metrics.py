@@ -150,3 +150,17 @@ def test_best_thresholds_score_a_record_without_odds_0():
     assert best_thresholds({}, {}, records[1:])["best_f1"] == 0.0
     with pytest.raises(ValueError, match="no records"):
         best_thresholds({}, {}, [])
+
+
+def test_bad_gold_answers_name_the_record():
+    """A v1.1 record without a gold answer (an unanswerable v2.0 question) is refused by its id,
+    answered or not, rather than failing in `max` or scoring 0; answers given as one string, whose
+    characters would be scored as the golds, are refused by every scorer."""
+    unanswerable = QARecord("imp", "ctx", "q?", (), ())
+    for preds in ({"imp": ""}, {}):
+        with pytest.raises(ValueError, match="'imp' has no gold answer.*squad_v2_scores"):
+            squad_scores(preds, [_rec("a", "cat"), unanswerable])
+    bare = QARecord("s1", "Paris", "q?", "Paris", (0,))  # ("Paris") is no tuple
+    for score in (squad_scores, squad_v2_scores, lambda p, r: best_thresholds(p, {"s1": 0.0}, r)):
+        with pytest.raises(TypeError, match="record 's1': answers must be a sequence of strings"):
+            score({"s1": "P"}, [bare])

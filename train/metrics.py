@@ -29,6 +29,13 @@ class HasAnswers(Protocol):
     answers: Sequence[str]
 
 
+def _golds(rec: HasAnswers) -> Sequence[str]:
+    """`rec.answers`, refusing a bare string: its characters would be scored as the gold answers."""
+    if isinstance(rec.answers, str):
+        raise TypeError(f"record {rec.id!r}: answers must be a sequence of strings, got the string {rec.answers!r}")
+    return rec.answers
+
+
 def normalize_answer(s: str) -> str:
     """Lowercase, strip punctuation and articles, collapse whitespace (official order)."""
     s = s.lower()
@@ -68,11 +75,17 @@ def squad_scores(predictions: Mapping[str, str], records: Iterable[HasAnswers]) 
 
     Returns:
         `{"exact_match": float, "f1": float}`, both in [0, 100]; zeros for no records.
+
+    Raises:
+        ValueError: a record without a gold answer (v1.1 has none; v2.0's go to `squad_v2_scores`).
     """
     em_total = f1_total = 0.0
     n = 0
     for rec in records:
         n += 1
+        if not _golds(rec):
+            raise ValueError(f"squad_scores: record {rec.id!r} has no gold answer; an unanswerable SQuAD v2.0 "
+                             "question is scored by squad_v2_scores")
         if rec.id not in predictions:
             continue
         pred = predictions[rec.id]
@@ -100,7 +113,7 @@ def squad_v2_scores(predictions: Mapping[str, str], records: Iterable[HasAnswers
     """
     scored: dict[str, list[tuple[float, float]]] = {"has_answer": [], "no_answer": []}
     for rec in records:
-        golds = [a for a in rec.answers if normalize_answer(a)] or [""]
+        golds = [a for a in _golds(rec) if normalize_answer(a)] or [""]
         pred = predictions.get(rec.id)
         em = 0.0 if pred is None else max(exact_match(pred, g) for g in golds)
         f = 0.0 if pred is None else max(f1_v2(pred, g) for g in golds)
@@ -140,7 +153,7 @@ def best_thresholds(answers: Mapping[str, str], null_odds: Mapping[str, float],
         for r in records:
             if r.id not in answers or r.id not in null_odds:
                 continue
-            golds = [a for a in r.answers if normalize_answer(a)] or [""]
+            golds = [a for a in _golds(r) if normalize_answer(a)] or [""]
             score = max(metric(answers[r.id], g) for g in golds)
             skip = 0.0 if golds != [""] else 1.0
             total += skip
