@@ -198,8 +198,9 @@ def test_stack_contraction_warns_or_raises_and_bad_axes_are_named(mha, tmp_path)
     with pytest.raises(ValueError, match=r"'params/query/kernel' 2 input and 2 output axes.*\(32, 4, 8\)"):
         lj.init(lj.LoraConfig(targets=["query"], axes_pattern={".*query": (2, 2)}), params, jax.random.key(0))
     with pytest.raises(ValueError, match=r"rank 40 at 'params/query/kernel'.*\(32, 4, 8\) \(as the matrix stack "
-                                         r"\(32, 32\)\)"):
-        lj.init(lj.LoraConfig(rank=40, targets=["query"], axes_pattern=FLAX_ATTENTION_AXES), params, KEY)
+                                         r"\(32, 32\)\)"):  # PiSSA takes r directions of W0: r <= min(in, out)
+        lj.init_residual(lj.LoraConfig(rank=40, targets=["query"], axes_pattern=FLAX_ATTENTION_AXES, init="pissa"),
+                         params, KEY)
     with pytest.raises(ValueError, match=r"init_loftq: 'params/out/kernel' \(4, 8, 32\).*axes_pattern"):
         lj.init_loftq(ATTN, params)
     adapters = lj.init(ATTN, params, KEY)
