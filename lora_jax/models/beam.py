@@ -40,13 +40,17 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
     """(tokens [B, K, N], scores [B, K]) of the K best finished hypotheses, best first; penalty,
     min_new, penalize, ngram, floor: `processors.process`'s. `sample`: beam sampling, as
     transformers' `generate(num_beams=K, do_sample=True)`: the log-probabilities warped
-    (temperature, top_k, top_p if `use_top_p`, each keeping 2 tokens at least), and each step's
-    candidates drawn without replacement from the softmax of their summed scores (the Gumbel
-    top-k trick, where transformers draws with `torch.multinomial`), then ranked by score, as
-    transformers 4 and >= 5.24 rank them (5.0 to 5.23 kept them in the order drawn)."""
+    (temperature, top_k, top_p if `use_top_p`, each keeping 1 + #EOS ids tokens at least, 2
+    without EOS, as transformers: one of them goes on), and each step's candidates drawn without
+    replacement from the softmax of their summed scores (the Gumbel top-k trick, where
+    transformers draws with `torch.multinomial`), then ranked by score, as transformers 4 and
+    >= 5.24 rank them (5.0 to 5.23 kept them in the order drawn)."""
     B, T = input_ids.shape
     K, N = num_beams, max_new_tokens
-    M = max(2, 1 + eos_ids.shape[0]) * K  # candidates kept per step (eos_ids [E]; none = [-1])
+    # Tokens each beam keeps through top_k / top_p under sampling, as transformers: 1 + #EOS ids (2
+    # without EOS, eos_ids = [-1]), so that one at least goes on; and candidates kept per step.
+    min_keep = max(2, 1 + eos_ids.shape[0])
+    M = min_keep * K
     is_top = jnp.arange(M) < K  # only the K best candidates of a step may finish
 
     cache = model.init_cache(B, T + N)
@@ -69,7 +73,8 @@ def search(apply_fn, model, params, input_ids, attention_mask, eos_ids, pad, len
         logp = processors.process(logp, prompt, run_seq.reshape(B * K, N), t, eos_ids, penalty, min_new,
                                   penalize=penalize, ngram=ngram, floor=floor)
         if sample:
-            logp = processors.warp(logp, temperature, top_k=top_k, top_p=top_p if use_top_p else None, min_keep=2)
+            logp = processors.warp(logp, temperature, top_k=top_k, top_p=top_p if use_top_p else None,
+                                   min_keep=min_keep)
         logp = (logp.reshape(B, K, V) + run_score[:, :, None]).reshape(B, K * V)
         if sample:  # M draws without replacement, then in order of score (the first K may finish)
             drawn = jax.lax.top_k(logp + jax.random.gumbel(jax.random.fold_in(rng, t), logp.shape), M)[1]

@@ -276,9 +276,10 @@ def beam_search(
       early_stopping: True (stop once num_beams hypotheses are finished), False (once no running
         beam could beat the worst finished one at its current length) or "never" (at any length).
       temperature, top_k, top_p, rng: temperature > 0 is beam sampling, transformers'
-        `do_sample=True` with beams: the log-probabilities warped (top_k and top_p keep 2
-        tokens at least, as there), each step's candidates drawn from the softmax of their
-        summed scores without replacement (with `rng`), the best of them going on.
+        `do_sample=True` with beams: the log-probabilities warped (top_k and top_p keep
+        1 + #EOS ids tokens at least, 2 without EOS, as there: one of them goes on), each
+        step's candidates drawn from the softmax of their summed scores without replacement
+        (with `rng`), the best of them going on.
     Returns:
       tokens [B, num_return_sequences, max_new_tokens] int32, best first, `pad_token_id` after a
       hypothesis' EOS; scores [B, num_return_sequences] float32 (transformers' sequences_scores).

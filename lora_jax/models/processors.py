@@ -82,7 +82,8 @@ def warp(scores: jax.Array, temperature: float | jax.Array, *, top_k: int | None
     """transformers' sampling warpers on scores [R, V], in its order: divided by `temperature`,
     then all but the `top_k` best, then all but the fewest best that hold `top_p` of the
     probability mass, set to the lowest float; each filter keeps at least `min_keep` tokens
-    (transformers keeps 2 under beam sampling). top_k 0 / None and top_p None: off."""
+    (transformers keeps 1 + #EOS ids, 2 without EOS, under beam sampling). top_k 0 / None and
+    top_p None: off."""
     scores = scores / temperature
     low = jnp.finfo(scores.dtype).min
     if top_k:
