@@ -450,6 +450,34 @@ def test_sharded_safetensors(ckpt, tmp_path):
     assert_tree_equal(params, jax_model(ckpt["gpt2"])[1])
 
 
+def test_single_file_wins_over_a_stale_shard_index(ckpt, tmp_path):
+    """Saving unsharded over a sharded checkpoint leaves the old index (and shards) behind: the new
+    `model.safetensors` is what loads, in transformers and here (not the stale shards)."""
+    hf_model(ckpt["gpt2"]).save_pretrained(tmp_path, max_shard_size="40KB")
+    model, params = jax_model(ckpt["gpt2"])
+    halved = jax.tree.map(lambda x: x / 2, params)
+    save_hf_checkpoint(tmp_path, model.config, halved)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    _, loaded = from_pretrained(tmp_path)
+    assert_tree_equal(loaded, halved)
+    ids = batch(0)[0]
+    with torch.no_grad():
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()(
+            torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(jit_apply(model, loaded, ids, None), ref, atol=TOL, rtol=TOL)
+
+
+def test_save_and_load_expand_home(ckpt, tmp_path, monkeypatch):
+    """`~/x` names the same directory when saving and loading (not a literal `./~/x` for one of them)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    model, params = jax_model(ckpt["gpt2"])
+    save_hf_checkpoint("~/saved", model.config, params)
+    assert (tmp_path / "home" / "saved" / "model.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert_tree_equal(convert_hf_state_dict(model.config, load_hf_state_dict("~/saved")), params)
+    assert_tree_equal(from_pretrained("~/saved")[1], params)
+
+
 def test_hub_cache_layout_offline(ckpt, tmp_path, monkeypatch):
     """A hub id resolves to HF_HUB_CACHE/models--org--name/snapshots/<rev>/ with no network.
 

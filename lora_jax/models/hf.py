@@ -260,19 +260,22 @@ def params_to_hf_state_dict(config: BaseConfig, params: Params) -> dict[str, np.
 
 def load_hf_state_dict(directory: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint directory: safetensors (single or sharded) preferred, else
-    `pytorch_model*.bin` via `torch.load(weights_only=True)` (needs torch)."""
-    directory = Path(directory)
+    `pytorch_model*.bin` via `torch.load(weights_only=True)` (needs torch).
+
+    A single file wins over a shard index, as in transformers: saving unsharded into a directory
+    that held a sharded checkpoint leaves the old index behind (and, from us, its shards)."""
+    directory = Path(directory).expanduser()
     files: list[Path]
-    if (directory / _SAFE_INDEX).is_file():
-        index = json.loads((directory / _SAFE_INDEX).read_text())
-        files = [directory / f for f in sorted(set(index["weight_map"].values()))]
-    elif (directory / "model.safetensors").is_file():
+    if (directory / "model.safetensors").is_file():
         files = [directory / "model.safetensors"]
-    elif (directory / _BIN_INDEX).is_file():
-        index = json.loads((directory / _BIN_INDEX).read_text())
+    elif (directory / _SAFE_INDEX).is_file():
+        index = json.loads((directory / _SAFE_INDEX).read_text())
         files = [directory / f for f in sorted(set(index["weight_map"].values()))]
     elif (directory / "pytorch_model.bin").is_file():
         files = [directory / "pytorch_model.bin"]
+    elif (directory / _BIN_INDEX).is_file():
+        index = json.loads((directory / _BIN_INDEX).read_text())
+        files = [directory / f for f in sorted(set(index["weight_map"].values()))]
     else:
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {directory}")
     state: dict[str, np.ndarray] = {}
@@ -288,7 +291,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     A truncated or corrupted file raises one ValueError naming it; nothing partial is returned.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -457,8 +460,9 @@ def _with_head(name_or_path, head: str, make, num_outputs: int | None, key: jax.
 
 
 def save_hf_checkpoint(directory: str | os.PathLike, config: BaseConfig, params: Params) -> Path:
-    """Write `config.json` + `model.safetensors` that transformers `from_pretrained` loads."""
-    directory = Path(directory)
+    """Write `config.json` + `model.safetensors` that transformers `from_pretrained` loads.
+    `~` is expanded, as the loaders do: `from_pretrained("~/x")` reads what `"~/x"` wrote."""
+    directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     write_hf_files(directory, config, params_to_hf_state_dict(config, params))
     return directory
