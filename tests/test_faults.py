@@ -128,6 +128,42 @@ def test_checkpoints_after_the_resumed_step_are_dropped(tmp_path):
     ck.close()
 
 
+def test_resume_refuses_other_leaves_of_the_same_shapes(tmp_path):
+    """--resume with --layers-to-transform 1 after 0 (or other targets of equal shapes) has the same
+    number of leaves of the same shapes: the checkpoint's adapters and Adam moments must not land on
+    another layer's; the first leaf that differs is named."""
+    def tree(layer):
+        return {"adapters": {f"transformer/h/{layer}/attn/c_attn": {"lora_A": np.full((4, 2), 1.0 + layer)}},
+                "params": {}}
+    ck = TrainCheckpoints(tmp_path / "lora")
+    ck.save(2, tree(0), {"mu": tree(0)}, {"seed": 0})
+    with pytest.raises(ValueError, match=r"trainable tree does not fit this run: it holds "
+                                         r"\['adapters'\]\['transformer/h/0/attn/c_attn'\]\['lora_A'\]"):
+        ck.restore(tree(1), {"mu": tree(1)})
+    with pytest.raises(ValueError, match=r"optimizer state \['mu'\]\['adapters'\]\['transformer/h/0/attn/c_attn'\]"
+                                         r"\['lora_A'\] has shape \(4, 2\), this run expects \(4, 3\)"):
+        ck.restore(tree(0), {"mu": {"adapters": {"transformer/h/0/attn/c_attn": {"lora_A": np.ones((4, 3))}},
+                                    "params": {}}})
+    t, _, meta = ck.restore(tree(0), {"mu": tree(0)})
+    assert meta == {"seed": 0, "step": 2} and float(t["adapters"]["transformer/h/0/attn/c_attn"]["lora_A"][0, 0]) == 1
+    ck.close()
+
+
+def test_metrics_row_cut_short_by_a_crash(tmp_path):
+    """A run killed (or out of disk) while appending to metrics.jsonl leaves half a row: --resume
+    (and the loss plot) read the rows before it, and the resumed run's rows start on a line of their own."""
+    from train import report
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"run": "lora", "step": 1, "loss": 2.0}, {"run": "lora", "step": 2, "loss": 1.5}]
+    path.write_text("".join(map(report.json_line, rows)) + report.json_line({"run": "lora", "step": 3})[:12])
+    assert report.read_metrics(path) == rows
+    report.drop_metrics_after(path, "lora", 2)
+    with path.open("a") as f:
+        f.write(report.json_line({"run": "lora", "step": 3, "loss": 1.0}))
+    assert report.read_metrics(path) == [*rows, {"run": "lora", "step": 3, "loss": 1.0}]
+    report.loss_plot(path, tmp_path / "loss.png")
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoint(setup, capsys):
     model, data, _, tmp = setup
     out = tmp / "nan"

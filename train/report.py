@@ -24,15 +24,24 @@ def json_line(record: Mapping[str, Any]) -> str:
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of metrics.jsonl; a last line cut short by a crash mid-append (no newline) is left out."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")
+    rows = [json.loads(line) for line in lines[:-1] if line.strip()]
+    try:
+        return rows + ([json.loads(lines[-1])] if lines[-1].strip() else [])
+    except json.JSONDecodeError:
+        return rows
 
 
 def drop_metrics_after(path: Path, run: str, step: int) -> None:
     """Remove `run`'s rows of steps after `step` from metrics.jsonl (a run resumed from `step`
-    logs them again), atomically."""
+    logs them again), and a last row cut short by a crash (the resumed run appends after it), atomically."""
     rows = read_metrics(path)
     kept = [r for r in rows if r.get("run") != run or r.get("step", 0) <= step]
-    if len(kept) < len(rows):
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    if len(kept) < len(rows) or torn:
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json_line(r) for r in kept))
         tmp.replace(path)

@@ -1,7 +1,8 @@
 """Training-state checkpoints with orbax: trainable tree, optimizer state, step, data position.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a process
-killed mid-save leaves the previous checkpoint as the latest loadable one.
+killed mid-save leaves the previous checkpoint as the latest loadable one. Each leaf's key path is
+saved too: a resumed run whose tree differs (other targets, layers or optimizer flags) is refused by name.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+LEAVES = "leaves"  # meta key: the key paths of the saved leaves, checked on restore
 
 
 def _as_dict(tree: PyTree) -> dict[str, np.ndarray]:
@@ -23,8 +25,22 @@ def _as_dict(tree: PyTree) -> dict[str, np.ndarray]:
     return {f"{i:05d}": np.asarray(x) for i, x in enumerate(jax.tree.leaves(tree))}
 
 
-def _from_dict(d: dict[str, Any], like: PyTree, what: str) -> PyTree:
+def _names(tree: PyTree) -> list[str]:
+    """Each leaf's key path, in `_as_dict`'s order (e.g. "['adapters']['transformer/h/0/attn/c_attn']['lora_A']")."""
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _from_dict(d: dict[str, Any], like: PyTree, what: str, names: list[str] | None = None) -> PyTree:
+    """`like`'s tree with the arrays of `d`; `names` (the saved leaves' key paths; None in older
+    checkpoints) must be `like`'s: a run with other targets or layers has leaves of the same shapes."""
     leaves, treedef = jax.tree.flatten(like)
+    now = _names(like)
+    if names is not None and names != now:
+        gone, new = [n for n in names if n not in now], [n for n in now if n not in names]
+        differ = (f"it holds {gone[0]}, which this run lacks" if gone else
+                  f"this run has {new[0]}, which it lacks" if new else "its leaves come in another order")
+        raise ValueError(f"checkpoint {what} does not fit this run: {differ}: "
+                         "resume with the same model, LoRA and optimizer flags")
     if len(d) != len(leaves):
         raise ValueError(f"checkpoint {what} has {len(d)} arrays, this run expects {len(leaves)}: "
                          "resume with the same model, LoRA and optimizer flags")
@@ -32,7 +48,8 @@ def _from_dict(d: dict[str, Any], like: PyTree, what: str) -> PyTree:
     for i, ref in enumerate(leaves):
         x = np.asarray(d[f"{i:05d}"])
         if x.shape != np.shape(ref):
-            raise ValueError(f"checkpoint {what} array {i} has shape {x.shape}, this run expects {np.shape(ref)}")
+            raise ValueError(f"checkpoint {what} {now[i]} has shape {x.shape}, this run expects {np.shape(ref)}: "
+                             "resume with the same model, LoRA and optimizer flags")
         out.append(x.astype(np.asarray(ref).dtype))
     return jax.tree.unflatten(treedef, out)
 
@@ -46,8 +63,9 @@ class TrainCheckpoints:
 
     def save(self, step: int, trainable: PyTree, opt_state: PyTree, meta: dict[str, Any]) -> None:
         state = {"trainable": _as_dict(trainable), "opt_state": _as_dict(opt_state)}
+        names = {"trainable": _names(trainable), "opt_state": _names(opt_state)}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step})))
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, "step": step, LEAVES: names})))
         self.manager.wait_until_finished()
 
     def latest_step(self) -> int | None:
@@ -68,7 +86,9 @@ class TrainCheckpoints:
 
     def read_meta(self, step: int) -> dict[str, Any]:
         """The meta dict saved with `step` (its arrays left on disk)."""
-        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        meta.pop(LEAVES, None)
+        return meta
 
     def restore(self, trainable_like: PyTree, opt_state_like: PyTree, step: int | None = None):
         """(trainable, opt_state, meta) of `step` (default: the latest complete checkpoint)."""
@@ -78,8 +98,9 @@ class TrainCheckpoints:
         got = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
         state, meta = got["state"], dict(got["meta"])
-        return (_from_dict(state["trainable"], trainable_like, "trainable tree"),
-                _from_dict(state["opt_state"], opt_state_like, "optimizer state"), meta)
+        names = meta.pop(LEAVES, {})  # (older checkpoints hold no names)
+        return (_from_dict(state["trainable"], trainable_like, "trainable tree", names.get("trainable")),
+                _from_dict(state["opt_state"], opt_state_like, "optimizer state", names.get("opt_state")), meta)
 
     def close(self) -> None:
         self.manager.close()
