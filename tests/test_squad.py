@@ -184,10 +184,11 @@ def test_resume_after_a_crash(tiny_gpt2_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(TrainCheckpoints, "save", save)
     capsys.readouterr()
     for bad, msg in ((["--seed", "1"], "this run has --seed 1, 8 rows a step"),
-                     (["--batch-size", "2"], "this run has --seed 0, 4 rows a step")):
+                     (["--batch-size", "2"], "this run has --seed 0, 4 rows a step"),
+                     (["--train-samples", "5"], "8 rows a step (--batch-size x --grad-accum), 5 training examples")):
         assert squad.main(cli_args(tiny_gpt2_dir, data, out, *flags, "--resume", *bad)) == 1
         err = capsys.readouterr().err
-        assert "--resume: lora's checkpoint at step 2 was taken with --seed 0, 8 rows a step" in err and msg in err
+        assert "--resume: lora's checkpoint at step 2 was taken with --seed 0, 8 rows a step" in err and msg in err, err
     assert squad.main(cli_args(tiny_gpt2_dir, data, out, *flags, "--resume")) == 0
     printed = capsys.readouterr().out
     assert "resumed lora from step 2" in printed

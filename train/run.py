@@ -468,7 +468,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     if args.resume and ckpt.latest_step() is not None:
         trainable, opt_state, meta = ckpt.restore(trainable, opt_state)
         start = int(meta["step"])
-        check_resumable(args, tag, start, meta, rows, data.DataPosition.from_step(start, per_epoch))
+        check_resumable(args, tag, start, meta, rows, len(examples), data.DataPosition.from_step(start, per_epoch))
         log(f"resumed {tag} from step {start} ({ckpt.directory})")
         if primary:
             report.drop_metrics_after(out / "metrics.jsonl", tag, start)  # those of the lost steps
@@ -555,7 +555,7 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
                 t_host, o_host = runner.get_state(trainable_d, opt_d)
                 nxt = data.DataPosition.from_step(done, per_epoch)
                 ckpt.save(done, t_host, o_host, {"epoch": nxt.epoch, "index": nxt.index, "seed": args.seed,
-                                                 "rows": rows})
+                                                 "rows": rows, "examples": len(examples)})
                 if best is not None and best_step is not None:
                     best.drop_before(best_step)
             if stopped is not None:
@@ -583,18 +583,22 @@ def train(args, model, params, tokenizer, examples, *, lora: lj.LoraConfig | Non
     return new_params, adapters, history, finished
 
 
-def check_resumable(args, tag: str, step: int, meta: dict, rows: int, position) -> None:
-    """--resume goes on with the data stream the checkpoint left: the same --seed, and the same
-    rows per step (--batch-size x --grad-accum), which place it at the same epoch and batch."""
-    saved = {k: meta.get(k) for k in ("seed", "rows", "epoch", "index")}
-    now = {"seed": args.seed, "rows": rows if "rows" in meta else None, "epoch": position.epoch,
-           "index": position.index}  # (older checkpoints hold no rows)
+def check_resumable(args, tag: str, step: int, meta: dict, rows: int, examples: int, position) -> None:
+    """--resume goes on with the data stream the checkpoint left: the same --seed, the same rows
+    per step (--batch-size x --grad-accum), which place it at the same epoch and batch, and the
+    same number of training examples (or packed rows), which the shuffle depends on."""
+    saved = {k: meta.get(k) for k in ("seed", "rows", "examples", "epoch", "index")}
+    now = {"seed": args.seed, "rows": rows if "rows" in meta else None,  # (older checkpoints hold neither
+           "examples": examples if "examples" in meta else None,        # rows nor examples)
+           "epoch": position.epoch, "index": position.index}
     if saved != now:
         raise ValueError(f"--resume: {tag}'s checkpoint at step {step} was taken with --seed {saved['seed']}"
                          + (f", {saved['rows']} rows a step" if saved["rows"] is not None else "")
+                         + (f", {saved['examples']} training examples" if saved["examples"] is not None else "")
                          + f" (next batch: epoch {saved['epoch']}, batch {saved['index']}); this run has --seed "
-                         f"{args.seed}, {rows} rows a step (--batch-size x --grad-accum; epoch {position.epoch}, "
-                         f"batch {position.index}): resume with the flags it was trained with")
+                         f"{args.seed}, {rows} rows a step (--batch-size x --grad-accum), {examples} training "
+                         f"examples (--train-samples, --max-len, --packing; epoch {position.epoch}, batch "
+                         f"{position.index}): resume with the flags it was trained with")
 
 
 def for_eval(args, params):
