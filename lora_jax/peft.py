@@ -246,15 +246,16 @@ def _all_modules(params: PyTree | None, model_config: BaseConfig, layers_key: st
 
 
 def _peft_layer(module: str, patterns: tuple[str, ...] | None) -> int | None:
-    """The layer number PEFT's layers_to_transform reads from a module name (its check_target_module_exists)."""
+    """The layer number PEFT's layers_to_transform reads from a module name (its check_target_module_exists):
+    the first pattern that matches decides; PEFT puts it into its regex ungrouped, so an alternation
+    (`h|blocks`) reads no number there."""
+    m = None
     if not patterns:
-        m = re.match(r".*\.[^.]*\.(\d+)\.", module)
-        return None if m is None else int(m.group(1))
-    for pattern in patterns:
-        m = re.match(rf".*\.{pattern}\.(\d+)\.", module)
-        if m is not None:
-            return int(m.group(1))
-    return None
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    for pattern in patterns or ():
+        if (m := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module)) is not None:
+            break
+    return None if m is None or m["idx"] is None else int(m["idx"])
 
 
 def _peft_layers(config: LoraConfig, adapted: list[str]) -> tuple[list[int] | None, list[str] | None]:
@@ -914,6 +915,16 @@ def _our_targets(cfg, paths: list[str], params, config_kw, layers_key) -> Any:
     return tuple(sorted(p.rsplit("/", 1)[0] for p in paths))
 
 
+def _keeps_layers(config: LoraConfig, modules: set[str], flat, layers_key) -> bool:
+    """Whether `config`'s layers_to_transform keeps every layer of the PEFT `modules` the file adapts."""
+    for module in modules:
+        p, i = _weight_path(module, flat, layers_key)
+        gate = layer_gate(config, p, flat[p].shape)
+        if gate is not None and not (gate.all() if i is None else gate[i]):
+            return False
+    return True
+
+
 def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: BaseConfig | None = None,
               dtype: Any = jnp.float32, layers_key: str = LAYERS_KEY) -> PeftAdapter:
     """Read a PEFT LoRA (or AdaLoRA) adapter directory into our config, adapters and trained leaves.
@@ -988,12 +999,20 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
               use_bdlora=bd,
               rank_pattern=rank_pattern,
               alpha_pattern=alpha_pattern, bias=bias, trainable=trainable,
-              layers_to_transform=cfg.get("layers_to_transform"),
+              layers_to_transform=None if cfg.get("layers_to_transform") == [] else cfg.get("layers_to_transform"),
               layers_pattern=cfg.get("layers_pattern") or None,
               alora_invocation_tokens=cfg.get("alora_invocation_tokens"),
               **velora_kw,
               **kasa, **({"adalora": AdaLoraSchedule(**{k: cfg[k] for k in _SCHEDULE if cfg.get(k) is not None})}
                          if ada else {}))
+    # PEFT applies layers_to_transform to suffix matches alone (a module target_modules names in full
+    # is adapted whatever its layer; an empty list means every layer): where ours would drop a layer
+    # the file adapts, the file's modules decide.
+    key_re = _ADALORA_KEY if ada else _LORA_KEY
+    held = {m["module"] for k in tensors if (m := key_re.fullmatch(k.removeprefix(PREFIX)))}
+    if kw["layers_to_transform"] is not None and not _keeps_layers(
+            LoraConfig(targets=tuple(sorted(p.rsplit("/", 1)[0] for p in factors)), **kw), held, flat, layers_key):
+        kw |= dict(layers_to_transform=None, layers_pattern=None)
     tokens = _token_tensors(weights, tensors, cfg, flat, layers_key, np.dtype(dtype))
     config = LoraConfig(targets=_our_targets(cfg, list(factors), params, kw, layers_key), **kw,
                         trainable_tokens={p.rsplit("/", 1)[0]: ids for p, (ids, _) in tokens.items()} or None)

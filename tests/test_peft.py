@@ -219,6 +219,40 @@ def test_peft_layers_to_transform_and_exclude_modules_import(scan, tiny_gpt2_dir
     np.testing.assert_allclose(np.asarray(logits), torch_logits(pm), atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kw", [dict(target_modules=["transformer.h.1.attn.c_attn", "c_fc"], layers_to_transform=[0]),
+                                dict(target_modules=["c_attn"], layers_to_transform=[])], ids=["full-name", "empty"])
+def test_peft_layers_to_transform_as_peft_reads_it(kw, tiny_gpt2_dir, tmp_path, nudge_torch):
+    """PEFT applies layers_to_transform to suffix matches alone (a module target_modules names in
+    full is adapted in any layer) and reads an empty list as every layer: such an adapter loads into
+    a scanned base with a config that keeps every layer it adapts, and re-exports to PEFT's logits."""
+    pm = nudge_torch(peft.get_peft_model(hf_model(tiny_gpt2_dir), peft.LoraConfig(r=2, lora_alpha=4, **kw)), seed=2)
+    pm.save_pretrained(tmp_path / "theirs")
+    want = torch_logits(pm)
+    model, params = from_pretrained(tiny_gpt2_dir, scan_layers=True)
+    got = lp.load_peft(tmp_path / "theirs", params, model_config=model.config)
+    assert sorted(lj.target_paths(got.config, params)) == sorted(got.adapters)
+    np.testing.assert_allclose(np.asarray(lj.apply(model.apply, got.config)(params, got.adapters, IDS)), want,
+                               atol=ATOL, rtol=0)
+    ours = lp.save_peft(tmp_path / "ours", got.config, got.adapters, model_config=model.config)
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(hf_model(tiny_gpt2_dir), str(ours))), want,
+                               atol=ATOL, rtol=0)
+
+
+def test_layers_pattern_alternation_exports_as_peft_reads_it(tiny_gpt2_dir, tmp_path):
+    """PEFT puts layers_pattern into its regex ungrouped, so an alternation (`h|blocks`), which
+    lora_jax reads as one name, finds no layer number there: the export names the adapted modules
+    in full, and PEFT gives our logits."""
+    model, params = from_pretrained(tiny_gpt2_dir)
+    config = lj.LoraConfig(rank=2, alpha=4, targets=["c_attn"], layers_to_transform=[1], layers_pattern="h|blocks")
+    adapters = {p: ab | {"lora_B": 0.1 * jax.random.normal(jax.random.key(1), ab["lora_B"].shape)}
+                for p, ab in lj.init(config, params, jax.random.key(0)).items()}
+    out = lp.save_peft(tmp_path / "ours", config, adapters, model_config=model.config)
+    assert json.loads((out / lp.CONFIG_FILE).read_text())["target_modules"] == ["transformer.h.1.attn.c_attn"]
+    want = np.asarray(lj.apply(model.apply, config)(params, adapters, IDS))
+    np.testing.assert_allclose(torch_logits(peft.PeftModel.from_pretrained(hf_model(tiny_gpt2_dir), str(out))), want,
+                               atol=ATOL, rtol=0)
+
+
 class _CallsOnLoad:
     """Unpickling this calls a function: exactly what weights_only=True must refuse."""
 
