@@ -15,11 +15,16 @@ the primitives a kernel meets on its way to a matmul:
   axes of x and runs on that matrix; a convolution kernel [*spatial, in, out] viewed as
   [prod(spatial, in), out] convolves x with A (r channels), then applies B per position;
 * everything else materialises W0 + s*A*B (`Value.default`), or raises under `strict=True`.
+* a `jax.custom_vjp` function (quax has no rule for one: cuDNN attention, a user's kernel) runs on
+  plain arrays under the parent trace, and a `jax.custom_jvp` one taking a value of ours gets it
+  materialised, both through `_patch_quax_trace`.
 
 W0 is wrapped in `stop_gradient` when the array is built, so no frozen-weight gradient exists.
 W0 may itself be a quax value (`quant.QuantizedArray`, 4-bit): the rules reach it through `lift`,
 so it stays quantized through stack slicing and casts and dequantizes inside its own matmul rule.
-Only public APIs: `quax.register`/`quaxify` and `jax.extend` primitives.
+Only public JAX APIs (`jax.extend`); from quax, `register`/`quaxify` and, for the custom-derivative
+calls it lacks, its trace class (`quax._trace._QuaxTrace`, patched once, stepping aside where quax
+has its own custom_vjp rule).
 """
 
 from __future__ import annotations
@@ -561,3 +566,44 @@ def _remat(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiate
     # run inside and a quantized W0 is held as its codes; quax's wrapper of a plain operand is unwrapped
     args = tuple(a if isinstance(a, Stacked) else dense(a) for a in args)
     return jax.checkpoint(fn, prevent_cse=prevent_cse, policy=policy)(*args)
+
+
+def _plain_vjp_call(self, primitive, fun, fwd, bwd, tracers, /, *, out_trees, symbolic_zeros):
+    # quax has no rule for a `jax.custom_vjp` function (cuDNN attention, a user's kernel): it runs
+    # under the parent trace on plain arrays, a value of ours materialised (or FallbackError).
+    with jexc.set_current_trace(self.parent_trace):
+        args = [dense(self.to_value(t)) for t in tracers]
+        out = self.parent_trace.process_custom_vjp_call(primitive, fun, fwd, bwd, args, out_trees=out_trees,
+                                                        symbolic_zeros=symbolic_zeros)
+    return self.stage_value(list(out))
+
+
+def _dense_jvp_call(process):
+    @functools.wraps(process)
+    def run(self, primitive, fun, jvp, tracers, /, **params):
+        # quax hands a `jax.custom_jvp` rule the leaves of each value and their tangents, which
+        # W0 + s*A*B is not linear in: a value of ours enters materialised (or FallbackError).
+        if any(isinstance(self.to_value(t), Stacked) for t in tracers):
+            with jexc.set_current_trace(self.parent_trace):
+                tracers = [self.stage_value(x.materialise()) if isinstance(x, Stacked) else t
+                           for t, x in ((t, self.to_value(t)) for t in tracers)]
+        return process(self, primitive, fun, jvp, tracers, **params)
+    return run
+
+
+def _patch_quax_trace() -> None:
+    try:
+        from quax import _trace  # the trace class quaxify runs; no public name exists for it
+        cls = _trace._QuaxTrace
+    except (ImportError, AttributeError):  # another quax layout: its own rules, whatever they are
+        warnings.warn("lora_jax: this quax has no quax._trace._QuaxTrace; a jax.custom_vjp function (cuDNN "
+                      "attention) inside lj.apply may fail: install quax 0.4.6", stacklevel=2)
+        return
+    if "process_custom_vjp_call" not in vars(cls):  # a quax that handles custom_vjp keeps its own rule
+        cls.process_custom_vjp_call = _plain_vjp_call
+    if not getattr(cls.process_custom_jvp_call, "_lora_jax", False):
+        cls.process_custom_jvp_call = _dense_jvp_call(cls.process_custom_jvp_call)
+        cls.process_custom_jvp_call._lora_jax = True
+
+
+_patch_quax_trace()
