@@ -62,3 +62,48 @@ def test_custom_jvp_of_the_kernel_under_grad():
     _close(f, params, config, adapters, strict=False)
     with pytest.raises(lj.FallbackError, match="'w'"):
         jax.grad(lambda a: lj.apply(f, config, strict=True)(params, a, X).sum())(adapters)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_lora_step_through_the_models_cudnn_attention_branch(arch, monkeypatch):
+    """The GPU bf16 path on CPU: the models' attention_impl="cudnn" branch, with cuDNN's kernel
+    stood in for by a custom_vjp around XLA attention (as jax's cuDNN attention is one), takes a
+    factored LoRA training step equal to the merged strategy's; BLOOM's ALiBi arrives as a bf16
+    [B, H, T, S] bias."""
+    from lora_jax.models import BloomConfig, CausalLM, GPT2Config
+
+    real, seen = jax.nn.dot_product_attention, []
+
+    def cudnn_standin(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, implementation=None, **kw):
+        assert implementation == "cudnn" and mask is None and q.dtype == jnp.bfloat16
+        seen.append(None if bias is None else (bias.dtype, bias.shape[2:]))
+        xla = lambda q, k, v, b: real(q, k, v, bias=b, scale=scale, is_causal=is_causal,  # noqa: E731
+                                      implementation="xla", **kw)
+        fused = jax.custom_vjp(xla)
+        fused.defvjp(lambda *a: (xla(*a), a), lambda a, g: jax.vjp(xla, *a)[1](g))
+        return fused(q, k, v, bias)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_standin)
+
+    kw = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, param_dtype=jnp.bfloat16,
+              attention_impl="cudnn")
+    cfg = (GPT2Config(intermediate_size=64, max_position_embeddings=16, **kw) if arch == "gpt2"
+           else BloomConfig(intermediate_size=128, **kw))
+    model = CausalLM(cfg)
+    params = model.init_params(KEY)
+    seen.clear()  # (init's one-token pass)
+    targets = ["c_attn"] if arch == "gpt2" else ["query_key_value"]
+    config = lj.LoraConfig(rank=4, alpha=8, targets=targets)
+    leaves, treedef = jax.tree.flatten(lj.init(config, params, KEY))
+    adapters = jax.tree.unflatten(treedef, [x + 0.1 * jax.random.normal(jax.random.key(i), x.shape)
+                                            for i, x in enumerate(leaves)])
+    ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 64)
+
+    def loss_and_grad(strategy):
+        g = lj.apply(model.apply, config, strategy=strategy)
+        loss = lambda a: jnp.mean(g(params, a, ids).astype(jnp.float32) ** 2)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(adapters)
+    (lf, gf), (lm, gm) = loss_and_grad("factored"), loss_and_grad("merged")
+    np.testing.assert_allclose(lf, lm, rtol=2e-2)
+    for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
+        np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=0.1, atol=2e-3)
+    assert seen and all(s == (None if arch == "gpt2" else (jnp.bfloat16, (8, 8))) for s in seen)
