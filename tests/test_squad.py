@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -1053,3 +1054,30 @@ def test_residual_data_inits_through_the_cli(init, flags, said, tiny_gpt2_dir, t
     assert saved.config.init == "kaiming_uniform" and saved.config.rank == 8  # to_plain: rank 2r on W0
     assert json.loads((out / "summary.json").read_text())["init"] == init
     assert lp.load_peft(out / "peft", params).config.rank == 8
+
+
+def test_the_job_on_the_gpu_branch(tiny_bloom_dir, tmp_path, monkeypatch):
+    """The job as a GPU runs it, on CPU: jax.default_backend() says "gpu" (bf16 compute by
+    default, the models' cuDNN attention branch, padding mask and ALiBi bias included), cuDNN's
+    kernel stood in for by a custom_vjp around XLA attention (jax's cuDNN attention is one):
+    training, validation and generation go through and the adapters are saved."""
+    import jax.numpy as jnp
+
+    real, seen = jax.nn.dot_product_attention, []
+
+    def cudnn_standin(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+        if implementation != "cudnn":
+            return real(q, k, v, bias=bias, mask=mask, implementation=implementation, **kw)
+        assert q.dtype == jnp.bfloat16 and (bias is None or bias.dtype == jnp.bfloat16)
+        seen.append(q.shape)
+        xla = lambda q, k, v, b, m: real(q, k, v, bias=b, mask=m, implementation="xla", **kw)  # noqa: E731
+        fused = jax.custom_vjp(xla)
+        fused.defvjp(lambda *a: (xla(*a), a), lambda a, g: (*jax.vjp(lambda *d: xla(*d, a[-1]), *a[:-1])[1](g), None))
+        return fused(q, k, v, bias, mask)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_standin)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    data, out = tiny_squad(tmp_path / "squad.json"), tmp_path / "run"
+    assert squad.main(cli_args(tiny_bloom_dir, data, out, "--steps", "2")) == 0
+    train = losses(out)
+    assert seen and len(train) == 2 and all(math.isfinite(x) for x in train)
+    assert (out / "adapter").is_dir() and (out / "peft").is_dir()
