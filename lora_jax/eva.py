@@ -14,6 +14,7 @@ enough data both find the same directions.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -113,6 +114,7 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
 
     adapters: Adapters = {}
     rank_pattern, alpha_pattern, dropped = {}, {}, []
+    per_module = collections.Counter(p.rsplit("/", 1)[0] for p in seen)
     for p in seen:
         *stack, d_in, d_out = views[p]
         r, scale = config.rank_for(p), config.scale_for(p)
@@ -139,7 +141,7 @@ def init_eva(config: LoraConfig, params: PyTree, f: Callable[[PyTree, Any], Any]
             adapters[p][LORA_BIAS] = jnp.zeros((*stack, d_out), dtype)
         # PEFT's patterns name modules; two targets in one module (target_parameters) need their own
         module = p.rsplit("/", 1)[0]
-        module = re.escape(module if [q.rsplit("/", 1)[0] for q in seen].count(module) == 1 else p)
+        module = re.escape(module if per_module[module] == 1 else p)
         if new != r:
             rank_pattern[module] = new
         if not math.isclose(new_alpha, alpha, rel_tol=1e-12):

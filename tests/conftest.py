@@ -16,6 +16,7 @@ in logits. Load the PyTorch reference with
 
 `nudge_torch(model, seed)` makes a fresh PEFT adapter nonzero (noise on its trainable parameters);
 `peft_grads(model, ids)` reads its gradients in our layout, `peft_train(model, opt, ids)` trains it.
+`cudnn_standin(check)` stands in for cuDNN attention on CPU (see its docstring).
 """
 
 from __future__ import annotations
@@ -194,3 +195,27 @@ def jax_train():
             first = value if first is None else first
         return trainable, frozen, float(first), float(value)
     return train
+
+
+@pytest.fixture
+def cudnn_standin(monkeypatch):
+    """install(check): `jax.nn.dot_product_attention(..., implementation="cudnn")` becomes XLA
+    attention wrapped in a `jax.custom_vjp`, as jax's cuDNN attention is one, so the GPU branch runs
+    on CPU; other implementations pass through. `check(implementation, q, bias, mask)` sees every
+    call first (assert there, record what reached cuDNN)."""
+    import jax
+
+    real = jax.nn.dot_product_attention
+
+    def install(check):
+        def standin(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+            check(implementation, q, bias, mask)
+            if implementation != "cudnn":
+                return real(q, k, v, bias=bias, mask=mask, implementation=implementation, **kw)
+            xla = lambda q, k, v, b, m: real(q, k, v, bias=b, mask=m, implementation="xla", **kw)  # noqa: E731
+            fused = jax.custom_vjp(xla)
+            fused.defvjp(lambda *a: (xla(*a), a),
+                         lambda a, g: (*jax.vjp(lambda *d: xla(*d, a[-1]), *a[:-1])[1](g), None))  # no mask grad
+            return fused(q, k, v, bias, mask)
+        monkeypatch.setattr(jax.nn, "dot_product_attention", standin)
+    return install

@@ -65,24 +65,19 @@ def test_custom_jvp_of_the_kernel_under_grad():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "bloom"])
-def test_lora_step_through_the_models_cudnn_attention_branch(arch, monkeypatch):
+def test_lora_step_through_the_models_cudnn_attention_branch(arch, cudnn_standin):
     """The GPU bf16 path on CPU: the models' attention_impl="cudnn" branch, with cuDNN's kernel
     stood in for by a custom_vjp around XLA attention (as jax's cuDNN attention is one), takes a
     factored LoRA training step equal to the merged strategy's; BLOOM's ALiBi arrives as a bf16
     [B, H, T, S] bias."""
     from lora_jax.models import BloomConfig, CausalLM, GPT2Config
 
-    real, seen = jax.nn.dot_product_attention, []
+    seen = []
 
-    def cudnn_standin(q, k, v, bias=None, mask=None, *, scale=None, is_causal=False, implementation=None, **kw):
+    def check(implementation, q, bias, mask):
         assert implementation == "cudnn" and mask is None and q.dtype == jnp.bfloat16
         seen.append(None if bias is None else (bias.dtype, bias.shape[2:]))
-        xla = lambda q, k, v, b: real(q, k, v, bias=b, scale=scale, is_causal=is_causal,  # noqa: E731
-                                      implementation="xla", **kw)
-        fused = jax.custom_vjp(xla)
-        fused.defvjp(lambda *a: (xla(*a), a), lambda a, g: jax.vjp(xla, *a)[1](g))
-        return fused(q, k, v, bias)
-    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_standin)
+    cudnn_standin(check)
 
     kw = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, param_dtype=jnp.bfloat16,
               attention_impl="cudnn")

@@ -1056,25 +1056,20 @@ def test_residual_data_inits_through_the_cli(init, flags, said, tiny_gpt2_dir, t
     assert lp.load_peft(out / "peft", params).config.rank == 8
 
 
-def test_the_job_on_the_gpu_branch(tiny_bloom_dir, tmp_path, monkeypatch):
+def test_the_job_on_the_gpu_branch(tiny_bloom_dir, tmp_path, monkeypatch, cudnn_standin):
     """The job as a GPU runs it, on CPU: jax.default_backend() says "gpu" (bf16 compute by
     default, the models' cuDNN attention branch, padding mask and ALiBi bias included), cuDNN's
     kernel stood in for by a custom_vjp around XLA attention (jax's cuDNN attention is one):
     training, validation and generation go through and the adapters are saved."""
     import jax.numpy as jnp
 
-    real, seen = jax.nn.dot_product_attention, []
+    seen = []
 
-    def cudnn_standin(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
-        if implementation != "cudnn":
-            return real(q, k, v, bias=bias, mask=mask, implementation=implementation, **kw)
-        assert q.dtype == jnp.bfloat16 and (bias is None or bias.dtype == jnp.bfloat16)
-        seen.append(q.shape)
-        xla = lambda q, k, v, b, m: real(q, k, v, bias=b, mask=m, implementation="xla", **kw)  # noqa: E731
-        fused = jax.custom_vjp(xla)
-        fused.defvjp(lambda *a: (xla(*a), a), lambda a, g: (*jax.vjp(lambda *d: xla(*d, a[-1]), *a[:-1])[1](g), None))
-        return fused(q, k, v, bias, mask)
-    monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn_standin)
+    def check(implementation, q, bias, mask):
+        if implementation == "cudnn":
+            assert q.dtype == jnp.bfloat16 and (bias is None or bias.dtype == jnp.bfloat16)
+            seen.append(q.shape)
+    cudnn_standin(check)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     data, out = tiny_squad(tmp_path / "squad.json"), tmp_path / "run"
     assert squad.main(cli_args(tiny_bloom_dir, data, out, "--steps", "2")) == 0
