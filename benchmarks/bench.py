@@ -259,7 +259,7 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
         lora = None
 
         def logits(p, a, ids, mask, rng, pos):
-            return model.apply(p, ids, None, positions=pos)
+            return model.apply(p, ids, None, positions=pos, vocab_multiple=loop.VOCAB_MULTIPLE)
     else:
         # The merged strategy cannot apply LoRA dropout; it runs without.
         dropout = spec.lora_dropout if case.strategy == "factored" else 0.0
@@ -271,7 +271,8 @@ def build_jax_step(spec: Spec, *, abstract: bool = False) -> tuple[Callable, tup
         g = lj.apply(model.apply, lora, strategy=case.strategy)
 
         def logits(p, a, ids, mask, rng, pos):
-            return g(p, a, ids, None, positions=pos, lora_rng=rng if dropout > 0 else None)
+            return g(p, a, ids, None, positions=pos, lora_rng=rng if dropout > 0 else None,
+                     vocab_multiple=loop.VOCAB_MULTIPLE)
 
     targets = spec.loss_tokens
     tx = loop.make_optimizer(LR, steps=1000, warmup=10, weight_decay=WEIGHT_DECAY, clip=1.0)
@@ -506,12 +507,19 @@ def _fmt(x: Any, spec: str) -> str:
     return "—" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
+def variant(r: dict[str, Any]) -> str:
+    """The row's case, suffixed with the layer variant it ran (`--scan`, `--remat`), so that a
+    variant never stands in for the default unrolled step in ratios and targets."""
+    bits = (["scan"] if r.get("layers") == "scan" else []) + ([f"remat {r['remat']}"] if r.get("remat") else [])
+    return r["case"] + (f" ({', '.join(bits)})" if bits else "")
+
+
 def ratios(rows: list[dict[str, Any]]) -> list[tuple[str, str, str, float]]:
     """(model, numerator case, denominator case, tokens/s ratio) for the comparisons that matter."""
     pairs = [("lora", "full"), ("lora", "peft"), ("lora", "peft-compile"), ("lora-merged", "lora"),
              ("squad-lora", "squad-peft"), ("squad-lora", "squad-peft-compile"), ("qlora", "peft-qlora"),
-             ("qlora", "lora")]
-    tok = {(r["model"], r["case"]): r.get("tokens_per_s") for r in rows}
+             ("qlora", "lora"), ("int8-lora", "peft-int8"), ("int8-lora", "lora")]
+    tok = {(r["model"], variant(r)): r.get("tokens_per_s") for r in rows if "error" not in r and "skipped" not in r}
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         for a, b in pairs:
@@ -547,7 +555,7 @@ def check_targets(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     for r in rows:
         if "error" not in r and "skipped" not in r and not r.get("smoke") \
                 and DEFAULT_SHAPES.get(r["model"]) == (r["batch"], r["seq"]):
-            key = f"{r['case']} (cache hit)" if r.get("compile_cache") == "hit" else r["case"]
+            key = f"{variant(r)} (cache hit)" if r.get("compile_cache") == "hit" else variant(r)
             by.setdefault(r["model"], {})[key] = r
     out = []
     for model, what, ok in TARGETS:

@@ -557,6 +557,25 @@ def _dynamic_slice(x: Stacked, *args: ArrayLike | quax.ArrayValue, slice_sizes):
     return x.map(sl)
 
 
+@quax.register(P.pad_p)
+def _pad(x: LoraArray, padding_value: ArrayLike | quax.ArrayValue, *, padding_config):
+    """Edge padding of the matrix dims stays factored: W0 takes the padding value, and A's new
+    rows (padded `in`) or B's new columns (padded `out`) are zeros, so the padded entries of
+    W0 + s*A*B are the padding value (a padded vocabulary of a tied LM head)."""
+    k, value = x.n_stack, _dense(padding_value)
+    stack, (i_lo, i_hi, i_in), (o_lo, o_hi, o_in) = padding_config[:k], padding_config[k], padding_config[k + 1]
+    plain = (all(c == (0, 0, 0) for c in stack) and i_in == o_in == 0 and min(i_lo, i_hi, o_lo, o_hi) >= 0
+             and x.m is None  # DoRA's column norms would take in the padding
+             and not ((i_lo or i_hi) and x.velora is not None))  # VeLoRA's projection is sized by `in`
+    if not plain:
+        return lax.pad(x.materialise(), value, padding_config)
+    zero = ((0, 0, 0),) * k
+    w = lift(lambda v: lax.pad(v, value.astype(v.dtype), padding_config))(x.w)
+    a = lax.pad(x.a, jnp.zeros((), x.a.dtype), zero + ((i_lo, i_hi, 0), (0, 0, 0)))  # [*S, in', r]
+    b = lax.pad(x.b, jnp.zeros((), x.b.dtype), zero + ((0, 0, 0), (o_lo, o_hi, 0)))  # [*S, r, out']
+    return eqx.tree_at(lambda t: (t.w, t.a, t.b), x, (w, a, b))
+
+
 @quax.register(P.remat_p)
 def _remat(*args: ArrayLike | quax.ArrayValue, jaxpr, prevent_cse, differentiated, policy):
     # Re-trace the checkpointed body with quax inside, under the same remat policy.

@@ -102,3 +102,19 @@ def test_lora_step_through_the_models_cudnn_attention_branch(arch, cudnn_standin
     for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
         np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=0.1, atol=2e-3)
     assert seen and all(s == (None if arch == "gpt2" else (jnp.bfloat16, (8, 8))) for s in seen)
+
+
+@pytest.mark.parametrize("pad", [((0, 3), (0, 0)), ((2, 1), (0, 0)), ((0, 0), (1, 2)), ((1, 0), (0, 2))])
+def test_padding_the_adapted_kernel_stays_factored(pad):
+    """jnp.pad of W0 + s*A*B on its matrix dims (a padded LM-head vocabulary) keeps the factors:
+    W0 takes the padding value, the factors zeros, so it runs under strict and equals the merged
+    strategy; DoRA's value falls back (its column norms would take in the padding)."""
+    params, config, adapters = _setup()
+    f = lambda p, x: jnp.pad(x, ((0, 0), pad[0])) @ jnp.pad(p["w"], pad, constant_values=0.5)  # noqa: E731
+    _close(f, params, config, adapters, strict=True)
+    dora = lj.LoraConfig(rank=2, alpha=4, targets=["w"], use_dora=True)
+    a = lj.init(dora, params, KEY)
+    with pytest.raises(lj.FallbackError, match="'w'"):
+        lj.apply(f, dora, strict=True)(params, a, X)
+    np.testing.assert_allclose(lj.apply(f, dora)(params, a, X), lj.apply(f, dora, strategy="merged")(params, a, X),
+                               rtol=1e-5, atol=1e-5)

@@ -37,6 +37,9 @@ class StepConfig:
     parallel: str = "jit"
 
 
+# Logits padded to a multiple of this for the training loss (`CausalLM.logits`): aligned rows let
+# the LM head's matmuls run at full rate on a GPU; the -inf columns leave the loss unchanged.
+VOCAB_MULTIPLE = 128
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")  # transformers' lr_scheduler_type names
 
 
@@ -106,7 +109,8 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
     """`loss(params, adapters, batch, rng) -> (sum of token losses, number of target tokens)`.
 
     `logits_fn(params, adapters, input_ids, attention_mask, rng, positions)` returns logits
-    [B, K, V] at `positions` [B, K] (all T when None), e.g. `CausalLM.apply(..., positions=)`
+    [B, K, V] at `positions` [B, K] (all T when None; V may be padded with -inf columns, as
+    `vocab_multiple=VOCAB_MULTIPLE` pads it), e.g. `CausalLM.apply(..., positions=)`
     under the LoRA transform, so an adapted tied embedding acts in the head as well; a packed
     batch's (`data.pack`) mask is None and its `segment_ids=` come as a keyword. Logits
     exist only at `targets` positions per row (those with loss_mask = 1 first), in the compute

@@ -28,7 +28,7 @@ from lora_jax.models.heads import QA_OUTPUTS
 
 from . import data, extractive, report
 from .evaluate import evaluate, text_loss
-from .loop import Runner, StepConfig, make_optimizer, make_schedule, put_fsdp, row_layout, target_loss
+from .loop import VOCAB_MULTIPLE, Runner, StepConfig, make_optimizer, make_schedule, put_fsdp, row_layout, target_loss
 from .state import TrainCheckpoints, write_json
 
 
@@ -336,7 +336,7 @@ def objective(args, model, lora: lj.LoraConfig | None, rows) -> Callable[..., tu
         logits = lora_logits(model, lora)
     else:
         def logits(p, a, ids, mask, rng, pos, **rows):
-            return model.apply(p, ids, mask, positions=pos, **rows)
+            return model.apply(p, ids, mask, positions=pos, vocab_multiple=VOCAB_MULTIPLE, **rows)
     return target_loss(logits, _targets_per_row(rows, args.full_sequence_loss, args.max_len))
 
 
@@ -398,7 +398,7 @@ def lora_logits(model, lora: lj.LoraConfig) -> Callable[..., jax.Array]:
     def logits(p, a, ids, mask, rng, pos, **rows):
         tokens = None if lora.alora_invocation_tokens is None else lj.alora_mask(lora, ids, **rows)
         return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None, lora_mask=tokens,
-                 **rows)
+                 vocab_multiple=VOCAB_MULTIPLE, **rows)
     return logits
 
 

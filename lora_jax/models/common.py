@@ -451,6 +451,7 @@ class CausalLM:
         deterministic: bool = True,
         rng: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
+        vocab_multiple: int = 1,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """Forward pass.
 
@@ -470,6 +471,8 @@ class CausalLM:
             one after another in a row, numbered 1, 2, ... (each a contiguous run), 0 for padding.
             Each sequence attends to itself alone, with positions from 0, so its logits are those
             of its own row. Not with a cache.
+          vocab_multiple: pad the logits' last axis to a multiple of this, the extra columns
+            -inf (see `logits`): for a training loss, which they leave unchanged.
         Returns:
           logits [B, T, V] in the compute dtype (or hidden), and the new cache if one was given.
         """
@@ -495,13 +498,25 @@ class CausalLM:
         )
         if positions is not None:
             hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, D]
-        out = hidden if return_hidden else self.logits(params, hidden)
+        out = hidden if return_hidden else self.logits(params, hidden, vocab_multiple)
         return out if cache is None else (out, new_cache)
 
-    def logits(self, params: Params, hidden: jax.Array) -> jax.Array:
-        """Tied LM head: hidden [..., D] -> logits [..., V] (in hidden's dtype)."""
+    def logits(self, params: Params, hidden: jax.Array, vocab_multiple: int = 1) -> jax.Array:
+        """Tied LM head: hidden [..., D] -> logits [..., V] (in hidden's dtype).
+
+        `vocab_multiple` > 1 pads the vocabulary axis to a multiple of it with -inf logits, which
+        a softmax or log-sum-exp gives zero weight: GPT-2's 50,257 rows leave every [.., V] row
+        misaligned, and on an H100 its head's backward matmul ran at a third of the rate of an
+        aligned one (benchmarks/RESULTS.md). An adapted table stays factored (`lazy`'s pad rule)."""
         table = params["transformer"][self.config.embed_name]["embedding"]  # [V, D]
-        return jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype))
+        if vocab_multiple < 1:
+            raise ValueError(f"vocab_multiple must be >= 1, got {vocab_multiple}")
+        V = table.shape[0]
+        pad = -V % vocab_multiple
+        if pad:
+            table = jnp.pad(table, ((0, pad), (0, 0)))  # [V + pad, D]
+        out = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype))  # [..., V + pad]
+        return out if not pad else jnp.where(jnp.arange(V + pad) < V, out, -jnp.inf).astype(out.dtype)
 
     def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
         """Random params (HF-style normal(0.02) init) in the configured layout and dtype."""
