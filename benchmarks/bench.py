@@ -1,9 +1,9 @@
 """Train-step speed and memory: lora_jax LoRA (factored, merged), lora_jax full fine-tuning and
 Hugging Face PEFT LoRA (eager, torch.compile), on GPT-2 124M and BLOOM-560m with random weights.
 
-Run on one GPU (each case in its own subprocess, so peak memory never carries over; an
-estimated 6-10 minutes per model on an H100, not yet measured: `--budget` keeps a run inside a
-call's time limit, and `--out` is written case by case; benchmarks/RESULTS.md has the exact calls):
+Run on one GPU (each case in its own subprocess, so peak memory never carries over; on an H100
+GPT-2's nine cases took 6 minutes and BLOOM-560m's 8.4: `--budget` keeps a run inside a call's
+time limit, and `--out` is written case by case; benchmarks/RESULTS.md has the exact calls):
 
     python -m benchmarks.bench --models gpt2 --out benchmarks/gpt2.jsonl --compile-cache /tmp/jax-cache --budget 540
     python -m benchmarks.bench --models bloom-560m --out benchmarks/bloom.jsonl --compile-cache /tmp/jax-cache --budget 540

@@ -68,10 +68,11 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--impl", default="cudnn", choices=["cudnn", "xla"], help="implementation checked against xla")
+    p.add_argument("--models", nargs="+", default=["gpt2", "bloom"], choices=["gpt2", "bloom"])
     args = p.parse_args(argv)
     print(f"devices {jax.devices()}, jax {jax.__version__}")
     failed = False
-    for arch in ("gpt2", "bloom"):
+    for arch in args.models:
         try:
             loss, grads, hlo = _step(arch, args.impl)
         except Exception as e:  # report every model, then fail

@@ -1,12 +1,13 @@
 """Where a lora_jax benchmark step spends its GPU time: the step of `benchmarks.bench` (same
 `build_jax_step`), traced with `jax.profiler` for a few steps after warmup; GPU kernel times are
 summed by kernel name per step and the largest printed, grouped into rough classes (matmul,
-attention, fusion, random bits, copy...). The compiled HLO is written next to the trace so a
-fusion's name can be looked up.
+attention, fusion, random bits, copy...). The compiled HLO is written beside them, to look a
+kernel up by name (the trace writes `gemm_fusion_dot_265` for the HLO's `gemm_fusion_dot.265`).
 
     python -m benchmarks.profile --models gpt2 --cases lora full --out DIR
 
-Writes DIR/<model>-<case>.hlo.txt and DIR/<model>-<case>.kernels.json (name -> ms per step).
+Writes DIR/<name>.hlo.txt and DIR/<name>.kernels.json (kernel name -> ms per step), <name> being
+<model>-<case>, with -dropout<p> when --lora-dropout is not the bench's 0.05.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def profile(model: str, case: str, steps: int, out: Path, smoke: bool, lora_drop
     spec = Spec(model=model, case=case, batch=batch, seq=seq, smoke=smoke, lora_dropout=lora_dropout)
     step, args, _ = build_jax_step(spec)
     compiled = jax.jit(step, donate_argnums=(0, 2)).lower(*args).compile()
-    (out / f"{model}-{case}-{lora_dropout:g}.hlo.txt").write_text(compiled.as_text())
+    name = f"{model}-{case}" + (f"-dropout{lora_dropout:g}" if lora_dropout != 0.05 else "")
+    (out / f"{name}.hlo.txt").write_text(compiled.as_text())
     trainable, frozen, opt_state, batch_, rng = args
     del args
     for _ in range(3):
@@ -68,15 +70,14 @@ def profile(model: str, case: str, steps: int, out: Path, smoke: bool, lora_drop
             jax.block_until_ready(metrics)
         totals = kernel_times(Path(d))
     per_step = {k: v / steps / 1e3 for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}  # ms
-    name = f"{model}-{case}" + (f"-dropout{lora_dropout:g}" if lora_dropout != 0.05 else "")
     (out / f"{name}.kernels.json").write_text(json.dumps(per_step, indent=0))
     classes: collections.Counter[str] = collections.Counter()
-    for name, ms in per_step.items():
-        classes[next((c for c, rx in CLASSES if rx.search(name)), "other")] += ms
+    for kernel, ms in per_step.items():
+        classes[next((c for c, rx in CLASSES if rx.search(kernel)), "other")] += ms
     print(f"\n== {model} {case} lora_dropout {lora_dropout:g}: GPU kernel time {sum(per_step.values()):.2f} ms per step; "
           + ", ".join(f"{c} {ms:.2f}" for c, ms in classes.most_common()))
-    for name, ms in list(per_step.items())[:25]:
-        print(f"  {ms:7.3f} ms  {name[:150]}")
+    for kernel, ms in list(per_step.items())[:25]:
+        print(f"  {ms:7.3f} ms  {kernel[:150]}")
 
 
 def main(argv: list[str] | None = None) -> None:

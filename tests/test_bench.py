@@ -204,7 +204,7 @@ def test_gpu_check_runs_its_comparison():
     """benchmarks/gpu_check.py (cuDNN against XLA on a GPU) runs end to end here as XLA against XLA."""
     from benchmarks import gpu_check
 
-    assert gpu_check.main(["--impl", "xla"]) == 0
+    assert gpu_check.main(["--impl", "xla", "--models", "bloom"]) == 0
 
 
 def test_profile_sums_gpu_kernels_per_name(tmp_path):

