@@ -64,7 +64,7 @@ def decayed(trainable: Any) -> Any:
     (transformers' `get_decay_parameter_names`): all but biases (lora_B's too) and norm weights
     (Flax's LayerNorm `scale`)."""
     def decay(path: str, _) -> bool:
-        leaf = path.rsplit("/", 1)[-1]
+        leaf = lj.tree.leaf_name(path)
         return "bias" not in leaf and leaf != "scale"
     return lj.tree.map_with_path(decay, trainable)
 

@@ -513,10 +513,11 @@ class CausalLM:
             raise ValueError(f"vocab_multiple must be >= 1, got {vocab_multiple}")
         V = table.shape[0]
         pad = -V % vocab_multiple
+        table = table.astype(hidden.dtype)  # before padding: an fp32 table is copied once, in the compute dtype
         if pad:
             table = jnp.pad(table, ((0, pad), (0, 0)))  # [V + pad, D]
-        out = jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype))  # [..., V + pad]
-        return out if not pad else jnp.where(jnp.arange(V + pad) < V, out, -jnp.inf).astype(out.dtype)
+        out = jnp.einsum("...d,vd->...v", hidden, table)  # [..., V + pad]
+        return out if not pad else jnp.where(jnp.arange(V + pad) < V, out, -jnp.inf)  # stays in out's dtype
 
     def init_params(self, key: jax.Array, dtype: Any = None) -> Params:
         """Random params (HF-style normal(0.02) init) in the configured layout and dtype."""
