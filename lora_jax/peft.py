@@ -100,6 +100,7 @@ class PeftAdapter(NamedTuple):
     adapters: Adapters
     extras: dict[str, jax.Array]
     base_model_name_or_path: str | None
+    base_model_revision: str | None = None  # adapter_config.json "revision": the base model's hub revision
 
 
 def _np_dtype(dtype: Any) -> np.dtype:
@@ -420,7 +421,8 @@ def peft_refusal(config: LoraConfig, model_config: BaseConfig) -> str | None:
 
 def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: BaseConfig,
                      params: PyTree | None = None, base_model_name_or_path: str | None = None,
-                     layers_key: str = LAYERS_KEY, task_type: str | None = None) -> dict[str, Any]:
+                     layers_key: str = LAYERS_KEY, task_type: str | None = None,
+                     revision: str | None = None) -> dict[str, Any]:
     """The `adapter_config.json` dict that peft's LoraConfig (0.13 ... 0.21) reads; `task_type`
     defaults to the task of the head the params hold (SEQ_CLS, QUESTION_ANS, TOKEN_CLS), else CAUSAL_LM."""
     layers = _per_layer(config, adapters, layers_key)
@@ -438,7 +440,7 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
         "peft_type": "LORA",
         "task_type": _task_type(adapters, params, task_type),
         "base_model_name_or_path": base_model_name_or_path or model_config.hf_config.get("_name_or_path") or None,
-        "revision": None,
+        "revision": revision,
         "inference_mode": True,
         "r": config.rank,
         "lora_alpha": _num(config.alpha),
@@ -489,7 +491,8 @@ def peft_config_dict(config: LoraConfig, adapters: Adapters, *, model_config: Ba
 def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapters, *,
               model_config: BaseConfig, params: PyTree | None = None, dtype: Any = "float32",
               base_model_name_or_path: str | None = None, layers_key: str = LAYERS_KEY,
-              task_type: str | None = None, save_embedding_layers: bool = False, overwrite: bool = False) -> Path:
+              task_type: str | None = None, save_embedding_layers: bool = False, overwrite: bool = False,
+              revision: str | None = None) -> Path:
     """Write a PEFT adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
 
     Args:
@@ -505,6 +508,7 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
         models for those tasks train the head in full: export it with `LoraConfig(trainable=<head>)`.
       save_embedding_layers: write the embedding table too (PEFT's option), e.g. after
         `models.resize_token_embeddings`: PEFT loads it into a base resized to the same size.
+      revision: the base model's hub revision (the config's `revision`), where it is not `main`.
     Returns:
       the directory.
     """
@@ -514,7 +518,7 @@ def save_peft(directory: str | os.PathLike, config: LoraConfig, adapters: Adapte
                             layers_key=layers_key, save_embedding_layers=save_embedding_layers)
     cfg = peft_config_dict(config, adapters, model_config=model_config, params=params,
                            base_model_name_or_path=base_model_name_or_path, layers_key=layers_key,
-                           task_type=task_type)
+                           task_type=task_type, revision=revision)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -926,7 +930,7 @@ def _keeps_layers(config: LoraConfig, modules: set[str], flat, layers_key) -> bo
 
 
 def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: BaseConfig | None = None,
-              dtype: Any = jnp.float32, layers_key: str = LAYERS_KEY) -> PeftAdapter:
+              dtype: Any = jnp.float32, layers_key: str = LAYERS_KEY, revision: str | None = None) -> PeftAdapter:
     """Read a PEFT LoRA (or AdaLoRA) adapter directory into our config, adapters and trained leaves.
 
     Args:
@@ -935,11 +939,13 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
       params: the base parameters (unrolled or scanned); adapters are laid out to fit them.
       model_config: needed when the adapter holds fully trained tensors (biases, modules).
       dtype: dtype of the returned LoRA factors.
+      revision: of the adapter's hub id: a branch, tag or commit hash (as `PeftModel.from_pretrained(...,
+        revision=)`); default `main`.
     Returns:
-      PeftAdapter(config, adapters, extras, base_model_name_or_path); put the extras into the
-      params with `checkpoint.update_params(params, extras)`.
+      PeftAdapter(config, adapters, extras, base_model_name_or_path, base_model_revision); put the
+      extras into the params with `checkpoint.update_params(params, extras)`.
     """
-    directory = resolve_pretrained_dir(directory)
+    directory = resolve_pretrained_dir(directory, revision)
     cfg_path = directory / CONFIG_FILE
     cfg = read_json(cfg_path, "PEFT adapter config")
     _check_supported(cfg_path, cfg)
@@ -1035,16 +1041,17 @@ def load_peft(directory: str | os.PathLike, params: PyTree, *, model_config: Bas
         assert config.rank_for(p) == f.rank and math.isclose(config.scale_for(p), f.scale, rel_tol=1e-9), p
     if config.use_kasa:
         warnings.warn(f"{cfg_path}: {BASE_WARNING}", stacklevel=2)
-    return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"))
+    return PeftAdapter(config, adapters, extras, cfg.get("base_model_name_or_path"), cfg.get("revision"))
 
 
-def load_adapter(directory: str | os.PathLike, params: PyTree, *,
-                 model_config: BaseConfig | None = None) -> PeftAdapter | AdapterCheckpoint:
-    """A lora_jax adapter checkpoint or a PEFT adapter directory (or hub id), told apart by their files.
+def load_adapter(directory: str | os.PathLike, params: PyTree, *, model_config: BaseConfig | None = None,
+                 revision: str | None = None) -> PeftAdapter | AdapterCheckpoint:
+    """A lora_jax adapter checkpoint or a PEFT adapter directory (or hub id, at `revision`), told
+    apart by their files.
 
     Both results have `config`, `adapters` and `extras` (fully trained leaves, often empty).
     """
-    d = resolve_pretrained_dir(directory)
+    d = resolve_pretrained_dir(directory, revision)
     if (d / MANIFEST).is_file():
         return checkpoint_load(d, params)
     if (d / CONFIG_FILE).is_file():

@@ -212,6 +212,14 @@ def test_missing_model_dir(tmp_path, capsys):
     _fails(cli_args(tmp_path / "no_model", tmp_path / "x.json", tmp_path / "o"), capsys, "no_model", tmp_path / "o")
 
 
+def test_revision_of_a_local_dir_or_the_embedded_model(tiny_gpt2_dir, tmp_path, capsys):
+    data = tiny_squad(tmp_path / "squad.json")
+    _fails(cli_args(tiny_gpt2_dir, data, tmp_path / "o", "--revision", "v1"), capsys,
+           f"revision='v1' names a hub revision, but '{tiny_gpt2_dir}' is a local directory", tmp_path / "o")
+    _fails(["--revision", "v1", "--output-dir", str(tmp_path / "o")], capsys,
+           "--revision v1 needs --model", tmp_path / "o")
+
+
 def test_data_not_squad_shaped(tiny_gpt2_dir, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"rows": [1, 2, 3]}))

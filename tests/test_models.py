@@ -509,6 +509,48 @@ def test_hub_cache_layout_offline(ckpt, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="tiny-org/missing"):
         from_pretrained("tiny-org/missing")
 
+    # revision=: a tag through refs/<tag>, or a commit hash naming its snapshot; main stays the default
+    rev2 = "fedcba9876543210fedcba9876543210fedcba98"
+    other = repo / "snapshots" / rev2
+    shutil.copytree(snap, other)
+    hf = json.loads((other / "config.json").read_text())
+    hf.pop("torch_dtype", None)
+    (other / "config.json").write_text(json.dumps(hf | {"dtype": "bfloat16"}))
+    save_file({k: v * 2 for k, v in state.items()}, other / "model.safetensors")
+    (repo / "refs" / "v2").write_text(rev2)
+    (repo / "snapshots" / rev).touch()  # main's snapshot is no longer the newest: refs/main must decide
+    doubled = jax.tree.map(lambda x: (x.astype(jnp.float32) * 2).astype(jnp.bfloat16), params)
+    for hub in ("huggingface_hub", "our own cache lookup"):
+        if hub != "huggingface_hub":  # as without huggingface_hub installed
+            import huggingface_hub
+
+            monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: 1 / 0)
+        assert_tree_equal(from_pretrained("tiny-org/tiny-bloom")[1], params)
+        for r in ("v2", rev2):
+            m2, p2 = from_pretrained("tiny-org/tiny-bloom", revision=r, dtype="auto")
+            assert m2.config.param_dtype == jnp.bfloat16, hub
+            assert_tree_equal(p2, doubled)
+        assert load_config("tiny-org/tiny-bloom", revision=rev2, param_dtype="auto").param_dtype == jnp.bfloat16
+        assert load_tokenizer("tiny-org/tiny-bloom", revision="v2").eos_token_id == 2
+        with pytest.raises(FileNotFoundError, match="'tiny-org/tiny-bloom' at revision 'v3'"):
+            from_pretrained("tiny-org/tiny-bloom", revision="v3")
+    with pytest.raises(ValueError, match="revision='v2' names a hub revision, but .* is a local directory"):
+        from_pretrained(snap, revision="v2")
+
+
+def test_auto_dtype():
+    """dtype="auto" as transformers reads it: the config's dtype (or torch_dtype), else the first
+    floating tensor's, else float32; a dtype it cannot hold is an error naming the key."""
+    from lora_jax.models.hf import auto_dtype
+
+    bf16, ints = np.zeros(2, jnp.bfloat16), np.zeros(2, np.int64)
+    assert auto_dtype({"dtype": "float32"}, {"w": bf16}) == jnp.float32
+    assert auto_dtype({"torch_dtype": "torch.float16"}) == jnp.float16
+    assert auto_dtype({}, {"i": ints, "w": bf16}) == jnp.bfloat16
+    assert auto_dtype({}) == jnp.float32
+    with pytest.raises(ValueError, match="torch_dtype='int8'"):
+        auto_dtype({"torch_dtype": "int8"})
+
 
 def test_gpt2_keys_without_prefix_and_buffers(ckpt):
     model, params = jax_model(ckpt["gpt2"])

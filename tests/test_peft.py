@@ -435,17 +435,21 @@ def test_adapter_by_hub_id_from_the_cache(tiny_gpt2_dir, tmp_path, monkeypatch):
     adapters = jax.tree.map(lambda x: x + 0.1, lj.init(config, params, jax.random.key(0)))
     rev = "89abcdef0123456789abcdef0123456789abcdef"
     repo = tmp_path / "hub" / "models--some-org--tiny-adapter"
-    lp.save_peft(repo / "snapshots" / rev, config, adapters, model_config=model.config)
+    lp.save_peft(repo / "snapshots" / rev, config, adapters, model_config=model.config, revision="v1.0")
+    assert peft.LoraConfig.from_pretrained(repo / "snapshots" / rev).revision == "v1.0"  # the base model's
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(rev)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for got in (lp.load_peft("some-org/tiny-adapter", params), lp.load_adapter("some-org/tiny-adapter", params)):
-        assert got.config.targets == ("c_attn",)
+    for got in (lp.load_peft("some-org/tiny-adapter", params), lp.load_adapter("some-org/tiny-adapter", params),
+                lp.load_adapter("some-org/tiny-adapter", params, revision=rev)):
+        assert got.config.targets == ("c_attn",) and got.base_model_revision == "v1.0"
         for p, ab in adapters.items():
             np.testing.assert_allclose(got.adapters[p]["lora_B"], ab["lora_B"], atol=1e-7)
     with pytest.raises(FileNotFoundError, match="some-org/missing"):
         lp.load_adapter("some-org/missing", params)
+    with pytest.raises(FileNotFoundError, match="'some-org/tiny-adapter' at revision 'v9'"):
+        lp.load_peft("some-org/tiny-adapter", params, revision="v9")
 
 
 @pytest.mark.parametrize("name,scan", [("gpt2", True), ("bloom", False)])

@@ -52,15 +52,17 @@ def load_model(args):
     name = args.model or EMBEDDED_MODEL
     accel = jax.default_backend() != "cpu"
     compute = _dtype(args.compute_dtype) or (jnp.bfloat16 if accel else jnp.float32)
-    kw = dict(dtype=_dtype(args.dtype), compute_dtype=compute, scan_layers=args.scan_layers, remat=args.remat,
-              remat_policy=args.remat_policy)
+    if args.revision is not None and args.model is None:
+        raise ValueError(f"--revision {args.revision} needs --model: the embedded default has no hub revisions")
+    kw = dict(revision=args.revision, dtype=_dtype(args.dtype), compute_dtype=compute, scan_layers=args.scan_layers,
+              remat=args.remat, remat_policy=args.remat_policy)
     if args.extractive:  # the checkpoint's qa_outputs, or a new one drawn from the seed
         model, params = question_answering_from_pretrained(name, key=jax.random.fold_in(jax.random.key(args.seed), 3),
                                                            **kw)
     else:
         model, params = from_pretrained(name, **kw)
     tok_name = args.tokenizer or name
-    tokenizer = load_tokenizer(tok_name)
+    tokenizer = load_tokenizer(tok_name, None if args.tokenizer else args.revision)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tok_name} has no EOS token; the answer format needs one")
     if len(tokenizer) > model.config.vocab_size:
@@ -268,7 +270,7 @@ def load_init_adapter(path: str, params, model):
 
 
 def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_model: str, dtype: str,
-                 initial=None, suffix: str = "") -> dict:
+                 initial=None, suffix: str = "", revision: str | None = None) -> dict:
     """The trained adapter twice: orbax (lora_jax) and PEFT format, in adapter<suffix>/ and
     peft<suffix>/. Returns paths and sizes.
 
@@ -288,7 +290,7 @@ def save_adapter(out: Path, lora: lj.LoraConfig, params, adapters, model, base_m
     if refusal:
         return saved | {"peft_dir": None, "peft_skipped": refusal}
     p_dir = peft.save_peft(out / f"peft{suffix}", lora, adapters, model_config=model.config, params=params,
-                           dtype=dtype, base_model_name_or_path=base_model, overwrite=True)
+                           dtype=dtype, base_model_name_or_path=base_model, revision=revision, overwrite=True)
     return saved | {"peft_dir": str(p_dir), "peft_bytes": (Path(p_dir) / peft.WEIGHTS_FILE).stat().st_size}
 
 
@@ -799,16 +801,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with timed("eval_full"):
             score("full", model.apply, for_eval(args, full_params))
 
-    base_name = str(args.model or EMBEDDED_MODEL)
+    base_name, revision = str(args.model or EMBEDDED_MODEL), args.revision
     if args.init == "loftq" and primary:  # its adapters belong with its base: PEFT's LoftQ workflow
         # the dequantized weights: loaded in 4 bits (bitsandbytes, --quantize nf4) they give back the same codes
         from lora_jax.peft import save_checkpoint
         base_name = str(save_checkpoint(out / "loftq_base", model.config, params, tokenizer=tokenizer, overwrite=True))
+        revision = None
     saved = save_adapter(out, lora, lora_params, adapters, model, base_name, args.export_dtype,
-                         initial=adapters0) if primary and not args.eval_only else {}
+                         initial=adapters0, revision=revision) if primary and not args.eval_only else {}
     if reduced is not None:
         kept = save_adapter(out, lora, lora_params, reduced, model, base_name, args.export_dtype, initial=adapters0,
-                            suffix="_reduced") if primary else {}
+                            suffix="_reduced", revision=revision) if primary else {}
         intruders |= {"mitigation_lambda": args.reduce_intruders, "context_loss": context_loss, **kept}
     summ = lj.summary(lora, lora_params, adapters) if adapters is not None else None
 
@@ -816,7 +819,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         """{run: the last value of `key` in its history} (val_loss; best_step for --keep-best; early_stop)."""
         return {r["run"]: r[key] for r in history if key in r} or None
     summary = {
-        "model": str(args.model or "embedded world model"), "data": str(args.data or "embedded world QA"),
+        "model": str(args.model or "embedded world model"), "revision": args.revision,
+        "data": str(args.data or "embedded world QA"),
         "steps": 0 if args.eval_only else args.steps, "eval_only": args.eval_only, "adapter": args.init_adapter,
         "parallel": args.parallel, "quantize": scheme, "init": args.init if args.init == "loftq" else lora.init,
         "loraplus_ratio": args.loraplus_ratio, "lorafa": args.lorafa, "kasa": lora.use_kasa,

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=None, help="HF model id or local checkpoint dir (default: the embedded world model)")
+    a("--revision", default=None,
+      help="hub revision (branch, tag or commit hash) of --model, and of its tokenizer unless --tokenizer names "
+           "another; recorded in the PEFT export")
     a("--tokenizer", default=None, help="tokenizer id or dir, if not the model's own")
     a("--data", default=None, help="'squad' or 'squad_v2' (HF datasets), a SQuAD v1.1 / v2.0 JSON/JSONL file or a dir "
                                    "with train/validation files (default: the embedded world QA set; train/assets/world_v2 is it as SQuAD "

@@ -64,43 +64,54 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _cached_snapshot(cache_dir: Path, repo_id: str) -> Path | None:
-    """`models--org--name/snapshots/<rev>/` for `refs/main`, else the newest snapshot."""
+def _cached_snapshot(cache_dir: Path, repo_id: str, revision: str | None = None) -> Path | None:
+    """`models--org--name/snapshots/<commit>/` of `revision`: a branch or tag through `refs/<revision>`,
+    or a commit hash naming the snapshot itself. Without a revision: `refs/main`, else the newest
+    snapshot. None when the cache holds no such snapshot."""
     repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
-    ref = repo / "refs" / "main"
+    ref = repo / "refs" / (revision or "main")
     if ref.is_file():
         snap = repo / "snapshots" / ref.read_text().strip()
         if snap.is_dir():
             return snap
+    if revision is not None:
+        snap = repo / "snapshots" / revision
+        return snap if revision and "/" not in revision and snap.is_dir() else None
     snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
     return snaps[-1] if snaps else None
 
 
-def resolve_pretrained_dir(name_or_path: str | os.PathLike) -> Path:
+def resolve_pretrained_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint directory, or a hub id resolved through the Hugging Face cache.
 
     Downloads (config, weights, tokenizer files) when online; offline (HF_HUB_OFFLINE=1, or no
-    network) it uses an existing `HF_HUB_CACHE/models--org--name/snapshots/<rev>/`.
+    network) it uses an existing `HF_HUB_CACHE/models--org--name/snapshots/<rev>/`. `revision`
+    (a branch, tag or commit hash, as transformers' `revision=`) picks the hub snapshot; a local
+    directory has none, so naming one for it is an error.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} names a hub revision, but {str(name_or_path)!r} is a local "
+                             "directory")
         return path
     repo_id, cache_dir = str(name_or_path), _hub_cache_dir()
+    at = "" if revision is None else f" at revision {revision!r}"
     error: Exception | None = None
     try:
         from huggingface_hub import snapshot_download
 
         fetch = lambda patterns: Path(snapshot_download(  # noqa: E731
-            repo_id, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=_offline()))
+            repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=_offline()))
         # Safetensors first; pickled .bin weights only for repos that have nothing else.
         snap = fetch([p for p in _ALLOW_PATTERNS if p != "*.bin"])
         return snap if any(snap.glob("*.safetensors")) else fetch(_ALLOW_PATTERNS)
     except Exception as e:  # no network, missing refs, or huggingface_hub not installed
         error = e
-    snap = _cached_snapshot(cache_dir, repo_id)
+    snap = _cached_snapshot(cache_dir, repo_id, revision)
     if snap is None:
         raise FileNotFoundError(
-            f"{name_or_path!r} is neither a directory nor a hub id found in the cache "
+            f"{str(name_or_path)!r}{at} is neither a directory nor a hub id found in the cache "
             f"{cache_dir} (download failed: {error})"
         )
     return snap
@@ -109,17 +120,38 @@ def resolve_pretrained_dir(name_or_path: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------- config
 
 
-def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> BaseConfig:
-    """Config from a `config.json` dict, a file, a checkpoint directory or a hub id.
+AUTO_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def auto_dtype(hf: Mapping[str, Any], state: Mapping[str, Any] | None = None) -> jnp.dtype:
+    """transformers' `dtype="auto"`: the config's `dtype` (older files: `torch_dtype`), else the
+    dtype of the checkpoint's first floating-point tensor (when `state` is given), else float32."""
+    for k in ("dtype", "torch_dtype"):
+        name = hf.get(k)
+        if name is not None:
+            name = str(name).removeprefix("torch.")
+            if name not in AUTO_DTYPES:
+                raise ValueError(f"config {k}={hf[k]!r}: dtype='auto' takes one of {list(AUTO_DTYPES)}")
+            return jnp.dtype(name)
+    for v in (state or {}).values():
+        if not isinstance(v, QuantizedArray) and str(v.dtype) in AUTO_DTYPES:
+            return jnp.dtype(v.dtype)
+    return jnp.dtype(jnp.float32)
+
+
+def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, revision: str | None = None,
+                **overrides: Any) -> BaseConfig:
+    """Config from a `config.json` dict, a file, a checkpoint directory or a hub id (at `revision`).
 
     Dispatches on `model_type` ("gpt2", "bloom"); anything else raises ValueError.
+    `param_dtype="auto"` takes the config's `dtype` (float32 when it names none).
     """
     if isinstance(path_or_dict, Mapping):
         hf = dict(path_or_dict)
     else:
         path = Path(path_or_dict).expanduser()
-        if not path.is_file():
-            directory = path if path.is_dir() else resolve_pretrained_dir(path_or_dict)
+        if not path.is_file() or revision is not None:
+            directory = resolve_pretrained_dir(path_or_dict, revision)
             path = directory / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"{directory}: no config.json there (not a Hugging Face checkpoint directory)")
@@ -129,6 +161,8 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}"
         )
+    if isinstance(overrides.get("param_dtype"), str) and overrides["param_dtype"] == "auto":
+        overrides["param_dtype"] = auto_dtype(hf)
     return CONFIG_CLASSES[model_type].from_hf(hf, **overrides)
 
 
@@ -333,6 +367,7 @@ def _load_torch_bin(path: Path) -> dict[str, np.ndarray]:
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
+    revision: str | None = None,
     dtype: Any = jnp.float32,
     scan_layers: bool = False,
     remat: bool = False,
@@ -343,7 +378,9 @@ def from_pretrained(
     """Load a GPT-2 / BLOOM checkpoint (local directory or hub id) as `(model, params)`.
 
     Args:
-      dtype: parameter storage dtype (float32 or bfloat16).
+      revision: the hub revision (branch, tag or commit hash) of a hub id; default its `main`.
+      dtype: parameter storage dtype (float32 or bfloat16; float32 by default, for training), or
+        "auto" (transformers' default): the config's `dtype`, else the checkpoint's.
       scan_layers: stack layers to [L, ...] and run them with `lax.scan` (fast compile).
       remat: rematerialise each layer in the backward pass, with `remat_policy`.
       compute_dtype: activation dtype (default: `dtype`); bfloat16 on GPU picks cuDNN attention.
@@ -352,7 +389,7 @@ def from_pretrained(
     weights as `quant.QuantizedArray`s, the bytes unchanged: run it through `lj.apply` or
     `quant.apply`.
     """
-    config, state = _read_checkpoint(name_or_path, param_dtype=dtype, compute_dtype=compute_dtype,
+    config, state = _read_checkpoint(name_or_path, revision, param_dtype=dtype, compute_dtype=compute_dtype,
                                      scan_layers=scan_layers, remat=remat, remat_policy=remat_policy,
                                      attention_impl=attention_impl)
     for head, what in HEADS.items():
@@ -362,10 +399,13 @@ def from_pretrained(
     return CausalLM(config), stack_layers(params) if scan_layers else params
 
 
-def _read_checkpoint(name_or_path: str | os.PathLike, **overrides: Any) -> tuple[BaseConfig, dict[str, Any]]:
-    directory = resolve_pretrained_dir(name_or_path)
+def _read_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None,
+                     **overrides: Any) -> tuple[BaseConfig, dict[str, Any]]:
+    directory = resolve_pretrained_dir(name_or_path, revision)
     config = load_config(directory, **overrides)
     state = load_hf_state_dict(directory)
+    if isinstance(overrides.get("param_dtype"), str) and overrides["param_dtype"] == "auto":
+        config = config.replace(param_dtype=auto_dtype(config.hf_config, state))  # the tensors', if config names none
     if is_bnb(state):  # saved by transformers from a bitsandbytes 4- or 8-bit model
         state = from_bnb(state)
     return config, state
@@ -376,6 +416,7 @@ def classifier_from_pretrained(
     *,
     num_labels: int | None = None,
     key: jax.Array | None = None,
+    revision: str | None = None,
     dtype: Any = jnp.float32,
     scan_layers: bool = False,
     remat: bool = False,
@@ -391,14 +432,15 @@ def classifier_from_pretrained(
     The other arguments are `from_pretrained`'s.
     """
     return _with_head(name_or_path, SCORE, lambda config, n: SequenceClassifier(config, n), num_labels, key,
-                      param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat,
-                      remat_policy=remat_policy, attention_impl=attention_impl)
+                      revision=revision, param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                      remat=remat, remat_policy=remat_policy, attention_impl=attention_impl)
 
 
 def question_answering_from_pretrained(
     name_or_path: str | os.PathLike,
     *,
     key: jax.Array | None = None,
+    revision: str | None = None,
     dtype: Any = jnp.float32,
     scan_layers: bool = False,
     remat: bool = False,
@@ -410,8 +452,8 @@ def question_answering_from_pretrained(
     checkpoint saved from `*ForQuestionAnswering` loads its `qa_outputs`, any other gets a new one
     drawn with `key` (default key 0). The other arguments are `from_pretrained`'s."""
     return _with_head(name_or_path, QA_OUTPUTS, lambda config, _: QuestionAnswering(config), 2, key,
-                      param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat,
-                      remat_policy=remat_policy, attention_impl=attention_impl)
+                      revision=revision, param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                      remat=remat, remat_policy=remat_policy, attention_impl=attention_impl)
 
 
 def token_classifier_from_pretrained(
@@ -419,6 +461,7 @@ def token_classifier_from_pretrained(
     *,
     num_labels: int | None = None,
     key: jax.Array | None = None,
+    revision: str | None = None,
     dtype: Any = jnp.float32,
     scan_layers: bool = False,
     remat: bool = False,
@@ -431,14 +474,15 @@ def token_classifier_from_pretrained(
     must match it), any other gets a new one of `num_labels` (default: the config's `id2label`
     count, else 2) drawn with `key` (default key 0). The other arguments are `from_pretrained`'s."""
     return _with_head(name_or_path, CLASSIFIER, lambda config, n: TokenClassifier(config, n), num_labels, key,
-                      param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers, remat=remat,
-                      remat_policy=remat_policy, attention_impl=attention_impl)
+                      revision=revision, param_dtype=dtype, compute_dtype=compute_dtype, scan_layers=scan_layers,
+                      remat=remat, remat_policy=remat_policy, attention_impl=attention_impl)
 
 
-def _with_head(name_or_path, head: str, make, num_outputs: int | None, key: jax.Array | None, **overrides):
+def _with_head(name_or_path, head: str, make, num_outputs: int | None, key: jax.Array | None, *,
+               revision: str | None, **overrides):
     """(model, params) of `make(config, outputs)`, whose params hold the decoder and the task head
     `head`: the checkpoint's own (its rows must be `num_outputs`, if given), or a new one."""
-    config, state = _read_checkpoint(name_or_path, **overrides)
+    config, state = _read_checkpoint(name_or_path, revision, **overrides)
     weight = state.get(f"{head}.weight")
     if isinstance(weight, QuantizedArray):
         raise ValueError(f"{name_or_path}: {head}.weight is stored in {weight.scheme}; only a full-precision head "
@@ -489,11 +533,11 @@ def write_hf_files(directory: Path, config: BaseConfig, state: Mapping[str, np.n
     (directory / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True))
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-    """The checkpoint's tokenizer through `transformers.AutoTokenizer` (same resolution)."""
+def load_tokenizer(name_or_path: str | os.PathLike, revision: str | None = None):
+    """The checkpoint's tokenizer through `transformers.AutoTokenizer` (same resolution, `revision` too)."""
     from transformers import AutoTokenizer
 
-    directory = resolve_pretrained_dir(name_or_path)
+    directory = resolve_pretrained_dir(name_or_path, revision)
     try:
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:  # transformers' messages do not say where it looked
