@@ -1,7 +1,7 @@
 """GPU check of the models' cuDNN attention branch under LoRA, with padding: one factored LoRA
 loss and gradient per model through `attention_impl="cudnn"` against the same through XLA, on
 tiny bf16 GPT-2 and BLOOM configs whose rows are right-padded (the padding reaches cuDNN beside
-the causal flag; BLOOM's ALiBi as a bf16 [B, H, T, S] bias).
+the causal flag; BLOOM's ALiBi folded into 8 more head dims, `models.common.fold_key_bias`).
 
     python -m benchmarks.gpu_check            # on a GPU: cudnn against xla
     python -m benchmarks.gpu_check --impl xla # anywhere: the script itself (xla against xla)

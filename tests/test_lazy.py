@@ -68,15 +68,17 @@ def test_custom_jvp_of_the_kernel_under_grad():
 def test_lora_step_through_the_models_cudnn_attention_branch(arch, cudnn_standin):
     """The GPU bf16 path on CPU: the models' attention_impl="cudnn" branch, with cuDNN's kernel
     stood in for by a custom_vjp around XLA attention (as jax's cuDNN attention is one), takes a
-    factored LoRA training step equal to the merged strategy's; BLOOM's ALiBi arrives as a bf16
-    [B, H, T, S] bias."""
+    factored LoRA training step equal to the merged strategy's and to XLA attention's; BLOOM's
+    ALiBi reaches it folded into 8 more head dims, with no bias tensor."""
     from lora_jax.models import BloomConfig, CausalLM, GPT2Config
 
     seen = []
 
     def check(implementation, q, bias, mask):
-        assert implementation == "cudnn" and mask is None and q.dtype == jnp.bfloat16
-        seen.append(None if bias is None else (bias.dtype, bias.shape[2:]))
+        if implementation == "xla":
+            return
+        assert implementation == "cudnn" and mask is None and bias is None and q.dtype == jnp.bfloat16
+        seen.append(q.shape[-1])
     cudnn_standin(check)
 
     kw = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, param_dtype=jnp.bfloat16,
@@ -93,15 +95,17 @@ def test_lora_step_through_the_models_cudnn_attention_branch(arch, cudnn_standin
                                             for i, x in enumerate(leaves)])
     ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 64)
 
-    def loss_and_grad(strategy):
-        g = lj.apply(model.apply, config, strategy=strategy)
+    def loss_and_grad(strategy, apply=model.apply):
+        g = lj.apply(apply, config, strategy=strategy)
         loss = lambda a: jnp.mean(g(params, a, ids).astype(jnp.float32) ** 2)  # noqa: E731
         return jax.jit(jax.value_and_grad(loss))(adapters)
     (lf, gf), (lm, gm) = loss_and_grad("factored"), loss_and_grad("merged")
-    np.testing.assert_allclose(lf, lm, rtol=2e-2)
-    for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(gm)):
-        np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=0.1, atol=2e-3)
-    assert seen and all(s == (None if arch == "gpt2" else (jnp.bfloat16, (8, 8))) for s in seen)
+    lx, gx = loss_and_grad("factored", CausalLM(cfg.replace(attention_impl="xla")).apply)
+    for l2, g2 in ((lm, gm), (lx, gx)):
+        np.testing.assert_allclose(lf, l2, rtol=2e-2)
+        for u, v in zip(jax.tree.leaves(gf), jax.tree.leaves(g2)):
+            np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32), rtol=0.1, atol=2e-3)
+    assert seen and set(seen) == {cfg.head_dim + (8 if arch == "bloom" else 0)}
 
 
 @pytest.mark.parametrize("pad", [((0, 3), (0, 0)), ((2, 1), (0, 0)), ((0, 0), (1, 2)), ((1, 0), (0, 2))])

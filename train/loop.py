@@ -105,6 +105,34 @@ def row_layout(batch: dict[str, Any]) -> dict[str, Any]:
         {"attention_mask": batch["attention_mask"]}
 
 
+@jax.custom_vjp
+def token_nll(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """-log softmax(logits)[label], in fp32: logits [..., V] in any float dtype (-inf columns
+    allowed), labels [...] int -> [...].
+
+    The log-sum-exp runs in fp32 without an fp32 [..., V] tensor, and the backward is one
+    elementwise pass, (softmax - one_hot(label)) * g in the logits' dtype: autodiff would
+    scatter the label term into a zero [..., V] tensor and add it to the softmax term, two more
+    passes over the largest tensor of the step."""
+    return _nll_fwd(logits, labels)[0]
+
+
+def _nll_fwd(logits: jax.Array, labels: jax.Array):
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [...]
+    gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return lse - gold, (logits, labels, lse)
+
+
+def _nll_bwd(res, g: jax.Array):
+    logits, labels, lse = res
+    hit = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)  # [..., V]
+    p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])  # [..., V], fused into the one pass
+    return ((p - hit) * g[..., None]).astype(logits.dtype), None
+
+
+token_nll.defvjp(_nll_fwd, _nll_bwd)
+
+
 def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[..., tuple]:
     """`loss(params, adapters, batch, rng) -> (sum of token losses, number of target tokens)`.
 
@@ -114,7 +142,7 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
     under the LoRA transform, so an adapted tied embedding acts in the head as well; a packed
     batch's (`data.pack`) mask is None and its `segment_ids=` come as a keyword. Logits
     exist only at `targets` positions per row (those with loss_mask = 1 first), in the compute
-    dtype; only the log-sum-exp runs in fp32. No [B, T, V] fp32 tensor exists.
+    dtype; only the log-sum-exp runs in fp32 (`token_nll`). No [B, T, V] fp32 tensor exists.
     """
     def loss(params, adapters, batch, rng):
         mask, labels, pos = batch["loss_mask"], batch["labels"], None
@@ -125,9 +153,7 @@ def target_loss(logits_fn: Callable[..., jax.Array], targets: int) -> Callable[.
         rows = row_layout(batch)
         logits = logits_fn(params, adapters, batch["input_ids"], rows.pop("attention_mask", None), rng, pos,
                            **rows)  # [B, K, V]
-        lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [B, K]
-        gold = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0].astype(jnp.float32)
-        return jnp.sum((lse - gold) * mask), jnp.sum(mask)
+        return jnp.sum(token_nll(logits, labels) * mask), jnp.sum(mask)  # token_nll: [B, K]
     return loss
 
 

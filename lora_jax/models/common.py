@@ -275,19 +275,31 @@ def _segment_inputs(seg: jax.Array) -> AttnInputs:
 
 
 @functools.cache
-def _cudnn_capable() -> bool:
-    """cuDNN fused attention needs compute capability >= 8.0 (Ampere); a T4 (7.5) gets XLA."""
+def _compute_capability() -> float | None:
     cc = getattr(jax.devices()[0], "compute_capability", None)
     try:
-        return cc is None or float(cc) >= 8.0
+        return None if cc is None else float(cc)
     except (TypeError, ValueError):
-        return True
+        return None
+
+
+def _cudnn_capable() -> bool:
+    """cuDNN fused attention needs compute capability >= 8.0 (Ampere); a T4 (7.5) gets XLA."""
+    cc = _compute_capability()
+    return cc is None or cc >= 8.0
+
+
+def _cudnn_head_dim_max() -> int:
+    """jax's cuDNN attention takes head dims up to 256 from Hopper (9.0) on, else 128."""
+    cc = _compute_capability()
+    return 256 if cc is not None and cc >= 9.0 else 128
 
 
 def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: AttnContext) -> str:
-    """cuDNN flash attention where it applies (GPU, bf16/fp16, head dim <= 128 and a multiple
-    of 8, even lengths when there is a bias or mask), else XLA. Cached decoding uses XLA: one
-    query per step is memory-bound, and cuDNN's fused kernels target training shapes."""
+    """cuDNN flash attention where it applies (GPU, bf16/fp16, head dim a multiple of 8 and, with
+    the FOLD_DIMS a bias adds, at most 128, or 256 from Hopper on; even lengths when there is a
+    bias or mask), else XLA. Cached decoding uses XLA: one query per step is memory-bound, and
+    cuDNN's fused kernels target training shapes."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     biased = ctx.bias is not None or ctx.mask is not None
@@ -296,7 +308,7 @@ def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: Attn
         and _cudnn_capable()
         and dtype in (jnp.bfloat16, jnp.float16)
         and cfg.head_dim % 8 == 0
-        and cfg.head_dim <= 128
+        and cfg.head_dim + (FOLD_DIMS if ctx.bias is not None else 0) <= _cudnn_head_dim_max()
         and ctx.index is None
         and not (biased and (T % 2 or S % 2))
     )
@@ -312,18 +324,45 @@ def attention(
     scale: float | None = None,
 ) -> jax.Array:
     """Multi-head attention. q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]."""
-    T, S = q.shape[1], k.shape[1]
+    T, S, D = q.shape[1], k.shape[1], q.shape[-1]
     impl = _attention_impl(cfg, q.dtype, T, S, ctx)
-    bias = ctx.bias
-    if bias is not None and impl == "cudnn":
-        # cuDNN wants the bias in the input dtype with full [T, S] dims (batch/head may be 1).
-        bias = jnp.broadcast_to(bias, bias.shape[:2] + (T, S)).astype(q.dtype)
+    bias, fold = ctx.bias, ctx.bias is not None and impl == "cudnn"
+    if fold:
+        # A bias given to cuDNN is a [B, H, T, S] tensor in HBM, and jax's cuDNN attention also
+        # computes its gradient; a per-key bias (ALiBi) folds into the dot products instead.
+        scale = D ** -0.5 if scale is None else scale
+        q, k, v = fold_key_bias(q, k, v, bias, scale)  # [..., D + FOLD_DIMS]
+        bias = None
     # Without a cache T == S and the causal flag is exact (the mask, if any, is a subset of it);
     # it lets cuDNN skip the masked blocks. With a cache the mask alone carries causality.
-    return jax.nn.dot_product_attention(
+    out = jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=ctx.mask, scale=scale,
         is_causal=ctx.index is None, implementation=impl,
-    )  # [B, T, H, D]
+    )
+    return out[..., :D] if fold else out  # [B, T, H, D]
+
+
+FOLD_DIMS = 8  # cuDNN takes head dims in multiples of 8; the fold uses 2 of them
+
+
+def fold_key_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                  scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """q [B, T, H, D], k/v [B, S, H, D] and a per-key bias [B|1, H, 1, S] -> q, k, v
+    [..., D + FOLD_DIMS] whose attention at `scale` equals the biased one: q gains (1, 1), k the
+    bias / scale split into a high and a low part in k's dtype (their sum holds it to about 2^-16
+    of its size, closer than the bias itself in bf16), v zeros. The output's last FOLD_DIMS
+    columns are then zero; the extra columns get no gradient back (the bias is a constant)."""
+    B, S, H, D = k.shape
+    x = jnp.swapaxes(bias[:, :, 0, :].astype(jnp.float32), 1, 2) / scale  # [B|1, S, H]
+    hi = x.astype(k.dtype)
+    lo = (x - hi.astype(jnp.float32)).astype(k.dtype)
+    kx = jnp.broadcast_to(jnp.stack([hi, lo], -1), (B, S, H, 2))  # [B, S, H, 2]
+    qx = jnp.ones(q.shape[:3] + (2,), q.dtype)  # [B, T, H, 2]
+    zeros = lambda t: jnp.zeros(t.shape[:3] + (FOLD_DIMS - 2,), t.dtype)  # noqa: E731
+    q = jnp.concatenate([q, qx, zeros(q)], -1)
+    k = jnp.concatenate([k, jax.lax.stop_gradient(kx), zeros(k)], -1)
+    v = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (FOLD_DIMS,), v.dtype)], -1)
+    return q, k, v
 
 
 def update_kv(
