@@ -489,8 +489,14 @@ def skip_reason(spec: Spec, on_cpu_smoke: bool) -> str | None:
     return None
 
 
+# Environment variables that change what a run measures (XLA's passes, the PRNG behind dropout):
+# set ones go into the recorded command.
+SETTINGS_ENV = ("XLA_FLAGS", "JAX_DEFAULT_PRNG_IMPL", "JAX_THREEFRY_PARTITIONABLE")
+
+
 def environment(argv: Sequence[str]) -> dict[str, Any]:
-    """Versions, date and the exact command (no device query: the parent keeps off the GPU)."""
+    """Versions, date and the exact command, prefixed by the SETTINGS_ENV variables set (no device
+    query: the parent keeps off the GPU)."""
     names = ["jax", "jaxlib", "flax", "optax", "quax", "torch", "transformers", "peft", "bitsandbytes"]
     versions = {}
     for n in names:
@@ -500,7 +506,8 @@ def environment(argv: Sequence[str]) -> dict[str, Any]:
             versions[n] = None
     return dict(env=True, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 python=platform.python_version(), host=platform.node(), versions=versions,
-                command="python -m benchmarks.bench " + shlex.join(argv))
+                command=" ".join([f"{k}={shlex.quote(os.environ[k])}" for k in SETTINGS_ENV if os.environ.get(k)]
+                                 + ["python -m benchmarks.bench " + shlex.join(argv)]))
 
 
 def _fmt(x: Any, spec: str) -> str:
@@ -681,6 +688,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         row = run_case(Spec(**json.loads(args.worker)))
         print(RESULT_PREFIX + json.dumps(row), flush=True)
         return [row]
+    env = environment(argv)  # the command as typed, before smoke's own flag below
     if args.smoke and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         # Smoke figures mean nothing, so skip LLVM's optimisation passes: XLA:CPU compiles ~4x
         # faster. Workers inherit it; in a process whose JAX backend already started it is moot.
@@ -690,7 +698,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
         if args.compile_cache:
             enable_compile_cache(args.compile_cache)
-    env = environment(argv)
     rows: list[dict[str, Any]] = []
     if args.from_jsonl:
         commands = []

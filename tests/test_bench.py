@@ -127,6 +127,17 @@ def test_cache_hit_rows_do_not_stand_in_for_the_cold_compile():
     assert "persistent compilation cache hit" in bench.markdown(env, rows)
 
 
+def test_recorded_command_names_the_settings_it_ran_under(monkeypatch):
+    monkeypatch.delenv("JAX_DEFAULT_PRNG_IMPL", raising=False)
+    monkeypatch.delenv("JAX_THREEFRY_PARTITIONABLE", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION,CUBLAS")
+    assert bench.environment(["--models", "gpt2"])["command"] == (
+        "XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS python -m benchmarks.bench --models gpt2")
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAX_DEFAULT_PRNG_IMPL", "unsafe_rbg")
+    assert bench.environment([])["command"] == "JAX_DEFAULT_PRNG_IMPL=unsafe_rbg python -m benchmarks.bench "
+
+
 def test_a_remat_or_scan_row_does_not_stand_in_for_the_default_step():
     base = dict(model="gpt2", batch=16, seq=1024, loss_tokens=1024, smoke=False, layers="unrolled", remat=None,
                 peak_mem_gib=7.0, device="NVIDIA H100 80GB HBM3")
