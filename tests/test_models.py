@@ -596,8 +596,16 @@ def test_key_bias_folded_into_the_head_dims():
 
     bf = [x.astype(jnp.bfloat16) for x in (q, k, v)]
     exact = attend(*[x.astype(jnp.float32) for x in bf], bias)
-    err = lambda y: float(jnp.max(jnp.abs(y.astype(jnp.float32) - exact)))  # noqa: E731
+    err = lambda y: np.max(np.abs(np.asarray(y, np.float32) - np.asarray(exact)))  # noqa: E731 (numpy: NaN counts)
     assert err(folded(*bf)) < 0.5 * err(attend(*bf, bias.astype(jnp.bfloat16)))
+
+    # fp16, with bias / scale past fp16's range (as ALiBi over a long context gets): still close
+    bias = bias * 100  # up to 12775; / scale ~ 1e5 > 65504
+    h = [x.astype(jnp.float16) for x in (q, k, v)]
+    exact = attend(*[x.astype(jnp.float32) for x in h], bias)
+    assert err(folded(*h)) < 0.01
+    with pytest.raises(ValueError, match=r"per-key bias \[B\|1, 4, 1, 512\], got \(2, 4, 512, 512\)"):
+        fold_key_bias(q, k, v, jnp.broadcast_to(bias, (B, H, T, T)), scale)
 
 
 def test_auto_dtype():

@@ -348,19 +348,26 @@ FOLD_DIMS = 8  # cuDNN takes head dims in multiples of 8; the fold uses 2 of the
 def fold_key_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                   scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q [B, T, H, D], k/v [B, S, H, D] and a per-key bias [B|1, H, 1, S] -> q, k, v
-    [..., D + FOLD_DIMS] whose attention at `scale` equals the biased one: q gains (1, 1), k the
-    bias / scale split into a high and a low part in k's dtype (their sum holds it to about 2^-16
-    of its size, closer than the bias itself in bf16), v zeros. The output's last FOLD_DIMS
-    columns are then zero; the extra columns get no gradient back (the bias is a constant)."""
+    [..., D + FOLD_DIMS] whose attention at `scale` equals the biased one.
+
+    x = bias / scale is split as r * (hi + lo): r a power of two near sqrt(max |x|), so that
+    neither factor overflows fp16, and hi, lo the high and low parts of x / r in k's dtype (their
+    sum holds it to about 2^-16 of its size, closer than the bias itself in bf16). q gains (r, r),
+    k (hi, lo), v zeros: the output's last FOLD_DIMS columns are zero, and the extra columns get
+    no gradient back (the bias is a constant)."""
     B, S, H, D = k.shape
-    x = jnp.swapaxes(bias[:, :, 0, :].astype(jnp.float32), 1, 2) / scale  # [B|1, S, H]
+    if bias.ndim != 4 or bias.shape[2] != 1 or bias.shape[1] != H or bias.shape[3] != S:
+        raise ValueError(f"fold_key_bias takes a per-key bias [B|1, {H}, 1, {S}], got {bias.shape}")
+    x = jax.lax.stop_gradient(jnp.swapaxes(bias[:, :, 0, :].astype(jnp.float32), 1, 2) / scale)  # [B|1, S, H]
+    r = jnp.exp2(jnp.ceil(0.5 * jnp.log2(jnp.maximum(jnp.max(jnp.abs(x)), 1.0))))  # scalar power of two
+    x = x / r
     hi = x.astype(k.dtype)
     lo = (x - hi.astype(jnp.float32)).astype(k.dtype)
     kx = jnp.broadcast_to(jnp.stack([hi, lo], -1), (B, S, H, 2))  # [B, S, H, 2]
-    qx = jnp.ones(q.shape[:3] + (2,), q.dtype)  # [B, T, H, 2]
+    qx = jnp.broadcast_to(r.astype(q.dtype), q.shape[:3] + (2,))  # [B, T, H, 2]
     zeros = lambda t: jnp.zeros(t.shape[:3] + (FOLD_DIMS - 2,), t.dtype)  # noqa: E731
     q = jnp.concatenate([q, qx, zeros(q)], -1)
-    k = jnp.concatenate([k, jax.lax.stop_gradient(kx), zeros(k)], -1)
+    k = jnp.concatenate([k, kx, zeros(k)], -1)
     v = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (FOLD_DIMS,), v.dtype)], -1)
     return q, k, v
 
