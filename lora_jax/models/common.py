@@ -350,21 +350,22 @@ def fold_key_bias(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
     """q [B, T, H, D], k/v [B, S, H, D] and a per-key bias [B|1, H, 1, S] -> q, k, v
     [..., D + FOLD_DIMS] whose attention at `scale` equals the biased one.
 
-    x = bias / scale is split as r * (hi + lo): r a power of two near sqrt(max |x|), so that
-    neither factor overflows fp16, and hi, lo the high and low parts of x / r in k's dtype (their
-    sum holds it to about 2^-16 of its size, closer than the bias itself in bf16). q gains (r, r),
-    k (hi, lo), v zeros: the output's last FOLD_DIMS columns are zero, and the extra columns get
-    no gradient back (the bias is a constant)."""
+    x = bias / scale is split as r * (hi + lo): r a power of two near sqrt(max |x|) over each
+    row's and head's keys (a reduction over S alone, so no collective when the batch is sharded),
+    so that neither factor overflows fp16, and hi, lo the high and low parts of x / r in k's dtype
+    (their sum holds it to about 2^-16 of its size, closer than the bias itself in bf16). q gains
+    (r, r), k (hi, lo), v zeros: the output's last FOLD_DIMS columns are zero, and the extra
+    columns get no gradient back (the bias is a constant)."""
     B, S, H, D = k.shape
     if bias.ndim != 4 or bias.shape[2] != 1 or bias.shape[1] != H or bias.shape[3] != S:
         raise ValueError(f"fold_key_bias takes a per-key bias [B|1, {H}, 1, {S}], got {bias.shape}")
     x = jax.lax.stop_gradient(jnp.swapaxes(bias[:, :, 0, :].astype(jnp.float32), 1, 2) / scale)  # [B|1, S, H]
-    r = jnp.exp2(jnp.ceil(0.5 * jnp.log2(jnp.maximum(jnp.max(jnp.abs(x)), 1.0))))  # scalar power of two
-    x = x / r
+    r = jnp.exp2(jnp.ceil(0.5 * jnp.log2(jnp.maximum(jnp.max(jnp.abs(x), axis=1, keepdims=True), 1.0))))
+    x = x / r  # r: [B|1, 1, H], powers of two
     hi = x.astype(k.dtype)
     lo = (x - hi.astype(jnp.float32)).astype(k.dtype)
     kx = jnp.broadcast_to(jnp.stack([hi, lo], -1), (B, S, H, 2))  # [B, S, H, 2]
-    qx = jnp.broadcast_to(r.astype(q.dtype), q.shape[:3] + (2,))  # [B, T, H, 2]
+    qx = jnp.broadcast_to(r[..., None].astype(q.dtype), q.shape[:3] + (2,))  # [B, T, H, 2]
     zeros = lambda t: jnp.zeros(t.shape[:3] + (FOLD_DIMS - 2,), t.dtype)  # noqa: E731
     q = jnp.concatenate([q, qx, zeros(q)], -1)
     k = jnp.concatenate([k, kx, zeros(k)], -1)

@@ -139,6 +139,11 @@ def auto_dtype(hf: Mapping[str, Any], state: Mapping[str, Any] | None = None) ->
     return jnp.dtype(jnp.float32)
 
 
+def _auto(overrides: Mapping[str, Any]) -> bool:
+    """Whether `param_dtype="auto"` was asked for (a dtype object is never compared to a string)."""
+    return isinstance(overrides.get("param_dtype"), str) and overrides["param_dtype"] == "auto"
+
+
 def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, revision: str | None = None,
                 **overrides: Any) -> BaseConfig:
     """Config from a `config.json` dict, a file, a checkpoint directory or a hub id (at `revision`).
@@ -161,7 +166,7 @@ def load_config(path_or_dict: str | os.PathLike | Mapping[str, Any], *, revision
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {sorted(CONFIG_CLASSES)}"
         )
-    if isinstance(overrides.get("param_dtype"), str) and overrides["param_dtype"] == "auto":
+    if _auto(overrides):
         overrides["param_dtype"] = auto_dtype(hf)
     return CONFIG_CLASSES[model_type].from_hf(hf, **overrides)
 
@@ -404,7 +409,7 @@ def _read_checkpoint(name_or_path: str | os.PathLike, revision: str | None = Non
     directory = resolve_pretrained_dir(name_or_path, revision)
     config = load_config(directory, **overrides)
     state = load_hf_state_dict(directory)
-    if isinstance(overrides.get("param_dtype"), str) and overrides["param_dtype"] == "auto":
+    if _auto(overrides):
         config = config.replace(param_dtype=auto_dtype(config.hf_config, state))  # the tensors', if config names none
     if is_bnb(state):  # saved by transformers from a bitsandbytes 4- or 8-bit model
         state = from_bnb(state)
