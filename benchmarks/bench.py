@@ -31,8 +31,9 @@ weights in 4-bit NF4 (`qlora`: `lora_jax.quant`; `peft-qlora`: transformers' bit
 `load_in_8bit` model).
 
 FLOPs per token (MFU): LoRA 4*N + attention, full fine-tuning 6*N + attention, where N counts
-the layer matmul weights plus the LM head (the head only at loss positions in SQuAD-shaped
-cases; adapters ignored) and attention is 3 * 4*L*T*D (QK^T and AV, forward + backward), as
+the layer matmul weights plus the LM head (in SQuAD-shaped cases the head and the last layer's
+attention, output and MLP products only at loss positions: the work the loss needs, for every
+framework; adapters ignored) and attention is 3 * 4*L*T*D (QK^T and AV, forward + backward), as
 `shared/bench/peft_anchor.py` counts. Peak: `--peak-tflops`, else a table by device kind.
 
 Compile time: `compile_s` is trace + lower + XLA compile. `--compile-cache DIR` turns on JAX's
@@ -151,15 +152,24 @@ def model_config(spec: Spec, *, param_dtype: Any = "float32", compute_dtype: Any
                       scan_layers=spec.scan, remat=remat, remat_policy=policy)
 
 
+def _trimmed(cfg: Any, loss_fraction: float) -> float:
+    """The share of the last layer's tokens whose output and MLP products and attention no loss
+    needs: those outside it (`CausalLM.apply(positions=)` skips them with unrolled layers)."""
+    return 0.0 if cfg.num_layers == 0 else 1.0 - loss_fraction
+
+
 def matmul_params(cfg: Any, loss_fraction: float = 1.0) -> float:
-    """N: layer matmul weights (QKV, out, MLP in/out) + LM head at the loss positions."""
+    """N per token: layer matmul weights (QKV, out, MLP in/out) + the LM head at the loss positions,
+    less the last layer's out and MLP weights at the other positions (`_trimmed`)."""
     d, f = cfg.hidden_size, cfg.intermediate_size
-    return cfg.num_layers * (4 * d * d + 2 * d * f) + cfg.vocab_size * d * loss_fraction
+    layers = cfg.num_layers * (4 * d * d + 2 * d * f) - (d * d + 2 * d * f) * _trimmed(cfg, loss_fraction)
+    return layers + cfg.vocab_size * d * loss_fraction
 
 
 def flops_per_token(cfg: Any, seq: int, *, full: bool, loss_fraction: float = 1.0) -> float:
-    """Model FLOPs per trained token: (6 if full else 4) * N + 3 * 4*L*T*D attention."""
-    attention = 3 * 4 * cfg.num_layers * seq * cfg.hidden_size
+    """Model FLOPs per trained token: (6 if full else 4) * N + 3 * 4*L*T*D attention (the last
+    layer's at the loss positions only, as its MLP)."""
+    attention = 3 * 4 * (cfg.num_layers - _trimmed(cfg, loss_fraction)) * seq * cfg.hidden_size
     return (6 if full else 4) * matmul_params(cfg, loss_fraction) + attention
 
 

@@ -201,7 +201,8 @@ class LoraArray(StackedFactors):
             lead = m.reshape(-1)
         else:
             raise ValueError(f"lora_mask {tuple(m.shape)} does not line up with the tokens of the input of "
-                             f"{self.name!r} (its free dims {tuple(x_free)}): pass [batch, tokens] of that input")
+                             f"{self.name!r} (its free dims {tuple(x_free)}): pass [batch, tokens] of that input, "
+                             "and run every layer on all tokens (CausalLM.apply with positions=: trim_last_layer=False)")
         return lead.reshape((1,) * before + lead.shape + (1,) * (len(x_free) - lead.ndim + after))
 
 

@@ -538,6 +538,68 @@ def test_hub_cache_layout_offline(ckpt, tmp_path, monkeypatch):
         from_pretrained(snap, revision="v2")
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_positions_run_the_last_layer_on_their_rows_only(ckpt, arch):
+    """`positions` [B, K] (the loss's rows, a classifier's pooled row, a prefill's last token): the
+    last layer runs its queries, MLP and output on those K rows alone, with the outputs, the cache
+    and a LoRA loss's adapter gradients of the full forward, over left padding and packed rows (a
+    scanned stack takes the rows after its last layer: the scanned generation tests); the compiled
+    step skips the last layer's per-row work for the other T - K."""
+    import lora_jax as lj
+    from train.loop import target_loss
+
+    model, params = jax_model(ckpt[arch])
+    cfg = model.config
+    ids, mask = batch(pad_id=3)
+    pos = jnp.asarray([[9, 4], [9, 5], [7, 8]])  # [B, K=2] real tokens of each row
+    seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10, [1] * 8 + [0] * 2])
+    full, hidden = jax.jit(lambda p: (model.apply(p, ids, mask), model.apply(p, ids, segment_ids=seg,
+                                                                             return_hidden=True)))(params)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def trimmed(p, trim):
+        logits = model.apply(p, ids, mask, positions=pos, trim_last_layer=trim)  # [B, K, V]
+        packed = model.apply(p, ids, segment_ids=seg, positions=pos, return_hidden=True, trim_last_layer=trim)
+        last, cache = model.apply(p, ids, mask, cache=model.init_cache(3, T + 2), positions=pos[:, :1],
+                                  trim_last_layer=trim)
+        return logits, packed, last, cache
+
+    (logits, packed, last, cache), untrimmed = trimmed(params, True), trimmed(params, False)
+    np.testing.assert_allclose(logits, take_along(full, pos), atol=TOL, rtol=0)
+    np.testing.assert_allclose(packed, take_along(hidden, pos), atol=TOL, rtol=0)
+    np.testing.assert_allclose(last, take_along(full, pos[:, :1]), atol=TOL, rtol=0)
+    for u, v in zip(jax.tree.leaves((logits, packed, last, cache)), jax.tree.leaves(untrimmed)):
+        np.testing.assert_allclose(u, v, atol=TOL, rtol=0)  # the cache's keys and values: every row
+
+    # A LoRA loss on K rows: the adapter gradients of the untrimmed step, and fewer FLOPs: at
+    # least the last layer's output projection and MLP on the B * (T - K) other rows, forward.
+    mlp = "c_fc" if arch == "gpt2" else "dense_h_to_4h"
+    lora = lj.LoraConfig(rank=2, alpha=4, targets=[mlp, "c_attn" if arch == "gpt2" else "query_key_value"])
+    adapters = jax.tree.map(lambda x: x + 0.1, lj.init(lora, params, jax.random.key(0)))
+    g = lj.apply(model.apply, lora)
+    loss_batch = dict(input_ids=ids, attention_mask=mask, labels=np.roll(ids, -1, 1),
+                      loss_mask=np.zeros(ids.shape, np.float32) + (np.arange(T) >= T - 2))
+
+    def grad_fn(trim):
+        loss = target_loss(lambda p, a, i, m, rng, k: g(p, a, i, m, positions=k, trim_last_layer=trim), 2)
+        return jax.jit(jax.grad(lambda a: loss(params, a, loss_batch, None)[0]))
+
+    (g1, c1), (g2, c2) = ((f(adapters), f.lower(adapters).compile().cost_analysis()["flops"])
+                          for f in (grad_fn(True), grad_fn(False)))
+    for u, v in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(u, v, atol=1e-5, rtol=1e-4)
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    assert c2 - c1 >= 2 * len(PADS) * (T - 2) * (D * D + 2 * D * F)
+    with pytest.raises(ValueError, match="trim_last_layer=False"):  # aLoRA's per-token mask spans all T
+        g(params, adapters, ids, mask, positions=pos, lora_mask=np.ones(ids.shape, bool))
+    assert g(params, adapters, ids, mask, positions=pos, lora_mask=np.ones(ids.shape, bool),
+             trim_last_layer=False).shape == logits.shape
+
+
+def take_along(x: jax.Array, pos: jax.Array) -> np.ndarray:
+    return np.asarray(jnp.take_along_axis(x, pos[..., None], axis=1))
+
+
 def test_token_nll_is_autodiffs_loss_in_one_backward_pass():
     """`train.loop.token_nll` (the job's and the benchmark's per-token loss) has autodiff's value and
     gradient, in fp32 and bf16, with -inf padding columns; its backward is one elementwise pass:

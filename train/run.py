@@ -399,8 +399,9 @@ def lora_logits(model, lora: lj.LoraConfig) -> Callable[..., jax.Array]:
 
     def logits(p, a, ids, mask, rng, pos, **rows):
         tokens = None if lora.alora_invocation_tokens is None else lj.alora_mask(lora, ids, **rows)
+        # aLoRA's mask spans all T tokens of every adapted layer: no layer may run on fewer
         return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None, lora_mask=tokens,
-                 vocab_multiple=VOCAB_MULTIPLE, **rows)
+                 vocab_multiple=VOCAB_MULTIPLE, trim_last_layer=tokens is None, **rows)
     return logits
 
 

@@ -41,6 +41,7 @@ from lora_jax.models.common import (
     hf_get,
     layer_norm,
     run_layers,
+    take_rows,
     update_kv,
 )
 
@@ -166,9 +167,11 @@ class BloomAttention(nn.Module):
         qkv = dense(cfg, 3 * D, "query_key_value")(x)  # [B, T, 3D], columns (H, 3, Dh)
         qkv = qkv.reshape(B, T, H, 3, Dh)  # [B, T, H, 3, Dh]
         q, k, v = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]  # [B, T, H, Dh]
+        if ctx.queries is not None:
+            q = take_rows(q, ctx.queries)  # [B, K, H, Dh]
         k, v, new_kv = update_kv(kv, k, v, ctx.index)  # [B, S, H, Dh]
-        y = attention(cfg, q, k, v, ctx)  # [B, T, H, Dh]
-        return dense(cfg, D, "dense")(y.reshape(B, T, D)), new_kv  # [B, T, D]
+        y = attention(cfg, q, k, v, ctx)  # [B, T|K, H, Dh]
+        return dense(cfg, D, "dense")(y.reshape(B, -1, D)), new_kv  # [B, T|K, D]
 
 
 class BloomMLP(nn.Module):
@@ -194,29 +197,31 @@ class BloomBlock(nn.Module):
         post_ln = cfg.apply_residual_connection_post_layernorm
         h = layer_norm(cfg, "input_layernorm")(x)
         a, new_kv = BloomAttention(cfg, self.deterministic, name="self_attention")(h, kv, ctx)
-        x = (h if post_ln else x) + drop(a)
+        x = h if post_ln else x
+        x = (x if ctx.queries is None else take_rows(x, ctx.queries)) + drop(a)  # [B, T|K, D]
         h = layer_norm(cfg, "post_attention_layernorm")(x)
         x = (h if post_ln else x) + drop(BloomMLP(cfg, name="mlp")(h))
         return x, new_kv
 
 
 class BloomTransformer(nn.Module):
-    """Embeddings + embedding LayerNorm, blocks, final LayerNorm -> hidden [B, T, D]."""
+    """Embeddings + embedding LayerNorm, blocks, final LayerNorm -> hidden [B, T, D], or [B, K, D]
+    at `queries` [B, K] (and the new cache)."""
 
     config: BloomConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None, queries=None):
         cfg = self.config
         B, T = input_ids.shape
         inp = attention_inputs(attention_mask, cache, B, T, segment_ids)
         x = embed(cfg, cfg.vocab_size, "word_embeddings")(input_ids).astype(cfg.dtype)  # [B, T, D]
         x = layer_norm(cfg, "word_embeddings_layernorm")(x)
         kv = None if cache is None else (cache["k"], cache["v"])
-        ctx = AttnContext(inp.mask, alibi_bias(cfg.num_heads, inp.key_positions), inp.index)
+        ctx = AttnContext(inp.mask, alibi_bias(cfg.num_heads, inp.key_positions), inp.index, queries)
         x, new_kv = run_layers(BloomBlock, cfg, self.deterministic, x, kv, ctx)
-        x = layer_norm(cfg, "ln_f")(x)  # [B, T, D]
+        x = layer_norm(cfg, "ln_f")(x)  # [B, T|K, D]
         if cache is None:
             return x, None
         return x, dict(k=new_kv[0], v=new_kv[1], mask=inp.key_mask, index=cache["index"] + T)

@@ -212,6 +212,14 @@ class AttnContext(NamedTuple):
     mask: jax.Array | None  # [B, 1, T, S] bool (causal & padding); None = causal only (T == S)
     bias: jax.Array | None  # [B|1, H, 1, S] additive (ALiBi) or None
     index: jax.Array | None  # int32 scalar: cache slot of the first new token; None = no cache
+    # [B, K] indices of the tokens whose output the caller keeps (`CausalLM.apply`'s positions):
+    # the last layer computes its queries, MLP and output there only (its keys and values at all T).
+    queries: jax.Array | None = None
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x [B, T, ...] at token indices rows [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, rows.reshape(rows.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
 class AttnInputs(NamedTuple):
@@ -299,7 +307,10 @@ def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: Attn
     """cuDNN flash attention where it applies (GPU, bf16/fp16, head dim a multiple of 8 and, with
     the FOLD_DIMS a bias adds, at most 128, or 256 from Hopper on; even lengths when there is a
     bias or mask), else XLA. Cached decoding uses XLA: one query per step is memory-bound, and
-    cuDNN's fused kernels target training shapes."""
+    cuDNN's fused kernels target training shapes; so does a layer that keeps only some queries,
+    whatever `attention_impl` says (its K queries against S keys take a mask of their own)."""
+    if ctx.queries is not None:  # a few queries (the loss's rows) against all keys: a small product
+        return "xla"
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
     biased = ctx.bias is not None or ctx.mask is not None
@@ -323,10 +334,14 @@ def attention(
     ctx: AttnContext,
     scale: float | None = None,
 ) -> jax.Array:
-    """Multi-head attention. q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]."""
+    """Multi-head attention. q [B, T, H, D], k/v [B, S, H, D] -> [B, T, H, D]; with
+    `ctx.queries` [B, K] q holds those K tokens only (q [B, K, H, D] -> [B, K, H, D])."""
     T, S, D = q.shape[1], k.shape[1], q.shape[-1]
     impl = _attention_impl(cfg, q.dtype, T, S, ctx)
-    bias, fold = ctx.bias, ctx.bias is not None and impl == "cudnn"
+    bias, fold, mask = ctx.bias, ctx.bias is not None and impl == "cudnn", ctx.mask
+    if ctx.queries is not None:  # the kept queries' rows of the mask; causal by their token index
+        rows = ctx.queries[:, None, :, None]  # [B, 1, K, 1]
+        mask = rows >= jnp.arange(S) if mask is None else jnp.take_along_axis(mask, rows, axis=2)  # [B, 1, K, S]
     if fold:
         # A bias given to cuDNN is a [B, H, T, S] tensor in HBM, and jax's cuDNN attention also
         # computes its gradient; a per-key bias (ALiBi) folds into the dot products instead.
@@ -336,8 +351,8 @@ def attention(
     # Without a cache T == S and the causal flag is exact (the mask, if any, is a subset of it);
     # it lets cuDNN skip the masked blocks. With a cache the mask alone carries causality.
     out = jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=ctx.mask, scale=scale,
-        is_causal=ctx.index is None, implementation=impl,
+        q, k, v, bias=bias, mask=mask, scale=scale,
+        is_causal=ctx.index is None and ctx.queries is None, implementation=impl,
     )
     return out[..., :D] if fold else out  # [B, T, H, D]
 
@@ -394,9 +409,11 @@ class _Unrolled(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv, ctx):
+        last = self.config.num_layers - 1
         for i in range(self.config.num_layers):
             layer_kv = None if kv is None else (kv[0][i], kv[1][i])  # [B, S, H, D]
-            x, new = self.block(self.config, self.deterministic, name=str(i))(x, layer_kv, ctx)
+            layer_ctx = ctx if i == last else ctx._replace(queries=None)  # only the last trims its rows
+            x, new = self.block(self.config, self.deterministic, name=str(i))(x, layer_kv, layer_ctx)
             if kv is not None:
                 # Write back slice by slice (an in-place update for XLA) rather than re-stacking
                 # the whole [L, B, S, H, D] cache every decoding step.
@@ -414,8 +431,11 @@ def run_layers(
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Run the decoder stack as submodule `h` of the calling compact module.
 
-    `block(config, deterministic)` maps `(x, layer_kv, ctx) -> (x, new_layer_kv)`.
-    kv: cache keys/values [L, B, S, H, D] or None.
+    `block(config, deterministic)` maps `(x, layer_kv, ctx) -> (x, new_layer_kv)`, x [B, T, D]
+    -> [B, K, D] when `ctx.queries` [B, K] is set. kv: cache keys/values [L, B, S, H, D] or None.
+    Returns x [B, K, D] at `ctx.queries` if set, else [B, T, D]: unrolled, the last layer runs
+    its queries, MLP and output on those rows alone; scanned (one body for every layer), all rows
+    run and the kept ones are taken at the end.
     """
     if cfg.remat:
         policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
@@ -429,7 +449,10 @@ def run_layers(
             in_axes=(0, nn.broadcast),
             length=cfg.num_layers,
         )
-        return scanned(cfg, deterministic, name="h")(x, kv, ctx)
+        x, kv = scanned(cfg, deterministic, name="h")(x, kv, ctx._replace(queries=None))
+        return (x if ctx.queries is None else take_rows(x, ctx.queries)), kv
+    if cfg.num_layers == 0 and ctx.queries is not None:
+        x = take_rows(x, ctx.queries)  # [B, K, D]
     return _Unrolled(block, cfg, deterministic, name="h")(x, kv, ctx)
 
 
@@ -499,6 +522,7 @@ class CausalLM:
         rng: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         vocab_multiple: int = 1,
+        trim_last_layer: bool = True,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         """Forward pass.
 
@@ -511,7 +535,9 @@ class CausalLM:
           return_hidden: return final layer-normed hidden states [B, T, D] instead of logits.
           positions: [B, K] int indices into the T tokens: the output only there ([B, K, V] or
             [B, K, D]). The LM head then runs on K rows per sequence, not T, and, since it runs
-            inside `apply`, a LoRA wrapper adapts it with the tied embedding.
+            inside `apply`, a LoRA wrapper adapts it with the tied embedding. With K < T and
+            unrolled layers the last layer, too, runs its queries, MLP and output on those K rows
+            (its keys and values, and the cache, on all T): nothing there reaches other rows.
           deterministic: False enables dropout (needs `rng`); attention dropout is not applied.
           rng: PRNG key for dropout.
           segment_ids: [B, T] int, instead of `attention_mask`, for packed rows: several sequences
@@ -520,6 +546,8 @@ class CausalLM:
             of its own row. Not with a cache.
           vocab_multiple: pad the logits' last axis to a multiple of this, the extra columns
             -inf (see `logits`): for a training loss, which they leave unchanged.
+          trim_last_layer: False runs the last layer on all T rows before taking `positions`,
+            for a per-token input of the wrapped layers that spans all T (aLoRA's `lora_mask`).
         Returns:
           logits [B, T, V] in the compute dtype (or hidden), and the new cache if one was given.
         """
@@ -540,11 +568,13 @@ class CausalLM:
             bad = ids.min() if ids.min() < 0 else ids.max()
             raise ValueError(f"token id {bad} is outside the vocabulary of {self.config.vocab_size} tokens")
         rngs = None if deterministic else {"dropout": rng}
+        trim = positions is not None and trim_last_layer and positions.shape[1] < input_ids.shape[1]
         hidden, new_cache = self.config.make_module(deterministic).apply(
-            {"params": params["transformer"]}, input_ids, attention_mask, cache, segment_ids, rngs=rngs
-        )
-        if positions is not None:
-            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [B, K, D]
+            {"params": params["transformer"]}, input_ids, attention_mask, cache, segment_ids,
+            positions if trim else None, rngs=rngs,
+        )  # [B, K, D] when trimmed, else [B, T, D]
+        if positions is not None and not trim:
+            hidden = take_rows(hidden, positions)  # [B, K, D]
         out = hidden if return_hidden else self.logits(params, hidden, vocab_multiple)
         return out if cache is None else (out, new_cache)
 

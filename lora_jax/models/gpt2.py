@@ -36,6 +36,7 @@ from lora_jax.models.common import (
     layer_norm,
     longest_row,
     run_layers,
+    take_rows,
     update_kv,
 )
 
@@ -152,10 +153,12 @@ class GPT2Attention(nn.Module):
         qkv = dense(cfg, 3 * D, "c_attn")(x)  # [B, T, 3D], columns [q | k | v]
         qkv = qkv.reshape(B, T, 3, H, Dh)  # [B, T, 3, H, Dh]
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+        if ctx.queries is not None:
+            q = take_rows(q, ctx.queries)  # [B, K, H, Dh]
         k, v, new_kv = update_kv(kv, k, v, ctx.index)  # [B, S, H, Dh]
         scale = None if cfg.scale_attn_weights else 1.0  # None: 1/sqrt(Dh)
-        y = attention(cfg, q, k, v, ctx, scale=scale)  # [B, T, H, Dh]
-        y = dense(cfg, D, "c_proj")(y.reshape(B, T, D))  # [B, T, D]
+        y = attention(cfg, q, k, v, ctx, scale=scale)  # [B, T|K, H, Dh]
+        y = dense(cfg, D, "c_proj")(y.reshape(B, -1, D))  # [B, T|K, D]
         y = nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)(y)
         return y, new_kv
 
@@ -182,7 +185,7 @@ class GPT2Block(nn.Module):
     def __call__(self, x, kv, ctx: AttnContext):
         cfg, det = self.config, self.deterministic
         a, new_kv = GPT2Attention(cfg, det, name="attn")(layer_norm(cfg, "ln_1")(x), kv, ctx)
-        x = x + a
+        x = (x if ctx.queries is None else take_rows(x, ctx.queries)) + a  # [B, T|K, D]
         x = x + GPT2MLP(cfg, det, name="mlp")(layer_norm(cfg, "ln_2")(x))
         return x, new_kv
 
@@ -198,13 +201,14 @@ def _check_positions(limit: int, length: int, attention_mask: jax.Array | None) 
 
 
 class GPT2Transformer(nn.Module):
-    """Embeddings, blocks, final LayerNorm -> hidden [B, T, D] (and the new cache)."""
+    """Embeddings, blocks, final LayerNorm -> hidden [B, T, D], or [B, K, D] at `queries` [B, K]
+    (and the new cache)."""
 
     config: GPT2Config
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None):
+    def __call__(self, input_ids, attention_mask=None, cache=None, segment_ids=None, queries=None):
         cfg = self.config
         B, T = input_ids.shape
         if cache is None and segment_ids is None and T > cfg.max_position_embeddings:
@@ -219,9 +223,9 @@ class GPT2Transformer(nn.Module):
         x = x + embed(cfg, cfg.max_position_embeddings, "wpe")(inp.positions)  # [B, T, D]
         x = nn.Dropout(cfg.embd_pdrop, deterministic=self.deterministic)(x.astype(cfg.dtype))
         kv = None if cache is None else (cache["k"], cache["v"])
-        ctx = AttnContext(inp.mask, None, inp.index)
+        ctx = AttnContext(inp.mask, None, inp.index, queries)
         x, new_kv = run_layers(GPT2Block, cfg, self.deterministic, x, kv, ctx)
-        x = layer_norm(cfg, "ln_f")(x)  # [B, T, D]
+        x = layer_norm(cfg, "ln_f")(x)  # [B, T|K, D]
         if cache is None:
             return x, None
         return x, dict(k=new_kv[0], v=new_kv[1], mask=inp.key_mask, index=cache["index"] + T)
