@@ -454,7 +454,9 @@ def apply(f: Callable[..., Any], config: LoraConfig, *, strategy: str = "factore
     `quant.quantize` (QLoRA): adapted or not, they dequantize inside their own matmuls.
     `lora_mask` ([B, T] bools over the tokens of the adapted layers' inputs) limits the LoRA path
     to those tokens, the others computing exactly what the base model does; aLoRA configs
-    (`alora_invocation_tokens`) need it: `alora_mask(config, input_ids)`.
+    (`alora_invocation_tokens`) need it: `alora_mask(config, input_ids)`. Every adapted layer
+    must then see all T tokens: with `CausalLM.apply(..., positions=)` (as `generate`'s prefill
+    passes it) also pass `trim_last_layer=False`.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown LoRA strategy {strategy!r}; expected one of {STRATEGIES}")

@@ -999,7 +999,9 @@ def test_alora_through_the_cli(tiny_gpt2_dir, tmp_path, capsys):
     data = tiny_squad(tmp_path / "squad.json")
     out = tmp_path / "alora"
     template = ["--prompt-template", "Question: {question}\\nContext: {context}\\nAnswer:"]  # as typed in a shell
-    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--alora", *template)) == 0
+    # the MLP too: its last layer's input spans every token, in training and in the prefill
+    assert squad.main(cli_args(tiny_gpt2_dir, data, out, "--steps", "2", "--no-base-eval", "--alora", *template,
+                               "--targets", "c_attn,c_fc")) == 0
     capsys.readouterr()
     peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
     marker = peft_cfg["alora_invocation_tokens"]

@@ -769,8 +769,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # pa = (params, adapters): the adapters are arguments of the compiled scoring, so another adapter
         # reuses it (closed over, they would be baked in as constants and each would compile anew)
         if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
-            # (check_invocation made sure every prompt holds it)
+            # (check_invocation made sure every prompt holds it); the mask spans all T in every layer
             k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
+            k["trim_last_layer"] = False
         return g(*pa, ids, *a, **k)
     if adapters is not None:
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
