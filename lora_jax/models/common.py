@@ -213,7 +213,8 @@ class AttnContext(NamedTuple):
     bias: jax.Array | None  # [B|1, H, 1, S] additive (ALiBi) or None
     index: jax.Array | None  # int32 scalar: cache slot of the first new token; None = no cache
     # [B, K] indices of the tokens whose output the caller keeps (`CausalLM.apply`'s positions):
-    # the last layer computes its queries, MLP and output there only (its keys and values at all T).
+    # the last layer runs attention for those queries and its output and MLP on those rows only
+    # (its QKV projection, keys and values on all T).
     queries: jax.Array | None = None
 
 
@@ -307,8 +308,8 @@ def _attention_impl(cfg: BaseConfig, dtype: jnp.dtype, T: int, S: int, ctx: Attn
     """cuDNN flash attention where it applies (GPU, bf16/fp16, head dim a multiple of 8 and, with
     the FOLD_DIMS a bias adds, at most 128, or 256 from Hopper on; even lengths when there is a
     bias or mask), else XLA. Cached decoding uses XLA: one query per step is memory-bound, and
-    cuDNN's fused kernels target training shapes; so does a layer that keeps only some queries,
-    whatever `attention_impl` says (its K queries against S keys take a mask of their own)."""
+    cuDNN's fused kernels target training shapes. A layer that keeps only some queries uses XLA
+    too, whatever `attention_impl` says (its K queries against S keys take a mask of their own)."""
     if ctx.queries is not None:  # a few queries (the loss's rows) against all keys: a small product
         return "xla"
     if cfg.attention_impl != "auto":
@@ -434,8 +435,8 @@ def run_layers(
     `block(config, deterministic)` maps `(x, layer_kv, ctx) -> (x, new_layer_kv)`, x [B, T, D]
     -> [B, K, D] when `ctx.queries` [B, K] is set. kv: cache keys/values [L, B, S, H, D] or None.
     Returns x [B, K, D] at `ctx.queries` if set, else [B, T, D]: unrolled, the last layer runs
-    its queries, MLP and output on those rows alone; scanned (one body for every layer), all rows
-    run and the kept ones are taken at the end.
+    attention for those queries and its output and MLP on those rows alone; scanned (one body for
+    every layer), all rows run and the kept ones are taken at the end.
     """
     if cfg.remat:
         policy = getattr(jax.checkpoint_policies, cfg.remat_policy) if cfg.remat_policy else None
@@ -536,8 +537,9 @@ class CausalLM:
           positions: [B, K] int indices into the T tokens: the output only there ([B, K, V] or
             [B, K, D]). The LM head then runs on K rows per sequence, not T, and, since it runs
             inside `apply`, a LoRA wrapper adapts it with the tied embedding. With K < T and
-            unrolled layers the last layer, too, runs its queries, MLP and output on those K rows
-            (its keys and values, and the cache, on all T): nothing there reaches other rows.
+            unrolled layers the last layer, too, runs attention for those K queries and its output
+            projection and MLP on those K rows (its QKV projection and the cache on all T):
+            nothing there reaches other rows.
           deterministic: False enables dropout (needs `rng`); attention dropout is not applied.
           rng: PRNG key for dropout.
           segment_ids: [B, T] int, instead of `attention_mask`, for packed rows: several sequences
