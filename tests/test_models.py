@@ -541,10 +541,10 @@ def test_hub_cache_layout_offline(ckpt, tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch", ["gpt2", "bloom"])
 def test_positions_run_the_last_layer_on_their_rows_only(ckpt, arch):
     """`positions` [B, K] (the loss's rows, a classifier's pooled row, a prefill's last token): the
-    last layer runs attention, output projection and MLP for those K rows alone, with the outputs, the cache
-    and a LoRA loss's adapter gradients of the full forward, over left padding and packed rows (a
-    scanned stack takes the rows after its last layer: the scanned generation tests); the compiled
-    step skips the last layer's per-row work for the other T - K."""
+    last layer runs attention, output projection and MLP for those K rows alone, with the outputs,
+    the cache and a LoRA loss's adapter gradients of the full forward, over left padding and packed
+    rows (a scanned stack takes the rows after its last layer: the scanned generation tests); the
+    compiled step skips the last layer's per-row work for the other T - K."""
     import lora_jax as lj
     from train.loop import target_loss
 
