@@ -546,6 +546,7 @@ def test_positions_run_the_last_layer_on_their_rows_only(ckpt, arch):
     rows (a scanned stack takes the rows after its last layer: the scanned generation tests); the
     compiled step skips the last layer's per-row work for the other T - K."""
     import lora_jax as lj
+    from lora_jax.models.common import take_rows
     from train.loop import target_loss
 
     model, params = jax_model(ckpt[arch])
@@ -565,9 +566,9 @@ def test_positions_run_the_last_layer_on_their_rows_only(ckpt, arch):
         return logits, packed, last, cache
 
     (logits, packed, last, cache), untrimmed = trimmed(params, True), trimmed(params, False)
-    np.testing.assert_allclose(logits, take_along(full, pos), atol=TOL, rtol=0)
-    np.testing.assert_allclose(packed, take_along(hidden, pos), atol=TOL, rtol=0)
-    np.testing.assert_allclose(last, take_along(full, pos[:, :1]), atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits, take_rows(full, pos), atol=TOL, rtol=0)
+    np.testing.assert_allclose(packed, take_rows(hidden, pos), atol=TOL, rtol=0)
+    np.testing.assert_allclose(last, take_rows(full, pos[:, :1]), atol=TOL, rtol=0)
     for u, v in zip(jax.tree.leaves((logits, packed, last, cache)), jax.tree.leaves(untrimmed)):
         np.testing.assert_allclose(u, v, atol=TOL, rtol=0)  # the cache's keys and values: every row
 
@@ -594,10 +595,6 @@ def test_positions_run_the_last_layer_on_their_rows_only(ckpt, arch):
         g(params, adapters, ids, mask, positions=pos, lora_mask=np.ones(ids.shape, bool))
     assert g(params, adapters, ids, mask, positions=pos, lora_mask=np.ones(ids.shape, bool),
              trim_last_layer=False).shape == logits.shape
-
-
-def take_along(x: jax.Array, pos: jax.Array) -> np.ndarray:
-    return np.asarray(jnp.take_along_axis(x, pos[..., None], axis=1))
 
 
 def test_token_nll_is_autodiffs_loss_in_one_backward_pass():

@@ -392,6 +392,12 @@ def _targets_per_row(rows, full_sequence: bool, max_len: int) -> int:
     return min(max_len, 8 * math.ceil(most / 8))  # a multiple of 8: one shape for every batch
 
 
+def alora_kwargs(tokens: jax.Array | None) -> dict[str, Any]:
+    """The keywords of the LoRA model's apply for aLoRA's token mask [B, T] (None: not aLoRA): the
+    mask spans every token of every adapted layer, so the last layer keeps all its rows too."""
+    return {} if tokens is None else {"lora_mask": tokens, "trim_last_layer": False}
+
+
 def lora_logits(model, lora: lj.LoraConfig) -> Callable[..., jax.Array]:
     """`target_loss`'s logits_fn for the LoRA model: dropout when training (an rng is given), aLoRA's
     tokens found in each row, or in each packed sequence."""
@@ -399,9 +405,8 @@ def lora_logits(model, lora: lj.LoraConfig) -> Callable[..., jax.Array]:
 
     def logits(p, a, ids, mask, rng, pos, **rows):
         tokens = None if lora.alora_invocation_tokens is None else lj.alora_mask(lora, ids, **rows)
-        # aLoRA's mask spans all T tokens of every adapted layer: no layer may run on fewer
-        return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None, lora_mask=tokens,
-                 vocab_multiple=VOCAB_MULTIPLE, trim_last_layer=tokens is None, **rows)
+        return g(p, a, ids, mask, positions=pos, lora_rng=rng if lora.dropout > 0 else None,
+                 vocab_multiple=VOCAB_MULTIPLE, **alora_kwargs(tokens), **rows)
     return logits
 
 
@@ -769,9 +774,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # pa = (params, adapters): the adapters are arguments of the compiled scoring, so another adapter
         # reuses it (closed over, they would be baked in as constants and each would compile anew)
         if lora.alora_invocation_tokens is not None:  # prefill: from the invocation on; new tokens: all
-            # (check_invocation made sure every prompt holds it); the mask spans all T in every layer
-            k["lora_mask"] = lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool)
-            k["trim_last_layer"] = False
+            # (check_invocation made sure every prompt holds it)
+            k |= alora_kwargs(lj.alora_mask(lora, ids) if ids.shape[1] > 1 else jnp.ones(ids.shape, bool))
         return g(*pa, ids, *a, **k)
     if adapters is not None:
         log(f"scoring the {'adapter ' + args.init_adapter if args.eval_only else 'LoRA model'} ...")
